@@ -1,0 +1,1 @@
+"""Broker adapters behind one seam (:class:`outbox_relay.brokers.base.Publisher`)."""

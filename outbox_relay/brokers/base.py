@@ -1,0 +1,57 @@
+"""The broker seam: every target (RabbitMQ, Redis Streams, Kafka) implements :class:`Publisher`.
+
+Contract (checked for every adapter by ``tests/contract``):
+
+* ``publish_batch(messages)`` sends the messages **in the given order** and returns only once the
+  broker has acknowledged each of them (publisher confirms, stream ids, Kafka acks). Messages that
+  share a key therefore reach the broker in batch order.
+* Every published message carries the outbox id, key and relay name in its headers (the relay puts
+  them in ``OutgoingMessage.headers``; adapters copy headers verbatim) and the key where the broker
+  has one (Kafka message key; AMQP header ``outbox-key``; a stream field ``key``).
+* It returns a :class:`PublishResult`: the first ``acked`` messages are acknowledged. When the broker
+  refused message number ``acked`` the result carries a :class:`MessageRejected`; the messages after
+  it may or may not have been delivered (they will be sent again, which at-least-once allows).
+* It raises :class:`TargetUnavailable` when the broker cannot be reached or does not answer within
+  the adapter's timeout. Nothing is known about any message then; the caller sends the batch again.
+* ``close()`` releases connections; adapters are also async context managers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, Self
+
+import msgspec
+
+from outbox_relay.errors import MessageRejected
+
+
+class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One message on its way to a broker."""
+
+    id: int
+    """The outbox row id (consumers dedupe on it; also in ``headers['outbox-id']``)."""
+    destination: str
+    """Exchange routing key, stream name or Kafka topic, after the relay's topic mapping."""
+    key: str | None
+    payload: bytes
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    acked: int
+    """How many messages, from the start of the batch, the broker acknowledged."""
+    rejected: MessageRejected | None = None
+    """Why message number ``acked`` was refused, when it was."""
+
+
+class Publisher(Protocol):
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> PublishResult: ...
+
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...

@@ -1,0 +1,77 @@
+"""Settings, read from the environment (``OUTBOX_RELAY_*``), one dataclass for the whole service.
+
+Durations carry their unit in the name. ``Settings.from_env()`` validates up front so a bad
+setting stops the process at start-up with a clear message rather than at the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from outbox_relay.errors import ConfigError
+
+PREFIX = "OUTBOX_RELAY_"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/outbox_relay"
+    """The control DB."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    admin_api_key: str | None = None
+    """Operator key (tenant management). No admin API when unset."""
+    secret_keys: tuple[str, ...] = ()
+    """Fernet keys (comma-separated in the environment); the first encrypts, all decrypt."""
+    allow_private_networks: bool = False
+    """Let tenants name hosts in private and loopback ranges (local runs, tests)."""
+    denied_networks: tuple[str, ...] = ()
+    """Extra CIDRs to deny beyond the built-in link-local and metadata ranges."""
+    connect_timeout_s: float = 5.0
+    queue_name: str = "outbox-relay"
+    slice_s: float = 15.0
+    """How long a relay job keeps its partition before handing it back."""
+    lease_ttl_s: float = 10.0
+    schedule_interval_s: float = 1.0
+    worker_max_jobs: int = 500
+    host: str = "127.0.0.1"
+    port: int = 8080
+    worker_id: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
+
+    def __post_init__(self) -> None:
+        if self.slice_s <= 0 or self.lease_ttl_s <= 0 or self.schedule_interval_s <= 0:
+            raise ConfigError("slice_s, lease_ttl_s and schedule_interval_s must be positive")
+        if self.lease_ttl_s < 1:
+            raise ConfigError("lease_ttl_s must be at least 1 second")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            values[f.name] = _parse(f.name, str(f.type), raw)
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _parse(name: str, type_name: str, raw: str) -> object:
+    try:
+        if type_name.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if type_name == "bool":
+            if raw.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if raw.lower() in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(raw)
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{PREFIX}{name.upper()}: cannot read {raw!r} as {type_name}") from None

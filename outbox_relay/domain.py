@@ -1,0 +1,172 @@
+"""Domain types shared by the control plane and the data plane.
+
+Each tenant resource is one msgspec struct used for both directions of the API, as OpenAPI intends:
+fields marked ``readOnly`` (name, timestamps, ``password_set``) are filled in by the service and
+ignored when a client sends them back (so ``GET`` → edit → ``PUT`` works); fields marked
+``writeOnly`` (passwords) are accepted on write, encrypted at rest and never returned. Everything
+else reads back exactly as written, which keeps Terraform plans free of drift.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$"
+NAME_RE = re.compile(NAME_PATTERN)
+IDENT_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
+
+Name = Annotated[
+    str,
+    Meta(
+        pattern=NAME_PATTERN,
+        description="Lower-case letters, digits, '.', '_' and '-'; 1-63 characters.",
+    ),
+]
+ReadOnlyName = Annotated[str | UnsetType, Meta(extra_json_schema={"readOnly": True})]
+ReadOnlyTime = Annotated[datetime | UnsetType, Meta(extra_json_schema={"readOnly": True})]
+ReadOnlyFlag = Annotated[bool | UnsetType, Meta(extra_json_schema={"readOnly": True})]
+Secret = (
+    Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=4096,
+            extra_json_schema={"writeOnly": True},
+            description="Write-only: encrypted at rest, never returned. Omit to keep, null to clear.",
+        ),
+    ]
+    | None
+    | UnsetType
+)
+Destination = Annotated[str, Meta(min_length=1, max_length=249)]
+
+
+class Resource(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Fields every tenant resource carries; all are filled in by the service."""
+
+    name: ReadOnlyName = UNSET
+    created_at: ReadOnlyTime = UNSET
+    updated_at: ReadOnlyTime = UNSET
+
+
+# --- databases -------------------------------------------------------------------------------------
+
+
+class Database(Resource, kw_only=True, forbid_unknown_fields=True):
+    """A tenant PostgreSQL database holding an outbox table."""
+
+    dsn: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=2048,
+            description="postgresql://user@host:port/dbname?sslmode=... without the password; "
+            "put the password in `password`.",
+            examples=["postgresql://app@db.example.com:5432/orders"],
+        ),
+    ]
+    password: Secret = UNSET
+    schema: Annotated[str, Meta(pattern=IDENT_PATTERN, description="Schema holding the outbox table.")] = "outbox_relay"
+    password_set: ReadOnlyFlag = UNSET
+
+
+# --- targets ---------------------------------------------------------------------------------------
+
+
+class TargetBase(Resource, tag_field="kind", kw_only=True, forbid_unknown_fields=True):
+    password: Secret = UNSET
+    password_set: ReadOnlyFlag = UNSET
+    timeout_ms: Annotated[int, Meta(ge=100, le=120_000)] = 10_000
+
+
+class RabbitMQTarget(TargetBase, tag="rabbitmq", kw_only=True, forbid_unknown_fields=True):
+    """RabbitMQ through publisher confirms; the relay's destination is the routing key."""
+
+    url: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=2048,
+            description="amqp://user@host:port/vhost without the password.",
+            examples=["amqp://guest@127.0.0.1:5672/"],
+        ),
+    ]
+    exchange: Annotated[str, Meta(max_length=255, description="'' is the default exchange.")] = ""
+    mandatory: Annotated[bool, Meta(description="Treat a message no queue is bound for as refused.")] = True
+
+
+class RedisStreamsTarget(TargetBase, tag="redis_streams", kw_only=True, forbid_unknown_fields=True):
+    """Redis Streams through XADD; the relay's destination is the stream key."""
+
+    url: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=2048,
+            description="redis://[user@]host:port/db without the password.",
+            examples=["redis://127.0.0.1:6379/0"],
+        ),
+    ]
+    maxlen: Annotated[int, Meta(ge=1, description="Approximate stream length cap.")] | None = None
+
+
+class KafkaTarget(TargetBase, tag="kafka", kw_only=True, forbid_unknown_fields=True):
+    """Kafka through an idempotent producer; the relay's destination is the topic."""
+
+    bootstrap_servers: Annotated[list[Annotated[str, Meta(min_length=1, max_length=512)]], Meta(min_length=1)]
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    username: Annotated[str, Meta(max_length=256)] | None = None
+    acks: Literal["all", 1] = "all"
+    enable_idempotence: Annotated[
+        bool,
+        Meta(description="Idempotent producer (needs a broker that supports InitProducerId)."),
+    ] = True
+    compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
+
+
+Target = RabbitMQTarget | RedisStreamsTarget | KafkaTarget
+TARGET_KINDS = ("rabbitmq", "redis_streams", "kafka")
+
+
+# --- relays ----------------------------------------------------------------------------------------
+
+
+class RelayPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    poll_interval_ms: Annotated[int, Meta(ge=10, le=600_000)] = 1000
+    max_attempts: Annotated[int, Meta(ge=1, le=1000)] = 10
+    backoff_base_ms: Annotated[int, Meta(ge=1, le=3_600_000)] = 500
+    backoff_max_ms: Annotated[int, Meta(ge=1, le=86_400_000)] = 60_000
+    max_payload_bytes: Annotated[int, Meta(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
+
+
+class Relay(Resource, kw_only=True, forbid_unknown_fields=True):
+    """Publishes one database's outbox to one target."""
+
+    database: Name
+    target: Name
+    topic_mapping: Annotated[
+        dict[Annotated[str, Meta(min_length=1, max_length=249)], Destination],
+        Meta(
+            description="Outbox topic -> destination. '*' matches any topic; '{topic}' in a "
+            "destination is replaced by the outbox topic. Topics that match nothing are skipped.",
+            examples=[{"*": "{topic}"}, {"orders": "orders-events"}],
+        ),
+    ] = msgspec.field(default_factory=lambda: {"*": "{topic}"})
+    partitions: Annotated[int, Meta(ge=1, le=1024, description="Fixed at creation: keys hash onto partitions.")] = 16
+    policy: RelayPolicy = msgspec.field(default_factory=RelayPolicy)
+    enabled: bool = True
+
+
+def route(mapping: dict[str, str], topic: str) -> str | None:
+    """The destination of ``topic`` under a relay's topic mapping, or None to skip it."""
+    template = mapping.get(topic, mapping.get("*"))
+    if template is None:
+        return None
+    return template.replace("{topic}", topic)

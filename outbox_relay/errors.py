@@ -1,0 +1,50 @@
+"""The project's exception tree.
+
+OutboxRelayError
+├── ConfigError            settings that cannot work (raised at start-up)
+├── AddressNotAllowed      a tenant-named host resolves into a denied network
+├── PublishError           raised by broker adapters (outbox_relay.brokers)
+│   ├── TargetUnavailable  the broker cannot be reached: pause, charge no attempt
+│   └── MessageRejected    the broker refused this message: charge an attempt
+└── TenantDatabaseError    the tenant database cannot be reached or queried
+"""
+
+from __future__ import annotations
+
+
+class OutboxRelayError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class ConfigError(OutboxRelayError):
+    """Settings that cannot work."""
+
+
+class AddressNotAllowed(OutboxRelayError):
+    """A host named by a tenant resolves to an address in a denied network."""
+
+
+class PublishError(OutboxRelayError):
+    """A broker adapter could not publish."""
+
+
+class TargetUnavailable(PublishError):
+    """The broker is unreachable or timed out; no message is to blame.
+
+    The relay pauses the partition with backoff and charges no attempt to any message.
+    """
+
+
+class MessageRejected(PublishError):
+    """The broker refused one message (unroutable, too large, not authorised...).
+
+    ``index`` is the position in the batch of the refused message.
+    """
+
+    def __init__(self, message: str, *, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class TenantDatabaseError(OutboxRelayError):
+    """The tenant's database refused the connection or the query."""

@@ -1,0 +1,1 @@
+"""Control DB access. The only modules (with ``outbox_relay.tenant.db``) that import asyncpg."""

@@ -1,0 +1,492 @@
+"""Control DB access: tenants, API keys, tenant resources, relay partitions (cursor + lease).
+
+Every tenant-scoped query carries ``tenant_id`` in its WHERE clause: there is no method that
+reads a tenant resource by name alone. Cursor writes are fenced by the lease epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+ResourceTable = Literal["databases", "targets", "relays"]
+KEY_PREFIX = "orly_"
+
+
+def hash_key(key: str) -> bytes:
+    """API keys are 256-bit random tokens: a plain SHA-256 is the right hash (no stretching needed)."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRow:
+    id: uuid.UUID
+    name: str
+    display_name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRow:
+    id: uuid.UUID
+    prefix: str
+    description: str
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceRow:
+    id: uuid.UUID
+    name: str
+    spec: bytes
+    """The resource as written, JSON, without secrets."""
+    has_secret: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPlan:
+    """Everything a worker needs to run one relay, secrets decrypted by the caller."""
+
+    relay_id: uuid.UUID
+    tenant_name: str
+    relay_name: str
+    relay_spec: bytes
+    relay_version: datetime
+    enabled: bool
+    partitions: int
+    database_id: uuid.UUID
+    database_spec: bytes
+    database_secret: bytes | None
+    database_version: datetime
+    target_id: uuid.UUID
+    target_spec: bytes
+    target_secret: bytes | None
+    target_version: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    relay_id: uuid.UUID
+    partition: int
+    holder: str
+    epoch: int
+    cursor_txid: int
+    cursor_id: int
+    system_identifier: str | None
+
+
+class Unchanged:
+    """Marker: keep the stored secret as it is."""
+
+
+KEEP = Unchanged()
+
+
+class ControlStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> ControlStore:
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=10, command_timeout=30)
+        assert pool is not None
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield conn
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
+
+    # --- tenants and keys ------------------------------------------------------------------------
+
+    async def put_tenant(self, name: str, display_name: str) -> tuple[TenantRow, bool]:
+        row = await self.pool.fetchrow(
+            "INSERT INTO tenants (name, display_name) VALUES ($1, $2) "
+            "ON CONFLICT (name) DO UPDATE SET display_name = EXCLUDED.display_name, updated_at = now() "
+            "RETURNING *, (xmax = 0) AS inserted",
+            name,
+            display_name,
+        )
+        return _tenant(row), bool(row["inserted"])
+
+    async def get_tenant(self, name: str) -> TenantRow | None:
+        row = await self.pool.fetchrow("SELECT * FROM tenants WHERE name = $1", name)
+        return _tenant(row) if row else None
+
+    async def list_tenants(self, after: str | None, limit: int) -> list[TenantRow]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM tenants WHERE $1::text IS NULL OR name > $1 ORDER BY name LIMIT $2",
+            after,
+            limit,
+        )
+        return [_tenant(r) for r in rows]
+
+    async def delete_tenant(self, name: str) -> bool:
+        return await self.pool.fetchval("DELETE FROM tenants WHERE name = $1 RETURNING true", name) is True
+
+    async def create_api_key(self, tenant_id: uuid.UUID, description: str) -> tuple[ApiKeyRow, str]:
+        """A new key for the tenant; the plaintext is returned here once and never stored."""
+        plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+        row = await self.pool.fetchrow(
+            "INSERT INTO api_keys (tenant_id, prefix, key_hash, description) VALUES ($1, $2, $3, $4) "
+            "RETURNING id, prefix, description, created_at, last_used_at",
+            tenant_id,
+            plaintext[:12],
+            hash_key(plaintext),
+            description,
+        )
+        return ApiKeyRow(**dict(row)), plaintext
+
+    async def list_api_keys(self, tenant_id: uuid.UUID) -> list[ApiKeyRow]:
+        rows = await self.pool.fetch(
+            "SELECT id, prefix, description, created_at, last_used_at FROM api_keys "
+            "WHERE tenant_id = $1 AND revoked_at IS NULL ORDER BY created_at",
+            tenant_id,
+        )
+        return [ApiKeyRow(**dict(r)) for r in rows]
+
+    async def revoke_api_key(self, tenant_id: uuid.UUID, key_id: uuid.UUID) -> bool:
+        return (
+            await self.pool.fetchval(
+                "UPDATE api_keys SET revoked_at = now() WHERE tenant_id = $1 AND id = $2 "
+                "AND revoked_at IS NULL RETURNING true",
+                tenant_id,
+                key_id,
+            )
+            is True
+        )
+
+    async def tenant_for_key(self, key: str) -> TenantRow | None:
+        row = await self.pool.fetchrow(
+            "UPDATE api_keys k SET last_used_at = now() FROM tenants t "
+            "WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.id = k.tenant_id "
+            "AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute') "
+            "RETURNING t.*",
+            hash_key(key),
+        )
+        if row is None:
+            row = await self.pool.fetchrow(
+                "SELECT t.* FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
+                "WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
+                hash_key(key),
+            )
+        return _tenant(row) if row else None
+
+    # --- tenant resources ------------------------------------------------------------------------
+
+    async def get_resource(self, table: ResourceTable, tenant_id: uuid.UUID, name: str) -> ResourceRow | None:
+        row = await self.pool.fetchrow(_select(table) + " WHERE tenant_id = $1 AND name = $2", tenant_id, name)
+        return _resource(row) if row else None
+
+    async def list_resources(
+        self, table: ResourceTable, tenant_id: uuid.UUID, after: str | None, limit: int
+    ) -> list[ResourceRow]:
+        rows = await self.pool.fetch(
+            _select(table) + " WHERE tenant_id = $1 AND ($2::text IS NULL OR name > $2) ORDER BY name LIMIT $3",
+            tenant_id,
+            after,
+            limit,
+        )
+        return [_resource(r) for r in rows]
+
+    async def put_database(
+        self, tenant_id: uuid.UUID, name: str, spec: bytes, secret: bytes | Unchanged | None
+    ) -> tuple[ResourceRow, bool]:
+        return await self._put("databases", tenant_id, name, spec, secret, {})
+
+    async def put_target(
+        self, tenant_id: uuid.UUID, name: str, kind: str, spec: bytes, secret: bytes | Unchanged | None
+    ) -> tuple[ResourceRow, bool]:
+        return await self._put("targets", tenant_id, name, spec, secret, {"kind": kind})
+
+    async def _put(
+        self,
+        table: ResourceTable,
+        tenant_id: uuid.UUID,
+        name: str,
+        spec: bytes,
+        secret: bytes | Unchanged | None,
+        extra: dict[str, Any],
+    ) -> tuple[ResourceRow, bool]:
+        cols = ["tenant_id", "name", "spec", *extra]
+        values: list[Any] = [tenant_id, name, spec.decode(), *extra.values()]
+        updates = ["spec = EXCLUDED.spec", *(f"{c} = EXCLUDED.{c}" for c in extra)]
+        if not isinstance(secret, Unchanged):
+            cols.append("secret")
+            values.append(secret)
+            updates.append("secret = EXCLUDED.secret")
+        placeholders = ", ".join(f"${i + 1}" + ("::jsonb" if c == "spec" else "") for i, c in enumerate(cols))
+        row = await self.pool.fetchrow(
+            f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({placeholders}) "
+            f"ON CONFLICT (tenant_id, name) DO UPDATE SET {', '.join(updates)}, updated_at = now() "
+            "RETURNING id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, "
+            "created_at, updated_at, (xmax = 0) AS inserted",
+            *values,
+        )
+        return _resource(row), bool(row["inserted"])
+
+    async def put_relay(
+        self,
+        tenant_id: uuid.UUID,
+        name: str,
+        spec: bytes,
+        *,
+        database: str,
+        target: str,
+        partitions: int,
+        enabled: bool,
+    ) -> tuple[ResourceRow, bool]:
+        """Create or replace a relay. Raises LookupError (missing database/target) or
+        ValueError (a change to a field fixed at creation)."""
+        async with self.transaction() as conn:
+            db_id = await conn.fetchval(
+                "SELECT id FROM databases WHERE tenant_id = $1 AND name = $2", tenant_id, database
+            )
+            if db_id is None:
+                raise LookupError(f"database {database!r} does not exist")
+            target_id = await conn.fetchval(
+                "SELECT id FROM targets WHERE tenant_id = $1 AND name = $2", tenant_id, target
+            )
+            if target_id is None:
+                raise LookupError(f"target {target!r} does not exist")
+            existing = await conn.fetchrow(
+                "SELECT id, database_id, partitions FROM relays WHERE tenant_id = $1 AND name = $2 FOR UPDATE",
+                tenant_id,
+                name,
+            )
+            if existing is not None:
+                if existing["partitions"] != partitions:
+                    raise ValueError(
+                        f"partitions is fixed at creation ({existing['partitions']}); create a new relay to change it"
+                    )
+                if existing["database_id"] != db_id:
+                    raise ValueError("database is fixed at creation; create a new relay to read another database")
+                row = await conn.fetchrow(
+                    "UPDATE relays SET target_id = $2, enabled = $3, spec = $4::jsonb, updated_at = now() "
+                    "WHERE id = $1 RETURNING id, name, spec::text AS spec, false AS has_secret, "
+                    "created_at, updated_at",
+                    existing["id"],
+                    target_id,
+                    enabled,
+                    spec.decode(),
+                )
+                return _resource(row), False
+            row = await conn.fetchrow(
+                "INSERT INTO relays (tenant_id, name, database_id, target_id, partitions, enabled, spec) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) "
+                "RETURNING id, name, spec::text AS spec, false AS has_secret, created_at, updated_at",
+                tenant_id,
+                name,
+                db_id,
+                target_id,
+                partitions,
+                enabled,
+                spec.decode(),
+            )
+            await conn.execute(
+                "INSERT INTO relay_partitions (relay_id, partition) SELECT $1, generate_series(0, $2 - 1)",
+                row["id"],
+                partitions,
+            )
+            return _resource(row), True
+
+    async def delete_resource(self, table: ResourceTable, tenant_id: uuid.UUID, name: str) -> bool:
+        """Delete; raises asyncpg.ForeignKeyViolationError while a relay still uses it."""
+        return (
+            await self.pool.fetchval(
+                f"DELETE FROM {table} WHERE tenant_id = $1 AND name = $2 RETURNING true", tenant_id, name
+            )
+            is True
+        )
+
+    async def relays_using(self, table: ResourceTable, tenant_id: uuid.UUID, name: str) -> list[str]:
+        column = {"databases": "database_id", "targets": "target_id"}[table]
+        rows = await self.pool.fetch(
+            f"SELECT r.name FROM relays r JOIN {table} x ON x.id = r.{column} "
+            "WHERE x.tenant_id = $1 AND x.name = $2 ORDER BY r.name",
+            tenant_id,
+            name,
+        )
+        return [r["name"] for r in rows]
+
+    async def get_secret(self, table: ResourceTable, tenant_id: uuid.UUID, name: str) -> bytes | None:
+        value = await self.pool.fetchval(
+            f"SELECT secret FROM {table} WHERE tenant_id = $1 AND name = $2", tenant_id, name
+        )
+        return bytes(value) if value is not None else None
+
+    async def audit(
+        self, tenant_id: uuid.UUID | None, actor: str, action: str, resource: str, detail: str = "{}"
+    ) -> None:
+        await self.pool.execute(
+            "INSERT INTO audit_log (tenant_id, actor, action, resource, detail) VALUES ($1, $2, $3, $4, $5::jsonb)",
+            tenant_id,
+            actor,
+            action,
+            resource,
+            detail,
+        )
+
+    # --- data plane: scheduling, leases, cursors -------------------------------------------------
+
+    async def active_partitions(self) -> list[tuple[uuid.UUID, int]]:
+        rows = await self.pool.fetch(
+            "SELECT p.relay_id, p.partition FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
+            "WHERE r.enabled ORDER BY p.relay_id, p.partition"
+        )
+        return [(r["relay_id"], r["partition"]) for r in rows]
+
+    async def relay_plan(self, relay_id: uuid.UUID) -> RelayPlan | None:
+        row = await self.pool.fetchrow(
+            "SELECT r.id AS relay_id, t.name AS tenant_name, r.name AS relay_name, r.spec::text AS relay_spec, "
+            "r.updated_at AS relay_version, r.enabled, r.partitions, "
+            "d.id AS database_id, d.spec::text AS database_spec, d.secret AS database_secret, "
+            "d.updated_at AS database_version, "
+            "g.id AS target_id, g.spec::text AS target_spec, g.secret AS target_secret, "
+            "g.updated_at AS target_version "
+            "FROM relays r JOIN tenants t ON t.id = r.tenant_id JOIN databases d ON d.id = r.database_id "
+            "JOIN targets g ON g.id = r.target_id WHERE r.id = $1",
+            relay_id,
+        )
+        if row is None:
+            return None
+        values = dict(row)
+        for k in ("relay_spec", "database_spec", "target_spec"):
+            values[k] = values[k].encode()
+        for k in ("database_secret", "target_secret"):
+            values[k] = bytes(values[k]) if values[k] is not None else None
+        return RelayPlan(**values)
+
+    async def acquire_lease(self, relay_id: uuid.UUID, partition: int, holder: str, ttl_s: float) -> Lease | None:
+        """Compare-and-set: take the partition if its lease is free or expired; bumps the epoch."""
+        row = await self.pool.fetchrow(
+            "UPDATE relay_partitions SET lease_holder = $3, lease_epoch = lease_epoch + 1, "
+            "lease_expires_at = now() + make_interval(secs => $4), updated_at = now() "
+            "WHERE relay_id = $1 AND partition = $2 "
+            "AND (lease_holder IS NULL OR lease_expires_at IS NULL OR lease_expires_at < now()) "
+            "RETURNING lease_epoch, cursor_txid, cursor_id, system_identifier",
+            relay_id,
+            partition,
+            holder,
+            ttl_s,
+        )
+        if row is None:
+            return None
+        return Lease(
+            relay_id=relay_id,
+            partition=partition,
+            holder=holder,
+            epoch=row["lease_epoch"],
+            cursor_txid=row["cursor_txid"],
+            cursor_id=row["cursor_id"],
+            system_identifier=row["system_identifier"],
+        )
+
+    async def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
+        return (
+            await self.pool.fetchval(
+                "UPDATE relay_partitions SET lease_expires_at = now() + make_interval(secs => $4) "
+                "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
+                "RETURNING true",
+                lease.relay_id,
+                lease.partition,
+                lease.epoch,
+                ttl_s,
+            )
+            is True
+        )
+
+    async def release_lease(self, lease: Lease) -> None:
+        await self.pool.execute(
+            "UPDATE relay_partitions SET lease_holder = NULL, lease_expires_at = NULL "
+            "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3",
+            lease.relay_id,
+            lease.partition,
+            lease.epoch,
+        )
+
+    async def advance_cursor(self, lease: Lease, txid: int, row_id: int, published: int) -> bool:
+        """Move the cursor, fenced: refused (False) once another holder took the lease."""
+        return (
+            await self.pool.fetchval(
+                "UPDATE relay_partitions SET cursor_txid = $4, cursor_id = $5, "
+                "published_count = published_count + $6, "
+                "last_published_at = CASE WHEN $6 > 0 THEN now() ELSE last_published_at END, "
+                "last_error = NULL, updated_at = now() "
+                "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
+                "RETURNING true",
+                lease.relay_id,
+                lease.partition,
+                lease.epoch,
+                txid,
+                row_id,
+                published,
+            )
+            is True
+        )
+
+    async def record_error(self, lease: Lease, error: str) -> None:
+        await self.pool.execute(
+            "UPDATE relay_partitions SET last_error = $4, last_error_at = now() "
+            "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3",
+            lease.relay_id,
+            lease.partition,
+            lease.epoch,
+            error[:2000],
+        )
+
+    async def partition_states(self, relay_id: uuid.UUID) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT partition, cursor_txid, cursor_id, lease_holder, lease_epoch, lease_expires_at, "
+            "last_published_at, last_error, last_error_at, published_count "
+            "FROM relay_partitions WHERE relay_id = $1 ORDER BY partition",
+            relay_id,
+        )
+        return [dict(r) for r in rows]
+
+
+def _select(table: ResourceTable) -> str:
+    return (
+        f"SELECT id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, created_at, updated_at FROM {table}"
+        if table != "relays"
+        else "SELECT id, name, spec::text AS spec, false AS has_secret, created_at, updated_at FROM relays"
+    )
+
+
+def _tenant(row: Any) -> TenantRow:
+    return TenantRow(
+        id=row["id"],
+        name=row["name"],
+        display_name=row["display_name"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _resource(row: Any) -> ResourceRow:
+    return ResourceRow(
+        id=row["id"],
+        name=row["name"],
+        spec=row["spec"].encode(),
+        has_secret=bool(row["has_secret"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )

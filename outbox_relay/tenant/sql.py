@@ -1,0 +1,72 @@
+"""SQL for the tenant outbox: the schema to install and the write-free read.
+
+Identifiers (the schema name) come from tenants: they are checked against
+``IDENT_PATTERN`` and quoted; values always travel as placeholders.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+from outbox_relay.domain import IDENT_PATTERN
+
+SCHEMA_VERSION = 1
+BUCKETS = 4096
+_IDENT = re.compile(IDENT_PATTERN)
+
+
+def quote_ident(name: str) -> str:
+    """Quote a validated identifier; refuse anything outside ``IDENT_PATTERN``."""
+    if not _IDENT.match(name):
+        raise ValueError(f"invalid SQL identifier {name!r}: use lower-case letters, digits and '_'")
+    return '"' + name + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def notify_channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel the insert trigger of ``schema``'s outbox signals."""
+    quote_ident(schema)
+    return f"outbox_relay_{schema}"
+
+
+def schema_sql(schema: str = "outbox_relay") -> str:
+    """The DDL that installs (or re-applies) the outbox into ``schema``."""
+    template = resources.files("outbox_relay.tenant").joinpath("schema.sql").read_text()
+    return template.format(
+        schema=quote_ident(schema),
+        schema_literal=quote_literal(schema),
+        channel=quote_literal(notify_channel(schema)),
+    )
+
+
+def insert_sql(schema: str) -> str:
+    return (
+        f"INSERT INTO {quote_ident(schema)}.outbox (topic, key, payload, headers) "
+        "VALUES ($1, $2, $3, $4::jsonb) RETURNING id"
+    )
+
+
+def poll_sql(schema: str) -> str:
+    """Committed rows of one relay partition after the cursor, below the xmin horizon.
+
+    Below ``pg_snapshot_xmin`` every transaction has ended, so no row can appear later behind
+    the cursor and rows of rolled-back transactions never show up. Parameters:
+    $1 cursor txid, $2 cursor id, $3 partitions, $4 partition, $5 limit.
+    """
+    return (
+        f"SELECT txid::text::bigint AS txid, id, topic, key, payload, headers::text AS headers, "
+        f"created_at FROM {quote_ident(schema)}.outbox "
+        "WHERE (txid, id) > ($1::bigint::text::xid8, $2::bigint) "
+        "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
+        "AND bucket % $3::int = $4::int "
+        "ORDER BY txid, id LIMIT $5"
+    )
+
+
+HORIZON_SQL = (
+    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, pg_current_snapshot()::text AS snapshot"
+)

@@ -1,0 +1,1 @@
+"""Control plane: the litestar app (REST API, health probes) over the control DB."""

@@ -1,0 +1,125 @@
+"""Broker targets: RabbitMQ, Redis Streams, Kafka. Passwords are write-only."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import urlsplit
+
+import asyncpg
+from litestar import Controller, Response, delete, get, put
+from litestar.di import Provide
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import JSONBody
+
+from outbox_relay.domain import KafkaTarget, RabbitMQTarget, RedisStreamsTarget, Target
+from outbox_relay.netguard import hosts_of
+from service.deps import ServicesDep, TenantDep, decode_cursor, encode_cursor, provide_tenant
+from service.problems import Problem
+from service.resources import (
+    CURSOR_PARAM,
+    LIMIT_PARAM,
+    NAME_PARAM,
+    Page,
+    check_body_name,
+    read_back,
+    secret_of,
+    spec_json,
+)
+
+SCHEMES = {
+    RabbitMQTarget: (("amqp", "amqps"), 5672),
+    RedisStreamsTarget: (("redis", "rediss"), 6379),
+}
+
+
+class TargetPage(Page, kw_only=True):
+    items: list[Target]
+
+
+def target_endpoints(target: Target) -> list[tuple[str, int]]:
+    """The (host, port) pairs a target will connect to; ValueError when malformed."""
+    if isinstance(target, KafkaTarget):
+        out = []
+        for server in target.bootstrap_servers:
+            pairs = hosts_of(server, 9092)
+            if len(pairs) != 1 or not pairs[0][0] or "/" in server or "@" in server:
+                raise ValueError(f"bootstrap server {server!r} is not host:port")
+            out.extend(pairs)
+        return out
+    schemes, default_port = SCHEMES[type(target)]
+    parts = urlsplit(target.url)
+    if parts.scheme not in schemes:
+        raise ValueError(f"url must start with {schemes[0]}:// or {schemes[1]}://")
+    if parts.password is not None:
+        raise ValueError("url must not contain a password: send it in the write-only `password` field")
+    if not parts.hostname:
+        raise ValueError("url must name a host")
+    try:
+        return [(parts.hostname, parts.port or default_port)]
+    except ValueError:
+        raise ValueError("url has an invalid port") from None
+
+
+class TargetController(Controller):
+    path = "/v1/targets"
+    tags = ["targets"]
+    dependencies = {"tenant": Provide(provide_tenant)}
+
+    @get("/", operation_id="listTargets", summary="List targets")
+    async def list_targets(
+        self,
+        tenant: TenantDep,
+        services: ServicesDep,
+        limit: Annotated[int, LIMIT_PARAM] = 50,
+        cursor: Annotated[str | None, CURSOR_PARAM] = None,
+    ) -> TargetPage:
+        rows = await services.store.list_resources("targets", tenant.id, decode_cursor(cursor), limit + 1)
+        items = [read_back(Target, r) for r in rows[:limit]]
+        return TargetPage(items=items, next_cursor=encode_cursor(rows[limit - 1].name) if len(rows) > limit else None)
+
+    @get("/{name:str}", operation_id="getTarget", summary="Read a target")
+    async def get_target(self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]) -> Target:
+        row = await services.store.get_resource("targets", tenant.id, name)
+        if row is None:
+            raise Problem(404, f"target {name!r} not found", slug="not-found")
+        return read_back(Target, row)  # type: ignore[no-any-return]
+
+    @put(
+        "/{name:str}",
+        operation_id="putTarget",
+        summary="Create or replace a target",
+        description="Idempotent. `password` is write-only: omit it to keep the stored one, send null to clear it.",
+        responses={201: ResponseSpec(data_container=Target, description="Created")},
+    )
+    async def put_target(
+        self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Target]
+    ) -> Response[Target]:
+        check_body_name(name, data)
+        try:
+            endpoints = target_endpoints(data)
+        except ValueError as exc:
+            raise Problem(422, str(exc), slug="invalid-target") from None
+        for host, port in endpoints:
+            await services.policy.check_host(host, port)
+        kind = type(data).__struct_config__.tag
+        row, created = await services.store.put_target(
+            tenant.id, name, str(kind), spec_json(data), secret_of(data, services.secrets)
+        )
+        await services.store.audit(tenant.id, "tenant", "create" if created else "put", f"targets/{name}")
+        return Response(read_back(Target, row), status_code=201 if created else 200)
+
+    @delete(
+        "/{name:str}",
+        operation_id="deleteTarget",
+        summary="Delete a target (idempotent)",
+        responses={409: ResponseSpec(data_container=None, description="A relay still uses it")},
+    )
+    async def delete_target(self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]) -> None:
+        users = await services.store.relays_using("targets", tenant.id, name)
+        if users:
+            raise Problem(409, f"target {name!r} is used by relays {users}; delete them first", slug="in-use")
+        try:
+            if await services.store.delete_resource("targets", tenant.id, name):
+                await services.store.audit(tenant.id, "tenant", "delete", f"targets/{name}")
+        except asyncpg.ForeignKeyViolationError:
+            raise Problem(409, f"target {name!r} is used by a relay; delete it first", slug="in-use") from None

@@ -1,0 +1,92 @@
+"""Shared fixtures: throw-away databases on the machine's PostgreSQL, one run id per pytest run."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from outbox_relay.config import Settings
+from outbox_relay.crypto import generate_key
+from outbox_relay.store.migrate import migrate
+
+PG_HOST = os.environ.get("OUTBOX_RELAY_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("OUTBOX_RELAY_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("OUTBOX_RELAY_TEST_PG_USER", "postgres")
+REDIS_URL = os.environ.get("OUTBOX_RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+ADMIN_KEY = "test-admin-key"
+RUN_ID = secrets.token_hex(4)
+
+
+def pg_dsn(database: str) -> str:
+    return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}"
+
+
+class DatabaseFactory:
+    """Creates uniquely named databases and drops them all at the end of the run."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+        self._n = 0
+
+    async def create(self, prefix: str) -> str:
+        self._n += 1
+        name = f"orly_{prefix}_{RUN_ID}_{self._n}"
+        conn = await asyncpg.connect(pg_dsn("postgres"))
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        self.created.append(name)
+        return name
+
+    async def drop_all(self) -> None:
+        conn = await asyncpg.connect(pg_dsn("postgres"))
+        try:
+            for name in self.created:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def databases() -> AsyncIterator[DatabaseFactory]:
+    factory = DatabaseFactory()
+    yield factory
+    await factory.drop_all()
+
+
+@pytest.fixture(scope="session")
+async def control_dsn(databases: DatabaseFactory) -> str:
+    dsn = pg_dsn(await databases.create("control"))
+    await migrate(dsn)
+    return dsn
+
+
+@pytest.fixture(scope="session")
+def settings(control_dsn: str) -> Settings:
+    return Settings(
+        database_url=control_dsn,
+        redis_url=REDIS_URL,
+        admin_api_key=ADMIN_KEY,
+        secret_keys=(generate_key(),),
+        allow_private_networks=True,
+        queue_name=f"outbox-relay-test-{RUN_ID}",
+        slice_s=5.0,
+        lease_ttl_s=3.0,
+        schedule_interval_s=0.5,
+        connect_timeout_s=3.0,
+    )
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def run_id() -> Iterator[str]:
+    yield RUN_ID
