@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from outbox_relay.domain import KafkaTarget, RabbitMQTarget, RedisStreamsTarget, Target
 from outbox_relay.errors import AddressNotAllowed
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -89,3 +90,39 @@ def hosts_of(netloc: str, default_port: int) -> list[tuple[str, int]]:
             host, port = item, default_port
         out.append((host, port))
     return out
+
+
+SCHEMES = {
+    RabbitMQTarget: (("amqp", "amqps"), 5672),
+    RedisStreamsTarget: (("redis", "rediss"), 6379),
+}
+
+
+def target_endpoints(target: Target) -> list[tuple[str, int]]:
+    """The (host, port) pairs a target will connect to; ValueError when malformed."""
+    if isinstance(target, KafkaTarget):
+        out = []
+        for server in target.bootstrap_servers:
+            pairs = hosts_of(server, 9092)
+            if len(pairs) != 1 or not pairs[0][0] or "/" in server or "@" in server:
+                raise ValueError(f"bootstrap server {server!r} is not host:port")
+            out.extend(pairs)
+        return out
+    schemes, default_port = SCHEMES[type(target)]
+    parts = urlsplit(target.url)
+    if parts.scheme not in schemes:
+        raise ValueError(f"url must start with {schemes[0]}:// or {schemes[1]}://")
+    if parts.password is not None:
+        raise ValueError("url must not contain a password: send it in the write-only `password` field")
+    if not parts.hostname:
+        raise ValueError("url must name a host")
+    try:
+        return [(parts.hostname, parts.port or default_port)]
+    except ValueError:
+        raise ValueError("url has an invalid port") from None
+
+
+async def check_target(policy: AddressPolicy, target: Target) -> None:
+    """Check every address a target connects to (AddressNotAllowed, or ValueError if malformed)."""
+    for host, port in target_endpoints(target):
+        await policy.check_host(host, port)

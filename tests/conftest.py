@@ -5,19 +5,24 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import asyncpg
 import pytest
+from litestar.testing import AsyncTestClient
 
 from outbox_relay.config import Settings
 from outbox_relay.crypto import generate_key
 from outbox_relay.store.migrate import migrate
+from service.app import create_app
+from tests.helpers import ADMIN_KEY
+
+pytest_plugins = ["tests.brokers", "tests.workers"]
 
 PG_HOST = os.environ.get("OUTBOX_RELAY_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("OUTBOX_RELAY_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("OUTBOX_RELAY_TEST_PG_USER", "postgres")
 REDIS_URL = os.environ.get("OUTBOX_RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-ADMIN_KEY = "test-admin-key"
 RUN_ID = secrets.token_hex(4)
 
 
@@ -90,3 +95,10 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="session")
 def run_id() -> Iterator[str]:
     yield RUN_ID
+
+
+@pytest.fixture(scope="session")
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
+    """The app in-process over the run's control DB."""
+    async with AsyncTestClient(app=create_app(settings)) as c:
+        yield c

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import urlsplit
 
 import asyncpg
 from litestar import Controller, Response, delete, get, put
@@ -11,8 +10,8 @@ from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
-from outbox_relay.domain import KafkaTarget, RabbitMQTarget, RedisStreamsTarget, Target
-from outbox_relay.netguard import hosts_of
+from outbox_relay.domain import Target
+from outbox_relay.netguard import check_target
 from service.deps import ServicesDep, TenantDep, decode_cursor, encode_cursor, provide_tenant
 from service.problems import Problem
 from service.resources import (
@@ -26,38 +25,8 @@ from service.resources import (
     spec_json,
 )
 
-SCHEMES = {
-    RabbitMQTarget: (("amqp", "amqps"), 5672),
-    RedisStreamsTarget: (("redis", "rediss"), 6379),
-}
-
-
 class TargetPage(Page, kw_only=True):
     items: list[Target]
-
-
-def target_endpoints(target: Target) -> list[tuple[str, int]]:
-    """The (host, port) pairs a target will connect to; ValueError when malformed."""
-    if isinstance(target, KafkaTarget):
-        out = []
-        for server in target.bootstrap_servers:
-            pairs = hosts_of(server, 9092)
-            if len(pairs) != 1 or not pairs[0][0] or "/" in server or "@" in server:
-                raise ValueError(f"bootstrap server {server!r} is not host:port")
-            out.extend(pairs)
-        return out
-    schemes, default_port = SCHEMES[type(target)]
-    parts = urlsplit(target.url)
-    if parts.scheme not in schemes:
-        raise ValueError(f"url must start with {schemes[0]}:// or {schemes[1]}://")
-    if parts.password is not None:
-        raise ValueError("url must not contain a password: send it in the write-only `password` field")
-    if not parts.hostname:
-        raise ValueError("url must name a host")
-    try:
-        return [(parts.hostname, parts.port or default_port)]
-    except ValueError:
-        raise ValueError("url has an invalid port") from None
 
 
 class TargetController(Controller):
@@ -96,11 +65,9 @@ class TargetController(Controller):
     ) -> Response[Target]:
         check_body_name(name, data)
         try:
-            endpoints = target_endpoints(data)
+            await check_target(services.policy, data)
         except ValueError as exc:
             raise Problem(422, str(exc), slug="invalid-target") from None
-        for host, port in endpoints:
-            await services.policy.check_host(host, port)
         kind = type(data).__struct_config__.tag
         row, created = await services.store.put_target(
             tenant.id, name, str(kind), spec_json(data), secret_of(data, services.secrets)

@@ -1,56 +1,11 @@
 from __future__ import annotations
 
-import itertools
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
 
-from outbox_relay.config import Settings
-from service.app import create_app
-from tests.conftest import ADMIN_KEY
-
-_counter = itertools.count()
-
-
-@pytest.fixture(scope="session")
-async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
-    async with AsyncTestClient(app=create_app(settings)) as c:
-        yield c
-
-
-def admin() -> dict[str, str]:
-    return {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
-class TenantClient:
-    """A tenant's view of the API: every request carries its key."""
-
-    def __init__(self, client: AsyncTestClient[Any], name: str, key: str) -> None:
-        self.client, self.name, self.key = client, name, key
-        self.headers = {"Authorization": f"Bearer {key}"}
-
-    async def get(self, path: str, **kw: Any) -> Any:
-        return await self.client.get(path, headers=self.headers, **kw)
-
-    async def put(self, path: str, json: Any, **kw: Any) -> Any:
-        return await self.client.put(path, json=json, headers=self.headers, **kw)
-
-    async def post(self, path: str, json: Any = None, **kw: Any) -> Any:
-        return await self.client.post(path, json=json, headers=self.headers, **kw)
-
-    async def delete(self, path: str, **kw: Any) -> Any:
-        return await self.client.delete(path, headers=self.headers, **kw)
-
-
-async def make_tenant(client: AsyncTestClient[Any], prefix: str = "t") -> TenantClient:
-    name = f"{prefix}-{next(_counter)}"
-    r = await client.put(f"/v1/tenants/{name}", json={"display_name": name}, headers=admin())
-    assert r.status_code == 201, r.text
-    r = await client.post(f"/v1/tenants/{name}/api-keys", json={"description": "test"}, headers=admin())
-    assert r.status_code == 201, r.text
-    return TenantClient(client, name, r.json()["key"])
+from tests.helpers import TenantClient, make_tenant
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from typing import Any
 
 from litestar.testing import AsyncTestClient
 
-from tests.api.conftest import TenantClient, admin, make_tenant
 from tests.conftest import pg_dsn
+from tests.helpers import TenantClient, admin, make_tenant
 
 RABBIT = {"kind": "rabbitmq", "url": "amqp://guest@127.0.0.1:5672/", "password": "guest"}
 

@@ -1,0 +1,51 @@
+"""Build the :class:`~outbox_relay.brokers.base.Publisher` for a target spec.
+
+Usage: ``open_publisher`` is an async factory that connects before it returns (so an unreachable
+broker or bad credentials surface here, as :class:`~outbox_relay.errors.TargetUnavailable`), and
+the publisher it returns is an async context manager that closes it::
+
+    async with await open_publisher(target, password=secret) as publisher:
+        result = await publisher.publish_batch(messages)
+
+Adapters reconnect by themselves on a later batch after the broker went away, so a publisher can be
+kept for as long as its target spec does not change.
+
+Each adapter module is imported only when a target of its kind is opened, so a process needs only
+the client library of the brokers it actually talks to.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from outbox_relay.brokers.base import Publisher
+from outbox_relay.domain import KafkaTarget, RabbitMQTarget, RedisStreamsTarget, Target
+
+
+class _Adapter(Publisher, Protocol):
+    async def connect(self) -> None: ...
+
+
+async def open_publisher(target: Target, *, password: str | None) -> Publisher:
+    """Connect a publisher for ``target``; ``password`` is the decrypted secret (None when unset)."""
+    publisher: _Adapter
+    if isinstance(target, RabbitMQTarget):
+        from outbox_relay.brokers.rabbitmq import RabbitMQPublisher
+
+        publisher = RabbitMQPublisher.from_target(target, password=password)
+    elif isinstance(target, RedisStreamsTarget):
+        from outbox_relay.brokers.redis_streams import RedisStreamsPublisher
+
+        publisher = RedisStreamsPublisher.from_target(target, password=password)
+    elif isinstance(target, KafkaTarget):
+        from outbox_relay.brokers.kafka import KafkaPublisher
+
+        publisher = KafkaPublisher.from_target(target, password=password)
+    else:
+        raise TypeError(f"not a target spec: {type(target).__name__}")
+    try:
+        await publisher.connect()
+    except BaseException:
+        await publisher.close()
+        raise
+    return publisher

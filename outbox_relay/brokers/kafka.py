@@ -1,0 +1,247 @@
+"""Kafka adapter: aiokafka's ``AIOKafkaProducer``.
+
+Topic = ``message.destination``; the Kafka message key is the outbox key (UTF-8; no key when the
+message has none, so the producer spreads those over partitions); headers are the message's headers
+as ``(name, UTF-8 bytes)`` pairs, plus ``outbox-id`` when the relay did not set it.
+
+Ordering: the batch is handed to the producer in order, then the acks are awaited. aiokafka keeps at
+most one produce request in flight per broker and mutes a partition while its batch is in flight; a
+retried batch goes back to the head of its partition's queue. So messages of one key (one partition)
+are written in batch order even across retries, without ``max.in.flight`` tuning.
+
+Idempotence (``enable_idempotence``, on by default) needs a broker that grants ``InitProducerId``; on
+one that does not, :meth:`KafkaPublisher.connect` times out with :class:`TargetUnavailable`.
+
+Errors: a message the producer or the broker refuses on its own account (larger than
+``max_request_size`` or the broker's limit, invalid or unauthorised topic, a topic that does not
+exist while the cluster answers, a corrupt or invalid record) → :class:`MessageRejected` at its
+index. Everything else (no broker reachable, request timed out, no leader, ...) →
+:class:`TargetUnavailable`, after which the producer is discarded and the next batch starts a new
+one (its pending sends must not be delivered behind the retried batch).
+
+Every wait is bounded by ``timeout_ms``: ``start()``, each ``send()`` (metadata look-up), each
+acknowledgement after the previous one, and ``stop()`` (aiokafka's ``stop()`` waits for pending
+batches forever when the brokers are gone: aio-libs/aiokafka#1101).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any, Literal, Self
+
+import aiokafka.errors as kafka_errors
+from aiokafka import AIOKafkaProducer
+from aiokafka.helpers import create_ssl_context
+
+from outbox_relay.brokers.base import OutgoingMessage, PublishResult
+from outbox_relay.domain import KafkaTarget
+from outbox_relay.errors import MessageRejected, TargetUnavailable
+
+ID_HEADER = "outbox-id"
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+# Errors that blame the message (or its topic), not the cluster. aiokafka reports a produce error code
+# it does not know (e.g. INVALID_RECORD: a keyless message to a compacted topic) as UnknownError.
+_REFUSALS: tuple[type[Exception], ...] = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.RecordListTooLargeError,
+    kafka_errors.RecordTooLargeError,
+    kafka_errors.InvalidTopicError,
+    kafka_errors.TopicAuthorizationFailedError,
+    kafka_errors.CorruptRecordException,
+    kafka_errors.InvalidTimestampError,
+    kafka_errors.PolicyViolationError,
+    kafka_errors.UnknownError,
+)
+
+
+class KafkaPublisher:
+    """Publishes batches through one aiokafka producer; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: Sequence[str],
+        security_protocol: SecurityProtocol = "PLAINTEXT",
+        sasl_mechanism: SaslMechanism | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        acks: Literal["all", 1] = "all",
+        enable_idempotence: bool = True,
+        compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None,
+        max_request_size: int = 1024 * 1024,
+        timeout_ms: int = 10_000,
+        client_id: str = "outbox-relay",
+    ) -> None:
+        """Nothing connects before :meth:`connect` or the first batch."""
+        if not bootstrap_servers:
+            raise ValueError("bootstrap_servers must name at least one broker")
+        if timeout_ms <= 0:
+            raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
+        if max_request_size <= 0:
+            raise ValueError(f"max_request_size must be positive, got {max_request_size}")
+        if enable_idempotence and acks != "all":
+            raise ValueError(f"acks={acks!r} needs enable_idempotence=False (idempotence needs acks='all')")
+        if security_protocol.startswith("SASL") and (sasl_mechanism is None or username is None):
+            raise ValueError(f"security_protocol {security_protocol} needs sasl_mechanism and username")
+        options: dict[str, Any] = {
+            "bootstrap_servers": list(bootstrap_servers),
+            "client_id": client_id,
+            "acks": acks,
+            "enable_idempotence": enable_idempotence,
+            "compression_type": compression_type,
+            "max_request_size": max_request_size,
+            "request_timeout_ms": timeout_ms,
+            "security_protocol": security_protocol,
+        }
+        if security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = create_ssl_context()
+        if security_protocol.startswith("SASL"):
+            options.update(
+                sasl_mechanism=sasl_mechanism, sasl_plain_username=username, sasl_plain_password=password
+            )
+        self._options = options
+        self._timeout_s = timeout_ms / 1000
+        self._where = ",".join(bootstrap_servers)
+        self._producer: AIOKafkaProducer | None = None
+        self._closed = False
+
+    @classmethod
+    def from_target(cls, target: KafkaTarget, *, password: str | None) -> Self:
+        return cls(
+            bootstrap_servers=target.bootstrap_servers,
+            security_protocol=target.security_protocol,
+            sasl_mechanism=target.sasl_mechanism,
+            username=target.username,
+            password=password,
+            acks=target.acks,
+            enable_idempotence=target.enable_idempotence,
+            compression_type=target.compression_type,
+            timeout_ms=target.timeout_ms,
+        )
+
+    async def connect(self) -> None:
+        """Start the producer now; raise :class:`TargetUnavailable` when no broker answers."""
+        await self._ensure_producer()
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
+        if not messages:
+            return PublishResult(acked=0)
+        producer = await self._ensure_producer()
+        futures: list[asyncio.Future[Any]] = []
+        send_error: BaseException | None = None
+        try:
+            for message in messages:
+                try:
+                    # aiokafka gives up on metadata after request_timeout_ms; this is a backstop.
+                    async with asyncio.timeout(2 * self._timeout_s):
+                        future = await producer.send(
+                            message.destination,
+                            message.payload,
+                            key=None if message.key is None else message.key.encode(),
+                            headers=_headers(message),
+                        )
+                except (kafka_errors.KafkaError, TimeoutError) as exc:
+                    send_error = exc
+                    break
+                future.add_done_callback(_retrieve)
+                futures.append(future)
+            for index, future in enumerate(futures):
+                done, _ = await asyncio.wait((future,), timeout=self._timeout_s)
+                if not done:
+                    raise TargetUnavailable(f"Kafka at {self._where}: no ack within {self._timeout_s:g}s")
+                error = future.exception()
+                if error is not None:
+                    rejection = self._rejection_or_raise(error, index)
+                    await self._discard_producer()  # its sequence state after a failed batch is suspect
+                    return PublishResult(acked=index, rejected=rejection)
+            if send_error is None:
+                return PublishResult(acked=len(messages))
+            index = len(futures)
+            if isinstance(send_error, kafka_errors.UnknownTopicOrPartitionError):
+                return PublishResult(acked=index, rejected=await self._missing_topic(messages[index], index))
+            return PublishResult(acked=index, rejected=self._rejection_or_raise(send_error, index))
+        except TargetUnavailable:
+            await self._discard_producer()
+            raise
+
+    async def close(self) -> None:
+        """Stop the producer (bounded by ``timeout_ms``); safe to call more than once."""
+        self._closed = True
+        await self._discard_producer()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- internals ---------------------------------------------------------------------------------
+
+    def _rejection_or_raise(self, error: BaseException, index: int) -> MessageRejected:
+        if isinstance(error, _REFUSALS):
+            return MessageRejected(f"Kafka refused the message: {error}", index=index)
+        raise TargetUnavailable(f"Kafka at {self._where}: {error!r}") from error
+
+    async def _missing_topic(self, message: OutgoingMessage, index: int) -> MessageRejected:
+        """aiokafka raises UnknownTopicOrPartitionError both for a topic that does not exist and for
+        a cluster it cannot reach; tell them apart with one fresh metadata request."""
+        producer = self._producer
+        refreshed = False
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._timeout_s):
+                    refreshed = bool(await producer.client.force_metadata_update())
+        if not refreshed:
+            raise TargetUnavailable(f"Kafka at {self._where}: no metadata for {message.destination!r}")
+        return MessageRejected(f"Kafka topic {message.destination!r} does not exist", index=index)
+
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        if self._closed:
+            raise RuntimeError("publisher is closed")
+        if self._producer is not None:
+            return self._producer
+        producer = AIOKafkaProducer(**self._options)
+        try:
+            # start() retries InitProducerId (idempotence) for ever; bound it.
+            async with asyncio.timeout(self._timeout_s):
+                await producer.start()
+        except (kafka_errors.KafkaError, TimeoutError, OSError) as exc:
+            await _stop(producer, self._timeout_s)
+            raise TargetUnavailable(f"cannot start a Kafka producer on {self._where}: {exc!r}") from exc
+        self._producer = producer
+        return producer
+
+    async def _discard_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await _stop(producer, self._timeout_s)
+
+
+def _headers(message: OutgoingMessage) -> list[tuple[str, bytes]]:
+    headers = [(name, value.encode()) for name, value in message.headers.items()]
+    if ID_HEADER not in message.headers:
+        headers.append((ID_HEADER, str(message.id).encode()))
+    return headers
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a send's outcome as seen: sends after a failure are not awaited."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _stop(producer: AIOKafkaProducer, timeout_s: float) -> None:
+    """Stop a producer without waiting for ever on batches no broker will take."""
+    # Fail what is still queued first, so stop()'s flush has nothing to wait for (aiokafka#1101).
+    accumulator = getattr(producer, "_message_accumulator", None)
+    if accumulator is not None:
+        with contextlib.suppress(Exception):
+            accumulator.fail_all(kafka_errors.KafkaTimeoutError("producer discarded"))
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout_s):
+            await producer.stop()

@@ -1,0 +1,125 @@
+"""Redis Streams adapter: one non-transactional pipeline of ``XADD`` per batch (redis-py asyncio).
+
+Stream key = ``message.destination``. Each entry's fields, all values bytes on the wire:
+
+======================  ==========================================================================
+``payload``             the message body, verbatim
+``outbox-id``           the outbox row id, decimal
+``key``                 the outbox key; absent when the message has none
+``h:<name>``            one field per header, e.g. ``h:traceparent``, ``h:outbox-relay``
+======================  ==========================================================================
+
+With ``maxlen`` every ``XADD`` carries ``MAXLEN ~ maxlen`` (approximate trimming, cheap for Redis).
+
+Redis runs a pipeline's commands in order on one connection, so entries land in batch order. A
+command-level error answers only its own command: ``WRONGTYPE`` (the key holds something that is
+not a stream), ``NOPERM`` and other refusals → :class:`MessageRejected` at that index, while errors
+that describe the server rather than the message (``OOM``, ``READONLY`` replica, ``BUSY``,
+``LOADING``, ``MASTERDOWN``, ``CLUSTERDOWN``, ``TRYAGAIN``) and connection errors or timeouts
+(``timeout_ms`` per socket operation) → :class:`TargetUnavailable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any, Self
+
+from redis import exceptions as redis_errors
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import parse_url
+
+from outbox_relay.brokers.base import OutgoingMessage, PublishResult
+from outbox_relay.domain import RedisStreamsTarget
+from outbox_relay.errors import MessageRejected, TargetUnavailable
+
+PAYLOAD_FIELD = "payload"
+ID_FIELD = "outbox-id"
+KEY_FIELD = "key"
+HEADER_PREFIX = "h:"
+
+_SERVER_STATE_ERRORS = (redis_errors.OutOfMemoryError, redis_errors.ReadOnlyError)
+_SERVER_STATE_PREFIXES = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")
+
+
+def entry_fields(message: OutgoingMessage) -> dict[str | bytes, bytes | str]:
+    """The stream entry written for ``message`` (the layout in the module docstring)."""
+    fields: dict[str | bytes, bytes | str] = {PAYLOAD_FIELD: message.payload, ID_FIELD: str(message.id)}
+    if message.key is not None:
+        fields[KEY_FIELD] = message.key
+    for name, value in message.headers.items():
+        fields[HEADER_PREFIX + name] = value
+    return fields
+
+
+class RedisStreamsPublisher:
+    """Appends batches to Redis streams; see the module docstring for the entry layout."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        password: str | None = None,
+        maxlen: int | None = None,
+        timeout_ms: int = 10_000,
+    ) -> None:
+        """``url`` is ``redis[s]://[user@]host:port/db`` without the password; ``password`` is
+        passed to the connection as is (it wins over one in the URL). Nothing connects before
+        :meth:`connect` or the first batch."""
+        if timeout_ms <= 0:
+            raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
+        if maxlen is not None and maxlen < 1:
+            raise ValueError(f"maxlen must be at least 1, got {maxlen}")
+        options: dict[str, Any] = dict(parse_url(url))
+        if password is not None:
+            options["password"] = password
+        timeout_s = timeout_ms / 1000
+        options.update(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._redis = Redis.from_pool(ConnectionPool(**options))
+        self._maxlen = maxlen
+        self._where = f"{options.get('host', options.get('path', '?'))}:{options.get('port', '')}"
+        self._closed = False
+
+    @classmethod
+    def from_target(cls, target: RedisStreamsTarget, *, password: str | None) -> Self:
+        return cls(url=target.url, password=password, maxlen=target.maxlen, timeout_ms=target.timeout_ms)
+
+    async def connect(self) -> None:
+        """Check now that the server answers; raise :class:`TargetUnavailable` when it does not."""
+        try:
+            await self._redis.ping()
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise TargetUnavailable(f"cannot reach Redis at {self._where}: {exc!r}") from exc
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
+        if self._closed:
+            raise RuntimeError("publisher is closed")
+        if not messages:
+            return PublishResult(acked=0)
+        pipe = self._redis.pipeline(transaction=False)
+        for message in messages:
+            pipe.xadd(message.destination, entry_fields(message), maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise TargetUnavailable(f"Redis at {self._where}: {exc!r}") from exc
+        for index, reply in enumerate(replies):
+            if isinstance(reply, redis_errors.ResponseError):
+                if isinstance(reply, _SERVER_STATE_ERRORS) or str(reply).startswith(_SERVER_STATE_PREFIXES):
+                    raise TargetUnavailable(f"Redis at {self._where}: {reply}") from reply
+                return PublishResult(acked=index, rejected=MessageRejected(f"XADD refused: {reply}", index=index))
+        return PublishResult(acked=len(messages))
+
+    async def close(self) -> None:
+        """Close the connections; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,149 @@
+"""``outbox-relay``: run the API, a worker, migrations, or everything at once for local use.
+
+    outbox-relay dev            API + one worker in one process, on local defaults
+    outbox-relay serve          the API (uvicorn)
+    outbox-relay worker         one arq worker
+    outbox-relay migrate        apply control DB migrations
+    outbox-relay generate-key   print a new secret key for OUTBOX_RELAY_SECRET_KEYS
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from outbox_relay.config import Settings
+from outbox_relay.crypto import generate_key
+from outbox_relay.errors import ConfigError
+
+DEV_ADMIN_KEY = "dev-admin-key"
+DEV_STATE_DIR = Path(".outbox-relay")
+
+
+def dev_settings() -> Settings:
+    """Local defaults: a persisted secret key, a known admin key, loopback targets allowed."""
+    overrides: dict[str, object] = {}
+    if not os.environ.get("OUTBOX_RELAY_SECRET_KEYS"):
+        key_file = DEV_STATE_DIR / "secret.key"
+        if not key_file.exists():
+            DEV_STATE_DIR.mkdir(exist_ok=True)
+            key_file.write_text(generate_key())
+            key_file.chmod(0o600)
+        overrides["secret_keys"] = (key_file.read_text().strip(),)
+    if not os.environ.get("OUTBOX_RELAY_ADMIN_API_KEY"):
+        overrides["admin_api_key"] = DEV_ADMIN_KEY
+    if not os.environ.get("OUTBOX_RELAY_ALLOW_PRIVATE_NETWORKS"):
+        overrides["allow_private_networks"] = True
+    return Settings.from_env(**overrides)
+
+
+async def _migrate(settings: Settings, *, create: bool) -> None:
+    from outbox_relay.store.migrate import ensure_database, migrate
+
+    if create and await ensure_database(settings.database_url):
+        logging.info("created control database")
+    applied = await migrate(settings.database_url)
+    logging.info("migrations applied: %s", ", ".join(applied) or "none pending")
+
+
+def _worker(settings: Settings, *, handle_signals: bool) -> object:
+    from arq.worker import Worker
+
+    from workers.settings import worker_settings
+
+    kwargs = worker_settings(settings)
+    kwargs["handle_signals"] = handle_signals
+    return Worker(**kwargs)
+
+
+async def _serve(settings: Settings, *, with_worker: bool) -> None:
+    import uvicorn
+
+    from service.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port))
+    tasks = [asyncio.create_task(server.serve())]
+    worker = None
+    if with_worker:
+        worker = _worker(settings, handle_signals=False)
+        tasks.append(asyncio.create_task(worker.async_run()))  # type: ignore[attr-defined]
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    if worker is not None:
+        await worker.close()  # type: ignore[attr-defined]
+    for task in tasks:
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    for task in done:
+        if task.exception():
+            raise task.exception()  # type: ignore[misc]
+
+
+async def _run_worker(settings: Settings) -> None:
+    worker = _worker(settings, handle_signals=False)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(worker.async_run())  # type: ignore[attr-defined]
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    await worker.close()  # type: ignore[attr-defined]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="outbox-relay", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    dev = sub.add_parser("dev", help="API + worker in one process, local defaults")
+    dev.add_argument("--port", type=int, default=None)
+    serve = sub.add_parser("serve", help="run the API")
+    serve.add_argument("--port", type=int, default=None)
+    sub.add_parser("worker", help="run one worker")
+    sub.add_parser("migrate", help="apply control DB migrations")
+    sub.add_parser("generate-key", help="print a new secret key")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("OUTBOX_RELAY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.command == "generate-key":
+        print(generate_key())
+        return 0
+    try:
+        settings = dev_settings() if args.command == "dev" else Settings.from_env()
+        if getattr(args, "port", None):
+            settings = dataclasses.replace(settings, port=args.port)
+        if args.command == "migrate":
+            asyncio.run(_migrate(settings, create=False))
+        elif args.command == "worker":
+            asyncio.run(_run_worker(settings))
+        elif args.command == "serve":
+            asyncio.run(_serve(settings, with_worker=False))
+        elif args.command == "dev":
+            asyncio.run(_migrate(settings, create=True))
+            print(
+                f"Outbox Relay on http://{settings.host}:{settings.port}  (docs: /docs)\n"
+                f"admin API key: {settings.admin_api_key}",
+                file=sys.stderr,
+            )
+            asyncio.run(_serve(settings, with_worker=True))
+    except ConfigError as exc:
+        print(f"outbox-relay: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data plane: arq workers that run relay slices under fenced leases."""

@@ -1,0 +1,48 @@
+"""arq jobs: the scheduler keeps one relay job queued per active (relay, partition).
+
+Job ids (``relay:<relay id>:<partition>``) stop arq from queueing a partition twice while its job
+is queued or running; the lease keeps the relay correct even if that fails. Results are never kept
+(``keep_result=0``): a kept result would block the next enqueue of the same job id.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from arq.connections import ArqRedis
+
+from outbox_relay.engine import RelayRunner
+
+log = logging.getLogger("outbox_relay.workers")
+
+
+def job_id(relay_id: uuid.UUID | str, partition: int) -> str:
+    return f"relay:{relay_id}:{partition}"
+
+
+async def schedule(ctx: dict[str, Any]) -> int:
+    """Queue a relay job for every active partition that has none; returns how many were queued."""
+    redis: ArqRedis = ctx["redis"]
+    queued = 0
+    for relay_id, partition in await ctx["store"].active_partitions():
+        job = await redis.enqueue_job(
+            "relay_partition", str(relay_id), partition, _job_id=job_id(relay_id, partition)
+        )
+        queued += job is not None
+    return queued
+
+
+async def relay_partition(ctx: dict[str, Any], relay_id: str, partition: int) -> str:
+    runner: RelayRunner = ctx["runner"]
+    holder = f"{ctx['worker_id']}/{ctx.get('job_id', uuid.uuid4().hex)}"
+    try:
+        result = await runner.run_slice(uuid.UUID(relay_id), partition, holder)
+    except Exception:
+        # never fail the job: arq would keep a failed result under this job id
+        log.exception("relay slice failed: relay %s partition %s", relay_id, partition)
+        return "error"
+    if result.published or result.outcome != "ran":
+        log.info("relay %s/%s: %s, %d published", relay_id, partition, result.outcome, result.published)
+    return result.outcome
