@@ -28,7 +28,7 @@ Name = Annotated[
     ),
 ]
 ReadOnlyName = Annotated[str | UnsetType, Meta(extra_json_schema={"readOnly": True})]
-ReadOnlyTime = Annotated[datetime | UnsetType, Meta(extra_json_schema={"readOnly": True})]
+ReadOnlyTime = Annotated[datetime | UnsetType, Meta(extra_json_schema={"readOnly": True, "format": "date-time"})]
 ReadOnlyFlag = Annotated[bool | UnsetType, Meta(extra_json_schema={"readOnly": True})]
 Secret = (
     Annotated[
@@ -47,7 +47,8 @@ Destination = Annotated[str, Meta(min_length=1, max_length=249)]
 
 
 class Resource(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Fields every tenant resource carries; all are filled in by the service."""
+    """Fields every tenant resource carries; all are filled in by the service (and ignored when sent:
+    the path names the resource)."""
 
     name: ReadOnlyName = UNSET
     created_at: ReadOnlyTime = UNSET

@@ -7,10 +7,21 @@ from contextlib import asynccontextmanager
 
 import msgspec
 from litestar import Litestar, get
+from litestar.datastructures import MutableScopeHeaders
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.spec import (
+    Components,
+    OpenAPI,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Reference,
+    Schema,
+    SecurityScheme,
+)
+from litestar.types import Message, Scope
 
 from outbox_relay import __version__
 from outbox_relay.config import Settings
@@ -19,8 +30,9 @@ from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
 from service.databases.controller import DatabaseController
 from service.deps import Services, ServicesDep, provide_services
-from service.problems import EXCEPTION_HANDLERS, Problem
+from service.problems import EXCEPTION_HANDLERS, MEDIA_TYPE, Problem
 from service.relays.controller import RelayController
+from service.schemas import use_msgspec_schemas
 from service.targets.controller import TargetController
 from service.tenants.controller import TenantController
 
@@ -29,12 +41,12 @@ class Health(msgspec.Struct):
     status: str
 
 
-@get("/healthz", operation_id="liveness", tags=["health"], summary="Liveness probe", include_in_schema=True)
+@get("/healthz", operation_id="liveness", tags=["health"], summary="Liveness probe", security=[])
 async def healthz() -> Health:
     return Health(status="ok")
 
 
-@get("/readyz", operation_id="readiness", tags=["health"], summary="Readiness: the control DB answers")
+@get("/readyz", operation_id="readiness", tags=["health"], summary="Readiness: the control DB answers", security=[])
 async def readyz(services: ServicesDep) -> Health:
     try:
         await services.store.ping()
@@ -62,6 +74,74 @@ def openapi_config() -> OpenAPIConfig:
     )
 
 
+PROBLEM_SCHEMA = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["type", "title", "status", "detail"],
+    properties={
+        "type": Schema(type=OpenAPIType.STRING, description="urn:outbox-relay:problem:<slug> or about:blank"),
+        "title": Schema(type=OpenAPIType.STRING),
+        "status": Schema(type=OpenAPIType.INTEGER),
+        "detail": Schema(type=OpenAPIType.STRING, description="What went wrong, for a human."),
+        "errors": Schema(
+            type=OpenAPIType.ARRAY,
+            items=Schema(type=OpenAPIType.OBJECT),
+            description="Validation errors: message, key and source of each.",
+        ),
+    },
+    description="RFC 9457 problem details.",
+)
+_PROBLEM_TEXT = {
+    400: "Invalid request: unknown field, wrong type or value out of range",
+    401: "Missing or unknown API key",
+    403: "The key may not do this (admin routes need the admin key; tenant routes a tenant key)",
+    404: "No such resource for this tenant",
+    409: "Conflicts with the current state (resource in use, or an immutable field changed)",
+    422: "Well-formed but refused (e.g. a password inside a DSN, an address that is not allowed)",
+    502: "The tenant database could not be reached or refused the operation",
+    503: "Not ready",
+}
+
+
+def document_problems(openapi: OpenAPI) -> OpenAPI:
+    """Describe every error an operation can answer with, as ``application/problem+json``.
+
+    litestar documents only its own 400 (as ``application/json``); clients and schemathesis need
+    the real set.
+    """
+    use_msgspec_schemas(openapi)
+    if openapi.components.schemas is None:  # type: ignore[union-attr]
+        openapi.components.schemas = {}  # type: ignore[union-attr]
+    openapi.components.schemas["Problem"] = PROBLEM_SCHEMA  # type: ignore[union-attr,index]
+    ref = Reference(ref="#/components/schemas/Problem")
+    for path, item in (openapi.paths or {}).items():
+        for method in ("get", "put", "post", "delete"):
+            operation = getattr(item, method, None)
+            if operation is None:
+                continue
+            codes: set[int] = set()
+            if path.startswith("/v1/"):
+                codes |= {400, 401, 403}
+                if "{" in path:
+                    codes.add(404)
+                if method in ("put", "post", "delete") and "{" in path:
+                    codes.add(409)
+                if method in ("put", "post"):
+                    codes.add(422)
+                if path.endswith("/provision"):
+                    codes.add(502)
+            if path == "/readyz":
+                codes.add(503)
+            if path in ("/healthz", "/readyz"):
+                operation.security = []  # public probes
+            responses = operation.responses or {}
+            for code in sorted(codes):
+                responses[str(code)] = OpenAPIResponse(
+                    description=_PROBLEM_TEXT[code], content={MEDIA_TYPE: OpenAPIMediaType(schema=ref)}
+                )
+            operation.responses = responses
+    return openapi
+
+
 def create_app(settings: Settings | None = None, *, store: ControlStore | None = None) -> Litestar:
     """Compose the API. Without ``store`` the app opens its own pool on start-up."""
     settings = settings or Settings.from_env()
@@ -79,11 +159,28 @@ def create_app(settings: Settings | None = None, *, store: ControlStore | None =
             if own:
                 await s.close()
 
-    return Litestar(
+    allow: dict[str, str] = {}
+
+    async def fix_allow_header(message: Message, scope: Scope) -> None:
+        # litestar 2 answers OPTIONS with only the first handler's method of a path (litestar#4169,
+        # fixed in v3); tell the truth from the final route table.
+        if message["type"] == "http.response.start" and scope.get("method") == "OPTIONS":
+            methods = allow.get(scope.get("path_template", ""))
+            if methods:
+                headers = MutableScopeHeaders.from_message(message)
+                headers["Allow"] = methods
+
+    app = Litestar(
         route_handlers=[healthz, readyz, TenantController, DatabaseController, TargetController, RelayController],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
         openapi_config=openapi_config(),
         debug=False,
+        before_send=[fix_allow_header],
     )
+    document_problems(app.openapi_schema)  # the plugin caches this object; /docs serves it
+    allow.update(
+        {route.path_format: ", ".join(sorted(route.methods)) for route in app.routes if hasattr(route, "methods")}
+    )
+    return app

@@ -85,6 +85,8 @@ def decode_cursor(cursor: str | None) -> str | None:
     if not cursor:
         return None
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    except ValueError:
         raise Problem(400, "invalid pagination cursor", slug="invalid-request") from None
+    # any cursor of the documented alphabet is a position in the name order, even one we did not issue
+    return raw.decode("utf-8", "replace").replace("\x00", "")

@@ -56,6 +56,8 @@ def _validation_detail(errors: list[Any] | None) -> str | None:
     if isinstance(first, dict) and first.get("message"):
         where = first.get("key") or first.get("source") or ""
         msg = str(first["message"])
+        if msg == repr(first.get("key")):  # litestar's message for a missing body or parameter
+            return "a JSON request body is required" if first.get("key") == "data" else f"missing {where}"
         return f"invalid {where}: {msg}" if where and where not in msg else msg
     return None
 

@@ -19,7 +19,12 @@ NAME_PARAM = Parameter(
     pattern=NAME_PATTERN, description="Client-chosen name: lower-case letters, digits, '.', '_', '-'."
 )
 LIMIT_PARAM = Parameter(ge=1, le=500, description="Page size.")
-CURSOR_PARAM = Parameter(description="`next_cursor` of the previous page.", required=False)
+CURSOR_PARAM = Parameter(
+    description="`next_cursor` of the previous page.",
+    required=False,
+    pattern=r"^([A-Za-z0-9_-]{4})*([A-Za-z0-9_-]{2,3})?$",
+    max_length=512,
+)
 META_FIELDS = ("name", "created_at", "updated_at", "password_set")
 
 
@@ -35,11 +40,6 @@ def check_name(kind: str, name: str) -> None:
             "starting and ending with a letter or digit",
             slug="invalid-name",
         )
-
-
-def check_body_name(name: str, body: Resource) -> None:
-    if body.name is not UNSET and body.name != name:
-        raise Problem(422, f"name in the body ({body.name!r}) differs from the path ({name!r})", slug="name-mismatch")
 
 
 def spec_json(body: Resource) -> bytes:

@@ -21,7 +21,6 @@ from service.resources import (
     LIMIT_PARAM,
     NAME_PARAM,
     Page,
-    check_body_name,
     read_back,
     secret_of,
     spec_json,
@@ -74,7 +73,6 @@ class DatabaseController(Controller):
     async def put_database(
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Database]
     ) -> Response[Database]:
-        check_body_name(name, data)
         try:
             tenant_db.check_dsn(data.dsn)
         except ValueError as exc:

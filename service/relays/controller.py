@@ -19,7 +19,6 @@ from service.resources import (
     LIMIT_PARAM,
     NAME_PARAM,
     Page,
-    check_body_name,
     read_back,
     spec_json,
 )
@@ -84,7 +83,6 @@ class RelayController(Controller):
     async def put_relay(
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Relay]
     ) -> Response[Relay]:
-        check_body_name(name, data)
         if data.policy.backoff_base_ms > data.policy.backoff_max_ms:
             raise Problem(422, "policy.backoff_base_ms must not exceed policy.backoff_max_ms", slug="invalid-relay")
         try:

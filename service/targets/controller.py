@@ -19,11 +19,11 @@ from service.resources import (
     LIMIT_PARAM,
     NAME_PARAM,
     Page,
-    check_body_name,
     read_back,
     secret_of,
     spec_json,
 )
+
 
 class TargetPage(Page, kw_only=True):
     items: list[Target]
@@ -63,7 +63,6 @@ class TargetController(Controller):
     async def put_target(
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Target]
     ) -> Response[Target]:
-        check_body_name(name, data)
         try:
             await check_target(services.policy, data)
         except ValueError as exc:
