@@ -19,19 +19,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import msgspec
 
-from outbox_relay.brokers.base import OutgoingMessage, Publisher
+from outbox_relay.brokers.base import OutgoingMessage, Publisher, PublishResult
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Database, Relay, Target, route
-from outbox_relay.errors import AddressNotAllowed, MessageRejected, TargetUnavailable, TenantDatabaseError
+from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy
-from outbox_relay.store.control import ControlStore, Lease, RelayPlan
+from outbox_relay.store.control import ControlStore, DeadLetter, Lease, RelayPlan, RetryState
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import notify_channel
 
@@ -108,7 +108,7 @@ class TenantConnections:
         while True:
             try:
                 conn = await tenant_db.connect(db, password, policy=self.policy, timeout_s=self.timeout_s)
-            except Exception as exc:  # noqa: BLE001 - any failure: retry later, polling goes on
+            except Exception as exc:
                 log.debug("LISTEN connection failed: %s", exc)
                 attempt += 1
                 await asyncio.sleep(backoff_s(attempt, base_s=0.5, cap_s=30))
@@ -120,7 +120,7 @@ class TenantConnections:
                 while not conn.is_closed():
                     await asyncio.sleep(5)
                     await conn.fetchval("SELECT 1", timeout=self.timeout_s)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.debug("LISTEN connection lost: %s", exc)
             finally:
                 with contextlib.suppress(Exception):
@@ -178,6 +178,27 @@ class PublisherCache:
 # --- the slice ----------------------------------------------------------------------------------
 
 
+IDENTITY_SQL = (
+    "SELECT (pg_control_system()).system_identifier::text AS system_identifier, "
+    "(pg_control_checkpoint()).timeline_id AS timeline, "
+    "pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin"
+)
+
+
+@dataclass
+class _Partition:
+    """What one slice knows about its partition while it runs."""
+
+    plan: RelayPlan
+    lease: Lease
+    relay: Relay
+    cursor: tuple[int, int]
+    retry: RetryState | None
+    published: int = 0
+    skipped: int = 0
+    dead: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class SliceResult:
     outcome: str
@@ -185,6 +206,7 @@ class SliceResult:
     ``lost`` (the lease was taken over mid-slice)."""
     published: int = 0
     skipped: int = 0
+    dead: int = 0
 
 
 class LeaseLost(Exception):
@@ -205,7 +227,9 @@ def build_messages(plan_relay: Relay, relay_name: str, rows: list[tenant_db.Outb
             raw = msgspec.json.decode(row.headers)
             headers = {str(k): v if isinstance(v, str) else msgspec.json.encode(v).decode() for k, v in raw.items()}
         headers.update({"outbox-id": str(row.id), "outbox-topic": row.topic, "outbox-relay": relay_name})
-        out.append(OutgoingMessage(id=row.id, destination=destination, key=row.key, payload=row.payload, headers=headers))
+        out.append(
+            OutgoingMessage(id=row.id, destination=destination, key=row.key, payload=row.payload, headers=headers)
+        )
     return out
 
 
@@ -268,7 +292,7 @@ class RelayRunner:
             await asyncio.sleep(interval)
             try:
                 ok = await self.store.renew_lease(lease, self.settings.lease_ttl_s)
-            except Exception as exc:  # noqa: BLE001 - the control DB hiccuped; the fence still holds
+            except Exception as exc:
                 log.warning("lease renewal failed: %s", exc)
                 continue
             if not ok:
@@ -279,12 +303,17 @@ class RelayRunner:
     async def _run(self, plan: RelayPlan, lease: Lease) -> SliceResult:
         relay = msgspec.json.decode(plan.relay_spec, type=Relay)
         database = msgspec.json.decode(plan.database_spec, type=Database)
-        target: Target = msgspec.json.decode(plan.target_spec, type=Target)  # type: ignore[arg-type]
+        target: Target = msgspec.json.decode(plan.target_spec, type=Target)
+        part = _Partition(
+            plan=plan, lease=lease, relay=relay, cursor=(lease.cursor_txid, lease.cursor_id), retry=lease.retry
+        )
         policy = relay.policy
         deadline = time.monotonic() + self.settings.slice_s
-        cursor = (lease.cursor_txid, lease.cursor_id)
-        published = skipped = 0
         failures = 0
+        identity_checked = False
+
+        def remaining() -> float:
+            return max(0.0, deadline - time.monotonic())
 
         async def pause(reason: str) -> None:
             nonlocal failures
@@ -292,54 +321,170 @@ class RelayRunner:
             with contextlib.suppress(Exception):
                 await self.store.record_error(lease, reason)
             delay = backoff_s(failures, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000)
-            await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+            await asyncio.sleep(min(delay, remaining()))
 
-        while time.monotonic() < deadline:
+        while remaining() > 0:
             try:
                 pool = await self.tenants.pool(
                     plan.database_id, plan.database_version, database, self._decrypt(plan.database_secret)
                 )
+                if not identity_checked:
+                    await self._check_identity(pool, part)
+                    identity_checked = True
+                if part.retry is not None and part.retry.next_at is not None:
+                    wait = (part.retry.next_at - datetime.now(UTC)).total_seconds()
+                    if wait > 0:  # a refused message waits out its backoff, holding only this partition
+                        await asyncio.sleep(min(wait, remaining()))
+                        continue
                 async with self.tenants.waiter(plan.database_id) as woken:
-                    rows = await self._poll(pool, database, cursor, plan, lease, policy.batch_size)
+                    rows = await self._poll(pool, database, part.cursor, plan, lease, policy.batch_size)
                     if not rows:
-                        remaining = deadline - time.monotonic()
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(woken.wait(), timeout=min(policy.poll_interval_ms / 1000, remaining))
+                            await asyncio.wait_for(
+                                woken.wait(), timeout=min(policy.poll_interval_ms / 1000, remaining())
+                            )
                         continue
                 publisher = await self.publishers.get(
                     plan.target_id, plan.target_version, target, self._decrypt(plan.target_secret)
                 )
-                messages = build_messages(relay, plan.relay_name, rows)
-                sendable = [m for m in messages if m is not None]
-                result = await publisher.publish_batch(sendable) if sendable else None
-                acked = result.acked if result else 0
-                # advance past every row up to (not including) the first unacknowledged message
-                sent = 0
-                last = None
-                for row, message in zip(rows, messages, strict=True):
-                    if message is not None:
-                        if sent >= acked:
-                            break
-                        sent += 1
-                    else:
-                        skipped += 1
-                    last = row
-                if last is not None:
-                    if not await self.store.advance_cursor(lease, last.txid, last.id, sent):
-                        raise LeaseLost()
-                    cursor = (last.txid, last.id)
-                    published += sent
-                    failures = 0
-                if result is not None and result.rejected is not None:
-                    await pause(f"message refused by the target: {result.rejected}")
+                await self._publish(publisher, part, rows)
+                failures = 0
             except TargetUnavailable as exc:
                 await self.publishers.discard(plan.target_id)
                 await pause(f"target unavailable: {exc}")
             except (TenantDatabaseError, AddressNotAllowed) as exc:
                 await pause(str(exc))
-            except MessageRejected as exc:
-                await pause(f"message refused by the target: {exc}")
-        return SliceResult("ran", published=published, skipped=skipped)
+        return SliceResult("ran", published=part.published, skipped=part.skipped, dead=part.dead)
+
+    async def _publish(self, publisher: Publisher, part: _Partition, rows: list[tenant_db.OutboxRow]) -> None:
+        """Publish one polled batch; move the cursor over what the broker took; charge refusals."""
+        policy = part.relay.policy
+        if part.retry is not None:
+            # while a refused message is retried, send it alone: the messages behind it (its key's
+            # later ones among them) must not overtake it again and again
+            rows = rows[:1]
+        messages = build_messages(part.relay, part.plan.relay_name, rows)
+        oversize: int | None = None
+        for index, message in enumerate(messages):
+            if message is not None and len(message.payload) > policy.max_payload_bytes:
+                oversize = index
+                break
+        if oversize is not None:  # publish what comes before it, then dead-letter it without retrying
+            rows, messages, too_big = rows[:oversize], messages[:oversize], rows[oversize]
+        sendable = [m for m in messages if m is not None]
+        result = await publisher.publish_batch(sendable) if sendable else PublishResult(acked=0)
+        sent = 0
+        last: tenant_db.OutboxRow | None = None
+        refused: tuple[tenant_db.OutboxRow, OutgoingMessage] | None = None
+        for row, message in zip(rows, messages, strict=True):
+            if message is not None:
+                if sent >= result.acked:
+                    refused = (row, message) if result.rejected is not None else None
+                    break
+                sent += 1
+            else:
+                part.skipped += 1
+            last = row
+        if last is not None:
+            if not await self.store.advance_cursor(part.lease, last.txid, last.id, sent):
+                raise LeaseLost()
+            part.cursor = (last.txid, last.id)
+            part.published += sent
+            part.retry = None
+        if refused is not None:
+            await self._refused(part, *refused, error=str(result.rejected), error_class="refused")
+        elif oversize is not None and result.acked == len(sendable):
+            error = (
+                f"payload is {len(too_big.payload)} bytes, "
+                f"over the relay's max_payload_bytes ({policy.max_payload_bytes})"
+            )
+            attempt = {"at": datetime.now(UTC).isoformat(), "error": error}
+            message = build_messages(part.relay, part.plan.relay_name, [too_big])[0]
+            await self._dead_letter(part, too_big, message, "too_large", error, [attempt])
+
+    async def _refused(
+        self, part: _Partition, row: tenant_db.OutboxRow, message: OutgoingMessage, *, error: str, error_class: str
+    ) -> None:
+        """Charge an attempt to a refused message; dead-letter it once it has used its budget."""
+        policy = part.relay.policy
+        prior = part.retry if part.retry is not None and part.retry.outbox_id == row.id else None
+        attempts = (prior.attempts if prior else 0) + 1
+        errors = [*(prior.errors if prior else []), {"at": datetime.now(UTC).isoformat(), "error": error}][-50:]
+        if attempts >= policy.max_attempts:
+            await self._dead_letter(part, row, message, error_class, error, errors)
+            return
+        delay = backoff_s(attempts, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000)
+        retry = RetryState(
+            outbox_id=row.id, attempts=attempts, errors=errors, next_at=datetime.now(UTC) + timedelta(seconds=delay)
+        )
+        if not await self.store.record_retry(
+            part.lease, retry, f"outbox message {row.id} refused (attempt {attempts} of {policy.max_attempts}): {error}"
+        ):
+            raise LeaseLost()
+        part.retry = retry
+
+    async def _dead_letter(
+        self,
+        part: _Partition,
+        row: tenant_db.OutboxRow,
+        message: OutgoingMessage | None,
+        error_class: str,
+        error: str,
+        attempts: list[dict[str, Any]],
+    ) -> None:
+        letter = DeadLetter(
+            tenant_id=part.plan.tenant_id,
+            relay_name=part.plan.relay_name,
+            target_name=part.plan.target_name,
+            outbox_id=row.id,
+            outbox_txid=row.txid,
+            outbox_created_at=row.created_at,
+            topic=row.topic,
+            key=row.key,
+            destination=message.destination if message else None,
+            payload=row.payload,
+            headers=row.headers,
+            error_class=error_class,
+            last_error=error,
+            attempts=attempts,
+        )
+        if not await self.store.dead_letter(part.lease, letter):
+            raise LeaseLost()
+        log.warning("relay %s: outbox message %s dead-lettered: %s", part.plan.relay_name, row.id, error)
+        part.cursor = (row.txid, row.id)
+        part.retry = None
+        part.dead += 1
+
+    async def _check_identity(self, pool: asyncpg.Pool, part: _Partition) -> None:
+        """Detect a restore or failover (new cluster identity, or transaction ids gone backwards) and
+        start the partition over from the oldest retained row: duplicates, never a skipped message."""
+        try:
+            row = await pool.fetchrow(IDENTITY_SQL)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise TenantDatabaseError(f"reading the database identity failed: {tenant_db.describe(exc)}") from None
+        assert row is not None
+        identity = f"{row['system_identifier']}/{row['timeline']}"
+        known = part.lease.system_identifier
+        reason = None
+        if known is not None and known != identity:
+            reason = (
+                f"the tenant database changed identity ({known} -> {identity}: restored into a new cluster "
+                "or failed over); relaying its outbox again from the start, consumers will see duplicates"
+            )
+        elif part.cursor[0] > 0 and row["xmin"] <= part.cursor[0]:
+            reason = (
+                f"the tenant database's transaction ids went backwards (cursor at {part.cursor[0]}, database "
+                f"at {row['xmin']}: restored from a backup?); relaying its outbox again from the start, "
+                "consumers will see duplicates"
+            )
+        if reason is not None:
+            log.warning("relay %s partition %s: %s", part.plan.relay_name, part.lease.partition, reason)
+            if not await self.store.reset_cursor(part.lease, identity, reason):
+                raise LeaseLost()
+            part.cursor = (0, 0)
+            part.retry = None
+        elif known is None and not await self.store.set_identity(part.lease, identity):
+            raise LeaseLost()
 
     async def _poll(
         self,

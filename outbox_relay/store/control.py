@@ -7,6 +7,7 @@ reads a tenant resource by name alone. Cursor writes are fenced by the lease epo
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -60,8 +61,10 @@ class RelayPlan:
     """Everything a worker needs to run one relay, secrets decrypted by the caller."""
 
     relay_id: uuid.UUID
+    tenant_id: uuid.UUID
     tenant_name: str
     relay_name: str
+    target_name: str
     relay_spec: bytes
     relay_version: datetime
     enabled: bool
@@ -77,6 +80,16 @@ class RelayPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryState:
+    """The message a partition is retrying: its outbox id, failed attempts so far, their errors."""
+
+    outbox_id: int
+    attempts: int
+    errors: list[dict[str, Any]]
+    next_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
     relay_id: uuid.UUID
     partition: int
@@ -85,6 +98,28 @@ class Lease:
     cursor_txid: int
     cursor_id: int
     system_identifier: str | None
+    retry: RetryState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message leaving the relay for the dead-letter store."""
+
+    tenant_id: uuid.UUID
+    relay_name: str
+    target_name: str
+    outbox_id: int
+    outbox_txid: int
+    outbox_created_at: datetime | None
+    topic: str
+    key: str | None
+    destination: str | None
+    payload: bytes
+    headers: str
+    """JSON object text."""
+    error_class: str
+    last_error: str
+    attempts: list[dict[str, Any]]
 
 
 class Unchanged:
@@ -356,7 +391,8 @@ class ControlStore:
 
     async def relay_plan(self, relay_id: uuid.UUID) -> RelayPlan | None:
         row = await self.pool.fetchrow(
-            "SELECT r.id AS relay_id, t.name AS tenant_name, r.name AS relay_name, r.spec::text AS relay_spec, "
+            "SELECT r.id AS relay_id, t.id AS tenant_id, t.name AS tenant_name, r.name AS relay_name, "
+            "g.name AS target_name, r.spec::text AS relay_spec, "
             "r.updated_at AS relay_version, r.enabled, r.partitions, "
             "d.id AS database_id, d.spec::text AS database_spec, d.secret AS database_secret, "
             "d.updated_at AS database_version, "
@@ -382,7 +418,8 @@ class ControlStore:
             "lease_expires_at = now() + make_interval(secs => $4), updated_at = now() "
             "WHERE relay_id = $1 AND partition = $2 "
             "AND (lease_holder IS NULL OR lease_expires_at IS NULL OR lease_expires_at < now()) "
-            "RETURNING lease_epoch, cursor_txid, cursor_id, system_identifier",
+            "RETURNING lease_epoch, cursor_txid, cursor_id, system_identifier, "
+            "retry_outbox_id, retry_attempts, retry_errors::text AS retry_errors, retry_next_at",
             relay_id,
             partition,
             holder,
@@ -398,6 +435,14 @@ class ControlStore:
             cursor_txid=row["cursor_txid"],
             cursor_id=row["cursor_id"],
             system_identifier=row["system_identifier"],
+            retry=RetryState(
+                outbox_id=row["retry_outbox_id"],
+                attempts=row["retry_attempts"],
+                errors=json.loads(row["retry_errors"]),
+                next_at=row["retry_next_at"],
+            )
+            if row["retry_outbox_id"] is not None
+            else None,
         )
 
     async def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
@@ -430,7 +475,8 @@ class ControlStore:
                 "UPDATE relay_partitions SET cursor_txid = $4, cursor_id = $5, "
                 "published_count = published_count + $6, "
                 "last_published_at = CASE WHEN $6 > 0 THEN now() ELSE last_published_at END, "
-                "last_error = NULL, updated_at = now() "
+                "last_error = NULL, retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', "
+                "retry_next_at = NULL, updated_at = now() "
                 "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
                 "RETURNING true",
                 lease.relay_id,
@@ -451,6 +497,103 @@ class ControlStore:
             lease.partition,
             lease.epoch,
             error[:2000],
+        )
+
+    async def record_retry(self, lease: Lease, retry: RetryState, error: str) -> bool:
+        """Remember a refused message's attempts (fenced); False once the lease is lost."""
+        return (
+            await self.pool.fetchval(
+                "UPDATE relay_partitions SET retry_outbox_id = $4, retry_attempts = $5, retry_errors = $6::jsonb, "
+                "retry_next_at = $7, retried_count = retried_count + 1, last_error = $8, last_error_at = now(), "
+                "updated_at = now() "
+                "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
+                "RETURNING true",
+                lease.relay_id,
+                lease.partition,
+                lease.epoch,
+                retry.outbox_id,
+                retry.attempts,
+                json.dumps(retry.errors),
+                retry.next_at,
+                error[:2000],
+            )
+            is True
+        )
+
+    async def dead_letter(self, lease: Lease, letter: DeadLetter) -> bool:
+        """Store the letter and move the cursor past it, in one transaction, fenced by the epoch."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            moved = await conn.fetchval(
+                "UPDATE relay_partitions SET cursor_txid = $4, cursor_id = $5, dead_count = dead_count + 1, "
+                "retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', retry_next_at = NULL, "
+                "last_error = $6, last_error_at = now(), updated_at = now() "
+                "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
+                "RETURNING true",
+                lease.relay_id,
+                lease.partition,
+                lease.epoch,
+                letter.outbox_txid,
+                letter.outbox_id,
+                f"dead-lettered outbox message {letter.outbox_id}: {letter.last_error}"[:2000],
+            )
+            if moved is not True:
+                return False
+            await conn.execute(
+                "INSERT INTO dead_letters (tenant_id, relay_id, relay_name, target_name, partition, outbox_id, "
+                "outbox_txid, outbox_created_at, topic, key, destination, payload, headers, error_class, "
+                "last_error, attempts) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15, $16::jsonb) "
+                "ON CONFLICT (relay_id, outbox_id, outbox_txid) DO NOTHING",
+                letter.tenant_id,
+                lease.relay_id,
+                letter.relay_name,
+                letter.target_name,
+                lease.partition,
+                letter.outbox_id,
+                letter.outbox_txid,
+                letter.outbox_created_at,
+                letter.topic,
+                letter.key,
+                letter.destination,
+                letter.payload,
+                letter.headers,
+                letter.error_class,
+                letter.last_error[:4000],
+                json.dumps(letter.attempts),
+            )
+            return True
+
+    async def set_identity(self, lease: Lease, identity: str) -> bool:
+        return (
+            await self.pool.fetchval(
+                "UPDATE relay_partitions SET system_identifier = $4 "
+                "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
+                "RETURNING true",
+                lease.relay_id,
+                lease.partition,
+                lease.epoch,
+                identity,
+            )
+            is True
+        )
+
+    async def reset_cursor(self, lease: Lease, identity: str | None, reason: str) -> bool:
+        """Start the partition over from the beginning of the outbox (after a restore or failover)."""
+        return (
+            await self.pool.fetchval(
+                "UPDATE relay_partitions SET cursor_txid = 0, cursor_id = 0, system_identifier = $4, "
+                "retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', retry_next_at = NULL, "
+                "resets = resets + 1, last_reset_at = now(), last_reset_reason = $5, "
+                "last_error = $5, last_error_at = now(), updated_at = now() "
+                "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
+                "RETURNING true",
+                lease.relay_id,
+                lease.partition,
+                lease.epoch,
+                identity,
+                reason[:2000],
+            )
+            is True
         )
 
     async def partition_states(self, relay_id: uuid.UUID) -> list[dict[str, Any]]:
