@@ -145,6 +145,15 @@ class RelayPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     backoff_base_ms: Annotated[int, Meta(ge=1, le=3_600_000)] = 500
     backoff_max_ms: Annotated[int, Meta(ge=1, le=86_400_000)] = 60_000
     max_payload_bytes: Annotated[int, Meta(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
+    retention_hours: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=24 * 366,
+            description="Keep outbox rows at least this long after they were written; daily partitions "
+            "older than the longest retention of the database's relays, and passed by every cursor, are dropped.",
+        ),
+    ] = 168
 
 
 class Relay(Resource, kw_only=True, forbid_unknown_fields=True):

@@ -11,9 +11,14 @@ import logging
 import uuid
 from typing import Any
 
+import msgspec
 from arq.connections import ArqRedis
 
-from outbox_relay.engine import RelayRunner
+from outbox_relay.crypto import SecretBox
+from outbox_relay.domain import Database
+from outbox_relay.engine import RelayRunner, TenantConnections
+from outbox_relay.maintenance import RelayCursors, maintain
+from outbox_relay.store.control import ControlStore
 
 log = logging.getLogger("outbox_relay.workers")
 
@@ -27,11 +32,35 @@ async def schedule(ctx: dict[str, Any]) -> int:
     redis: ArqRedis = ctx["redis"]
     queued = 0
     for relay_id, partition in await ctx["store"].active_partitions():
-        job = await redis.enqueue_job(
-            "relay_partition", str(relay_id), partition, _job_id=job_id(relay_id, partition)
-        )
+        job = await redis.enqueue_job("relay_partition", str(relay_id), partition, _job_id=job_id(relay_id, partition))
         queued += job is not None
     return queued
+
+
+async def maintain_outboxes(ctx: dict[str, Any]) -> int:
+    """Create partitions ahead and drop passed ones in every tenant database a relay reads."""
+    store: ControlStore = ctx["store"]
+    tenants: TenantConnections = ctx["tenants"]
+    secrets: SecretBox = ctx["secrets"]
+    dropped = 0
+    for row in await store.databases_with_relays():
+        database = msgspec.json.decode(row["spec"], type=Database)
+        error = None
+        try:
+            relays = [
+                RelayCursors(partitions=n, retention_hours=hours, cursors=cursors)
+                for n, hours, cursors in await store.relay_cursors(row["id"])
+            ]
+            password = secrets.decrypt(bytes(row["secret"])) if row["secret"] else None
+            pool = await tenants.pool(row["id"], row["updated_at"], database, password)
+            async with pool.acquire() as conn:
+                result = await maintain(conn, database.schema, relays)
+            dropped += len(result.dropped)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            log.warning("outbox maintenance of database %s failed: %s", row["id"], error)
+        await store.record_maintenance(row["id"], error)
+    return dropped
 
 
 async def relay_partition(ctx: dict[str, Any], relay_id: str, partition: int) -> str:

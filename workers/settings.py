@@ -15,7 +15,7 @@ from outbox_relay.domain import Target
 from outbox_relay.engine import PublisherCache, RelayRunner, TenantConnections
 from outbox_relay.netguard import AddressPolicy, check_target
 from outbox_relay.store.control import ControlStore
-from workers.jobs import relay_partition, schedule
+from workers.jobs import maintain_outboxes, relay_partition, schedule
 
 
 def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
@@ -37,6 +37,7 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
             tenants=tenants,
             publishers=publishers,
             worker_id=settings.worker_id,
+            secrets=SecretBox(settings.secret_keys),
             runner=RelayRunner(
                 settings=settings,
                 store=store,
@@ -55,7 +56,10 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
     return {
         "functions": [func(relay_partition, name="relay_partition", keep_result=0, max_tries=1)],
         "cron_jobs": [
-            cron(schedule, name="schedule", second=set(range(0, 60, seconds)), run_at_startup=True, keep_result=0)
+            cron(schedule, name="schedule", second=set(range(0, 60, seconds)), run_at_startup=True, keep_result=0),
+            cron(
+                maintain_outboxes, name="maintain_outboxes", second=0, run_at_startup=True, keep_result=0, timeout=300
+            ),
         ],
         "on_startup": startup,
         "on_shutdown": shutdown,

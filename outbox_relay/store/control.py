@@ -596,10 +596,44 @@ class ControlStore:
             is True
         )
 
+    async def databases_with_relays(self) -> list[dict[str, Any]]:
+        """Tenant databases some relay reads (the ones outbox maintenance looks after)."""
+        rows = await self.pool.fetch(
+            "SELECT d.id, d.spec::text AS spec, d.secret, d.updated_at FROM databases d "
+            "WHERE EXISTS (SELECT 1 FROM relays r WHERE r.database_id = d.id) ORDER BY d.id"
+        )
+        return [dict(r) for r in rows]
+
+    async def relay_cursors(self, database_id: uuid.UUID) -> list[tuple[int, int, dict[int, tuple[int, int]]]]:
+        """(partitions, retention_hours, {partition: cursor}) of every relay reading the database."""
+        rows = await self.pool.fetch(
+            "SELECT r.id, r.partitions, coalesce((r.spec->'policy'->>'retention_hours')::int, 168) AS retention, "
+            "array_agg(p.partition ORDER BY p.partition) AS parts, "
+            "array_agg(p.cursor_txid ORDER BY p.partition) AS txids, "
+            "array_agg(p.cursor_id ORDER BY p.partition) AS ids "
+            "FROM relays r JOIN relay_partitions p ON p.relay_id = r.id WHERE r.database_id = $1 "
+            "GROUP BY r.id, r.partitions, r.spec",
+            database_id,
+        )
+        return [
+            (
+                r["partitions"],
+                r["retention"],
+                {p: (tx, i) for p, tx, i in zip(r["parts"], r["txids"], r["ids"], strict=True)},
+            )
+            for r in rows
+        ]
+
+    async def record_maintenance(self, database_id: uuid.UUID, error: str | None) -> None:
+        await self.pool.execute(
+            "UPDATE databases SET maintained_at = now(), maintenance_error = $2 WHERE id = $1", database_id, error
+        )
+
     async def partition_states(self, relay_id: uuid.UUID) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
             "SELECT partition, cursor_txid, cursor_id, lease_holder, lease_epoch, lease_expires_at, "
-            "last_published_at, last_error, last_error_at, published_count "
+            "last_published_at, last_error, last_error_at, published_count, dead_count, retried_count, "
+            "retry_outbox_id, retry_attempts, retry_next_at, resets, last_reset_at, last_reset_reason "
             "FROM relay_partitions WHERE relay_id = $1 ORDER BY partition",
             relay_id,
         )

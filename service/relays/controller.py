@@ -39,12 +39,27 @@ class PartitionStatus(msgspec.Struct, kw_only=True):
     last_published_at: datetime | None
     last_error: str | None
     last_error_at: datetime | None
+    dead_lettered: int
+    retries: int
+    """Refusals retried so far."""
+    retrying: RetryingMessage | None
+    """The refused message this partition is retrying, holding the partition back."""
+    resets: int
+    """Times the cursor started over because the tenant database was restored or failed over."""
+    last_reset_reason: str | None
+
+
+class RetryingMessage(msgspec.Struct, kw_only=True):
+    outbox_id: int
+    attempts: int
+    next_attempt_at: datetime | None
 
 
 class RelayStatus(msgspec.Struct, kw_only=True):
     relay: str
     enabled: bool
     published: int
+    dead_lettered: int
     last_published_at: datetime | None
     partitions: list[PartitionStatus]
 
@@ -127,6 +142,15 @@ class RelayController(Controller):
                 last_published_at=p["last_published_at"],
                 last_error=p["last_error"],
                 last_error_at=p["last_error_at"],
+                dead_lettered=p["dead_count"],
+                retries=p["retried_count"],
+                retrying=RetryingMessage(
+                    outbox_id=p["retry_outbox_id"], attempts=p["retry_attempts"], next_attempt_at=p["retry_next_at"]
+                )
+                if p["retry_outbox_id"] is not None
+                else None,
+                resets=p["resets"],
+                last_reset_reason=p["last_reset_reason"],
             )
             for p in parts
         ]
@@ -135,6 +159,7 @@ class RelayController(Controller):
             relay=name,
             enabled=relay.enabled,
             published=sum(s.published for s in statuses),
+            dead_lettered=sum(s.dead_lettered for s in statuses),
             last_published_at=max(published_at) if published_at else None,
             partitions=statuses,
         )
