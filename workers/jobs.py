@@ -1,7 +1,7 @@
-"""arq jobs: the scheduler keeps one relay job queued per active (relay, partition).
+"""arq jobs: the scheduler keeps one relay job queued per idle (relay, partition); outbox maintenance.
 
-Job ids (``relay:<relay id>:<partition>``) stop arq from queueing a partition twice while its job
-is queued or running; the lease keeps the relay correct even if that fails. Results are never kept
+Job ids (``relay:<relay id>:<partition>:<lease epoch>``) stop arq from queueing a partition twice
+while its job waits; the lease keeps the relay correct even if that fails. Results are never kept
 (``keep_result=0``): a kept result would block the next enqueue of the same job id.
 """
 
@@ -23,16 +23,23 @@ from outbox_relay.store.control import ControlStore
 log = logging.getLogger("outbox_relay.workers")
 
 
-def job_id(relay_id: uuid.UUID | str, partition: int) -> str:
-    return f"relay:{relay_id}:{partition}"
+def job_id(relay_id: uuid.UUID | str, partition: int, epoch: int) -> str:
+    return f"relay:{relay_id}:{partition}:{epoch}"
 
 
 async def schedule(ctx: dict[str, Any]) -> int:
-    """Queue a relay job for every active partition that has none; returns how many were queued."""
+    """Queue a relay job for every partition nobody holds; returns how many were queued.
+
+    The job id carries the lease epoch the job will try to succeed, so arq drops repeats while the
+    job waits, and a worker that froze or died holding a partition only delays it until its lease
+    expires (not until arq gives up on the frozen job, which takes the longest job timeout).
+    """
     redis: ArqRedis = ctx["redis"]
     queued = 0
-    for relay_id, partition in await ctx["store"].active_partitions():
-        job = await redis.enqueue_job("relay_partition", str(relay_id), partition, _job_id=job_id(relay_id, partition))
+    for relay_id, partition, epoch in await ctx["store"].idle_partitions():
+        job = await redis.enqueue_job(
+            "relay_partition", str(relay_id), partition, _job_id=job_id(relay_id, partition, epoch)
+        )
         queued += job is not None
     return queued
 

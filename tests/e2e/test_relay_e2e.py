@@ -9,86 +9,23 @@ back. Both consumers must receive exactly the committed messages, each key's in 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
-from collections import defaultdict
 from typing import Any
 
 import aio_pika
-import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
-from outbox_relay.client import add
 from tests.brokers import RabbitMQAccount, RedisAccount
 from tests.conftest import DatabaseFactory, pg_dsn
 from tests.helpers import TenantClient, make_tenant
+from tests.traffic import check_delivery, write_messages
 from tests.workers import WorkerPool
 
 pytestmark = pytest.mark.e2e
 
 MESSAGES = 1000
-KEYS = 100
-WRITERS = 5
-ROLLBACK_SHARE = 0.2
-
-
-async def write_messages(dsn: str, seed: int) -> tuple[dict[str, list[int]], set[int]]:
-    """Write MESSAGES messages; returns committed ids per key (in write order) and rolled-back ids.
-
-    Writer ``w`` owns the keys ``k`` with ``k % WRITERS == w``, so one key's transactions are
-    sequential, and the order the test expects per key is well defined.
-    """
-    committed: dict[str, list[int]] = defaultdict(list)
-    rolled_back: set[int] = set()
-    per_writer = MESSAGES // WRITERS
-
-    async def writer(w: int) -> None:
-        rng = random.Random(seed * 100 + w)
-        keys = [f"key-{k:03d}" for k in range(KEYS) if k % WRITERS == w]
-        conn = await asyncpg.connect(dsn)
-        try:
-            written = 0
-            while written < per_writer:
-                size = min(rng.randint(1, 5), per_writer - written)
-                batch: list[tuple[str, int]] = []
-                rollback = rng.random() < ROLLBACK_SHARE
-                tx = conn.transaction()
-                await tx.start()
-                for _ in range(size):
-                    key = rng.choice(keys)
-                    payload = {"writer": w, "n": written, "key": key}
-                    batch.append((key, await add(conn, "orders", key, payload, headers={"writer": str(w)})))
-                    written += 1
-                if rollback:
-                    await tx.rollback()
-                    rolled_back.update(i for _, i in batch)
-                else:
-                    await tx.commit()
-                    for key, i in batch:
-                        committed[key].append(i)
-                await asyncio.sleep(0)
-        finally:
-            await conn.close()
-
-    await asyncio.gather(*(writer(w) for w in range(WRITERS)))
-    return committed, rolled_back
-
-
-def check_delivery(
-    name: str, received: list[tuple[str, int]], committed: dict[str, list[int]], rolled_back: set[int]
-) -> None:
-    ids = [i for _, i in received]
-    expected = {i for v in committed.values() for i in v}
-    assert not set(ids) & rolled_back, f"{name}: rolled-back messages were published"
-    assert set(ids) == expected, f"{name}: missing {sorted(expected - set(ids))[:10]}"
-    assert len(ids) == len(set(ids)), f"{name}: duplicates in the steady state"
-    by_key: dict[str, list[int]] = defaultdict(list)
-    for key, i in received:
-        by_key[key].append(i)
-    for key, order in committed.items():
-        assert by_key[key] == order, f"{name}: key {key} out of order"
 
 
 async def test_relay_end_to_end(
@@ -180,3 +117,5 @@ async def test_relay_end_to_end(
 
     status = (await t.get("/v1/relays/to-stream/status")).json()
     assert sum(p["published"] for p in status["partitions"]) == total, status
+    for relay in ("to-stream", "to-rabbit"):  # later tests' workers need not run these
+        assert (await t.delete(f"/v1/relays/{relay}")).status_code == 204
