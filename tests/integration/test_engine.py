@@ -8,6 +8,7 @@ charges nothing; a restored or failed-over tenant database is detected and nothi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -318,3 +319,39 @@ async def test_restore_and_failover_are_detected_and_nothing_is_skipped(
     state = await partition_row(store, relay_id)
     assert state["resets"] == 2 and "changed identity" in state["last_reset_reason"]
     assert got == [b"before", b"after-restore"]
+
+
+async def test_notify_wakes_an_idle_partition(setup: Setup, runner: RelayRunner, store: ControlStore) -> None:
+    queue = await setup.channel.declare_queue("wake-q", durable=True)
+    body = {
+        "database": "app",
+        "target": "rabbit",
+        "partitions": 1,
+        "topic_mapping": {"*": "wake-q"},
+        "policy": {"poll_interval_ms": 600_000},
+    }  # polling alone would wait ten minutes
+    assert (await setup.tenant.put("/v1/relays/r6", body)).status_code == 201
+    relay_id = await setup.relay_id(store, "r6")
+    slow = dataclasses.replace(runner.settings, slice_s=8.0)
+    idle_runner = RelayRunner(
+        settings=slow, store=store, secrets=runner.secrets, tenants=runner.tenants, publishers=runner.publishers
+    )
+    task = asyncio.create_task(idle_runner.run_slice(relay_id, 0, "test-holder"))
+    try:
+        await asyncio.sleep(1.5)  # the slice has polled, found nothing, and waits
+        loop = asyncio.get_running_loop()
+        written = loop.time()
+        await write(setup.dsn, ("t", "k", b"wake up"))
+        message = None
+        while message is None and loop.time() - written < 5:
+            message = await queue.get(no_ack=True, fail=False)
+            if message is None:
+                await asyncio.sleep(0.005)
+        latency_ms = (loop.time() - written) * 1000
+        assert message is not None and message.body == b"wake up", "the idle partition was not woken"
+        assert not task.done()  # delivered by the waiting slice, not a new one
+        print(f"commit-to-delivery on an idle relay: {latency_ms:.0f} ms (poll interval 600 s)")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
