@@ -37,6 +37,9 @@ class Settings:
     worker_max_jobs: int = 500
     host: str = "127.0.0.1"
     port: int = 8080
+    metrics_port: int = 0
+    """A worker's Prometheus scrape port (0: none; the API serves /metrics itself)."""
+    metrics_host: str = "127.0.0.1"
     worker_id: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
 
     def __post_init__(self) -> None:

@@ -24,6 +24,9 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from outbox_relay.brokers.base import OutgoingMessage, Publisher, PublishResult
 from outbox_relay.config import Settings
@@ -32,10 +35,16 @@ from outbox_relay.domain import Database, Relay, Target, route
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore, DeadLetter, Lease, RelayPlan, RetryState
+from outbox_relay.telemetry import PendingSample, instruments, labels
 from outbox_relay.tenant import db as tenant_db
-from outbox_relay.tenant.sql import notify_channel
+from outbox_relay.tenant.sql import notify_channel, quote_ident
 
 log = logging.getLogger("outbox_relay.engine")
+tracer = trace.get_tracer("outbox_relay.engine")
+_propagator = TraceContextTextMapPropagator()
+PENDING_CHECK_S = 5.0
+STALL_AFTER_S = 5.0
+MAX_LINKS = 64
 
 PublisherFactory = Callable[[Target, str | None], Awaitable[Publisher]]
 
@@ -178,6 +187,39 @@ class PublisherCache:
 # --- the slice ----------------------------------------------------------------------------------
 
 
+def pending_sql(schema: str) -> str:
+    """Rows after the cursor of one partition (committed, whether or not below the horizon), up to
+    100,000, and the oldest one's insert time. $1 txid, $2 id, $3 partitions, $4 partition."""
+    return (
+        "SELECT count(*) AS pending, min(created_at) AS oldest FROM ("
+        f"SELECT created_at FROM {quote_ident(schema)}.outbox "
+        "WHERE (txid, id) > ($1::bigint::text::xid8, $2::bigint) AND bucket % $3::int = $4::int LIMIT 100000) s"
+    )
+
+
+# The oldest transaction holding the xmin horizon (pid and age are visible to the monitoring role).
+BLOCKER_SQL = (
+    "SELECT pid, state, extract(epoch FROM now() - xact_start) AS age_s FROM pg_stat_activity "
+    "WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
+    "ORDER BY age(backend_xid) DESC LIMIT 1"
+)
+
+
+def producer_links(messages: list[OutgoingMessage]) -> list[Link]:
+    """Links from the publish span to the traces the writers recorded (``traceparent`` headers)."""
+    links: list[Link] = []
+    seen: set[str] = set()
+    for message in messages:
+        parent = message.headers.get("traceparent")
+        if not parent or parent in seen or len(links) >= MAX_LINKS:
+            continue
+        seen.add(parent)
+        context = trace.get_current_span(_propagator.extract({"traceparent": parent})).get_span_context()
+        if context.is_valid:
+            links.append(Link(context, {"outbox.id": message.id}))
+    return links
+
+
 IDENTITY_SQL = (
     "SELECT (pg_control_system()).system_identifier::text AS system_identifier, "
     "(pg_control_checkpoint()).timeline_id AS timeline, "
@@ -197,6 +239,12 @@ class _Partition:
     published: int = 0
     skipped: int = 0
     dead: int = 0
+    last_poll_empty: bool = False
+    pending_checked: float = 0.0
+
+    @property
+    def labels(self) -> dict[str, Any]:
+        return labels(self.plan.tenant_name, self.plan.relay_name, self.plan.target_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +307,9 @@ class RelayRunner:
         lease = await self.store.acquire_lease(relay_id, partition, holder, self.settings.lease_ttl_s)
         if lease is None:
             return SliceResult("busy")
+        metric_labels = labels(plan.tenant_name, plan.relay_name, plan.target_name)
+        instruments().lease_acquired.add(1, metric_labels)
+        instruments().leases_held.add(1, metric_labels)
         lost = asyncio.Event()
         keeper = asyncio.create_task(self._keep_lease(lease, lost))
         work = asyncio.create_task(self._run(plan, lease))
@@ -271,10 +322,14 @@ class RelayRunner:
             work.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
+            instruments().lease_lost.add(1, metric_labels)
             return SliceResult("lost")
         except LeaseLost:
+            log.warning("lease lost: relay %s partition %s (a cursor write was fenced)", relay_id, partition)
+            instruments().lease_lost.add(1, metric_labels)
             return SliceResult("lost")
         finally:
+            instruments().leases_held.add(-1, metric_labels)
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
@@ -315,11 +370,11 @@ class RelayRunner:
         def remaining() -> float:
             return max(0.0, deadline - time.monotonic())
 
-        async def pause(reason: str) -> None:
+        async def pause(reason: str, error_class: str) -> None:
             nonlocal failures
             failures += 1
             with contextlib.suppress(Exception):
-                await self.store.record_error(lease, reason)
+                await self.store.record_error(lease, reason, error_class)
             delay = backoff_s(failures, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000)
             await asyncio.sleep(min(delay, remaining()))
 
@@ -337,23 +392,39 @@ class RelayRunner:
                         await asyncio.sleep(min(wait, remaining()))
                         continue
                 async with self.tenants.waiter(plan.database_id) as woken:
+                    poll_started = time.time_ns()
                     rows = await self._poll(pool, database, part.cursor, plan, lease, policy.batch_size)
+                    part.last_poll_empty = not rows
+                    if time.monotonic() - part.pending_checked > PENDING_CHECK_S:
+                        await self._sample_pending(pool, database, part)
                     if not rows:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(
                                 woken.wait(), timeout=min(policy.poll_interval_ms / 1000, remaining())
                             )
                         continue
-                publisher = await self.publishers.get(
-                    plan.target_id, plan.target_version, target, self._decrypt(plan.target_secret)
-                )
-                await self._publish(publisher, part, rows)
+                with tracer.start_as_current_span(
+                    "relay.batch",
+                    start_time=poll_started,
+                    attributes={
+                        "outbox.tenant": plan.tenant_name,
+                        "outbox.relay": plan.relay_name,
+                        "outbox.target": plan.target_name,
+                        "outbox.partition": lease.partition,
+                        "outbox.batch_size": len(rows),
+                    },
+                ):
+                    tracer.start_span("outbox.poll", start_time=poll_started).end()
+                    publisher = await self.publishers.get(
+                        plan.target_id, plan.target_version, target, self._decrypt(plan.target_secret)
+                    )
+                    await self._publish(publisher, part, rows)
                 failures = 0
             except TargetUnavailable as exc:
                 await self.publishers.discard(plan.target_id)
-                await pause(f"target unavailable: {exc}")
+                await pause(f"target unavailable: {exc}", "target_unavailable")
             except (TenantDatabaseError, AddressNotAllowed) as exc:
-                await pause(str(exc))
+                await pause(str(exc), "database_unavailable")
         return SliceResult("ran", published=part.published, skipped=part.skipped, dead=part.dead)
 
     async def _publish(self, publisher: Publisher, part: _Partition, rows: list[tenant_db.OutboxRow]) -> None:
@@ -372,7 +443,15 @@ class RelayRunner:
         if oversize is not None:  # publish what comes before it, then dead-letter it without retrying
             rows, messages, too_big = rows[:oversize], messages[:oversize], rows[oversize]
         sendable = [m for m in messages if m is not None]
-        result = await publisher.publish_batch(sendable) if sendable else PublishResult(acked=0)
+        with tracer.start_as_current_span(
+            "broker.publish", kind=SpanKind.PRODUCER, links=producer_links(sendable)
+        ) as publish_span:
+            publish_span.set_attribute("messaging.batch.message_count", len(sendable))
+            try:
+                result = await publisher.publish_batch(sendable) if sendable else PublishResult(acked=0)
+            except TargetUnavailable:
+                instruments().failed.add(len(sendable), part.labels)
+                raise
         sent = 0
         last: tenant_db.OutboxRow | None = None
         refused: tuple[tenant_db.OutboxRow, OutgoingMessage] | None = None
@@ -386,11 +465,20 @@ class RelayRunner:
                 part.skipped += 1
             last = row
         if last is not None:
-            if not await self.store.advance_cursor(part.lease, last.txid, last.id, sent):
+            with tracer.start_as_current_span("cursor.commit"):
+                moved = await self.store.advance_cursor(part.lease, last.txid, last.id, sent)
+            if not moved:
                 raise LeaseLost()
             part.cursor = (last.txid, last.id)
             part.published += sent
             part.retry = None
+            if sent:
+                metrics = instruments()
+                metrics.sent.add(sent, part.labels)
+                now = datetime.now(UTC)
+                acked_rows = [r for r, m in zip(rows, messages, strict=True) if m is not None][:sent]
+                for row in acked_rows:
+                    metrics.latency.record(max(0.0, (now - row.created_at).total_seconds()), part.labels)
         if refused is not None:
             await self._refused(part, *refused, error=str(result.rejected), error_class="refused")
         elif oversize is not None and result.acked == len(sendable):
@@ -410,9 +498,11 @@ class RelayRunner:
         prior = part.retry if part.retry is not None and part.retry.outbox_id == row.id else None
         attempts = (prior.attempts if prior else 0) + 1
         errors = [*(prior.errors if prior else []), {"at": datetime.now(UTC).isoformat(), "error": error}][-50:]
+        instruments().failed.add(1, part.labels)
         if attempts >= policy.max_attempts:
             await self._dead_letter(part, row, message, error_class, error, errors)
             return
+        instruments().retried.add(1, part.labels)
         delay = backoff_s(attempts, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000)
         retry = RetryState(
             outbox_id=row.id, attempts=attempts, errors=errors, next_at=datetime.now(UTC) + timedelta(seconds=delay)
@@ -450,10 +540,44 @@ class RelayRunner:
         )
         if not await self.store.dead_letter(part.lease, letter):
             raise LeaseLost()
+        instruments().dead.add(1, part.labels)
         log.warning("relay %s: outbox message %s dead-lettered: %s", part.plan.relay_name, row.id, error)
         part.cursor = (row.txid, row.id)
         part.retry = None
         part.dead += 1
+
+    async def _sample_pending(self, pool: asyncpg.Pool, database: Database, part: _Partition) -> None:
+        """Count what waits after the cursor (capped) and, when nothing can be read although rows
+        wait, find the transaction holding the horizon back: the stall cause the status API shows."""
+        part.pending_checked = time.monotonic()
+        try:
+            row = await pool.fetchrow(
+                pending_sql(database.schema),
+                part.cursor[0],
+                part.cursor[1],
+                part.plan.partitions,
+                part.lease.partition,
+            )
+            assert row is not None
+            pending, oldest = int(row["pending"]), row["oldest"]
+            stall = None
+            if pending and part.last_poll_empty:
+                blocker = await pool.fetchrow(BLOCKER_SQL)
+                if blocker is not None and blocker["age_s"] is not None and blocker["age_s"] >= STALL_AFTER_S:
+                    stall = {
+                        "cause": "long_running_transaction",
+                        "pid": blocker["pid"],
+                        "age_s": round(float(blocker["age_s"]), 1),
+                        "state": blocker["state"],
+                    }
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.debug("pending check failed: %s", exc)
+            return
+        age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
+        key = (part.plan.tenant_name, part.plan.relay_name, part.plan.target_name, part.lease.partition)
+        instruments().pending[key] = PendingSample(labels=part.labels, pending=pending, oldest_age_s=max(age, 0.0))
+        with contextlib.suppress(Exception):
+            await self.store.record_pending(part.lease, pending, oldest, stall)
 
     async def _check_identity(self, pool: asyncpg.Pool, part: _Partition) -> None:
         """Detect a restore or failover (new cluster identity, or transaction ids gone backwards) and

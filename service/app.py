@@ -21,6 +21,7 @@ from litestar.openapi.spec import (
     Schema,
     SecurityScheme,
 )
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from litestar.types import Message, Scope
 
 from outbox_relay import __version__
@@ -30,6 +31,7 @@ from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
 from service.databases.controller import DatabaseController
 from service.deps import Services, ServicesDep, provide_services
+from service.observability import StatusController, metrics_endpoint
 from service.problems import EXCEPTION_HANDLERS, MEDIA_TYPE, Problem
 from service.relays.controller import RelayController
 from service.schemas import use_msgspec_schemas
@@ -109,9 +111,9 @@ def document_problems(openapi: OpenAPI) -> OpenAPI:
     the real set.
     """
     use_msgspec_schemas(openapi)
-    if openapi.components.schemas is None:  # type: ignore[union-attr]
-        openapi.components.schemas = {}  # type: ignore[union-attr]
-    openapi.components.schemas["Problem"] = PROBLEM_SCHEMA  # type: ignore[union-attr,index]
+    if openapi.components.schemas is None:
+        openapi.components.schemas = {}
+    openapi.components.schemas["Problem"] = PROBLEM_SCHEMA
     ref = Reference(ref="#/components/schemas/Problem")
     for path, item in (openapi.paths or {}).items():
         for method in ("get", "put", "post", "delete"):
@@ -171,13 +173,23 @@ def create_app(settings: Settings | None = None, *, store: ControlStore | None =
                 headers["Allow"] = methods
 
     app = Litestar(
-        route_handlers=[healthz, readyz, TenantController, DatabaseController, TargetController, RelayController],
+        route_handlers=[
+            healthz,
+            readyz,
+            metrics_endpoint,
+            TenantController,
+            DatabaseController,
+            TargetController,
+            RelayController,
+            StatusController,
+        ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
         openapi_config=openapi_config(),
         debug=False,
         before_send=[fix_allow_header],
+        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/metrics", "/healthz", "/readyz"]))],
     )
     document_problems(app.openapi_schema)  # the plugin caches this object; /docs serves it
     allow.update(

@@ -64,7 +64,7 @@ def our_structs(names: set[str]) -> dict[str, type[msgspec.Struct]]:
 
 def use_msgspec_schemas(openapi: OpenAPI) -> None:
     """Replace litestar's schema of each of our structs by msgspec's."""
-    components = openapi.components.schemas  # type: ignore[union-attr]
+    components = openapi.components.schemas
     if not components:
         return
     wanted = list(our_structs(set(components)).values())

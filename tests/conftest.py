@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 
+import tests.telemetry  # noqa: F401  (installs the in-memory OTel providers first)
 from outbox_relay.config import Settings
 from outbox_relay.crypto import generate_key
 from outbox_relay.store.migrate import migrate

@@ -478,7 +478,8 @@ class ControlStore:
                 "UPDATE relay_partitions SET cursor_txid = $4, cursor_id = $5, "
                 "published_count = published_count + $6, "
                 "last_published_at = CASE WHEN $6 > 0 THEN now() ELSE last_published_at END, "
-                "last_error = NULL, retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', "
+                "last_error = NULL, last_error_class = NULL, stall = NULL, "
+                "retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', "
                 "retry_next_at = NULL, updated_at = now() "
                 "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
                 "RETURNING true",
@@ -492,14 +493,29 @@ class ControlStore:
             is True
         )
 
-    async def record_error(self, lease: Lease, error: str) -> None:
+    async def record_error(self, lease: Lease, error: str, error_class: str = "error") -> None:
         await self.pool.execute(
-            "UPDATE relay_partitions SET last_error = $4, last_error_at = now() "
+            "UPDATE relay_partitions SET last_error = $4, last_error_at = now(), last_error_class = $5 "
             "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3",
             lease.relay_id,
             lease.partition,
             lease.epoch,
             error[:2000],
+            error_class,
+        )
+
+    async def record_pending(
+        self, lease: Lease, pending: int, oldest_at: datetime | None, stall: dict[str, Any] | None
+    ) -> None:
+        await self.pool.execute(
+            "UPDATE relay_partitions SET pending_estimate = $4, oldest_pending_at = $5, pending_checked_at = now(), "
+            "stall = $6::jsonb WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3",
+            lease.relay_id,
+            lease.partition,
+            lease.epoch,
+            pending,
+            oldest_at,
+            json.dumps(stall) if stall is not None else None,
         )
 
     async def record_retry(self, lease: Lease, retry: RetryState, error: str) -> bool:
@@ -508,6 +524,7 @@ class ControlStore:
             await self.pool.fetchval(
                 "UPDATE relay_partitions SET retry_outbox_id = $4, retry_attempts = $5, retry_errors = $6::jsonb, "
                 "retry_next_at = $7, retried_count = retried_count + 1, last_error = $8, last_error_at = now(), "
+                "last_error_class = 'refused', "
                 "updated_at = now() "
                 "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
                 "RETURNING true",
@@ -599,6 +616,10 @@ class ControlStore:
             is True
         )
 
+    async def relays_of_tenant(self, tenant_id: uuid.UUID) -> list[ResourceRow]:
+        rows = await self.pool.fetch(_select("relays") + " WHERE tenant_id = $1 ORDER BY name", tenant_id)
+        return [_resource(r) for r in rows]
+
     async def databases_with_relays(self) -> list[dict[str, Any]]:
         """Tenant databases some relay reads (the ones outbox maintenance looks after)."""
         rows = await self.pool.fetch(
@@ -636,7 +657,9 @@ class ControlStore:
         rows = await self.pool.fetch(
             "SELECT partition, cursor_txid, cursor_id, lease_holder, lease_epoch, lease_expires_at, "
             "last_published_at, last_error, last_error_at, published_count, dead_count, retried_count, "
-            "retry_outbox_id, retry_attempts, retry_next_at, resets, last_reset_at, last_reset_reason "
+            "retry_outbox_id, retry_attempts, retry_next_at, resets, last_reset_at, last_reset_reason, "
+            "last_error_class, pending_estimate, oldest_pending_at, pending_checked_at, stall::text AS stall, "
+            "lease_expires_at < now() AS lease_expired "
             "FROM relay_partitions WHERE relay_id = $1 ORDER BY partition",
             relay_id,
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 import msgspec
@@ -14,6 +13,7 @@ from litestar.params import JSONBody
 from outbox_relay.domain import Relay
 from service.deps import ServicesDep, TenantDep, decode_cursor, encode_cursor, provide_tenant
 from service.problems import Problem
+from service.relays.status import RelayStatus, relay_status
 from service.resources import (
     CURSOR_PARAM,
     LIMIT_PARAM,
@@ -26,42 +26,6 @@ from service.resources import (
 
 class RelayPage(Page, kw_only=True):
     items: list[Relay]
-
-
-class PartitionStatus(msgspec.Struct, kw_only=True):
-    partition: int
-    cursor: str
-    """``txid:id`` of the last published outbox row."""
-    published: int
-    lease_holder: str | None
-    lease_epoch: int
-    lease_expires_at: datetime | None
-    last_published_at: datetime | None
-    last_error: str | None
-    last_error_at: datetime | None
-    dead_lettered: int
-    retries: int
-    """Refusals retried so far."""
-    retrying: RetryingMessage | None
-    """The refused message this partition is retrying, holding the partition back."""
-    resets: int
-    """Times the cursor started over because the tenant database was restored or failed over."""
-    last_reset_reason: str | None
-
-
-class RetryingMessage(msgspec.Struct, kw_only=True):
-    outbox_id: int
-    attempts: int
-    next_attempt_at: datetime | None
-
-
-class RelayStatus(msgspec.Struct, kw_only=True):
-    relay: str
-    enabled: bool
-    published: int
-    dead_lettered: int
-    last_published_at: datetime | None
-    partitions: list[PartitionStatus]
 
 
 class RelayController(Controller):
@@ -122,7 +86,7 @@ class RelayController(Controller):
         if await services.store.delete_resource("relays", tenant.id, name):
             await services.store.audit(tenant.id, "tenant", "delete", f"relays/{name}")
 
-    @get("/{name:str}/status", operation_id="getRelayStatus", summary="Cursor, lease and errors per partition")
+    @get("/{name:str}/status", operation_id="getRelayStatus", summary="State, cause of a stall, lag, leases")
     async def relay_status(
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]
     ) -> RelayStatus:
@@ -130,36 +94,4 @@ class RelayController(Controller):
         if row is None:
             raise Problem(404, f"relay {name!r} not found", slug="not-found")
         relay = msgspec.json.decode(row.spec, type=Relay)
-        parts = await services.store.partition_states(row.id)
-        statuses = [
-            PartitionStatus(
-                partition=p["partition"],
-                cursor=f"{p['cursor_txid']}:{p['cursor_id']}",
-                published=p["published_count"],
-                lease_holder=p["lease_holder"],
-                lease_epoch=p["lease_epoch"],
-                lease_expires_at=p["lease_expires_at"],
-                last_published_at=p["last_published_at"],
-                last_error=p["last_error"],
-                last_error_at=p["last_error_at"],
-                dead_lettered=p["dead_count"],
-                retries=p["retried_count"],
-                retrying=RetryingMessage(
-                    outbox_id=p["retry_outbox_id"], attempts=p["retry_attempts"], next_attempt_at=p["retry_next_at"]
-                )
-                if p["retry_outbox_id"] is not None
-                else None,
-                resets=p["resets"],
-                last_reset_reason=p["last_reset_reason"],
-            )
-            for p in parts
-        ]
-        published_at = [s.last_published_at for s in statuses if s.last_published_at]
-        return RelayStatus(
-            relay=name,
-            enabled=relay.enabled,
-            published=sum(s.published for s in statuses),
-            dead_lettered=sum(s.dead_lettered for s in statuses),
-            last_published_at=max(published_at) if published_at else None,
-            partitions=statuses,
-        )
+        return relay_status(name, relay.enabled, await services.store.partition_states(row.id))

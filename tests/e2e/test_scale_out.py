@@ -17,12 +17,13 @@ import uuid
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
 from outbox_relay.config import Settings
-from tests.brokers import RedisAccount
+from tests.brokers import RedisAccount, free_port
 from tests.conftest import DatabaseFactory, pg_dsn
 from tests.helpers import TenantClient, make_tenant
 from tests.traffic import check_delivery, write_messages
@@ -88,7 +89,9 @@ async def test_three_workers_share_partitions_without_duplicates(
     settings: Settings,
 ) -> None:
     tenant, app_db, stream = await configure(client, databases, redis_account, 8, "scale")
-    for _ in range(3):
+    metrics_port = free_port()
+    worker_pool.start(slice_s=2, metrics_port=metrics_port)  # one of them exposes its metrics
+    for _ in range(2):
         worker_pool.start(slice_s=2)
     seen_holders: set[str] = set()
 
@@ -109,6 +112,10 @@ async def test_three_workers_share_partitions_without_duplicates(
     assert len(received) >= total, worker_pool.logs()
     check_delivery("redis", received, committed, rolled_back)
     assert len(seen_holders) >= 2, f"only {seen_holders} held partitions"
+    async with httpx.AsyncClient() as http:
+        scraped = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)).text
+    sent = [line for line in scraped.splitlines() if line.startswith("outbox_messages_sent_total{")]
+    assert any('relay="events"' in line for line in sent), scraped[-2000:]
     assert (await tenant.delete("/v1/relays/events")).status_code == 204  # later tests' workers skip it
 
 

@@ -1,0 +1,216 @@
+"""A relay's status that explains itself: state, the cause of a stall, lag and leases.
+
+Computed from what the workers record per partition (``relay_partitions``): cursor, lease, last
+error and its class, the message being retried, the backlog sample and the transaction holding the
+horizon back. States, worst first:
+
+* ``paused``: the relay is disabled.
+* ``failing``: the target or the tenant database cannot be reached (partitions back off, no
+  message is charged an attempt).
+* ``stalled``: messages wait and cannot move: a poison message is retrying, a long-running
+  transaction holds the xmin horizon, or no worker holds a partition that has work (lease lost).
+* ``running``: published within the last minute.
+* ``idle``: nothing waiting.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import msgspec
+
+State = Literal["paused", "failing", "stalled", "running", "idle"]
+CauseKind = Literal[
+    "target_unreachable", "database_unreachable", "long_running_transaction", "poison_message", "lease_lost"
+]
+RECENT = timedelta(seconds=60)
+LEASE_GRACE = timedelta(seconds=30)
+
+
+class Cause(msgspec.Struct, kw_only=True, omit_defaults=True):
+    kind: CauseKind
+    detail: str
+    partition: int
+    outbox_id: int | None = None
+    attempts: int | None = None
+    pid: int | None = None
+    age_s: float | None = None
+
+
+class RetryingMessage(msgspec.Struct, kw_only=True):
+    outbox_id: int
+    attempts: int
+    next_attempt_at: datetime | None
+
+
+class PartitionStatus(msgspec.Struct, kw_only=True):
+    partition: int
+    cursor: str
+    """``txid:id`` of the last published outbox row."""
+    published: int
+    pending: int | None
+    """Rows after the cursor when a worker last looked (capped at 100,000); null: not looked yet."""
+    oldest_pending_at: datetime | None
+    lease_holder: str | None
+    lease_epoch: int
+    lease_expires_at: datetime | None
+    last_published_at: datetime | None
+    last_error: str | None
+    last_error_class: str | None
+    last_error_at: datetime | None
+    dead_lettered: int
+    retries: int
+    """Refusals retried so far."""
+    retrying: RetryingMessage | None
+    """The refused message this partition is retrying, holding the partition back."""
+    resets: int
+    """Times the cursor started over because the tenant database was restored or failed over."""
+    last_reset_reason: str | None
+    cause: Cause | None
+
+
+class RelayStatus(msgspec.Struct, kw_only=True):
+    relay: str
+    enabled: bool
+    state: State
+    cause: Cause | None
+    """Why the relay is failing or stalled (the first partition's cause, worst first)."""
+    pending: int
+    oldest_pending_age_s: float | None
+    """Lag: age of the oldest message waiting, as last sampled."""
+    published: int
+    dead_lettered: int
+    last_published_at: datetime | None
+    partitions: list[PartitionStatus]
+
+
+_SEVERITY: dict[str, int] = {
+    "target_unreachable": 0,
+    "database_unreachable": 1,
+    "poison_message": 2,
+    "long_running_transaction": 3,
+    "lease_lost": 4,
+}
+
+
+def partition_cause(p: dict[str, Any], now: datetime) -> Cause | None:
+    part = p["partition"]
+    error_at = p["last_error_at"]
+    recent_error = (
+        error_at is not None
+        and now - error_at < RECENT
+        and (p["last_published_at"] is None or p["last_published_at"] <= error_at)
+    )
+    if recent_error and p["last_error_class"] == "target_unavailable":
+        return Cause(kind="target_unreachable", detail=p["last_error"], partition=part)
+    if recent_error and p["last_error_class"] == "database_unavailable":
+        return Cause(kind="database_unreachable", detail=p["last_error"], partition=part)
+    if p["retry_outbox_id"] is not None:
+        return Cause(
+            kind="poison_message",
+            detail=p["last_error"] or "a refused message is being retried",
+            partition=part,
+            outbox_id=p["retry_outbox_id"],
+            attempts=p["retry_attempts"],
+        )
+    stall = msgspec.json.decode(p["stall"]) if p["stall"] else None
+    if stall and stall.get("cause") == "long_running_transaction":
+        age = stall.get("age_s")
+        return Cause(
+            kind="long_running_transaction",
+            detail=f"a transaction open for {age:.0f} s holds the xmin horizon; rows committed after it began "
+            "are published once it ends"
+            if age is not None
+            else "a long-running transaction holds the xmin horizon",
+            partition=part,
+            pid=stall.get("pid"),
+            age_s=age,
+        )
+    expires = p["lease_expires_at"]
+    waiting = (p["pending_estimate"] or 0) > 0
+    if waiting and p["lease_holder"] is not None and expires is not None and now - expires > LEASE_GRACE:
+        return Cause(
+            kind="lease_lost",
+            detail=f"the lease of {p['lease_holder']} expired at {expires.isoformat()} and no worker took it over",
+            partition=part,
+        )
+    return None
+
+
+def relay_status(name: str, enabled: bool, parts: list[dict[str, Any]], now: datetime | None = None) -> RelayStatus:
+    now = now or datetime.now(UTC)
+    statuses = []
+    for p in parts:
+        statuses.append(
+            PartitionStatus(
+                partition=p["partition"],
+                cursor=f"{p['cursor_txid']}:{p['cursor_id']}",
+                published=p["published_count"],
+                pending=p["pending_estimate"],
+                oldest_pending_at=p["oldest_pending_at"],
+                lease_holder=p["lease_holder"],
+                lease_epoch=p["lease_epoch"],
+                lease_expires_at=p["lease_expires_at"],
+                last_published_at=p["last_published_at"],
+                last_error=p["last_error"],
+                last_error_class=p["last_error_class"],
+                last_error_at=p["last_error_at"],
+                dead_lettered=p["dead_count"],
+                retries=p["retried_count"],
+                retrying=RetryingMessage(
+                    outbox_id=p["retry_outbox_id"], attempts=p["retry_attempts"], next_attempt_at=p["retry_next_at"]
+                )
+                if p["retry_outbox_id"] is not None
+                else None,
+                resets=p["resets"],
+                last_reset_reason=p["last_reset_reason"],
+                cause=partition_cause(p, now) if enabled else None,
+            )
+        )
+    causes = sorted((s.cause for s in statuses if s.cause), key=lambda c: _SEVERITY[c.kind])
+    cause = causes[0] if causes else None
+    pending = sum(s.pending or 0 for s in statuses)
+    oldest = [s.oldest_pending_at for s in statuses if s.oldest_pending_at and (s.pending or 0) > 0]
+    published_at = [s.last_published_at for s in statuses if s.last_published_at]
+    last_published = max(published_at) if published_at else None
+    state: State
+    if not enabled:
+        state = "paused"
+    elif cause is not None and cause.kind in ("target_unreachable", "database_unreachable"):
+        state = "failing"
+    elif cause is not None:
+        state = "stalled"
+    elif last_published is not None and now - last_published < RECENT:
+        state = "running"
+    else:
+        state = "idle" if pending == 0 else "running"
+    return RelayStatus(
+        relay=name,
+        enabled=enabled,
+        state=state,
+        cause=cause,
+        pending=pending,
+        oldest_pending_age_s=round((now - min(oldest)).total_seconds(), 3) if oldest else None,
+        published=sum(s.published for s in statuses),
+        dead_lettered=sum(s.dead_lettered for s in statuses),
+        last_published_at=last_published,
+        partitions=statuses,
+    )
+
+
+class RelayOverview(msgspec.Struct, kw_only=True):
+    relay: str
+    state: State
+    cause: Cause | None
+    pending: int
+    oldest_pending_age_s: float | None
+    published: int
+    dead_lettered: int
+    last_published_at: datetime | None
+
+
+class TenantOverview(msgspec.Struct, kw_only=True):
+    relays: list[RelayOverview]
+    states: dict[str, int]
+    """How many relays are in each state."""
