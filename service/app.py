@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Stable HTTP semantic conventions: request metrics labelled by method, route template and status,
+# not by the client-supplied Host header (unbounded cardinality). Read once, at first use.
+os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
+
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 

@@ -78,6 +78,10 @@ async def test_metrics_move_with_traffic_and_failures(
     ]
     assert len(sent) == 1 and sent[0].endswith(" 10.0"), sent
     assert "outbox_commit_to_ack_seconds_bucket" in text
+    # API request metrics, labelled by route template, never by the client's Host header
+    http = [line for line in text.splitlines() if line.startswith("http_server_request_duration_seconds_count")]
+    assert any('http_route="GET /v1/relays/{name}/status"' in line or "http_route=" in line for line in http), http
+    assert not any("http_host" in line for line in text.splitlines())
     assert (await client.get("/metrics")).status_code == 401
     assert (await setup.tenant.get("/metrics")).status_code == 403  # tenant names inside: operators only
 
