@@ -1,0 +1,333 @@
+"""The idempotent receiver: a message delivered many times, also concurrently, is handled once."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import aio_pika
+import asyncpg
+import psycopg
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from redis.asyncio import Redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+from outbox_relay.brokers.base import OutgoingMessage
+from outbox_relay.brokers.kafka import KafkaPublisher
+from outbox_relay.brokers.rabbitmq import RabbitMQPublisher
+from outbox_relay.brokers.redis_streams import RedisStreamsPublisher
+from outbox_relay.client import ClientError, Inbox, MessageRef, amqp_ref, kafka_ref, stream_ref
+from outbox_relay.domain import Relay
+from outbox_relay.engine import build_messages
+from outbox_relay.tenant.db import OutboxRow
+from tests.brokers import RabbitMQAccount, RedisAccount, TansuBroker
+from tests.conftest import DatabaseFactory, pg_dsn
+
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+async def dsn(databases: DatabaseFactory) -> str:
+    """The consumer's database: the inbox and a ledger the handlers write their side effect to."""
+    dsn = pg_dsn(await databases.create("inbox"))
+    conn = await asyncpg.connect(dsn)
+    try:
+        await Inbox(consumer="setup").install(conn)
+        await conn.execute(
+            "CREATE TABLE ledger (consumer text, message_id bigint, handled_at timestamptz DEFAULT now())"
+        )
+    finally:
+        await conn.close()
+    return dsn
+
+
+@pytest.fixture
+async def conns(dsn: str) -> AsyncIterator[list[asyncpg.Connection]]:
+    opened = [await asyncpg.connect(dsn) for _ in range(4)]
+    yield opened
+    for conn in opened:
+        await conn.close()
+
+
+def new_ref(relay: str = "orders-relay") -> MessageRef:
+    return MessageRef(next(_ids), relay)
+
+
+async def times_handled(conn: asyncpg.Connection, consumer: str, message_id: int) -> int:
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM ledger WHERE consumer = $1 AND message_id = $2", consumer, message_id
+    )
+    return count
+
+
+async def handle(inbox: Inbox, conn: asyncpg.Connection, ref: MessageRef, *, delay_s: float = 0.0) -> bool:
+    async def side_effect() -> None:
+        await conn.execute("INSERT INTO ledger (consumer, message_id) VALUES ($1, $2)", inbox.consumer, ref.id)
+        await asyncio.sleep(delay_s)
+
+    return bool(await inbox.process(conn, ref, side_effect))
+
+
+async def test_a_message_delivered_again_and_again_is_handled_once(conns: list[asyncpg.Connection]) -> None:
+    inbox, ref, conn = Inbox(consumer="billing"), new_ref(), conns[0]
+    assert [await handle(inbox, conn, ref) for _ in range(5)] == [True, False, False, False, False]
+    assert await times_handled(conn, "billing", ref.id) == 1
+    assert await inbox.seen(conn, ref)
+
+
+async def test_two_connections_racing_for_one_message(conns: list[asyncpg.Connection]) -> None:
+    inbox, ref = Inbox(consumer="billing"), new_ref()
+    first = asyncio.create_task(handle(inbox, conns[0], ref, delay_s=0.3))
+    await asyncio.sleep(0.1)  # the first holds the uncommitted inbox row ...
+    second = asyncio.create_task(handle(inbox, conns[1], ref))
+    await asyncio.sleep(0.1)
+    assert not second.done()  # ... so the second waits for it, then sees the message as handled
+    assert list(await asyncio.gather(first, second)) == [True, False]
+    assert await times_handled(conns[2], "billing", ref.id) == 1
+
+
+async def test_many_deliveries_racing_on_four_connections(conns: list[asyncpg.Connection]) -> None:
+    inbox, refs = Inbox(consumer="billing"), [new_ref() for _ in range(30)]
+
+    async def consumer(conn: asyncpg.Connection, order: list[MessageRef]) -> int:
+        return sum([await handle(inbox, conn, ref) for ref in order])
+
+    # every connection delivers every message (twice), in its own order
+    orders = [refs * 2, refs[::-1] * 2, refs[::2] + refs[1::2] + refs, refs[10:] + refs[:10] + refs]
+    handled = await asyncio.gather(*(consumer(conn, order) for conn, order in zip(conns, orders, strict=True)))
+    assert sum(handled) == len(refs)
+    counts = await conns[0].fetch(
+        "SELECT message_id, count(*) AS n FROM ledger WHERE message_id = ANY($1::bigint[]) GROUP BY message_id",
+        [ref.id for ref in refs],
+    )
+    assert sorted((row["message_id"], row["n"]) for row in counts) == [(ref.id, 1) for ref in refs]
+
+
+async def test_a_failed_handler_leaves_the_message_to_a_redelivery(conns: list[asyncpg.Connection]) -> None:
+    inbox, ref = Inbox(consumer="billing"), new_ref()
+
+    async def failing() -> None:
+        await conns[0].execute("INSERT INTO ledger (consumer, message_id) VALUES ('billing', $1)", ref.id)
+        await asyncio.sleep(0.3)
+        raise RuntimeError("handler failed")
+
+    first = asyncio.create_task(inbox.process(conns[0], ref, failing))
+    await asyncio.sleep(0.1)
+    racing = asyncio.create_task(handle(inbox, conns[1], ref))  # waits for the first, which rolls back
+    with pytest.raises(RuntimeError, match="handler failed"):
+        await first
+    assert await racing is True
+    assert await handle(inbox, conns[0], ref) is False
+    assert await times_handled(conns[2], "billing", ref.id) == 1
+
+
+async def test_each_consumer_and_each_relay_is_counted_apart(conns: list[asyncpg.Connection]) -> None:
+    billing, shipping, conn = Inbox(consumer="billing"), Inbox(consumer="shipping"), conns[0]
+    message_id = next(_ids)
+    from_a, from_b = MessageRef(message_id, "relay-a"), MessageRef(message_id, "relay-b")
+    assert [await handle(billing, conn, from_a), await handle(shipping, conn, from_a)] == [True, True]
+    assert [await handle(billing, conn, from_a), await handle(shipping, conn, from_a)] == [False, False]
+    assert await handle(billing, conn, from_b) is True  # same id from another source database
+    assert await times_handled(conn, "billing", message_id) == 2
+    assert await times_handled(conn, "shipping", message_id) == 1
+
+
+async def test_claim_outside_a_transaction_is_refused(dsn: str, conns: list[asyncpg.Connection]) -> None:
+    inbox = Inbox(consumer="billing")
+    with pytest.raises(ClientError, match="inside the transaction"):
+        await inbox.claim(conns[0], new_ref())
+    with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(ClientError, match="inside the transaction"):
+        inbox.claim(conn, new_ref())
+    async with conns[0].transaction():
+        ref = new_ref()
+        assert await inbox.claim(conns[0], ref) is True
+        assert await inbox.claim(conns[0], ref) is False
+
+
+async def test_synchronous_and_sqlalchemy_consumers(dsn: str, conns: list[asyncpg.Connection]) -> None:
+    inbox = Inbox(consumer="sync")
+    ref = new_ref()
+
+    with psycopg.connect(dsn) as conn:
+        inbox.install(conn)
+        assert inbox.expire(conn) == 0
+        conn.commit()
+
+        def side_effect() -> None:
+            conn.execute("INSERT INTO ledger (consumer, message_id) VALUES ('sync', %s)", (ref.id,))
+
+        assert [inbox.process(conn, ref, side_effect) for _ in range(3)] == [True, False, False]
+
+    engine = create_engine(dsn.replace("postgresql://", "postgresql+psycopg://"))
+    with Session(engine) as session:
+        inbox.install(session)
+        session.commit()
+
+        def orm_side_effect(message: MessageRef) -> None:
+            session.execute(text("INSERT INTO ledger (consumer, message_id) VALUES ('sync', :id)"), {"id": message.id})
+
+        assert inbox.process(session, ref, lambda: orm_side_effect(ref)) is False
+        other = new_ref()
+        assert [inbox.process(session, other, lambda: orm_side_effect(other)) for _ in range(2)] == [True, False]
+    engine.dispose()
+
+    async_engine = create_async_engine(dsn.replace("postgresql://", "postgresql+asyncpg://"))
+    async with AsyncSession(async_engine) as async_session:
+
+        async def async_side_effect() -> None:
+            await async_session.execute(
+                text("INSERT INTO ledger (consumer, message_id) VALUES ('sync', :id)"), {"id": third.id}
+            )
+
+        third = new_ref()
+        assert [await inbox.process(async_session, third, async_side_effect) for _ in range(2)] == [True, False]
+    await async_engine.dispose()
+    assert [await times_handled(conns[0], "sync", r.id) for r in (ref, other, third)] == [1, 1, 1]
+
+
+async def test_old_ids_expire_in_batches(conns: list[asyncpg.Connection]) -> None:
+    conn = conns[0]
+    inbox, other = Inbox(consumer="expiring", retention_s=3600), Inbox(consumer="expiring-other", retention_s=3600)
+    old, recent = [new_ref() for _ in range(25)], [new_ref() for _ in range(5)]
+    async with conn.transaction():
+        for ref in old + recent:
+            assert await inbox.claim(conn, ref)
+            assert await other.claim(conn, ref)
+    await conn.execute(
+        "UPDATE outbox_relay.inbox SET received_at = now() - interval '2 hours' WHERE message_id = ANY($1::bigint[])",
+        [ref.id for ref in old],
+    )
+    assert [await inbox.expire(conn, batch_size=10) for _ in range(4)] == [10, 10, 5, 0]
+    assert not any([await inbox.seen(conn, ref) for ref in old])
+    assert all([await inbox.seen(conn, ref) for ref in recent])
+    assert all([await other.seen(conn, ref) for ref in old])  # another consumer's ids are its own business
+    assert await handle(inbox, conn, old[0]) is True  # past the window, a redelivery counts as new
+
+
+async def test_install_is_idempotent_and_safe_to_race(databases: DatabaseFactory) -> None:
+    dsn = pg_dsn(await databases.create("inbox_install"))
+    conns = [await asyncpg.connect(dsn) for _ in range(3)]
+    try:
+        inbox = Inbox(consumer="c", schema="consumer_side", table="seen_messages")
+        await asyncio.gather(*(inbox.install(conn) for conn in conns))
+        await inbox.install(conns[0])
+        assert await conns[0].fetchval("SELECT count(*) FROM consumer_side.seen_messages") == 0
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+def test_inbox_settings_are_checked() -> None:
+    with pytest.raises(ClientError, match="consumer"):
+        Inbox(consumer="")
+    with pytest.raises(ClientError, match="invalid SQL identifier"):
+        Inbox(consumer="c", schema="Bad-Schema")
+    with pytest.raises(ClientError, match="retention_s"):
+        Inbox(consumer="c", retention_s=0)
+
+
+def test_message_refs_from_each_broker() -> None:
+    amqp = SimpleNamespace(headers={"outbox-id": "42", "outbox-relay": "r"}, message_id="42")
+    assert amqp_ref(amqp) == MessageRef(42, "r")
+    assert amqp_ref(SimpleNamespace(headers={}, message_id="7")) == MessageRef(7, "")
+    assert kafka_ref(SimpleNamespace(headers=[("outbox-id", b"42"), ("outbox-relay", b"r")])) == MessageRef(42, "r")
+    assert stream_ref({b"outbox-id": b"42", b"h:outbox-relay": b"r", b"payload": b"{}"}) == MessageRef(42, "r")
+    assert stream_ref({"outbox-id": "42"}) == MessageRef(42, "")
+    with pytest.raises(ClientError, match="no outbox id"):
+        kafka_ref(SimpleNamespace(headers=[]))
+    with pytest.raises(ClientError, match="not a decimal"):
+        stream_ref({"outbox-id": "4e2"})
+
+
+async def test_rabbitmq_redeliveries_to_two_competing_consumers(
+    dsn: str, rabbitmq: RabbitMQAccount, conns: list[asyncpg.Connection]
+) -> None:
+    """Each message is published three times; two consumers on one queue, each with its own database
+    connection, take deliveries concurrently. Every message's side effect happens once."""
+    queue_name = "inbox-race"
+    admin = await aio_pika.connect(rabbitmq.admin_url)
+    try:
+        channel = await admin.channel()
+        await channel.declare_queue(queue_name, auto_delete=False)
+        first_id = next(_ids)
+        messages = [
+            OutgoingMessage(
+                id=first_id + i,
+                destination=queue_name,
+                key=f"k{i % 3}",
+                payload=b"{}",
+                headers={"outbox-id": str(first_id + i), "outbox-relay": "race"},
+            )
+            for i in range(20)
+        ]
+        for _ in range(20):
+            next(_ids)
+        async with RabbitMQPublisher(url=rabbitmq.url, password=rabbitmq.password) as publisher:
+            for _ in range(3):
+                assert (await publisher.publish_batch(messages)).acked == 20
+
+        inbox = Inbox(consumer="race")
+        delivered = 0
+        done = asyncio.Event()
+
+        def consumer(conn: asyncpg.Connection) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+            lock = asyncio.Lock()  # one connection handles one message at a time
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                nonlocal delivered
+                async with message.process(requeue=True), lock:
+                    await handle(inbox, conn, amqp_ref(message), delay_s=0.005)
+                delivered += 1
+                if delivered == 60:
+                    done.set()
+
+            return on_message
+
+        consumers = []
+        for conn in conns[:2]:
+            consumer_channel = await admin.channel()
+            await consumer_channel.set_qos(prefetch_count=5)
+            queue = await consumer_channel.get_queue(queue_name)
+            consumers.append((queue, await queue.consume(consumer(conn))))
+        await asyncio.wait_for(done.wait(), timeout=20)
+        for queue, tag in consumers:
+            await queue.cancel(tag)
+    finally:
+        await admin.close()
+    counts = await conns[2].fetch(
+        "SELECT message_id, count(*) AS n FROM ledger WHERE consumer = 'race' GROUP BY message_id"
+    )
+    assert sorted((row["message_id"], row["n"]) for row in counts) == [(m.id, 1) for m in messages]
+
+
+async def test_refs_of_what_the_relay_publishes(redis_account: RedisAccount, tansu: TansuBroker) -> None:
+    """The broker helpers read the id and relay name from the relay's own messages."""
+    row = OutboxRow(txid=1, id=987, topic="orders", key="k", payload=b"{}", headers="{}", created_at=datetime.now(UTC))
+    stream, topic = f"{redis_account.prefix}refs", "inbox-refs"
+    (to_stream,) = build_messages(Relay(database="d", target="t", topic_mapping={"*": stream}), "relay-a", [row])
+    (to_kafka,) = build_messages(Relay(database="d", target="t", topic_mapping={"*": topic}), "relay-a", [row])
+    assert to_stream is not None and to_kafka is not None
+
+    async with RedisStreamsPublisher(url=redis_account.url, password=redis_account.password) as publisher:
+        assert (await publisher.publish_batch([to_stream])).acked == 1
+    async with Redis.from_url(redis_account.admin_url) as redis:
+        [(_, fields)] = await redis.xrange(stream)
+    assert stream_ref(fields) == MessageRef(987, "relay-a")
+
+    async with KafkaPublisher(bootstrap_servers=[tansu.bootstrap], enable_idempotence=False) as publisher:
+        assert (await publisher.publish_batch([to_kafka])).acked == 1
+    async with AIOKafkaConsumer(bootstrap_servers=tansu.bootstrap, auto_offset_reset="earliest") as consumer:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        if not partitions:
+            await consumer.topics()
+            partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        records = [r for batch in (await consumer.getmany(timeout_ms=3000)).values() for r in batch]
+    assert [kafka_ref(record) for record in records] == [MessageRef(987, "relay-a")]
