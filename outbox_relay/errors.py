@@ -6,7 +6,9 @@ OutboxRelayError
 ├── PublishError           raised by broker adapters (outbox_relay.brokers)
 │   ├── TargetUnavailable  the broker cannot be reached: pause, charge no attempt
 │   └── MessageRejected    the broker refused this message: charge an attempt
-└── TenantDatabaseError    the tenant database cannot be reached or queried
+├── TenantDatabaseError    the tenant database cannot be reached or queried
+└── ClientError            bad input to the client library, refused before any SQL
+                           (outbox_relay.client; also a ValueError)
 """
 
 from __future__ import annotations
