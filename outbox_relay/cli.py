@@ -19,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
+from outbox_relay import cli_api
 from outbox_relay.config import Settings
 from outbox_relay.crypto import generate_key
 from outbox_relay.errors import ConfigError
@@ -41,7 +42,7 @@ def dev_settings() -> Settings:
         overrides["admin_api_key"] = DEV_ADMIN_KEY
     if not os.environ.get("OUTBOX_RELAY_ALLOW_PRIVATE_NETWORKS"):
         overrides["allow_private_networks"] = True
-    return Settings.from_env(**overrides)
+    return Settings.from_env(None, **overrides)
 
 
 async def _migrate(settings: Settings, *, create: bool) -> None:
@@ -113,8 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("worker", help="run one worker")
     sub.add_parser("migrate", help="apply control DB migrations")
     sub.add_parser("generate-key", help="print a new secret key")
+    cli_api.add_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("OUTBOX_RELAY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "api":
+        return cli_api.run(args)
+    logging.basicConfig(
+        level=os.environ.get("OUTBOX_RELAY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     if args.command == "generate-key":
         print(generate_key())
@@ -123,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = dev_settings() if args.command == "dev" else Settings.from_env()
         if getattr(args, "port", None):
             settings = dataclasses.replace(settings, port=args.port)
+        if args.command in ("worker", "serve", "dev"):
+            from outbox_relay import telemetry
+
+            telemetry.configure(f"outbox-relay-{args.command}")
+            if args.command == "worker" and settings.metrics_port:
+                telemetry.start_metrics_server(settings.metrics_port, settings.metrics_host)
         if args.command == "migrate":
             asyncio.run(_migrate(settings, create=False))
         elif args.command == "worker":

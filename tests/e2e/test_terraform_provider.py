@@ -1,0 +1,270 @@
+"""The Terraform provider in-process, without Terraform: schema, state mapping, validation, plan
+tweaks, and its edge cases against the live API (fast; the e2e module drives the real CLI).
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import msgspec
+import pytest
+from tf import types as tft
+from tf.iface import CreateContext, DeleteContext, ImportContext, PlanContext, ReadContext, UpdateContext
+from tf.utils import Diagnostics
+
+from outbox_relay import domain
+from outbox_relay.cli_api import ApiClient
+from tests.conftest import LiveServer
+from tests.e2e.terraform.harness import PROVIDER_SRC
+from tests.helpers import ADMIN_KEY
+
+if str(PROVIDER_SRC) not in sys.path:
+    sys.path.insert(0, str(PROVIDER_SRC))
+
+from terraform_provider_outboxrelay.fields import UNSET_KIND, fields_of, from_api, to_api
+from terraform_provider_outboxrelay.provider import OutboxRelayProvider
+from terraform_provider_outboxrelay.resources import (
+    DatabaseResource,
+    RelayResource,
+    TargetResource,
+    TenantResource,
+)
+
+
+def attrs(resource: Any) -> dict[str, Any]:
+    return {a.name: a for a in resource.get_schema().attributes}
+
+
+# --- schema ----------------------------------------------------------------------------------------
+
+
+def test_every_relay_policy_field_is_an_optional_attribute() -> None:
+    relay = attrs(RelayResource)
+    for name in domain.RelayPolicy.__struct_fields__:
+        assert relay[name].optional and not relay[name].computed and not relay[name].required, name
+    assert relay["database"].required and relay["database"].requires_replace
+    assert relay["partitions"].optional and relay["partitions"].computed and relay["partitions"].requires_replace
+    assert relay["partitions"].default == 16
+    for resource in (DatabaseResource, TargetResource, RelayResource, TenantResource):
+        schema = resource.get_schema()
+        assert schema.version == 0
+        schema.to_pb()  # encodes
+
+
+def test_secrets_are_sensitive_and_write_only_fields_are_not_computed() -> None:
+    for resource in (DatabaseResource, TargetResource):
+        password = attrs(resource)["password"]
+        assert password.sensitive and password.optional and not password.computed
+        assert attrs(resource)["password_set"].computed
+    provider = {a.name: a for a in OutboxRelayProvider().get_provider_schema(Diagnostics()).attributes}
+    assert provider["api_key"].sensitive
+
+
+class NewPolicy(msgspec.Struct, kw_only=True):
+    batch_size: int = 100
+    burst: Annotated[int, msgspec.Meta(description="new")] = 3
+
+
+class NewThing(msgspec.Struct, kw_only=True):
+    target: str
+    policy: NewPolicy = msgspec.field(default_factory=NewPolicy)
+
+
+class ClashPolicy(msgspec.Struct):
+    target: int = 1
+
+
+class ClashThing(msgspec.Struct):
+    target: str
+    policy: ClashPolicy = msgspec.field(default_factory=ClashPolicy)
+
+
+def test_a_new_policy_field_becomes_an_attribute_with_its_default() -> None:
+    fields = {f.name: f for f in fields_of({UNSET_KIND: NewThing})}
+    assert fields["burst"].path == ("policy", "burst")
+    assert fields["burst"].defaults == {UNSET_KIND: 3}
+    assert fields["burst"].description == "new"
+    assert fields["target"].required
+
+
+def test_flattened_fields_must_not_clash() -> None:
+    with pytest.raises(TypeError, match="clash"):
+        fields_of({UNSET_KIND: ClashThing})
+
+
+# --- state <-> API -----------------------------------------------------------------------------------
+
+RELAY_DOC = {
+    "name": "r",
+    "database": "db",
+    "target": "t",
+    "topic_mapping": {"*": "{topic}"},
+    "partitions": 16,
+    "policy": {"batch_size": 100, "max_attempts": 3, "poll_interval_ms": 1000, "some_future_knob": 7},
+    "enabled": True,
+    "created_at": "2025-01-01T00:00:00Z",
+    "updated_at": "2025-01-01T00:00:00Z",
+}
+
+
+def test_defaults_read_back_as_null_unless_written() -> None:
+    fields = RelayResource.fields
+    state = from_api(fields, RELAY_DOC, prior=None)
+    assert state["batch_size"] is None and state["topic_mapping"] is None and state["enabled"] is None
+    assert state["max_attempts"] == 3  # not the default: reported
+    assert state["partitions"] == 16  # computed: always reported
+    assert "some_future_knob" not in state  # unknown to the provider: ignored
+    written = from_api(fields, RELAY_DOC, prior={"batch_size": 100, "enabled": True})
+    assert written["batch_size"] == 100 and written["enabled"] is True
+
+
+def test_request_body_nests_policy_and_leaves_nulls_out() -> None:
+    state = {"database": "db", "target": "t", "batch_size": 5, "max_attempts": None, "partitions": tft.Unknown}
+    assert to_api(RelayResource.fields, state) == {"database": "db", "target": "t", "policy": {"batch_size": 5}}
+
+
+def test_target_fields_follow_the_kind() -> None:
+    fields = TargetResource.fields
+    body = to_api(fields, {"bootstrap_servers": ["k:9092"], "acks": "1", "url": "x"}, "kafka")
+    assert body == {"bootstrap_servers": ["k:9092"], "acks": 1}
+    state = from_api(fields, {"kind": "kafka", "bootstrap_servers": ["k:9092"], "acks": 1, "timeout_ms": 10000},
+                     prior=None, kind="kafka")  # fmt: skip
+    assert state["acks"] == "1" and state["timeout_ms"] is None and state["url"] is None
+
+
+@pytest.mark.parametrize(
+    ("config", "error"),
+    [
+        ({"kind": "redis_streams", "url": "redis://h", "exchange": "x"}, "exchange does not apply to redis_streams"),
+        ({"kind": "kafka"}, "kafka targets need bootstrap_servers"),
+        ({"kind": "rabbitmq"}, "rabbitmq targets need url"),
+        ({"kind": "sqs", "url": "x"}, "Unknown target kind"),
+        ({"kind": "rabbitmq", "url": "amqp://h", "exchange": "e", "mandatory": False}, None),
+        ({"kind": tft.Unknown, "url": "x"}, None),
+    ],
+)
+def test_target_validation(config: dict[str, Any], error: str | None) -> None:
+    diags = Diagnostics()
+    full = {a: None for a in attrs(TargetResource)} | config
+    TargetResource(None).validate(diags, "outboxrelay_target", full)
+    messages = [d.summary for d in diags.diagnostics]
+    if error is None:
+        assert messages == []
+    else:
+        assert any(error in m for m in messages), messages
+
+
+def test_plan_marks_what_an_update_changes() -> None:
+    db = DatabaseResource(None)
+    prior = {"name": "d", "dsn": "x", "password": "a", "password_set": True, "updated_at": "t0"}
+    ctx = PlanContext(Diagnostics(), "outboxrelay_database", changed_fields=set())
+    assert db.plan(ctx, prior, dict(prior)) == prior
+    ctx = PlanContext(Diagnostics(), "outboxrelay_database", changed_fields={"password"})
+    planned = db.plan(ctx, prior, {**prior, "password": None})
+    assert planned is not None
+    assert planned["updated_at"] is tft.Unknown and planned["password_set"] is False
+
+
+# --- against the live API ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def provider(live_api: LiveServer) -> Iterator[OutboxRelayProvider]:
+    admin = ApiClient(endpoint=live_api.url, api_key=ADMIN_KEY)
+    tenant = f"tfp-{secrets.token_hex(4)}"
+    admin.put(f"/v1/tenants/{tenant}", {})
+    key = admin.post(f"/v1/tenants/{tenant}/api-keys", {})["key"]
+    p = OutboxRelayProvider()
+    diags = Diagnostics()
+    p.configure_provider(diags, {"endpoint": live_api.url, "api_key": key, "timeout_s": None})
+    assert not diags.has_errors()
+    yield p
+    admin.delete(f"/v1/tenants/{tenant}")
+
+
+def planned_state(resource: Any, **values: Any) -> dict[str, Any]:
+    state = {a.name: None for a in resource.get_schema().attributes}
+    state.update(created_at=tft.Unknown, updated_at=tft.Unknown, password_set=tft.Unknown)
+    return state | values
+
+
+def test_configure_needs_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OUTBOX_RELAY_API_KEY", raising=False)
+    diags = Diagnostics()
+    OutboxRelayProvider().configure_provider(diags, {"endpoint": None, "api_key": None, "timeout_s": None})
+    assert diags.has_errors()
+    monkeypatch.setenv("OUTBOX_RELAY_API_KEY", "k")
+    monkeypatch.setenv("OUTBOX_RELAY_ENDPOINT", "http://example.invalid:1")
+    p = OutboxRelayProvider()
+    p.configure_provider(diags := Diagnostics(), {"endpoint": None, "api_key": None, "timeout_s": None})
+    assert not diags.has_errors() and p.client is not None and p.client.endpoint == "http://example.invalid:1"
+
+
+def test_password_is_kept_while_set_and_dropped_when_cleared(provider: OutboxRelayProvider) -> None:
+    db = DatabaseResource(provider)
+    diags = Diagnostics()
+    state = db.create(
+        CreateContext(diags, "outboxrelay_database"),
+        planned_state(DatabaseResource, name="app", dsn="postgresql://app@127.0.0.1:5432/app", password="pw"),
+    )
+    assert not diags.has_errors(), diags
+    assert state is not None and state["password"] == "pw" and state["password_set"] is True
+    assert state["schema"] is None  # the default, not written
+    read = db.read(ReadContext(diags, "outboxrelay_database"), state)
+    assert read == state
+    provider.client.put("/v1/databases/app", {"dsn": "postgresql://app@127.0.0.1:5432/app", "password": None})  # type: ignore[union-attr]
+    read = db.read(ReadContext(diags, "outboxrelay_database"), state)
+    assert read is not None and read["password"] is None and read["password_set"] is False
+
+    # clearing it from the configuration sends null
+    updated = db.update(
+        UpdateContext(diags, "outboxrelay_database"), {**state, "password": "pw"}, {**state, "password": None}
+    )
+    assert updated is not None and updated["password_set"] is False
+
+
+def test_create_refuses_to_adopt_and_import_needs_an_object(provider: OutboxRelayProvider) -> None:
+    target = TargetResource(provider)
+    planned = planned_state(TargetResource, name="t", kind="redis_streams", url="redis://127.0.0.1:6379/0")
+    diags = Diagnostics()
+    assert target.create(CreateContext(diags, "outboxrelay_target"), planned) is not None
+    assert target.create(CreateContext(diags, "outboxrelay_target"), planned) is None
+    assert "already exists" in diags.diagnostics[-1].summary
+
+    diags = Diagnostics()
+    assert target.import_(ImportContext(diags, "outboxrelay_target"), "nope") is None
+    assert "does not exist" in diags.diagnostics[0].summary
+
+    state = target.import_(ImportContext(Diagnostics(), "outboxrelay_target"), "t")
+    assert state is not None and state["url"] == "redis://127.0.0.1:6379/0" and state["timeout_ms"] is None
+
+
+def test_api_refusals_become_diagnostics(provider: OutboxRelayProvider) -> None:
+    db, relay = DatabaseResource(provider), RelayResource(provider)
+    diags = Diagnostics()
+    relay_state = relay.create(
+        CreateContext(diags, "outboxrelay_relay"), planned_state(RelayResource, name="r", database="nope", target="x")
+    )
+    assert relay_state is None and "Could not create relay 'r' (422)" in diags.diagnostics[0].summary
+
+    diags = Diagnostics()
+    db_state = db.create(CreateContext(diags, "outboxrelay_database"),
+                         planned_state(DatabaseResource, name="d", dsn="postgresql://a@127.0.0.1/d"))  # fmt: skip
+    TargetResource(provider).create(
+        CreateContext(diags, "outboxrelay_target"),
+        planned_state(TargetResource, name="t", kind="redis_streams", url="redis://127.0.0.1:6379/0"),
+    )
+    relay.create(
+        CreateContext(diags, "outboxrelay_relay"), planned_state(RelayResource, name="r", database="d", target="t")
+    )
+    assert not diags.has_errors(), diags
+    assert db_state is not None
+    db.delete(DeleteContext(diags, "outboxrelay_database"), db_state)
+    assert diags.has_errors() and "(409)" in diags.diagnostics[-1].summary
+
+    # gone behind Terraform's back: the read says so (Terraform then plans to create it)
+    provider.client.delete("/v1/relays/r")  # type: ignore[union-attr]
+    assert relay.read(ReadContext(Diagnostics(), "outboxrelay_relay"), {"name": "r"}) is None
