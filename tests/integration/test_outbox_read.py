@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -34,6 +35,12 @@ async def test_only_committed_rows_and_nothing_behind_an_open_transaction(app_ds
     try:
         async with writer.transaction():
             first = await add(writer, "t", "k", b"one")
+        # the horizon is server-wide: a transaction in another database (another test run) can hold
+        # it for a moment, so wait until the committed row is readable before opening ours
+        for _ in range(100):
+            if await read_all(reader):
+                break
+            await asyncio.sleep(0.1)
         rolled = writer.transaction()
         await rolled.start()
         await add(writer, "t", "k", b"never")
