@@ -57,7 +57,11 @@ async def test_only_committed_rows_and_nothing_behind_an_open_transaction(app_ds
         assert [r.id for r in rows] == [first]
 
         await open_tx.commit()
-        rows = await read_all(reader)
+        for _ in range(100):
+            rows = await read_all(reader)
+            if len(rows) == 3:
+                break
+            await asyncio.sleep(0.1)
         assert [r.id for r in rows] == [first, early, after]
         assert rows[0].payload == b"one" and rows[1].key == "k2"
 
