@@ -199,7 +199,7 @@ def pending_sql(schema: str) -> str:
 
 # The oldest transaction holding the xmin horizon (pid and age are visible to the monitoring role).
 BLOCKER_SQL = (
-    "SELECT pid, state, extract(epoch FROM now() - xact_start) AS age_s FROM pg_stat_activity "
+    "SELECT pid, state, datname, extract(epoch FROM now() - xact_start) AS age_s FROM pg_stat_activity "
     "WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
     "ORDER BY age(backend_xid) DESC LIMIT 1"
 )
@@ -421,7 +421,9 @@ class RelayRunner:
                     await self._publish(publisher, part, rows)
                 failures = 0
             except TargetUnavailable as exc:
-                await self.publishers.discard(plan.target_id)
+                # the publisher stays cached: it is shared with this worker's other partitions of
+                # the target, and every adapter reconnects by itself on its next batch (the contract
+                # suite's outage-then-recovery case); closing it would fail their batches in flight
                 await pause(f"target unavailable: {exc}", "target_unavailable")
             except (TenantDatabaseError, AddressNotAllowed) as exc:
                 await pause(str(exc), "database_unavailable")
@@ -569,6 +571,8 @@ class RelayRunner:
                         "pid": blocker["pid"],
                         "age_s": round(float(blocker["age_s"]), 1),
                         "state": blocker["state"],
+                        # the horizon is server-wide: the holder may be in another database
+                        "database": blocker["datname"],
                     }
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.debug("pending check failed: %s", exc)

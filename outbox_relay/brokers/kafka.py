@@ -15,9 +15,17 @@ one that does not, :meth:`KafkaPublisher.connect` times out with :class:`TargetU
 Errors: a message the producer or the broker refuses on its own account (larger than
 ``max_request_size`` or the broker's limit, invalid or unauthorised topic, a topic that does not
 exist while the cluster answers, a corrupt or invalid record) → :class:`MessageRejected` at its
-index. Everything else (no broker reachable, request timed out, no leader, ...) →
-:class:`TargetUnavailable`, after which the producer is discarded and the next batch starts a new
-one (its pending sends must not be delivered behind the retried batch).
+index. A topic name Kafka does not allow (``[a-zA-Z0-9._-]``, at most 249, not ``.`` or ``..``) is
+refused before anything is sent for it, without asking the cluster for its metadata. Everything else
+(no broker reachable, request timed out, no leader, ...) → :class:`TargetUnavailable`.
+
+After a failure the broker reported (refusal or outage) the producer is discarded at once, failing
+whatever it still holds, and the next batch starts a new one: the failed batch's later messages must
+not be delivered behind its retry. Concurrent batches (the worker shares one publisher between
+partitions) share the producer, so a batch still in flight on a discarded producer fails as
+:class:`TargetUnavailable` and is sent again; a failing batch only ever discards the producer it
+used, never the one another batch has started since, and concurrent first batches start one
+producer together.
 
 Every wait is bounded by ``timeout_ms``: ``start()``, each ``send()`` (metadata look-up), each
 acknowledgement after the previous one, and ``stop()`` (aiokafka's ``stop()`` waits for pending
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Sequence
 from typing import Any, Literal, Self
 
@@ -40,6 +49,8 @@ from outbox_relay.domain import KafkaTarget
 from outbox_relay.errors import MessageRejected, TargetUnavailable
 
 ID_HEADER = "outbox-id"
+
+_LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -101,13 +112,13 @@ class KafkaPublisher:
         if security_protocol in ("SSL", "SASL_SSL"):
             options["ssl_context"] = create_ssl_context()
         if security_protocol.startswith("SASL"):
-            options.update(
-                sasl_mechanism=sasl_mechanism, sasl_plain_username=username, sasl_plain_password=password
-            )
+            options.update(sasl_mechanism=sasl_mechanism, sasl_plain_username=username, sasl_plain_password=password)
         self._options = options
         self._timeout_s = timeout_ms / 1000
         self._where = ",".join(bootstrap_servers)
         self._producer: AIOKafkaProducer | None = None
+        self._starting: asyncio.Future[AIOKafkaProducer] | None = None
+        self._stopping: set[AIOKafkaProducer] = set()
         self._closed = False
 
     @classmethod
@@ -126,12 +137,39 @@ class KafkaPublisher:
 
     async def connect(self) -> None:
         """Start the producer now; raise :class:`TargetUnavailable` when no broker answers."""
-        await self._ensure_producer()
+        await self._acquire()
 
     async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
         if not messages:
             return PublishResult(acked=0)
-        producer = await self._ensure_producer()
+        sendable, refusal = len(messages), None
+        for index, message in enumerate(messages):
+            refusal = _invalid_topic(message.destination)
+            if refusal is not None:
+                sendable = index
+                break
+        if sendable:
+            result = await self._publish(await self._acquire(), messages[:sendable])
+            if refusal is None or result.acked < sendable:
+                return result
+        assert refusal is not None
+        return PublishResult(acked=sendable, rejected=MessageRejected(refusal, index=sendable))
+
+    async def close(self) -> None:
+        """Stop the producer (bounded by ``timeout_ms``); safe to call more than once."""
+        self._closed = True
+        if self._producer is not None:
+            await self._discard(self._producer)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- internals ---------------------------------------------------------------------------------
+
+    async def _publish(self, producer: AIOKafkaProducer, messages: Sequence[OutgoingMessage]) -> PublishResult:
         futures: list[asyncio.Future[Any]] = []
         send_error: BaseException | None = None
         try:
@@ -157,69 +195,74 @@ class KafkaPublisher:
                 error = future.exception()
                 if error is not None:
                     rejection = self._rejection_or_raise(error, index)
-                    await self._discard_producer()  # its sequence state after a failed batch is suspect
+                    await self._discard(producer)  # its sequence state after a failed batch is suspect
                     return PublishResult(acked=index, rejected=rejection)
             if send_error is None:
                 return PublishResult(acked=len(messages))
             index = len(futures)
             if isinstance(send_error, kafka_errors.UnknownTopicOrPartitionError):
-                return PublishResult(acked=index, rejected=await self._missing_topic(messages[index], index))
+                return PublishResult(acked=index, rejected=await self._missing_topic(producer, messages[index], index))
             return PublishResult(acked=index, rejected=self._rejection_or_raise(send_error, index))
         except TargetUnavailable:
-            await self._discard_producer()
+            await self._discard(producer)
             raise
-
-    async def close(self) -> None:
-        """Stop the producer (bounded by ``timeout_ms``); safe to call more than once."""
-        self._closed = True
-        await self._discard_producer()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    # --- internals ---------------------------------------------------------------------------------
 
     def _rejection_or_raise(self, error: BaseException, index: int) -> MessageRejected:
         if isinstance(error, _REFUSALS):
             return MessageRejected(f"Kafka refused the message: {error}", index=index)
         raise TargetUnavailable(f"Kafka at {self._where}: {error!r}") from error
 
-    async def _missing_topic(self, message: OutgoingMessage, index: int) -> MessageRejected:
+    async def _missing_topic(self, producer: AIOKafkaProducer, message: OutgoingMessage, index: int) -> MessageRejected:
         """aiokafka raises UnknownTopicOrPartitionError both for a topic that does not exist and for
         a cluster it cannot reach; tell them apart with one fresh metadata request."""
-        producer = self._producer
         refreshed = False
-        if producer is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(self._timeout_s):
-                    refreshed = bool(await producer.client.force_metadata_update())
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self._timeout_s):
+                refreshed = bool(await producer.client.force_metadata_update())
         if not refreshed:
             raise TargetUnavailable(f"Kafka at {self._where}: no metadata for {message.destination!r}")
         return MessageRejected(f"Kafka topic {message.destination!r} does not exist", index=index)
 
-    async def _ensure_producer(self) -> AIOKafkaProducer:
+    async def _acquire(self) -> AIOKafkaProducer:
+        """The current producer; concurrent callers wait for one start together (``timeout_ms``)."""
         if self._closed:
             raise RuntimeError("publisher is closed")
         if self._producer is not None:
             return self._producer
-        producer = AIOKafkaProducer(**self._options)
-        try:
-            # start() retries InitProducerId (idempotence) for ever; bound it.
-            async with asyncio.timeout(self._timeout_s):
-                await producer.start()
-        except (kafka_errors.KafkaError, TimeoutError, OSError) as exc:
-            await _stop(producer, self._timeout_s)
-            raise TargetUnavailable(f"cannot start a Kafka producer on {self._where}: {exc!r}") from exc
-        self._producer = producer
-        return producer
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+            self._starting.add_done_callback(_retrieve)
+        return await asyncio.shield(self._starting)
 
-    async def _discard_producer(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await _stop(producer, self._timeout_s)
+    async def _start(self) -> AIOKafkaProducer:
+        try:
+            producer = AIOKafkaProducer(**self._options)
+            try:
+                # start() retries InitProducerId (idempotence) for ever; bound it.
+                async with asyncio.timeout(self._timeout_s):
+                    await producer.start()
+            except (kafka_errors.KafkaError, TimeoutError, OSError) as exc:
+                await _stop(producer, self._timeout_s)
+                raise TargetUnavailable(f"cannot start a Kafka producer on {self._where}: {exc!r}") from exc
+            if self._closed:
+                await _stop(producer, self._timeout_s)
+                raise RuntimeError("publisher is closed")
+            self._producer = producer
+            return producer
+        finally:
+            self._starting = None
+
+    async def _discard(self, producer: AIOKafkaProducer) -> None:
+        """Stop ``producer``, failing what it still holds; the next batch starts a new one. Only
+        this producer: another batch may have started the next one already."""
+        if self._producer is producer:
+            self._producer = None
+        if producer not in self._stopping:
+            self._stopping.add(producer)
+            try:
+                await _stop(producer, self._timeout_s)
+            finally:
+                self._stopping.discard(producer)
 
 
 def _headers(message: OutgoingMessage) -> list[tuple[str, bytes]]:
@@ -227,6 +270,13 @@ def _headers(message: OutgoingMessage) -> list[tuple[str, bytes]]:
     if ID_HEADER not in message.headers:
         headers.append((ID_HEADER, str(message.id).encode()))
     return headers
+
+
+def _invalid_topic(topic: str) -> str | None:
+    """Why Kafka would not accept ``topic`` as a name, or None."""
+    if _LEGAL_TOPIC.fullmatch(topic) is None or topic in (".", ".."):
+        return f"{topic[:60]!r} is not a legal Kafka topic name ([a-zA-Z0-9._-], 1-249 characters)"
+    return None
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

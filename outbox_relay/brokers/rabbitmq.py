@@ -4,6 +4,16 @@ Each message is published persistent (delivery mode 2) to the target's exchange 
 exchange) with ``routing_key = message.destination``, ``message_id = str(message.id)``, the
 message's headers copied into the AMQP headers and the key in the header ``outbox-key``.
 
+One batch at a time: ``publish_batch`` holds a lock for the whole batch, so concurrent callers (the
+worker shares one publisher between the partitions it runs) take turns on the one connection and
+channel. Why not a channel per concurrent batch: a publish the broker refuses by closing the channel
+(403, 404, 406) makes aiormq write the publishes queued behind it after its ``channel.close-ok``, and
+RabbitMQ then closes the whole *connection* (504 ``CHANNEL_ERROR - expected 'channel.open'``), which
+would fail every other batch in flight on it; aiormq also pairs a ``basic.return`` with its publish
+by ``message_id`` alone, so two batches in flight carrying the same outbox id (two databases relaying
+to one target) could be confused. Serial batches are still pipelined inside, so the cost is one
+round trip per batch; the wait for the lock is bounded by ``timeout_ms`` like every other wait.
+
 A batch is pipelined: every publish is written to the channel in batch order before any confirm is
 awaited (aiormq serialises writes under a FIFO lock, so the order on the wire is the batch order).
 How the broker's answers map onto the seam's contract:
@@ -12,25 +22,36 @@ How the broker's answers map onto the seam's contract:
 * ``basic.return`` (``mandatory`` and no queue is bound for the routing key) and ``basic.nack``
   → :class:`MessageRejected` at that message.
 * A channel closed by the broker because of what was published (404 exchange not found, 403 access
-  refused, 406 precondition failed, e.g. a message over ``max_message_size``) → the channel is
-  reopened, and since RabbitMQ does not say which publish closed it, the unconfirmed tail of the
-  batch is published again one message at a time to find it; that one is :class:`MessageRejected`.
-  (The tail may reach the broker twice, which at-least-once delivery allows.)
+  refused, e.g. a topic permission, 406 precondition failed, e.g. a message over
+  ``max_message_size``) → since RabbitMQ does not say which publish closed it, and the connection may
+  be about to die of the race above, the unconfirmed tail of the batch is published again one message
+  at a time on a new connection to find it; that one is :class:`MessageRejected`. (The tail may reach
+  the broker twice, which at-least-once delivery allows.)
+* A message AMQP cannot carry is refused before anything is sent for it, as :class:`MessageRejected`:
+  a routing key over 255 bytes, a header name over 128 bytes (pamqp would silently truncate it), or
+  headers too large for one frame (``frame_max``; RabbitMQ would close the connection with 501
+  ``FRAME_ERROR``, failing the batch as unavailable for ever).
 * Anything else (connection refused or lost, authentication, no answer within ``timeout_ms``
   between two confirms) → :class:`TargetUnavailable`; the connection is dropped and opened again
   by the next batch.
+
+After anything but a fully acknowledged batch the channel is replaced, so confirms and returns still
+due for the publishes of that batch cannot be taken for those of the next.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
-from typing import Self
+import struct
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Self
 
 import aio_pika
 import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, DeliveryMode
+from pamqp import frame as amqp_frame
+from pamqp import header as amqp_header
 from yarl import URL
 
 from outbox_relay.brokers.base import OutgoingMessage, PublishResult
@@ -38,11 +59,13 @@ from outbox_relay.domain import RabbitMQTarget
 from outbox_relay.errors import MessageRejected, TargetUnavailable
 
 KEY_HEADER = "outbox-key"
+MAX_ROUTING_KEY_BYTES = 255  # shortstr
+MAX_HEADER_NAME_BYTES = 128  # field-table names; pamqp truncates longer ones
 
 # Channel closes that blame what was published rather than the broker's health.
 _REFUSING_CLOSES = (
     aiormq.exceptions.ChannelNotFoundEntity,  # 404: the exchange does not exist
-    aiormq.exceptions.ChannelAccessRefused,  # 403: no write permission on the exchange
+    aiormq.exceptions.ChannelAccessRefused,  # 403: no write permission on the exchange or topic
     aiormq.exceptions.ChannelPreconditionFailed,  # 406: e.g. message larger than max_message_size
     aiormq.exceptions.ChannelLockedResource,  # 405
 )
@@ -79,6 +102,7 @@ class RabbitMQPublisher:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self._turn = asyncio.Lock()
         self._closed = False
 
     @classmethod
@@ -94,24 +118,14 @@ class RabbitMQPublisher:
     async def connect(self) -> None:
         """Open the connection and the confirm-mode channel now; raise :class:`TargetUnavailable`
         when the broker cannot be reached."""
-        await self._ensure_exchange()
+        async with self._my_turn():
+            await self._ensure_exchange()
 
     async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
-        total = len(messages)
-        if total == 0:
+        if not messages:
             return PublishResult(acked=0)
-        index, error = await self._send(messages, 0, total)
-        if error is None:
-            return PublishResult(acked=total)
-        rejection = await self._rejection_or_raise(error, index)
-        if not isinstance(error, _REFUSING_CLOSES) or index == total - 1:
-            return PublishResult(acked=index, rejected=rejection)
-        # The channel closed with several publishes unconfirmed: find the one it refuses.
-        for i in range(index, total):
-            _, error = await self._send(messages, i, i + 1)
-            if error is not None:
-                return PublishResult(acked=i, rejected=await self._rejection_or_raise(error, i))
-        return PublishResult(acked=total)
+        async with self._my_turn():
+            return await self._publish(messages)
 
     async def close(self) -> None:
         """Close the connection; safe to call more than once."""
@@ -126,14 +140,56 @@ class RabbitMQPublisher:
 
     # --- internals ---------------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _my_turn(self) -> AsyncIterator[None]:
+        """Wait (at most ``timeout_ms``) for the batches ahead to finish; see the module docstring."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._turn.acquire()
+        except TimeoutError as exc:
+            raise TargetUnavailable(
+                f"RabbitMQ at {self._safe_url()}: the batches ahead did not finish within {self._timeout_s:g}s"
+            ) from exc
+        try:
+            yield
+        finally:
+            self._turn.release()
+
+    async def _publish(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
+        total = len(messages)
+        await self._ensure_exchange()  # connected, so frame_max is known
+        sendable, refusal = self._sendable_prefix(messages)
+        index, error = await self._send(messages, 0, sendable)
+        if error is None:
+            if refusal is None:
+                return PublishResult(acked=total)
+            return PublishResult(acked=sendable, rejected=MessageRejected(refusal, index=sendable))
+        if not isinstance(error, _REFUSING_CLOSES) or index == sendable - 1:
+            # a return, a nack or an outage names its message; a channel closed with one publish
+            # unconfirmed was closed over that one
+            return PublishResult(acked=index, rejected=await self._rejection_or_raise(error, index))
+        # The channel closed with several publishes unconfirmed: find the one it refuses, on a new
+        # connection (this one may be about to be closed by the broker: see the module docstring).
+        await self._drop_connection()
+        for i in range(index, sendable):
+            _, error = await self._send(messages, i, i + 1)
+            if error is not None:
+                return PublishResult(acked=i, rejected=await self._rejection_or_raise(error, i))
+        if refusal is None:
+            return PublishResult(acked=total)
+        return PublishResult(acked=sendable, rejected=MessageRejected(refusal, index=sendable))
+
     async def _send(
         self, messages: Sequence[OutgoingMessage], start: int, stop: int
     ) -> tuple[int, BaseException | None]:
         """Publish ``messages[start:stop]`` pipelined and wait for their confirms in order.
 
-        Returns the index of the first message not confirmed and why (``None`` when all were). Waits
-        at most ``timeout_ms`` for each next confirm, so a slow but progressing batch is not cut.
+        Returns the index of the first message not confirmed and why (``None`` when all were); when
+        the broker closed the channel over one of these publishes, the why is that close. Waits at
+        most ``timeout_ms`` for each next confirm, so a slow but progressing batch is not cut.
         """
+        if start >= stop:
+            return stop, None
         exchange = await self._ensure_exchange()
         tasks = [
             asyncio.ensure_future(
@@ -150,13 +206,14 @@ class RabbitMQPublisher:
                 done, _ = await asyncio.wait((task,), timeout=self._timeout_s)
                 if not done:
                     return start + offset, TimeoutError(f"no publisher confirm within {self._timeout_s:g}s")
+                error: BaseException | None
                 if task.cancelled():
-                    return start + offset, aiormq.exceptions.ChannelInvalidStateError(
-                        "publish cancelled: the channel closed"
-                    )
-                error = task.exception()
+                    error = aiormq.exceptions.ChannelInvalidStateError("publish cancelled: the channel closed")
+                else:
+                    error = task.exception()
                 if error is not None:
-                    return start + offset, error
+                    close = next((e for e in _errors(tasks) if isinstance(e, _REFUSING_CLOSES)), None)
+                    return start + offset, close or error
             return stop, None
         finally:
             for task in tasks:
@@ -164,27 +221,49 @@ class RabbitMQPublisher:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _rejection_or_raise(self, error: BaseException, index: int) -> MessageRejected:
-        """Map a publish failure to the message's rejection, or raise TargetUnavailable."""
+        """Map a publish failure to the message's rejection, or raise TargetUnavailable.
+
+        Either way the channel goes: confirms and returns still due for the batch's other publishes
+        must not be taken for those of the next batch."""
+        rejection: MessageRejected
         if isinstance(error, aiormq.exceptions.PublishError):
-            return MessageRejected(
+            rejection = MessageRejected(
                 f"unroutable: no queue is bound for this routing key on exchange "
                 f"{self._exchange_name!r} (mandatory publish returned: {_reply_text(error)})",
                 index=index,
             )
-        if isinstance(error, aiormq.exceptions.DeliveryError):
-            return MessageRejected("the broker nacked the message", index=index)
-        if isinstance(error, _REFUSING_CLOSES) and not self._connection_lost():
-            await self._drop_channel()
-            return MessageRejected(f"the broker closed the channel: {error}", index=index)
-        await self._drop_connection()
-        raise TargetUnavailable(f"RabbitMQ at {self._safe_url()}: {error!r}") from error
+        elif isinstance(error, aiormq.exceptions.DeliveryError):
+            rejection = MessageRejected("the broker nacked the message", index=index)
+        elif isinstance(error, _REFUSING_CLOSES):
+            rejection = MessageRejected(f"the broker closed the channel: {error}", index=index)
+        else:
+            await self._drop_connection()
+            raise TargetUnavailable(f"RabbitMQ at {self._safe_url()}: {error!r}") from error
+        await self._drop_channel()
+        return rejection
+
+    def _sendable_prefix(self, messages: Sequence[OutgoingMessage]) -> tuple[int, str | None]:
+        """How many messages from the start AMQP can carry, and why the next one cannot."""
+        frame_max = self._frame_max()
+        for index, message in enumerate(messages):
+            reason = _unsendable(message, self._amqp_message(message), frame_max)
+            if reason is not None:
+                return index, reason
+        return len(messages), None
+
+    def _frame_max(self) -> int:
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is None:
+            return 0
+        return int(transport.connection.connection_tune.frame_max or 0)
 
     async def _ensure_exchange(self) -> AbstractExchange:
         if self._closed:
             raise RuntimeError("publisher is closed")
         if self._exchange is not None and self._channel is not None and not self._channel.is_closed:
-            return self._exchange
-        if self._connection_lost():
+            if self._connection_usable():
+                return self._exchange
+        if self._connection is not None and not self._connection_usable():
             await self._drop_connection()
         else:
             await self._drop_channel()
@@ -211,12 +290,18 @@ class RabbitMQPublisher:
             self._exchange = await channel.get_exchange(self._exchange_name, ensure=False)
         return self._exchange
 
-    def _connection_lost(self) -> bool:
-        return self._connection is not None and self._connection.is_closed
+    def _connection_usable(self) -> bool:
+        """aio-pika's ``is_closed`` stays False when the *broker* closed the connection (only
+        ``close()`` sets it), so look at the transport too."""
+        connection = self._connection
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            return False
+        transport = connection.transport
+        return transport is not None and not transport.connection.is_closed
 
     async def _drop_channel(self) -> None:
         channel, self._channel, self._exchange = self._channel, None, None
-        if channel is not None and not channel.is_closed:
+        if channel is not None and not channel.is_closed and self._connection_usable():
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._timeout_s):
                     await channel.close()
@@ -243,6 +328,26 @@ class RabbitMQPublisher:
             message_id=str(message.id),
             delivery_mode=DeliveryMode.PERSISTENT,
         )
+
+
+def _unsendable(message: OutgoingMessage, amqp: aio_pika.Message, frame_max: int) -> str | None:
+    """Why AMQP cannot carry ``message`` as it is, or None."""
+    if len(message.destination.encode()) > MAX_ROUTING_KEY_BYTES:
+        return f"routing key longer than {MAX_ROUTING_KEY_BYTES} bytes (UTF-8)"
+    for name in amqp.headers:
+        if len(name.encode()) > MAX_HEADER_NAME_BYTES:
+            return f"header name {name[:40]!r}... longer than AMQP's {MAX_HEADER_NAME_BYTES} bytes (UTF-8)"
+    try:
+        size = len(amqp_frame.marshal(amqp_header.ContentHeader(0, len(amqp.body), amqp.properties), 1))
+    except (TypeError, ValueError, struct.error) as exc:
+        return f"headers cannot be encoded in AMQP: {exc}"
+    if frame_max and size > frame_max:
+        return f"headers take {size} bytes, more than one AMQP frame carries (frame_max {frame_max})"
+    return None
+
+
+def _errors(tasks: Sequence[asyncio.Future[Any]]) -> list[BaseException]:
+    return [error for task in tasks if task.done() and not task.cancelled() and (error := task.exception())]
 
 
 def _reply_text(error: aiormq.exceptions.PublishError) -> str:

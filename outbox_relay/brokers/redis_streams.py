@@ -16,7 +16,12 @@ command-level error answers only its own command: ``WRONGTYPE`` (the key holds s
 not a stream), ``NOPERM`` and other refusals → :class:`MessageRejected` at that index, while errors
 that describe the server rather than the message (``OOM``, ``READONLY`` replica, ``BUSY``,
 ``LOADING``, ``MASTERDOWN``, ``CLUSTERDOWN``, ``TRYAGAIN``) and connection errors or timeouts
-(``timeout_ms`` per socket operation) → :class:`TargetUnavailable`.
+(``timeout_ms`` per socket operation), or anything else that fails the whole pipeline (e.g. the
+connection's ``AUTH``) → :class:`TargetUnavailable`. The connection pool reconnects by itself on a
+later batch.
+
+Concurrent batches (the worker shares one publisher between partitions) each run their pipeline on
+a connection of their own from the pool, so they neither interleave nor see each other's errors.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ class RedisStreamsPublisher:
         """Check now that the server answers; raise :class:`TargetUnavailable` when it does not."""
         try:
             await self._redis.ping()
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        except (redis_errors.RedisError, OSError) as exc:
             raise TargetUnavailable(f"cannot reach Redis at {self._where}: {exc!r}") from exc
 
     async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
@@ -101,13 +106,17 @@ class RedisStreamsPublisher:
             pipe.xadd(message.destination, entry_fields(message), maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
         try:
             replies = await pipe.execute(raise_on_error=False)
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        except (redis_errors.RedisError, OSError) as exc:
+            # per-command refusals come back as replies; what is raised failed the whole pipeline
+            # (connection, timeout, or the connection's own set-up such as AUTH or SELECT)
             raise TargetUnavailable(f"Redis at {self._where}: {exc!r}") from exc
         for index, reply in enumerate(replies):
             if isinstance(reply, redis_errors.ResponseError):
                 if isinstance(reply, _SERVER_STATE_ERRORS) or str(reply).startswith(_SERVER_STATE_PREFIXES):
                     raise TargetUnavailable(f"Redis at {self._where}: {reply}") from reply
                 return PublishResult(acked=index, rejected=MessageRejected(f"XADD refused: {reply}", index=index))
+            if isinstance(reply, Exception):  # not an answer to this command: nothing is known
+                raise TargetUnavailable(f"Redis at {self._where}: {reply!r}") from reply
         return PublishResult(acked=len(messages))
 
     async def close(self) -> None:

@@ -1,0 +1,483 @@
+"""One harness per adapter: how to build its target, make destinations, read back what was published,
+provoke a refusal and take the broker away. The contract tests only talk to :class:`Harness`.
+
+Each reader decodes the broker's encoding exactly as the adapter's module docstring documents it
+(and fails on anything else), so the tests compare :class:`Received` values across adapters.
+
+What an adapter does not promise is not tested: ``refusals`` and ``outages`` list what applies, and
+``ordered_destination`` says whether a whole destination (queue, stream) keeps batch order, which
+Kafka promises per key (partition) only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import aio_pika
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from redis.asyncio import Redis
+from yarl import URL
+
+from outbox_relay.brokers.base import OutgoingMessage
+from outbox_relay.domain import KafkaTarget, RabbitMQTarget, RedisStreamsTarget, Target
+from tests.brokers import RabbitMQAccount, RedisAccount, TansuBroker, free_port, listening, rabbitmqctl, tansu_binary
+from tests.contract.proxy import TcpProxy
+
+# Short enough to keep the outage tests quick, long enough for a loaded CI machine.
+TIMEOUT_MS = 2000
+OUTAGE_TIMEOUT_MS = 600
+READ_DEADLINE_S = 15.0
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message as a consumer sees it, decoded per the adapter's documented encoding."""
+
+    id: int
+    key: str | None
+    headers: dict[str, str]
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """How to make the broker refuse a message for good."""
+
+    bad: Callable[[OutgoingMessage], OutgoingMessage]
+    """Turns a good message into one the broker refuses."""
+    target: dict[str, Any] = field(default_factory=dict)
+    """Target overrides; a refusal of the whole target (``whole_target``) refuses every message."""
+    whole_target: bool = False
+
+
+def unique(label: str) -> str:
+    return f"{label}-{uuid.uuid4().hex[:10]}"
+
+
+class Harness:
+    name: ClassVar[str]
+    refusals: ClassVar[tuple[str, ...]]
+    outages: ClassVar[tuple[str, ...]] = ("down", "stall", "dropped")
+    ordered_destination: ClassVar[bool] = True
+    password: str | None = None
+
+    proxied_modes: ClassVar[tuple[str, ...]] = ()
+    """Outage modes the publisher must see through :meth:`proxy` (``target(via_proxy=True)``)."""
+
+    async def proxy(self) -> TcpProxy:
+        raise NotImplementedError
+
+    def target(self, *, timeout_ms: int = TIMEOUT_MS, via_proxy: bool = False, **overrides: Any) -> Target:
+        raise NotImplementedError
+
+    def closed_port_target(self, *, timeout_ms: int) -> Target:
+        raise NotImplementedError
+
+    async def destination(self, label: str) -> str:
+        """A new, empty destination that accepts messages."""
+        raise NotImplementedError
+
+    async def read(self, destination: str) -> list[Received]:
+        """Everything in ``destination``, in the broker's order (Kafka: partition by partition)."""
+        raise NotImplementedError
+
+    def expected_headers(self, message: OutgoingMessage) -> dict[str, str]:
+        return dict(message.headers)
+
+    async def refusal(self, kind: str) -> Refusal:
+        raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def outage(self, mode: str) -> AsyncIterator[None]:
+        """The broker is away inside the block (``dropped``: it closed our connections and is back)."""
+        raise NotImplementedError
+        yield
+
+    async def aclose(self) -> None:
+        pass
+
+
+class _ProxiedHarness(Harness):
+    """Takes the broker away from the publisher with a :class:`TcpProxy` (``down``, ``stall``, and
+    ``dropped`` unless :meth:`drop_connections` asks the broker itself to close them)."""
+
+    upstream: tuple[str, int]
+    proxied_modes: ClassVar[tuple[str, ...]] = ("down", "stall", "dropped")
+
+    def __init__(self) -> None:
+        self._proxy: TcpProxy | None = None
+
+    async def proxy(self) -> TcpProxy:
+        if self._proxy is None:
+            self._proxy = TcpProxy(self.upstream)
+            await self._proxy.up()
+        return self._proxy
+
+    async def drop_connections(self) -> None:
+        await (await self.proxy()).drop()
+
+    @contextlib.asynccontextmanager
+    async def outage(self, mode: str) -> AsyncIterator[None]:
+        if mode == "dropped":
+            await self.drop_connections()
+            yield
+            return
+        proxy = await self.proxy()
+        if mode == "down":
+            await proxy.down()
+        elif mode == "stall":
+            proxy.stall()
+        else:
+            raise ValueError(mode)
+        try:
+            yield
+        finally:
+            await proxy.up()
+
+    async def aclose(self) -> None:
+        if self._proxy is not None:
+            await self._proxy.close()
+
+
+# --- RabbitMQ ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RabbitMQEnv:
+    """The session's RabbitMQ set-up: a topic exchange on which the test user may only publish
+    routing keys starting with ``q.`` (topic permissions), so a publish can be refused by a channel
+    close for one routing key."""
+
+    account: RabbitMQAccount
+    topic_exchange: str
+
+
+class RabbitMQHarness(_ProxiedHarness):
+    """Default exchange: destination = queue name. ``amqp`` headers carry the message's headers plus
+    ``outbox-key``; ``message_id`` is the outbox id; delivery mode 2."""
+
+    name = "rabbitmq"
+    refusals: ClassVar[tuple[str, ...]] = (
+        "unroutable",
+        "nacked",
+        "header_too_large",
+        "header_name_too_long",
+        "routing_key_too_long",
+        "missing_exchange",
+    )
+    exchange = ""
+    proxied_modes: ClassVar[tuple[str, ...]] = ("down", "stall")  # dropped: rabbitmqctl close_all_connections
+
+    def __init__(self, env: RabbitMQEnv) -> None:
+        super().__init__()
+        self.env = env
+        self.password = env.account.password
+        url = URL(env.account.url)
+        assert url.host is not None and url.port is not None
+        self.upstream = (url.host, url.port)
+
+    def target(self, *, timeout_ms: int = TIMEOUT_MS, via_proxy: bool = False, **overrides: Any) -> Target:
+        url = URL(self.env.account.url)
+        if via_proxy:
+            assert self._proxy is not None, "call proxy() first"
+            url = url.with_port(self._proxy.port)
+        options: dict[str, Any] = {"url": str(url), "exchange": self.exchange, "timeout_ms": timeout_ms}
+        options.update(overrides)
+        return RabbitMQTarget(**options)
+
+    def closed_port_target(self, *, timeout_ms: int) -> Target:
+        return self.target(url=str(URL(self.env.account.url).with_port(free_port())), timeout_ms=timeout_ms)
+
+    @contextlib.asynccontextmanager
+    async def _admin(self) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+        connection = await aio_pika.connect(self.env.account.admin_url, timeout=5)
+        try:
+            yield await connection.channel()
+        finally:
+            await connection.close()
+
+    def _routing_key(self, label: str) -> str:
+        return f"q.{unique(label)}"
+
+    async def _declare(self, routing_key: str, arguments: dict[str, Any] | None = None) -> None:
+        async with self._admin() as channel:
+            queue = await channel.declare_queue(routing_key, arguments=arguments)
+            if self.exchange:
+                await queue.bind(self.exchange, routing_key)
+
+    async def destination(self, label: str) -> str:
+        routing_key = self._routing_key(label)
+        await self._declare(routing_key)
+        return routing_key
+
+    async def read(self, destination: str) -> list[Received]:
+        out: list[Received] = []
+        async with self._admin() as channel:
+            queue = await channel.declare_queue(destination, passive=True)
+            while (message := await queue.get(no_ack=True, fail=False, timeout=5)) is not None:
+                assert message.routing_key == destination
+                assert message.exchange == self.exchange
+                assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+                assert message.message_id is not None
+                headers: dict[str, str] = {}
+                for name, value in (message.headers or {}).items():
+                    assert isinstance(value, str | bytes), (name, value)
+                    headers[name] = value.decode() if isinstance(value, bytes) else value
+                key = headers.pop("outbox-key", None)
+                out.append(Received(id=int(message.message_id), key=key, headers=headers, payload=message.body))
+        return out
+
+    async def refusal(self, kind: str) -> Refusal:
+        if kind == "unroutable":  # mandatory publish, no queue bound for the routing key
+            routing_key = self._routing_key("unbound")
+            return Refusal(lambda m: msgspec.structs.replace(m, destination=routing_key))
+        if kind == "nacked":  # the queue is full and rejects publishes: basic.nack
+            routing_key = self._routing_key("full")
+            await self._declare(routing_key, {"x-max-length": 0, "x-overflow": "reject-publish"})
+            return Refusal(lambda m: msgspec.structs.replace(m, destination=routing_key))
+        if kind == "header_too_large":  # the content header frame would exceed frame_max
+            return Refusal(lambda m: msgspec.structs.replace(m, headers={**m.headers, "big": "v" * 200_000}))
+        if kind == "header_name_too_long":  # AMQP field names are at most 128 bytes
+            return Refusal(lambda m: msgspec.structs.replace(m, headers={**m.headers, "h" * 129: "v"}))
+        if kind == "routing_key_too_long":  # at most 255 bytes; 'é' is two
+            return Refusal(lambda m: msgspec.structs.replace(m, destination="q." + "é" * 127))
+        if kind == "missing_exchange":
+            return Refusal(lambda m: m, target={"exchange": unique("missing")}, whole_target=True)
+        if kind == "forbidden_routing_key":  # topic permissions: the broker closes the channel (403)
+            return Refusal(lambda m: msgspec.structs.replace(m, destination=f"x.{unique('forbidden')}"))
+        raise ValueError(kind)
+
+    async def drop_connections(self) -> None:
+        await asyncio.to_thread(self.env.account.close_connections)
+
+
+class RabbitMQTopicHarness(RabbitMQHarness):
+    """A named topic exchange with topic permissions: also refusals that close the channel."""
+
+    name = "rabbitmq-topic"
+    refusals = ("unroutable", "forbidden_routing_key")
+    outages = ("dropped",)
+
+    def __init__(self, env: RabbitMQEnv) -> None:
+        super().__init__(env)
+        self.exchange = env.topic_exchange
+
+
+async def rabbitmq_env(account: RabbitMQAccount, run_id: str) -> RabbitMQEnv:
+    exchange = f"contract-{run_id}"
+    connection = await aio_pika.connect(account.admin_url, timeout=5)
+    try:
+        channel = await connection.channel()
+        await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC)
+    finally:
+        await connection.close()
+    await asyncio.to_thread(
+        rabbitmqctl, "set_topic_permissions", "-p", account.vhost, account.user, exchange, r"^q\.", ".*"
+    )
+    return RabbitMQEnv(account=account, topic_exchange=exchange)
+
+
+# --- Redis Streams -----------------------------------------------------------------------------------
+
+
+class RedisStreamsHarness(_ProxiedHarness):
+    """Stream entries: ``payload``, ``outbox-id``, ``key`` (absent without one), ``h:<name>``."""
+
+    name = "redis_streams"
+    refusals = ("wrongtype", "noperm")
+    proxied_modes = ("down", "stall")  # dropped: CLIENT KILL USER
+
+    def __init__(self, account: RedisAccount) -> None:
+        super().__init__()
+        self.account = account
+        self.password = account.password
+        url = URL(account.url)
+        assert url.host is not None and url.port is not None
+        self.upstream = (url.host, url.port)
+        self._admin = Redis.from_url(account.admin_url)
+
+    def target(self, *, timeout_ms: int = TIMEOUT_MS, via_proxy: bool = False, **overrides: Any) -> Target:
+        url = URL(self.account.url)
+        if via_proxy:
+            assert self._proxy is not None, "call proxy() first"
+            url = url.with_port(self._proxy.port)
+        options: dict[str, Any] = {"url": str(url), "timeout_ms": timeout_ms}
+        options.update(overrides)
+        return RedisStreamsTarget(**options)
+
+    def closed_port_target(self, *, timeout_ms: int) -> Target:
+        return self.target(url=str(URL(self.account.url).with_port(free_port())), timeout_ms=timeout_ms)
+
+    async def destination(self, label: str) -> str:
+        return f"{self.account.prefix}{unique(label)}"
+
+    async def read(self, destination: str) -> list[Received]:
+        out: list[Received] = []
+        for _, fields in await self._admin.xrange(destination):
+            fields = dict(fields)
+            payload = fields.pop(b"payload")
+            outbox_id = int(fields.pop(b"outbox-id"))
+            key = fields.pop(b"key", None)
+            headers: dict[str, str] = {}
+            for name, value in fields.items():
+                assert name.startswith(b"h:"), f"unexpected stream field {name!r}"
+                headers[name[2:].decode()] = value.decode()
+            out.append(
+                Received(id=outbox_id, key=None if key is None else key.decode(), headers=headers, payload=payload)
+            )
+        return out
+
+    async def refusal(self, kind: str) -> Refusal:
+        if kind == "wrongtype":  # the key holds a string: XADD answers WRONGTYPE
+            key = await self.destination("string")
+            await self._admin.set(key, b"not a stream")
+            return Refusal(lambda m: msgspec.structs.replace(m, destination=key))
+        if kind == "noperm":  # outside the ACL user's key prefix: NOPERM
+            key = f"outside-{self.account.prefix}{unique('noperm')}"
+            return Refusal(lambda m: msgspec.structs.replace(m, destination=key))
+        raise ValueError(kind)
+
+    async def drop_connections(self) -> None:
+        await self._admin.execute_command("CLIENT", "KILL", "USER", self.account.user)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self._admin.aclose()
+
+
+# --- Kafka (Tansu) -----------------------------------------------------------------------------------
+
+
+class KafkaHarness(_ProxiedHarness):
+    """Message key = outbox key (UTF-8), headers = message headers (+ ``outbox-id``), value = payload.
+
+    Tansu refuses InitProducerId, so the targets turn idempotence off (the default stays on).
+
+    Outages use a private Tansu behind the proxy, advertising the proxy's address (a Kafka client
+    connects to what the metadata advertises, so a proxy in front of the session's broker would be
+    bypassed after bootstrap); restarting a Tansu instead loses its in-memory topics, and its first
+    produce to a topic recreated that way fails with UNKNOWN_SERVER_ERROR. Once :meth:`proxy` was
+    called the harness's destinations and reads are on the private broker."""
+
+    name = "kafka"
+    refusals = ("too_large", "invalid_topic")
+    ordered_destination = False  # keyless messages spread over partitions
+
+    def __init__(self, broker: TansuBroker) -> None:
+        super().__init__()
+        self.broker = broker
+        self._private: asyncio.subprocess.Process | None = None
+
+    async def proxy(self) -> TcpProxy:
+        if self._proxy is None:
+            self.upstream = ("127.0.0.1", free_port())
+            proxy = TcpProxy(self.upstream)
+            await proxy.up()
+            self._proxy = proxy
+            self._private = await asyncio.create_subprocess_exec(
+                str(tansu_binary()),
+                "broker",
+                "--listener-url",
+                f"tcp://127.0.0.1:{self.upstream[1]}",
+                "--advertised-listener-url",
+                f"tcp://127.0.0.1:{proxy.port}",
+                "--storage-engine",
+                "memory://tansu/",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 10
+            while not listening(self.upstream):
+                assert self._private.returncode is None, f"tansu exited with {self._private.returncode}"
+                assert time.monotonic() < deadline, "tansu did not listen"
+                await asyncio.sleep(0.01)
+        return self._proxy
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap if self._proxy is None else f"127.0.0.1:{self._proxy.port}"
+
+    def target(self, *, timeout_ms: int = TIMEOUT_MS, via_proxy: bool = False, **overrides: Any) -> Target:
+        assert via_proxy == (self._proxy is not None), "the private broker is for outage tests only"
+        options: dict[str, Any] = {
+            "bootstrap_servers": [self.bootstrap],
+            "enable_idempotence": False,
+            "timeout_ms": timeout_ms,
+        }
+        options.update(overrides)
+        return KafkaTarget(**options)
+
+    def closed_port_target(self, *, timeout_ms: int) -> Target:
+        return self.target(bootstrap_servers=[f"127.0.0.1:{free_port()}"], timeout_ms=timeout_ms)
+
+    async def destination(self, label: str) -> str:
+        return unique(label)
+
+    def expected_headers(self, message: OutgoingMessage) -> dict[str, str]:
+        return {"outbox-id": str(message.id), **message.headers}
+
+    async def read(self, destination: str) -> list[Received]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            deadline = time.monotonic() + READ_DEADLINE_S
+            while not (partitions := consumer.partitions_for_topic(destination)):
+                assert time.monotonic() < deadline, f"no metadata for topic {destination}"
+                await consumer.topics()  # refreshes the metadata
+                await asyncio.sleep(0.05)
+            tps = [TopicPartition(destination, p) for p in sorted(partitions)]
+            consumer.assign(tps)  # no group: joins are slow on Tansu
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            records: dict[TopicPartition, list[Received]] = {tp: [] for tp in tps}
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                assert time.monotonic() < deadline, f"could not read {destination} up to {ends}"
+                for tp, batch in (await consumer.getmany(*tps, timeout_ms=200)).items():
+                    for record in batch:
+                        names = [name for name, _ in record.headers]
+                        assert len(names) == len(set(names)), f"duplicate headers {names}"
+                        headers = {name: value.decode() for name, value in record.headers}
+                        assert record.value is not None
+                        records[tp].append(
+                            Received(
+                                id=int(headers["outbox-id"]),
+                                key=None if record.key is None else record.key.decode(),
+                                headers=headers,
+                                payload=record.value,
+                            )
+                        )
+        finally:
+            await consumer.stop()
+        return [r for tp in tps for r in records[tp]]
+
+    async def refusal(self, kind: str) -> Refusal:
+        if kind == "too_large":  # over max_request_size (1 MiB by default)
+            return Refusal(lambda m: msgspec.structs.replace(m, payload=b"x" * (1024 * 1024 + 1)))
+        if kind == "invalid_topic":
+            return Refusal(lambda m: msgspec.structs.replace(m, destination="not a topic!"))
+        raise ValueError(kind)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        process, self._private = self._private, None
+        if process is not None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 5)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+HARNESSES: dict[str, type[Harness]] = {
+    cls.name: cls for cls in (RabbitMQHarness, RabbitMQTopicHarness, RedisStreamsHarness, KafkaHarness)
+}
