@@ -58,12 +58,15 @@ def poll_sql(schema: str) -> str:
     $1 cursor txid, $2 cursor id, $3 partitions, $4 partition, $5 limit.
     """
     return (
-        f"SELECT txid::text::bigint AS txid, id, topic, key, payload, headers::text AS headers, "
-        f"created_at FROM {quote_ident(schema)}.outbox "
-        "WHERE (txid, id) > ($1::bigint::text::xid8, $2::bigint) "
-        "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
-        "AND bucket % $3::int = $4::int "
-        "ORDER BY txid, id LIMIT $5"
+        # The table is aliased so that ORDER BY names its columns: the select list's
+        # ``txid`` is a bigint expression, and ordering by it would skip the (txid, id)
+        # index and sort (polls went from ~1 ms to 10-126 ms on a busy outbox).
+        f"SELECT o.txid::text::bigint AS txid, o.id, o.topic, o.key, o.payload, o.headers::text AS headers, "
+        f"o.created_at FROM {quote_ident(schema)}.outbox AS o "
+        "WHERE (o.txid, o.id) > ($1::bigint::text::xid8, $2::bigint) "
+        "AND o.txid < pg_snapshot_xmin(pg_current_snapshot()) "
+        "AND o.bucket % $3::int = $4::int "
+        "ORDER BY o.txid, o.id LIMIT $5"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -10,6 +11,7 @@ import pytest
 
 from outbox_relay.client import add
 from outbox_relay.tenant import db as tenant_db
+from outbox_relay.tenant import sql
 from outbox_relay.tenant.sql import BUCKETS
 from tests.conftest import DatabaseFactory, pg_dsn
 
@@ -92,5 +94,38 @@ async def test_partitions_split_keys_and_cover_everything(app_dsn: str) -> None:
         assert len(set(keys_at.values())) == 4  # 40 keys over 4 partitions use them all
         buckets = await conn.fetchval("SELECT max(bucket) FROM outbox_relay.outbox")
         assert 0 <= buckets < BUCKETS
+    finally:
+        await conn.close()
+
+
+async def test_the_poll_walks_the_txid_index_instead_of_sorting(app_dsn: str) -> None:
+    """A poll must read the next rows off the (txid, id) index, not sort the whole backlog.
+
+    Ordering by the select list's ``txid`` (a bigint expression) once made PostgreSQL sort every
+    row after the cursor on each poll: 10-126 ms per poll on a busy outbox instead of ~1 ms.
+    """
+    conn = await asyncpg.connect(app_dsn)
+    try:
+        for _ in range(5):
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO outbox_relay.outbox (topic, key, payload) "
+                    "SELECT 't', (g % 100)::text, 'x' FROM generate_series(1, 1000) AS g"
+                )
+        await conn.execute("ANALYZE outbox_relay.outbox")
+        # with sorting priced out, the planner sorts only if no index can give the order
+        await conn.execute("SET enable_sort = off")
+        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql.poll_sql("outbox_relay"), 0, 0, 16, 3, 500)
+        nodes = []
+        stack = [json.loads(plan)[0]["Plan"] if isinstance(plan, str) else plan[0]["Plan"]]
+        while stack:
+            node = stack.pop()
+            nodes.append(node["Node Type"])
+            stack.extend(node.get("Plans", []))
+        assert "Sort" not in nodes, nodes
+        assert any(n.startswith("Index") for n in nodes), nodes
+        rows = await tenant_db.poll(conn, "outbox_relay", cursor=(0, 0), partitions=16, partition=3, limit=200)
+        assert len(rows) == 200
+        assert [(r.txid, r.id) for r in rows] == sorted((r.txid, r.id) for r in rows)
     finally:
         await conn.close()
