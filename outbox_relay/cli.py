@@ -1,10 +1,10 @@
 """``outbox-relay``: run the API, a worker, migrations, or everything at once for local use.
 
-    outbox-relay dev            API + one worker in one process, on local defaults
-    outbox-relay serve          the API (uvicorn)
-    outbox-relay worker         one arq worker
-    outbox-relay migrate        apply control DB migrations
-    outbox-relay generate-key   print a new secret key for OUTBOX_RELAY_SECRET_KEYS
+outbox-relay dev            API + one worker in one process, on local defaults
+outbox-relay serve          the API (uvicorn)
+outbox-relay worker         one arq worker
+outbox-relay migrate        apply control DB migrations
+outbox-relay generate-key   print a new secret key for OUTBOX_RELAY_SECRET_KEYS
 """
 
 from __future__ import annotations
