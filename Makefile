@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install services run test test-fast lint openapi clean
+.PHONY: install services browser run test test-fast lint openapi clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,18 @@ install: $(STAMP)
 services:
 	.ci/ensure-services
 
+# Debian's chromium for the dashboard's browser test (Playwright drives it and downloads no browser)
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y --no-install-recommends chromium \
+	  || { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }; }
+
 run: install services
 	$(BIN)/outbox-relay dev
 
-test: install services
+test: install services browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # the fast inner loop: no end-to-end or slow suites

@@ -36,6 +36,7 @@ from outbox_relay.crypto import SecretBox
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
 from service.databases.controller import DatabaseController
+from service.dead_letters.controller import DeadLetterController
 from service.deps import Services, ServicesDep, provide_services
 from service.observability import StatusController, metrics_endpoint
 from service.problems import EXCEPTION_HANDLERS, MEDIA_TYPE, Problem
@@ -43,6 +44,7 @@ from service.relays.controller import RelayController
 from service.schemas import use_msgspec_schemas
 from service.targets.controller import TargetController
 from service.tenants.controller import TenantController
+from service.ui.controller import UIController, ui_static_files, ui_template_config
 
 
 class Health(msgspec.Struct):
@@ -188,11 +190,15 @@ def create_app(settings: Settings | None = None, *, store: ControlStore | None =
             TargetController,
             RelayController,
             StatusController,
+            DeadLetterController,
+            UIController,
+            ui_static_files,
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
         openapi_config=openapi_config(),
+        template_config=ui_template_config(),
         debug=False,
         before_send=[fix_allow_header],
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/metrics", "/healthz", "/readyz"]))],

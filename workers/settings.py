@@ -16,6 +16,7 @@ from outbox_relay.engine import PublisherCache, RelayRunner, TenantConnections
 from outbox_relay.netguard import AddressPolicy, check_target
 from outbox_relay.store.control import ControlStore
 from workers.jobs import maintain_outboxes, relay_partition, schedule
+from workers.replay import replay_dead_letters
 
 
 def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
@@ -37,6 +38,7 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
             tenants=tenants,
             publishers=publishers,
             worker_id=settings.worker_id,
+            policy=policy,
             secrets=SecretBox(settings.secret_keys),
             runner=RelayRunner(
                 settings=settings,
@@ -54,11 +56,28 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
 
     seconds = max(1, int(settings.schedule_interval_s))
     return {
-        "functions": [func(relay_partition, name="relay_partition", keep_result=0, max_tries=1)],
+        "functions": [
+            func(relay_partition, name="relay_partition", keep_result=0, max_tries=1),
+            func(replay_dead_letters, name="replay_dead_letters", keep_result=0, max_tries=1, timeout=3600),
+        ],
+        # arq derives a cron run's job id from the cron's name and time alone, and job ids are
+        # global to the Redis database: two deployments on different queues sharing a Redis
+        # would take each other's ticks. The queue name in the cron's name keeps them apart.
         "cron_jobs": [
-            cron(schedule, name="schedule", second=set(range(0, 60, seconds)), run_at_startup=True, keep_result=0),
             cron(
-                maintain_outboxes, name="maintain_outboxes", second=0, run_at_startup=True, keep_result=0, timeout=300
+                schedule,
+                name=f"schedule:{settings.queue_name}",
+                second=set(range(0, 60, seconds)),
+                run_at_startup=True,
+                keep_result=0,
+            ),
+            cron(
+                maintain_outboxes,
+                name=f"maintain_outboxes:{settings.queue_name}",
+                second=0,
+                run_at_startup=True,
+                keep_result=0,
+                timeout=300,
             ),
         ],
         "on_startup": startup,

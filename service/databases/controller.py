@@ -68,7 +68,7 @@ class DatabaseController(Controller):
         operation_id="putDatabase",
         summary="Create or replace a database",
         description="Idempotent. `password` is write-only: omit it to keep the stored one, send null to clear it.",
-        responses={201: ResponseSpec(data_container=Database, description="Created")},
+        responses={201: ResponseSpec(data_container=Database, description="Created", generate_examples=False)},
     )
     async def put_database(
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Database]

@@ -57,7 +57,7 @@ class RelayController(Controller):
         operation_id="putRelay",
         summary="Create or replace a relay",
         description="Idempotent. `partitions` and `database` are fixed once the relay exists.",
-        responses={201: ResponseSpec(data_container=Relay, description="Created")},
+        responses={201: ResponseSpec(data_container=Relay, description="Created", generate_examples=False)},
     )
     async def put_relay(
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Relay]

@@ -36,6 +36,9 @@ class Cause(msgspec.Struct, kw_only=True, omit_defaults=True):
     attempts: int | None = None
     pid: int | None = None
     age_s: float | None = None
+    database: str | None = None
+    """For ``long_running_transaction``: the database the holding transaction runs in. The xmin
+    horizon is server-wide, so a transaction in any database of the server holds it."""
 
 
 class RetryingMessage(msgspec.Struct, kw_only=True):
@@ -117,15 +120,18 @@ def partition_cause(p: dict[str, Any], now: datetime) -> Cause | None:
     stall = msgspec.json.decode(p["stall"]) if p["stall"] else None
     if stall and stall.get("cause") == "long_running_transaction":
         age = stall.get("age_s")
+        where = stall.get("database")
+        held = f"a transaction open for {age:.0f} s" if age is not None else "a long-running transaction"
+        if where:
+            held += f" in database {where!r}"
         return Cause(
             kind="long_running_transaction",
-            detail=f"a transaction open for {age:.0f} s holds the xmin horizon; rows committed after it began "
-            "are published once it ends"
-            if age is not None
-            else "a long-running transaction holds the xmin horizon",
+            detail=f"{held} holds the server-wide xmin horizon; rows committed after it began are "
+            "published once it ends",
             partition=part,
             pid=stall.get("pid"),
             age_s=age,
+            database=where,
         )
     expires = p["lease_expires_at"]
     waiting = (p["pending_estimate"] or 0) > 0

@@ -58,7 +58,7 @@ class TargetController(Controller):
         operation_id="putTarget",
         summary="Create or replace a target",
         description="Idempotent. `password` is write-only: omit it to keep the stored one, send null to clear it.",
-        responses={201: ResponseSpec(data_container=Target, description="Created")},
+        responses={201: ResponseSpec(data_container=Target, description="Created", generate_examples=False)},
     )
     async def put_target(
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Target]

@@ -97,7 +97,7 @@ class TenantController(Controller):
         "/{name:str}",
         operation_id="putTenant",
         summary="Create or update a tenant",
-        responses={201: ResponseSpec(data_container=Tenant, description="Created")},
+        responses={201: ResponseSpec(data_container=Tenant, description="Created", generate_examples=False)},
     )
     async def put_tenant(
         self, actor: ActorDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[TenantWrite]

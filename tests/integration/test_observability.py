@@ -169,6 +169,7 @@ async def test_status_explains_each_stall_cause(
         s = await status(setup, "held")
         assert s["state"] == "stalled" and s["cause"]["kind"] == "long_running_transaction", s
         assert s["cause"]["pid"] == holder_pid and s["cause"]["age_s"] >= 0.5
+        assert s["cause"]["database"] == setup.db_name and setup.db_name in s["cause"]["detail"], s
         assert s["pending"] >= 1
         await tx.rollback()
     finally:

@@ -146,3 +146,19 @@ def test_identifiers_and_cursors() -> None:
             quote_ident(bad)
     assert decode_cursor(encode_cursor("relay-9")) == "relay-9"
     assert decode_cursor(None) is None
+
+
+def test_cron_job_ids_are_per_queue() -> None:
+    """arq names a cron run's job id after the cron alone, and job ids are global to a Redis DB.
+
+    Two deployments sharing one Redis on different queues must not take each other's ticks.
+    """
+    from workers.settings import worker_settings
+
+    names = []
+    for queue in ("arq:relay-a", "arq:relay-b"):
+        base = Settings.from_env({"OUTBOX_RELAY_QUEUE_NAME": queue})
+        crons = worker_settings(base)["cron_jobs"]
+        names.append({c.name for c in crons})
+        assert {c.name for c in crons} == {f"schedule:{queue}", f"maintain_outboxes:{queue}"}
+    assert not names[0] & names[1]

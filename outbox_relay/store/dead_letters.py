@@ -1,0 +1,531 @@
+"""Control DB access for dead letters and their replay jobs: every dead-letter query lives here.
+
+Scoping: every query takes ``tenant_id``; ``None`` means every tenant and is only ever passed for
+the admin key. Listing is keyset-paginated on ``(created_at DESC, id)``, which the
+``dead_letters_tenant_created`` and ``dead_letters_created`` indexes serve in order.
+
+A replay *claims* its letters first (``dead`` -> ``replaying``, with a token in ``claimed_by``) in
+one compare-and-set UPDATE, so of two replays of the same letter exactly one gets it; finishing a
+replay is fenced by the same token. A claim older than ``STALE_CLAIM_S`` (its process died) may be
+taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from outbox_relay.store.control import TenantRow, hash_key
+
+STATUSES = ("dead", "replaying", "replayed", "discarded")
+STALE_CLAIM_S = 600.0
+MAX_JOB_LETTERS = 100_000
+PREVIEW_BYTES = 160
+
+# What a list row carries: no payload, only its size and first bytes.
+_SUMMARY_COLUMNS = (
+    "d.id, d.tenant_id, t.name AS tenant_name, d.relay_id, d.relay_name, d.target_name, d.partition, "
+    "d.outbox_id, d.topic, d.key, d.destination, d.error_class, d.last_error, "
+    "jsonb_array_length(d.attempts) AS attempt_count, d.status, d.replay_count, "
+    "octet_length(d.payload) AS payload_size, substring(d.payload FROM 1 FOR $1::int) AS payload_head, "
+    "d.created_at, d.updated_at"
+)
+_FULL_COLUMNS = (
+    "d.id, d.tenant_id, t.name AS tenant_name, d.relay_id, d.relay_name, d.target_name, d.partition, "
+    "d.outbox_id, d.outbox_txid, d.outbox_created_at, d.topic, d.key, d.destination, d.payload, "
+    "d.headers::text AS headers, d.error_class, d.last_error, d.attempts::text AS attempts, d.status, "
+    "d.replay_count, d.claimed_by, d.claimed_at, d.last_replayed_at, d.discarded_at, d.created_at, d.updated_at"
+)
+_CLAIMABLE = "(d.status = 'dead' OR (d.status = 'replaying' AND d.claimed_at < now() - make_interval(secs => {})))"
+_JOB_COLUMNS = (
+    "j.id, j.tenant_id, t.name AS tenant_name, j.actor, j.status, j.filter::text AS filter, j.target_name, "
+    "j.destination, j.total, j.replayed, j.failed, j.skipped, j.error, j.created_at, j.started_at, "
+    "j.finished_at, j.updated_at"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LetterFilter:
+    """Which dead letters a list, a count or a bulk action covers. Text fields match exactly;
+    ``since`` is inclusive and ``until`` exclusive, on the time the letter was dead-lettered."""
+
+    tenant_id: uuid.UUID | None
+    """``None``: every tenant (admin only)."""
+    statuses: tuple[str, ...] = ("dead",)
+    """Empty: any status."""
+    relay: str | None = None
+    target: str | None = None
+    topic: str | None = None
+    key: str | None = None
+    error_class: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.statuses) - set(STATUSES)
+        if unknown:
+            raise ValueError(f"unknown dead-letter status {sorted(unknown)}; use {', '.join(STATUSES)}")
+
+    def where(self, params: list[Any]) -> str:
+        """The WHERE clause (over alias ``d``), appending its values to ``params``."""
+        clauses: list[str] = []
+
+        def add(template: str, value: Any) -> None:
+            params.append(value)
+            clauses.append(template.format(f"${len(params)}"))
+
+        if self.tenant_id is not None:
+            add("d.tenant_id = {}", self.tenant_id)
+        if self.statuses:
+            add("d.status = ANY({}::text[])", list(self.statuses))
+        for column, value in (
+            ("relay_name", self.relay),
+            ("target_name", self.target),
+            ("topic", self.topic),
+            ("key", self.key),
+            ("error_class", self.error_class),
+        ):
+            if value is not None:
+                add(f"d.{column} = {{}}", value)
+        if self.since is not None:
+            add("d.created_at >= {}", self.since)
+        if self.until is not None:
+            add("d.created_at < {}", self.until)
+        return " AND ".join(clauses) if clauses else "true"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LetterSummary:
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    tenant_name: str
+    relay_id: uuid.UUID | None
+    relay_name: str
+    target_name: str
+    partition: int
+    outbox_id: int
+    topic: str
+    key: str | None
+    destination: str | None
+    error_class: str
+    last_error: str
+    attempt_count: int
+    status: str
+    replay_count: int
+    payload_size: int
+    payload_head: bytes
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Letter:
+    """A whole dead letter, payload and attempts included."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    tenant_name: str
+    relay_id: uuid.UUID | None
+    relay_name: str
+    target_name: str
+    partition: int
+    outbox_id: int
+    outbox_txid: int
+    outbox_created_at: datetime | None
+    topic: str
+    key: str | None
+    destination: str | None
+    payload: bytes
+    headers: dict[str, Any]
+    error_class: str
+    last_error: str
+    attempts: list[dict[str, Any]]
+    status: str
+    replay_count: int
+    claimed_by: str | None
+    claimed_at: datetime | None
+    last_replayed_at: datetime | None
+    discarded_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Counts:
+    total: int
+    by_relay: dict[str, int] = field(default_factory=dict)
+    by_error_class: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyOwner:
+    """Who an API key belongs to: the tenant and the key's id (the audit log's "who")."""
+
+    tenant: TenantRow
+    key_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayRoute:
+    """A relay as it is now, with its current target: where a replay goes by default."""
+
+    relay_id: uuid.UUID
+    relay_name: str
+    relay_spec: bytes
+    target: TargetRow
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetRow:
+    id: uuid.UUID
+    name: str
+    spec: bytes
+    secret: bytes | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobRow:
+    id: uuid.UUID
+    tenant_id: uuid.UUID | None
+    tenant_name: str | None
+    actor: str
+    status: str
+    filter: dict[str, Any] | None
+    target_name: str | None
+    destination: str | None
+    total: int
+    replayed: int
+    failed: int
+    skipped: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class DeadLetterStore:
+    """Dead letters and replay jobs in the control DB (an asyncpg pool shared with ControlStore)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # --- who is asking -----------------------------------------------------------------------------
+
+    async def key_owner(self, key: str) -> KeyOwner | None:
+        """The tenant and key id of a live (unrevoked) tenant API key; notes its use once a minute."""
+        digest = hash_key(key)
+        row = await self.pool.fetchrow(
+            "UPDATE api_keys k SET last_used_at = now() FROM tenants t "
+            "WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.id = k.tenant_id "
+            "AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute') "
+            "RETURNING k.id AS key_id, t.*",
+            digest,
+        )
+        if row is None:
+            row = await self.pool.fetchrow(
+                "SELECT k.id AS key_id, t.* FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
+                "WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
+                digest,
+            )
+        if row is None:
+            return None
+        tenant = TenantRow(
+            id=row["id"],
+            name=row["name"],
+            display_name=row["display_name"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+        return KeyOwner(tenant=tenant, key_id=row["key_id"])
+
+    async def tenant_id(self, name: str) -> uuid.UUID | None:
+        value: uuid.UUID | None = await self.pool.fetchval("SELECT id FROM tenants WHERE name = $1", name)
+        return value
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    async def list_letters(
+        self, where: LetterFilter, *, after: tuple[datetime, uuid.UUID] | None, limit: int
+    ) -> list[LetterSummary]:
+        """Newest first: ``created_at`` descending, ties by id; ``after`` is the last row of the
+        previous page."""
+        params: list[Any] = [PREVIEW_BYTES]
+        sql = f"SELECT {_SUMMARY_COLUMNS} FROM dead_letters d JOIN tenants t ON t.id = d.tenant_id WHERE "
+        sql += where.where(params)
+        if after is not None:
+            params.extend(after)
+            a, b = f"${len(params) - 1}", f"${len(params)}"
+            sql += f" AND d.created_at <= {a} AND (d.created_at < {a} OR d.id > {b})"
+        params.append(limit)
+        sql += f" ORDER BY d.created_at DESC, d.id LIMIT ${len(params)}"
+        rows = await self.pool.fetch(sql, *params)
+        return [LetterSummary(**dict(r)) for r in rows]
+
+    async def counts(self, where: LetterFilter) -> Counts:
+        params: list[Any] = []
+        rows = await self.pool.fetch(
+            "SELECT d.relay_name, d.error_class, count(*) AS n FROM dead_letters d WHERE "
+            + where.where(params)
+            + " GROUP BY d.relay_name, d.error_class",
+            *params,
+        )
+        by_relay: dict[str, int] = {}
+        by_error: dict[str, int] = {}
+        for r in rows:
+            by_relay[r["relay_name"]] = by_relay.get(r["relay_name"], 0) + r["n"]
+            by_error[r["error_class"]] = by_error.get(r["error_class"], 0) + r["n"]
+        return Counts(
+            total=sum(by_relay.values()),
+            by_relay=dict(sorted(by_relay.items())),
+            by_error_class=dict(sorted(by_error.items())),
+        )
+
+    async def matching_ids(self, where: LetterFilter, *, cap: int = MAX_JOB_LETTERS) -> list[uuid.UUID]:
+        """Ids of the letters the filter matches, oldest first (the order a replay keeps), at most
+        ``cap + 1`` so the caller can tell that there were more."""
+        params: list[Any] = []
+        sql = "SELECT d.id FROM dead_letters d WHERE " + where.where(params)
+        params.append(cap + 1)
+        rows = await self.pool.fetch(sql + f" ORDER BY d.created_at, d.id LIMIT ${len(params)}", *params)
+        return [r["id"] for r in rows]
+
+    async def get(self, letter_id: uuid.UUID, tenant_id: uuid.UUID | None) -> Letter | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_FULL_COLUMNS} FROM dead_letters d JOIN tenants t ON t.id = d.tenant_id "
+            "WHERE d.id = $1 AND ($2::uuid IS NULL OR d.tenant_id = $2)",
+            letter_id,
+            tenant_id,
+        )
+        return _letter(row) if row else None
+
+    # --- replay: claim, then finish ---------------------------------------------------------------
+
+    async def claim(self, letter_id: uuid.UUID, tenant_id: uuid.UUID | None, token: str) -> Letter | None:
+        """Take a dead letter for replay; None when it is not (or no longer) replayable."""
+        claimed = await self.claim_many([letter_id], tenant_id, token)
+        return claimed[0] if claimed else None
+
+    async def claim_many(
+        self, letter_ids: Sequence[uuid.UUID], tenant_id: uuid.UUID | None, token: str
+    ) -> list[Letter]:
+        """Take every replayable letter among ``letter_ids`` in one statement; the others (replayed,
+        discarded, being replayed, gone, another tenant's) are left alone and not returned."""
+        rows = await self.pool.fetch(
+            "WITH c AS (UPDATE dead_letters d SET status = 'replaying', claimed_by = $3, claimed_at = now(), "
+            "updated_at = now() WHERE d.id = ANY($1::uuid[]) AND ($2::uuid IS NULL OR d.tenant_id = $2) AND "
+            + _CLAIMABLE.format("$4")
+            + " RETURNING d.*) "
+            + f"SELECT {_FULL_COLUMNS} FROM c d JOIN tenants t ON t.id = d.tenant_id "
+            "ORDER BY d.relay_id, d.partition, d.outbox_txid, d.outbox_id",
+            list(letter_ids),
+            tenant_id,
+            token,
+            STALE_CLAIM_S,
+        )
+        return [_letter(r) for r in rows]
+
+    async def finish_replayed(self, letter_id: uuid.UUID, token: str, attempt: dict[str, Any]) -> bool:
+        """The broker took the replay: the letter is ``replayed``. False if the claim was lost."""
+        return (
+            await self.pool.fetchval(
+                "UPDATE dead_letters SET status = 'replayed', claimed_by = NULL, claimed_at = NULL, "
+                "replay_count = replay_count + 1, last_replayed_at = now(), "
+                "attempts = attempts || jsonb_build_array($3::jsonb), updated_at = now() "
+                "WHERE id = $1 AND claimed_by = $2 AND status = 'replaying' RETURNING true",
+                letter_id,
+                token,
+                json.dumps(attempt),
+            )
+            is True
+        )
+
+    async def finish_failed(
+        self, letter_id: uuid.UUID, token: str, *, error_class: str, error: str, attempt: dict[str, Any]
+    ) -> bool:
+        """The replay failed: back to ``dead`` with the attempt appended and the new error."""
+        return (
+            await self.pool.fetchval(
+                "UPDATE dead_letters SET status = 'dead', claimed_by = NULL, claimed_at = NULL, "
+                "replay_count = replay_count + 1, error_class = $3, last_error = $4, "
+                "attempts = attempts || jsonb_build_array($5::jsonb), updated_at = now() "
+                "WHERE id = $1 AND claimed_by = $2 AND status = 'replaying' RETURNING true",
+                letter_id,
+                token,
+                error_class,
+                error[:4000],
+                json.dumps(attempt),
+            )
+            is True
+        )
+
+    async def release(self, letter_ids: Sequence[uuid.UUID], token: str) -> int:
+        """Give claimed letters back untouched (nothing was attempted)."""
+        result = await self.pool.execute(
+            "UPDATE dead_letters SET status = 'dead', claimed_by = NULL, claimed_at = NULL, updated_at = now() "
+            "WHERE id = ANY($1::uuid[]) AND claimed_by = $2 AND status = 'replaying'",
+            list(letter_ids),
+            token,
+        )
+        return int(result.split()[-1])
+
+    # --- discard -----------------------------------------------------------------------------------
+
+    async def discard(self, letter_ids: Sequence[uuid.UUID], tenant_id: uuid.UUID | None) -> list[uuid.UUID]:
+        """Discard the ``dead`` letters among ``letter_ids``; returns those it discarded."""
+        rows = await self.pool.fetch(
+            "UPDATE dead_letters d SET status = 'discarded', discarded_at = now(), updated_at = now() "
+            "WHERE d.id = ANY($1::uuid[]) AND ($2::uuid IS NULL OR d.tenant_id = $2) AND d.status = 'dead' "
+            "RETURNING d.id",
+            list(letter_ids),
+            tenant_id,
+        )
+        return [r["id"] for r in rows]
+
+    async def discard_matching(self, where: LetterFilter) -> int:
+        if where.statuses != ("dead",):
+            raise ValueError("only dead letters can be discarded")
+        params: list[Any] = []
+        result = await self.pool.execute(
+            "UPDATE dead_letters d SET status = 'discarded', discarded_at = now(), updated_at = now() WHERE "
+            + where.where(params),
+            *params,
+        )
+        return int(result.split()[-1])
+
+    # --- where a replay goes -----------------------------------------------------------------------
+
+    async def relay_route(self, relay_id: uuid.UUID) -> RelayRoute | None:
+        row = await self.pool.fetchrow(
+            "SELECT r.id, r.name, r.spec::text AS spec, g.id AS target_id, g.name AS target_name, "
+            "g.spec::text AS target_spec, g.secret, g.updated_at AS target_updated_at "
+            "FROM relays r JOIN targets g ON g.id = r.target_id WHERE r.id = $1",
+            relay_id,
+        )
+        if row is None:
+            return None
+        return RelayRoute(
+            relay_id=row["id"],
+            relay_name=row["name"],
+            relay_spec=row["spec"].encode(),
+            target=TargetRow(
+                id=row["target_id"],
+                name=row["target_name"],
+                spec=row["target_spec"].encode(),
+                secret=bytes(row["secret"]) if row["secret"] is not None else None,
+                updated_at=row["target_updated_at"],
+            ),
+        )
+
+    async def target(self, tenant_id: uuid.UUID, name: str) -> TargetRow | None:
+        row = await self.pool.fetchrow(
+            "SELECT id, name, spec::text AS spec, secret, updated_at FROM targets WHERE tenant_id = $1 AND name = $2",
+            tenant_id,
+            name,
+        )
+        if row is None:
+            return None
+        return TargetRow(
+            id=row["id"],
+            name=row["name"],
+            spec=row["spec"].encode(),
+            secret=bytes(row["secret"]) if row["secret"] is not None else None,
+            updated_at=row["updated_at"],
+        )
+
+    # --- replay jobs -------------------------------------------------------------------------------
+
+    async def create_job(
+        self,
+        *,
+        tenant_id: uuid.UUID | None,
+        actor: str,
+        letter_ids: Sequence[uuid.UUID],
+        filter: dict[str, Any] | None,
+        target_name: str | None,
+        destination: str | None,
+    ) -> JobRow:
+        row = await self.pool.fetchrow(
+            "WITH j AS (INSERT INTO dead_letter_jobs (tenant_id, actor, letter_ids, total, filter, target_name, "
+            "destination) VALUES ($1, $2, $3::uuid[], $4, $5::jsonb, $6, $7) RETURNING *) "
+            f"SELECT {_JOB_COLUMNS} FROM j LEFT JOIN tenants t ON t.id = j.tenant_id",
+            tenant_id,
+            actor,
+            list(letter_ids),
+            len(letter_ids),
+            json.dumps(filter) if filter is not None else None,
+            target_name,
+            destination,
+        )
+        return _job(row)
+
+    async def get_job(self, job_id: uuid.UUID, tenant_id: uuid.UUID | None) -> JobRow | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_JOB_COLUMNS} FROM dead_letter_jobs j LEFT JOIN tenants t ON t.id = j.tenant_id "
+            "WHERE j.id = $1 AND ($2::uuid IS NULL OR j.tenant_id = $2)",
+            job_id,
+            tenant_id,
+        )
+        return _job(row) if row else None
+
+    async def list_jobs(self, tenant_id: uuid.UUID | None, *, limit: int) -> list[JobRow]:
+        rows = await self.pool.fetch(
+            f"SELECT {_JOB_COLUMNS} FROM dead_letter_jobs j LEFT JOIN tenants t ON t.id = j.tenant_id "
+            "WHERE ($1::uuid IS NULL OR j.tenant_id = $1) ORDER BY j.created_at DESC, j.id LIMIT $2",
+            tenant_id,
+            limit,
+        )
+        return [_job(r) for r in rows]
+
+    async def start_job(self, job_id: uuid.UUID) -> tuple[JobRow, list[uuid.UUID]] | None:
+        """``queued`` -> ``running``, once: a second run of the same job gets None."""
+        row = await self.pool.fetchrow(
+            "WITH j AS (UPDATE dead_letter_jobs SET status = 'running', started_at = now(), updated_at = now() "
+            "WHERE id = $1 AND status = 'queued' RETURNING *) "
+            f"SELECT {_JOB_COLUMNS}, j.letter_ids FROM j LEFT JOIN tenants t ON t.id = j.tenant_id",
+            job_id,
+        )
+        if row is None:
+            return None
+        return _job(row), list(row["letter_ids"])
+
+    async def job_progress(self, job_id: uuid.UUID, *, replayed: int, failed: int, skipped: int) -> None:
+        await self.pool.execute(
+            "UPDATE dead_letter_jobs SET replayed = $2, failed = $3, skipped = $4, updated_at = now() WHERE id = $1",
+            job_id,
+            replayed,
+            failed,
+            skipped,
+        )
+
+    async def finish_job(self, job_id: uuid.UUID, *, status: str, error: str | None = None) -> JobRow | None:
+        row = await self.pool.fetchrow(
+            "WITH j AS (UPDATE dead_letter_jobs SET status = $2, error = $3, finished_at = now(), updated_at = now() "
+            "WHERE id = $1 RETURNING *) "
+            f"SELECT {_JOB_COLUMNS} FROM j LEFT JOIN tenants t ON t.id = j.tenant_id",
+            job_id,
+            status,
+            error[:4000] if error else None,
+        )
+        return _job(row) if row else None
+
+
+def _letter(row: Any) -> Letter:
+    values = dict(row)
+    values["payload"] = bytes(values["payload"])
+    values["headers"] = json.loads(values["headers"])
+    values["attempts"] = json.loads(values["attempts"])
+    return Letter(**values)
+
+
+def _job(row: Any) -> JobRow:
+    values = {k: row[k] for k in JobRow.__dataclass_fields__}
+    values["filter"] = json.loads(values["filter"]) if values["filter"] is not None else None
+    return JobRow(**values)

@@ -1,0 +1,392 @@
+"""The dead-letter dashboard in a real headless Chromium (Debian's, driven by Playwright).
+
+A RabbitMQ target refuses messages (a topic mapped to a routing key no queue is bound to), the
+relay engine dead-letters them, and a person in a browser in Kolkata signs in, filters, replays one
+(it reaches the broker), reads a letter, replays the rest in bulk through the confirmation page and
+watches the job finish. Another tenant with 1,200 dead letters pages through them. Screenshots
+land in ``test-output/dashboard/`` (``make browser`` installs the browser).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+from arq.worker import Worker
+from litestar.testing import AsyncTestClient
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from outbox_relay.brokers.factory import open_publisher
+from outbox_relay.config import Settings
+from outbox_relay.crypto import SecretBox
+from outbox_relay.engine import PublisherCache, RelayRunner, TenantConnections
+from outbox_relay.netguard import AddressPolicy
+from outbox_relay.store.control import ControlStore
+from tests.brokers import RabbitMQAccount
+from tests.conftest import DatabaseFactory, LiveServer, pg_dsn
+from tests.helpers import ADMIN_KEY, make_tenant
+from tests.integration.conftest import FAST_RETRY, write
+from tests.workers import OUTPUT_DIR
+from workers.settings import worker_settings
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = os.environ.get("OUTBOX_RELAY_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SHOTS = OUTPUT_DIR / "dashboard"
+
+
+@pytest.fixture(scope="module")
+def ui_settings(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, queue_name=f"{settings.queue_name}-dashboard")
+
+
+@pytest.fixture(scope="module")
+def server(ui_settings: Settings) -> Iterator[LiveServer]:
+    live = LiveServer(ui_settings)
+    live.start()
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no browser at {CHROMIUM}: `make browser` installs Debian's chromium")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield b
+        await b.close()
+
+
+@pytest.fixture
+async def page(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterator[Page]:
+    # a browser somewhere else than UTC, to see times shown in its zone
+    context = await browser.new_context(
+        timezone_id="Asia/Kolkata", locale="en-US", viewport={"width": 1440, "height": 1000}
+    )
+    p = await context.new_page()
+    errors: list[str] = []
+    p.on("pageerror", lambda exc: errors.append(str(exc)))
+    p.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    yield p
+    await context.close()
+    assert not errors, f"JavaScript errors in the page: {errors}"
+
+
+async def shot(page: Page, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+async def sign_in(page: Page, base: str, key: str) -> None:
+    await page.goto(f"{base}/ui")
+    await expect(page).to_have_url(re.compile(r"/ui/login"))
+    await page.get_by_label("API key").fill(key)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page).to_have_url(re.compile(r"/ui/dead-letters"))
+
+
+async def run_replay_jobs(settings: Settings) -> None:
+    """An arq worker (real start-up, the registered function) until its queue is empty."""
+    ws = worker_settings(settings)
+    worker = Worker(
+        functions=[f for f in ws["functions"] if f.name == "replay_dead_letters"],
+        on_startup=ws["on_startup"],
+        on_shutdown=ws["on_shutdown"],
+        redis_settings=ws["redis_settings"],
+        queue_name=settings.queue_name,
+        burst=True,
+        poll_delay=0.05,
+        handle_signals=False,
+        keep_result=0,
+    )
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
+
+
+async def drain(queue: aio_pika.abc.AbstractQueue, expect_n: int) -> list[Any]:
+    got = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while len(got) < expect_n and loop.time() < deadline:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            await asyncio.sleep(0.02)
+        else:
+            got.append(message)
+    return got
+
+
+async def dead_letter_for_real(settings: Settings, store: ControlStore, relay_id: Any, dsn: str, count: int) -> None:
+    """Run the relay engine until the target has refused ``count`` messages max_attempts times."""
+    policy = AddressPolicy(allow_private=True)
+    tenants = TenantConnections(policy=policy, timeout_s=2)
+    publishers = PublisherCache(lambda target, password: open_publisher(target, password=password))
+    runner = RelayRunner(
+        settings=dataclasses.replace(settings, slice_s=0.4),
+        store=store,
+        secrets=SecretBox(settings.secret_keys),
+        tenants=tenants,
+        publishers=publishers,
+    )
+    try:
+        for _ in range(30):
+            await runner.run_slice(relay_id, 0, "dashboard-test")
+            dead = await store.pool.fetchval("SELECT count(*) FROM dead_letters WHERE relay_id = $1", relay_id)
+            if dead >= count:
+                return
+        raise AssertionError(f"only {dead} of {count} messages were dead-lettered")
+    finally:
+        await publishers.close()
+        await tenants.close()
+
+
+async def test_dashboard_filter_replay_and_bulk_replay(
+    client: AsyncTestClient[Any],
+    databases: DatabaseFactory,
+    rabbitmq: RabbitMQAccount,
+    server: LiveServer,
+    page: Page,
+    ui_settings: Settings,
+    control_dsn: str,
+) -> None:
+    # --- a relay whose target refuses the "poison" topic, and three messages dead-lettered for real
+    t = await make_tenant(client, "ui")
+    db = await databases.create("ui")
+    assert (await t.put("/v1/databases/app", {"dsn": pg_dsn(db)})).status_code == 201
+    assert (await t.post("/v1/databases/app/provision")).status_code == 200
+    target = {"kind": "rabbitmq", "url": rabbitmq.url, "password": rabbitmq.password, "timeout_ms": 2000}
+    assert (await t.put("/v1/targets/rabbit", target)).status_code == 201
+    relay = {
+        "database": "app",
+        "target": "rabbit",
+        "partitions": 1,
+        "policy": FAST_RETRY,
+        "topic_mapping": {"orders": "ui-orders-q", "poison": "no-such-queue"},
+    }
+    assert (await t.put("/v1/relays/shop", relay)).status_code == 201
+    connection = await aio_pika.connect(rabbitmq.admin_url)
+    channel = await connection.channel()
+    await channel.declare_queue("ui-orders-q", durable=True)
+    fixed = await channel.declare_queue("ui-fixed-q", durable=True)
+    await write(
+        pg_dsn(db),
+        ("orders", "order-0", b'{"order": 0}'),
+        *(("poison", f"order-{i}", f'{{"order": {i}, "note": "refused <b>{i}</b>"}}'.encode()) for i in (1, 2, 3)),
+    )
+    store = await ControlStore.connect(control_dsn)
+    try:
+        tenant = await store.get_tenant(t.name)
+        assert tenant is not None
+        row = await store.get_resource("relays", tenant.id, "shop")
+        assert row is not None
+        await dead_letter_for_real(ui_settings, store, row.id, pg_dsn(db), 3)
+    finally:
+        await store.close()
+    # the operator fixes the relay: "poison" now has a queue; nothing is redelivered by itself
+    relay["topic_mapping"] = {"orders": "ui-orders-q", "poison": "ui-fixed-q"}
+    relay["enabled"] = False
+    assert (await t.put("/v1/relays/shop", relay)).status_code == 200
+
+    # --- sign in, see the three, times in the browser's zone
+    base = server.url
+    await sign_in(page, base, t.key)
+    rows = page.locator("table.letters tbody tr")
+    await expect(rows).to_have_count(3)
+    await expect(page.locator("#total")).to_have_text("3")
+    await expect(page.locator("#tz")).to_have_text(re.compile(r"Asia/(Kolkata|Calcutta)"))
+    first_time = page.locator("table.letters tbody tr time").first
+    await expect(first_time).to_contain_text("GMT+5:30")
+    assert (await first_time.get_attribute("title") or "").endswith("UTC")
+    await expect(page.locator(".chips").first).to_contain_text("shop")
+
+    # --- filter by key, replay that one from the list
+    await page.get_by_label("Key").fill("order-2")
+    await page.get_by_role("button", name="Apply filters").click()
+    await expect(page).to_have_url(re.compile(r"key=order-2"))
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_contain_text("order-2")
+    await expect(rows.first).to_contain_text("refused <b>2</b>")  # shown as text, not markup
+    await rows.first.get_by_role("button", name=re.compile("Replay")).click()
+    await expect(page.locator(".flash-notice")).to_contain_text("Replayed dead letter")
+    await expect(page.locator(".flash-notice")).to_contain_text("ui-fixed-q")
+    await expect(page.locator(".empty")).to_contain_text("No dead letters match")
+    (message,) = await drain(fixed, 1)
+    assert message.body == b'{"order": 2, "note": "refused <b>2</b>"}'
+    assert message.headers["outbox-key"] == "order-2" and message.headers["outbox-replay-count"] == "1"
+    assert message.headers["outbox-relay"] == "shop"
+
+    # --- errors show in the page
+    await page.get_by_label("Relay").fill("Not A Name")
+    await page.get_by_role("button", name="Apply filters").click()
+    await expect(page.locator(".flash-error")).to_contain_text("relay")
+    await page.get_by_role("link", name="Clear").click()
+    await expect(rows).to_have_count(2)
+    await shot(page, "01-list-after-replay")
+
+    # --- a letter's detail: readable payload, headers, every attempt
+    await rows.first.get_by_role("link", name="View").click()
+    await expect(page.locator("h1")).to_contain_text("Dead letter")
+    payload = page.locator("#payload")
+    await expect(payload).to_contain_text('"order": 3')
+    assert "\n" in (await payload.inner_text())  # indented JSON
+    await expect(page.locator("table.attempts tbody tr")).to_have_count(3)
+    await expect(page.locator("table.attempts")).to_contain_text("unroutable")
+    await expect(page.locator("table.attempts time").first).to_contain_text("GMT+5:30")
+    await shot(page, "02-detail")
+    await page.get_by_role("link", name="← Dead letters").click()
+    await expect(rows).to_have_count(2)
+
+    # --- bulk replay of everything still dead, through the confirmation page, as a job
+    await page.get_by_role("button", name=re.compile(r"Replay all 2 matching")).click()
+    await expect(page.locator("h1")).to_have_text("Replay 2 dead letters?")
+    await shot(page, "03-confirm")
+    await page.locator("#confirm").click()
+    await expect(page).to_have_url(re.compile(r"/ui/jobs/"))
+    await expect(page.locator("[data-field=status]")).to_have_text("queued")
+    await shot(page, "04-job-queued")
+    await run_replay_jobs(ui_settings)
+    await expect(page.locator("[data-field=status]")).to_have_text("done", timeout=10_000)
+    await expect(page.locator("[data-field=replayed]")).to_have_text("2")
+    assert await page.locator("#job-progress").get_attribute("value") == "2"
+    await shot(page, "05-job-done")
+    bodies = sorted(m.body for m in await drain(fixed, 2))
+    assert bodies == [b'{"order": 1, "note": "refused <b>1</b>"}', b'{"order": 3, "note": "refused <b>3</b>"}']
+
+    # --- nothing left: the empty state; the replayed ones under "replayed"
+    await page.get_by_role("link", name="← Dead letters").click()
+    await expect(page.locator(".empty")).to_contain_text("No dead letters")
+    await page.goto(f"{base}/ui/dead-letters?status=replayed")
+    await expect(rows).to_have_count(3)
+    await connection.close()
+
+
+async def test_dashboard_pages_through_1200_dead_letters(
+    client: AsyncTestClient[Any], server: LiveServer, page: Page, control_dsn: str
+) -> None:
+    t = await make_tenant(client, "ui-many")
+    conn = await asyncpg.connect(control_dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO dead_letters (tenant_id, relay_name, target_name, partition, outbox_id, outbox_txid, topic, "
+            "key, destination, payload, error_class, last_error, attempts, created_at) "
+            "SELECT t.id, 'relay-' || (i % 3), 'rabbit', 0, i, 1, 'orders', 'k-' || i, 'q', "
+            "convert_to('{\"n\": ' || i || '}', 'UTF8'), CASE WHEN i % 10 = 0 THEN 'too_large' ELSE 'refused' END, "
+            "'refused', '[]', $2::timestamptz - make_interval(secs => i) "
+            "FROM tenants t, generate_series(1, 1200) i WHERE t.name = $1",
+            t.name,
+            datetime.now(UTC),
+        )
+    finally:
+        await conn.close()
+    await sign_in(page, server.url, t.key)
+    rows = page.locator("table.letters tbody tr")
+    await expect(rows).to_have_count(50)
+    await expect(page.locator(".pager")).to_contain_text("Showing 1\u201350 of 1,200")
+    await expect(rows.first).to_contain_text("k-1")
+    await expect(page.locator(".chips").nth(1)).to_contain_text("too_large 120")
+    await shot(page, "06-many")
+    await page.get_by_role("link", name="Older »").click()
+    await expect(page.locator(".pager")).to_contain_text("Showing 51\u2013100 of 1,200")
+    await expect(rows.first).to_contain_text("k-51")
+    await page.get_by_label("Per page").select_option("200")
+    await page.get_by_role("button", name="Apply filters").click()
+    await expect(rows).to_have_count(200)
+    # select two, and the confirmation says two
+    await page.locator("input[name=ids]").nth(0).check()
+    await page.locator("input[name=ids]").nth(1).check()
+    await expect(page.locator("#selected-count")).to_have_text("2 selected")
+    await page.get_by_role("button", name="Discard selected…").click()
+    await expect(page.locator("h1")).to_have_text("Discard 2 dead letters?")
+    await page.locator("#confirm").click()
+    await expect(page.locator(".flash-notice")).to_have_text("Discarded 2 dead letters.")
+    await expect(page.locator(".pager")).to_contain_text("of 1,198")
+
+
+async def test_dashboard_sign_in_admin_view_and_form_protection(client: AsyncTestClient[Any], control_dsn: str) -> None:
+    """Without a browser: what the pages promise at the HTTP level."""
+    t = await make_tenant(client, "ui-http")
+    conn = await asyncpg.connect(control_dsn)
+    try:
+        letter_id = await conn.fetchval(
+            "INSERT INTO dead_letters (tenant_id, relay_name, target_name, partition, outbox_id, outbox_txid, topic, "
+            "payload, error_class, last_error) SELECT id, 'r', 'rabbit', 0, 1, 1, 'orders', '\\x00ff'::bytea, "
+            "'refused', '<script>alert(1)</script>' FROM tenants WHERE name = $1 RETURNING id",
+            t.name,
+        )
+    finally:
+        await conn.close()
+
+    r = await client.get("/ui/dead-letters?relay=r", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login?next=%2Fui%2Fdead-letters%3Frelay%3Dr"
+    r = await client.post("/ui/login", data={"key": "orly_wrong"}, follow_redirects=False)
+    assert r.status_code == 401 and "not valid" in r.text
+    r = await client.post("/ui/login", data={"key": t.key, "next": "//evil.example/"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/dead-letters"  # no open redirect
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "Path=/ui" in cookie and "SameSite=lax" in cookie.replace("Lax", "lax")
+    assert t.key not in cookie  # sealed
+
+    page = await client.get("/ui/dead-letters")
+    assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and "<script>alert" not in page.text
+    # the time range: UTC from ui.js (since=...Z), or the bare field without JavaScript (read as UTC)
+    assert "No dead letters match" in (await client.get("/ui/dead-letters?since=2999-01-01T00:00:00Z")).text
+    assert "No dead letters match" in (await client.get("/ui/dead-letters?since_local=2999-01-01T00:00")).text
+    assert str(letter_id) in (await client.get("/ui/dead-letters?until_local=2999-01-01T00:00")).text
+    assert "since: not a date and time" in (await client.get("/ui/dead-letters?since=someday")).text
+    detail = await client.get(f"/ui/dead-letters/{letter_id}")
+    assert detail.status_code == 200 and "00000000  00 ff" in detail.text  # binary as a hex dump
+    raw = await client.get(f"/ui/dead-letters/{letter_id}/payload")
+    assert raw.content == b"\x00\xff" and "attachment" in raw.headers["content-disposition"]
+    assert (await client.get(f"/ui/dead-letters/{uuid.uuid4()}")).status_code == 404
+
+    # every form needs the session's CSRF token
+    r = await client.post(f"/ui/dead-letters/{letter_id}/discard", data={"csrf": "forged"}, follow_redirects=False)
+    assert r.status_code == 403 and "expired" in r.text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert csrf is not None
+    r = await client.post(f"/ui/dead-letters/{letter_id}/discard", data={"csrf": csrf.group(1)}, follow_redirects=False)
+    assert r.status_code == 303
+    assert (await client.get(f"/v1/dead-letters/{letter_id}", headers=t.headers)).json()["status"] == "discarded"
+
+    # the admin key sees every tenant, with a tenant column and filter
+    r = await client.post("/ui/logout", data={"csrf": csrf.group(1)}, follow_redirects=False)
+    assert r.status_code == 303 and 'orly_ui=""' in r.headers["set-cookie"]
+    r = await client.post("/ui/login", data={"key": ADMIN_KEY}, follow_redirects=False)
+    assert r.status_code == 303
+    page = await client.get(f"/ui/dead-letters?tenant={t.name}&status=any")
+    assert page.status_code == 200 and "admin (all tenants)" in page.text and "<th>Tenant</th>" in page.text
+    assert str(letter_id) in page.text
+    await client.post("/ui/logout", data={"csrf": re.findall(r'name="csrf" value="([^"]+)"', page.text)[0]})
