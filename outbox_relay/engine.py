@@ -57,17 +57,28 @@ def backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
 # --- tenant database connections and wake-ups --------------------------------------------------
 
 
+def parse_buckets(payload: str) -> list[int] | None:
+    """The buckets an insert notification names, or None for "any" (empty or unreadable)."""
+    if not payload:
+        return None
+    try:
+        return [int(b) for b in payload.split(",")]
+    except ValueError:
+        return None
+
+
 @dataclass
 class _TenantDb:
     version: datetime
     pool: asyncpg.Pool
-    waiters: set[asyncio.Event] = field(default_factory=set)
+    waiters: dict[asyncio.Event, tuple[int, int]] = field(default_factory=dict)
+    """Each waiting partition's event, with its relay's (partitions, partition)."""
     listener: asyncio.Task[None] | None = None
 
 
 class TenantConnections:
     """Per-worker pools to tenant databases, plus one LISTEN connection per database that wakes
-    every waiting partition of that database when an insert commits."""
+    the waiting partitions of that database that read a bucket an insert wrote, when it commits."""
 
     def __init__(self, *, policy: AddressPolicy, timeout_s: float) -> None:
         self.policy = policy
@@ -94,25 +105,29 @@ class TenantConnections:
             return pool
 
     @contextlib.asynccontextmanager
-    async def waiter(self, database_id: uuid.UUID) -> AsyncIterator[asyncio.Event]:
+    async def waiter(self, database_id: uuid.UUID, partitions: int, partition: int) -> AsyncIterator[asyncio.Event]:
+        """An event set when a committed insert wrote a bucket that ``partition`` (of ``partitions``)
+        reads, or when the LISTEN connection (re)starts."""
         event = asyncio.Event()
         entry = self._dbs.get(database_id)
         if entry is not None:
-            entry.waiters.add(event)
+            entry.waiters[event] = (partitions, partition)
         try:
             yield event
         finally:
             if entry is not None:
-                entry.waiters.discard(event)
+                entry.waiters.pop(event, None)
 
     async def _listen(self, entry: _TenantDb, db: Database, password: str | None) -> None:
         """Keep one LISTEN connection open; polling covers the gaps while it reconnects."""
         attempt = 0
         channel = notify_channel(db.schema)
 
-        def wake(*_: Any) -> None:
-            for event in list(entry.waiters):
-                event.set()
+        def wake(_conn: Any = None, _pid: int = 0, _channel: str = "", payload: str = "") -> None:
+            buckets = parse_buckets(payload)
+            for event, (partitions, partition) in list(entry.waiters.items()):
+                if buckets is None or any(b % partitions == partition for b in buckets):
+                    event.set()
 
         while True:
             try:
@@ -391,7 +406,7 @@ class RelayRunner:
                     if wait > 0:  # a refused message waits out its backoff, holding only this partition
                         await asyncio.sleep(min(wait, remaining()))
                         continue
-                async with self.tenants.waiter(plan.database_id) as woken:
+                async with self.tenants.waiter(plan.database_id, plan.partitions, lease.partition) as woken:
                     poll_started = time.time_ns()
                     rows = await self._poll(pool, database, part.cursor, plan, lease, policy.batch_size)
                     part.last_poll_empty = not rows

@@ -32,17 +32,24 @@ CREATE TABLE IF NOT EXISTS {schema}.outbox_meta (
 );
 INSERT INTO {schema}.outbox_meta (version) VALUES (1) ON CONFLICT (singleton) DO NOTHING;
 
--- Wakes idle relays at commit: one notification per inserting statement.
+-- Wakes idle relays at commit: one notification per inserting statement, naming the buckets it
+-- wrote (comma-separated) so that a worker wakes only the partitions that read them; an empty
+-- payload (more than 64 buckets, or an older version of this trigger) wakes every partition.
 CREATE OR REPLACE FUNCTION {schema}.outbox_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    buckets text;
 BEGIN
-    PERFORM pg_notify({channel}, '');
+    SELECT CASE WHEN count(*) > 64 THEN '' ELSE string_agg(bucket::text, ',') END INTO buckets
+    FROM (SELECT DISTINCT bucket FROM new_rows LIMIT 65) AS written;
+    PERFORM pg_notify({channel}, coalesce(buckets, ''));
     RETURN NULL;
 END
 $$;
 
 DROP TRIGGER IF EXISTS outbox_notify ON {schema}.outbox;
 CREATE TRIGGER outbox_notify AFTER INSERT ON {schema}.outbox
+    REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION {schema}.outbox_notify();
 
 -- Daily partitions from today on; the maintenance job keeps creating them ahead.

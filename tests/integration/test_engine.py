@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import uuid
+from datetime import UTC, datetime
 
 import asyncpg
 
-from outbox_relay.engine import RelayRunner
+from outbox_relay.domain import Database
+from outbox_relay.engine import RelayRunner, TenantConnections
+from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
 from tests.brokers import RabbitMQAccount, free_port
 from tests.conftest import pg_dsn
@@ -254,3 +258,37 @@ async def test_notify_wakes_an_idle_partition(setup: Setup, runner: RelayRunner,
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_notify_wakes_only_the_partitions_that_read_the_written_buckets(setup: Setup) -> None:
+    """An insert names the buckets it wrote; a worker wakes the partitions reading them, not all."""
+    tenants = TenantConnections(policy=AddressPolicy(allow_private=True), timeout_s=2)
+    database_id = uuid.uuid4()
+    try:
+        await tenants.pool(database_id, datetime.now(UTC), Database(dsn=setup.dsn), None)
+        conn = await asyncpg.connect(setup.dsn)
+        try:
+            bucket = await conn.fetchval("SELECT hashtextextended('order-7', 0) & 4095")
+        finally:
+            await conn.close()
+        hit, miss = bucket % 16, (bucket + 1) % 16
+        async with tenants.waiter(database_id, 16, hit) as woken, tenants.waiter(database_id, 16, miss) as other:
+            await asyncio.sleep(0.5)  # the LISTEN connection is up and its start-up wake is spent
+            woken.clear()
+            other.clear()
+            await write(setup.dsn, ("t", "order-7", b"x"))
+            await asyncio.wait_for(woken.wait(), timeout=5)
+            await asyncio.sleep(0.2)
+            assert not other.is_set(), "a partition that reads none of the written buckets was woken"
+            # a statement writing more than 64 buckets names none: every partition wakes
+            conn = await asyncpg.connect(setup.dsn)
+            try:
+                await conn.execute(
+                    "INSERT INTO outbox_relay.outbox (topic, key, payload) "
+                    "SELECT 't', 'k' || g, 'x' FROM generate_series(1, 500) AS g"
+                )
+            finally:
+                await conn.close()
+            await asyncio.wait_for(other.wait(), timeout=5)
+    finally:
+        await tenants.close()
