@@ -1,0 +1,231 @@
+"""The benchmark's view of each broker: the target it configures, and how it reads back.
+
+For every broker a *kit* knows the target (as the API's ``PUT /v1/targets`` body and as the spec
+``open_publisher`` takes), prepares destinations (RabbitMQ queues, Kafka topics; streams need
+nothing), counts what a destination holds (``XLEN``; a passive queue declare; the sum of end
+offsets) and consumes a destination from its start, handing each message's payload and the time it
+arrived to a callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from outbox_relay.domain import Target
+
+OnMessage = Callable[[bytes, float], None]
+"""Called with a message's payload and ``time.perf_counter()`` when it arrived."""
+
+
+class Kit(Protocol):
+    name: str
+    target_body: dict[str, Any]
+    password: str | None
+
+    def destination(self, purpose: str) -> str: ...
+
+    async def prepare(self, destinations: list[str]) -> None: ...
+
+    async def count(self, destination: str) -> int: ...
+
+    async def consume(self, destination: str, on_message: OnMessage, stop: asyncio.Event) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def target_spec(kit: Kit) -> Target:
+    body = {k: v for k, v in kit.target_body.items() if k != "password"}
+    target: Target = msgspec.convert(body, type=Target)
+    return target
+
+
+class RedisKit:
+    name = "redis"
+
+    def __init__(self, *, url: str, prefix: str) -> None:
+        import redis.asyncio as aioredis
+
+        self.url, self.prefix = url, prefix
+        self.target_body: dict[str, Any] = {"kind": "redis_streams", "url": url}
+        self.password: str | None = None
+        self._redis = aioredis.Redis.from_url(url)
+
+    def destination(self, purpose: str) -> str:
+        return f"{self.prefix}{purpose}"
+
+    async def prepare(self, destinations: list[str]) -> None:
+        pass
+
+    async def count(self, destination: str) -> int:
+        return int(await self._redis.xlen(destination))
+
+    async def consume(self, destination: str, on_message: OnMessage, stop: asyncio.Event) -> None:
+        import redis.asyncio as aioredis
+
+        reader = aioredis.Redis.from_url(self.url)
+        last = "0-0"
+        try:
+            while not stop.is_set():
+                reply = await reader.xread({destination: last}, count=1000, block=200)
+                now = time.perf_counter()
+                for _stream, entries in reply or []:
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        on_message(fields[b"payload"], now)
+        finally:
+            await reader.aclose()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class RabbitMQKit:
+    name = "rabbitmq"
+
+    def __init__(self, *, vhost: str, host: str = "127.0.0.1", port: int = 5672) -> None:
+        self.vhost = vhost
+        self.admin_url = f"amqp://guest:guest@{host}:{port}/{vhost}"
+        self.target_body: dict[str, Any] = {
+            "kind": "rabbitmq",
+            "url": f"amqp://guest@{host}:{port}/{vhost}",
+            "password": "guest",
+        }
+        self.password: str | None = "guest"
+        self._connection: Any = None
+        self._channel: Any = None
+
+    def destination(self, purpose: str) -> str:
+        return f"bench-{purpose}"
+
+    async def _admin_channel(self) -> Any:
+        import aio_pika
+
+        if self._channel is None or self._channel.is_closed:
+            if self._connection is None or self._connection.is_closed:
+                self._connection = await aio_pika.connect(self.admin_url)
+            self._channel = await self._connection.channel()
+        return self._channel
+
+    async def prepare(self, destinations: list[str]) -> None:
+        """Durable queues on the default exchange: the relay publishes mandatory, so they must exist."""
+        channel = await self._admin_channel()
+        for name in destinations:
+            await channel.declare_queue(name, durable=True)
+
+    async def count(self, destination: str) -> int:
+        channel = await self._admin_channel()
+        queue = await channel.declare_queue(destination, passive=True)
+        return int(queue.declaration_result.message_count)
+
+    async def consume(self, destination: str, on_message: OnMessage, stop: asyncio.Event) -> None:
+        import aio_pika
+
+        connection = await aio_pika.connect(self.admin_url)
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(destination, passive=True)
+
+            async def received(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                on_message(message.body, time.perf_counter())
+
+            tag = await queue.consume(received, no_ack=True)
+            await stop.wait()
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        finally:
+            await connection.close()
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+
+
+class KafkaKit:
+    """A private Tansu broker. Tansu refuses idempotent producers (no InitProducerId), hence
+    ``enable_idempotence: false``; group joins are slow on it, so consumers ``assign()``."""
+
+    name = "kafka"
+
+    def __init__(self, *, bootstrap: str, topic_partitions: int = 3) -> None:
+        self.bootstrap = bootstrap
+        self.topic_partitions = topic_partitions
+        self.target_body: dict[str, Any] = {
+            "kind": "kafka",
+            "bootstrap_servers": [bootstrap],
+            "enable_idempotence": False,
+        }
+        self.password: str | None = None
+        self._counts: dict[str, int] = {}
+        self._counters: dict[str, asyncio.Task[None]] = {}
+
+    def destination(self, purpose: str) -> str:
+        return f"bench-{purpose}"
+
+    async def prepare(self, destinations: list[str]) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [NewTopic(name, num_partitions=self.topic_partitions, replication_factor=1) for name in destinations]
+            )
+        finally:
+            await admin.close()
+
+    def _partitions(self, topic: str) -> list[Any]:
+        from aiokafka import TopicPartition
+
+        return [TopicPartition(topic, p) for p in range(self.topic_partitions)]
+
+    async def count(self, destination: str) -> int:
+        """Records readable from ``destination``, counted by a consumer that reads it from the start.
+
+        Not the sum of end offsets: Tansu 0.6.0 (memory engine) answers ListOffsets short by about
+        one record batch per partition (19,900 of 20,000 records, all of which a consumer fetches)."""
+        if destination not in self._counts:
+            self._counts[destination] = 0
+            self._counters[destination] = asyncio.create_task(self._count(destination))
+        task = self._counters[destination]
+        if task.done():
+            task.result()
+        return self._counts[destination]
+
+    async def _count(self, destination: str) -> None:
+        def seen(_payload: bytes, _at: float) -> None:
+            self._counts[destination] += 1
+
+        await self.consume(destination, seen, asyncio.Event())
+
+    async def consume(self, destination: str, on_message: OnMessage, stop: asyncio.Event) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50
+        )
+        await consumer.start()
+        try:
+            partitions = self._partitions(destination)
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            while not stop.is_set():
+                batches = await consumer.getmany(timeout_ms=200, max_records=1000)
+                now = time.perf_counter()
+                for records in batches.values():
+                    for record in records:
+                        on_message(record.value, now)
+        finally:
+            await consumer.stop()
+
+    async def close(self) -> None:
+        for task in self._counters.values():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
