@@ -111,7 +111,7 @@ async def test_kafka_consumer_example(shop_dsn: str, tansu: TansuBroker) -> None
 
 
 def test_the_docs_show_every_example_as_it_is() -> None:
-    """docs/client.md (or the README, once the section moves there) embeds each example verbatim."""
+    """The README (or a page under docs/) embeds each example verbatim."""
     shown: dict[str, str] = {}
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         if doc.exists():
