@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from arq.worker import Worker
 
 from outbox_relay.config import PREFIX, Settings
 
@@ -115,3 +116,25 @@ def worker_pool(settings: Settings, request: pytest.FixtureRequest) -> Iterator[
         yield pool
     finally:
         pool.stop_all()
+
+
+async def run_replay_jobs(settings: Settings) -> None:
+    """In this process: an arq worker with the real start-up and only the replay job, until its queue is empty."""
+    from workers.settings import worker_settings
+
+    ws = worker_settings(settings)
+    worker = Worker(
+        functions=[f for f in ws["functions"] if f.name == "replay_dead_letters"],
+        on_startup=ws["on_startup"],
+        on_shutdown=ws["on_shutdown"],
+        redis_settings=ws["redis_settings"],
+        queue_name=settings.queue_name,
+        burst=True,
+        poll_delay=0.05,
+        handle_signals=False,
+        keep_result=0,
+    )
+    try:
+        await worker.main()
+    finally:
+        await worker.close()

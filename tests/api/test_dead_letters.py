@@ -20,7 +20,6 @@ from typing import Any
 import aio_pika
 import asyncpg
 import pytest
-from arq.worker import Worker
 from litestar.testing import AsyncTestClient
 
 from outbox_relay.config import Settings
@@ -28,7 +27,7 @@ from service.app import create_app
 from tests.brokers import RabbitMQAccount
 from tests.conftest import pg_dsn
 from tests.helpers import TenantClient, admin, make_tenant
-from workers.settings import worker_settings
+from tests.workers import run_replay_jobs
 
 _outbox_ids = itertools.count(1)
 
@@ -153,26 +152,6 @@ async def pages(t: TenantClient, query: str, limit: int) -> list[list[dict[str, 
         cursor = body["next_cursor"]
         if cursor is None:
             return out
-
-
-async def run_replay_jobs(settings: Settings) -> None:
-    """An arq worker with the real start-up and the registered job function, until the queue is empty."""
-    ws = worker_settings(settings)
-    worker = Worker(
-        functions=[f for f in ws["functions"] if f.name == "replay_dead_letters"],
-        on_startup=ws["on_startup"],
-        on_shutdown=ws["on_shutdown"],
-        redis_settings=ws["redis_settings"],
-        queue_name=settings.queue_name,
-        burst=True,
-        poll_delay=0.05,
-        handle_signals=False,
-        keep_result=0,
-    )
-    try:
-        await worker.main()
-    finally:
-        await worker.close()
 
 
 async def drain(channel: aio_pika.abc.AbstractChannel, queue: str, expect: int, timeout_s: float = 5) -> list[Any]:

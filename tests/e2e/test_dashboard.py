@@ -22,7 +22,6 @@ from typing import Any
 import aio_pika
 import asyncpg
 import pytest
-from arq.worker import Worker
 from litestar.testing import AsyncTestClient
 from playwright.async_api import Browser, Page, async_playwright, expect
 
@@ -36,8 +35,7 @@ from tests.brokers import RabbitMQAccount
 from tests.conftest import DatabaseFactory, LiveServer, pg_dsn
 from tests.helpers import ADMIN_KEY, make_tenant
 from tests.integration.conftest import FAST_RETRY, write
-from tests.workers import OUTPUT_DIR
-from workers.settings import worker_settings
+from tests.workers import OUTPUT_DIR, run_replay_jobs
 
 pytestmark = pytest.mark.e2e
 
@@ -113,26 +111,6 @@ async def sign_in(page: Page, base: str, key: str) -> None:
     await page.get_by_label("API key").fill(key)
     await page.get_by_role("button", name="Sign in").click()
     await expect(page).to_have_url(re.compile(r"/ui/dead-letters"))
-
-
-async def run_replay_jobs(settings: Settings) -> None:
-    """An arq worker (real start-up, the registered function) until its queue is empty."""
-    ws = worker_settings(settings)
-    worker = Worker(
-        functions=[f for f in ws["functions"] if f.name == "replay_dead_letters"],
-        on_startup=ws["on_startup"],
-        on_shutdown=ws["on_shutdown"],
-        redis_settings=ws["redis_settings"],
-        queue_name=settings.queue_name,
-        burst=True,
-        poll_delay=0.05,
-        handle_signals=False,
-        keep_result=0,
-    )
-    try:
-        await worker.main()
-    finally:
-        await worker.close()
 
 
 async def drain(queue: aio_pika.abc.AbstractQueue, expect_n: int) -> list[Any]:
