@@ -29,6 +29,8 @@ from litestar.openapi.spec import (
 )
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from litestar.types import Message, Scope
+from litestar.utils import normalize_path
+from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
 
 from outbox_relay import __version__
 from outbox_relay.config import Settings
@@ -45,6 +47,26 @@ from service.schemas import use_msgspec_schemas
 from service.targets.controller import TargetController
 from service.tenants.controller import TenantController
 from service.ui.controller import UIController, ui_static_files, ui_template_config
+
+
+def route_template_details(scope: Scope) -> tuple[str, dict[str, str]]:
+    """Span name and ``http.route`` from the matched route's template (``/v1/relays/{name}``).
+
+    litestar's default puts the concrete path there (``GET /v1/relays/shop``), which makes the
+    request metrics' cardinality as large as the set of resource names. The OTel middleware wraps
+    the router, so it asks before routing: look the route up the way the router will (its lookup
+    is cached). A path no route matches is ``unmatched``, so scanners cannot add label values.
+    """
+    method = str(scope.get("method", "")).strip()
+    path = scope.get("path", "")
+    if root_path := scope.get("root_path", ""):
+        path = path.split(root_path, maxsplit=1)[-1]
+    try:
+        *_, template = scope["litestar_app"].asgi_router.handle_routing(path=normalize_path(path), method=method)
+    except Exception:  # NotFound, MethodNotAllowed: the router answers those itself
+        template = "unmatched"
+    template = template or "unmatched"
+    return (f"{method} {template}" if method else template), {HTTP_ROUTE: template}
 
 
 class Health(msgspec.Struct):
@@ -201,7 +223,13 @@ def create_app(settings: Settings | None = None, *, store: ControlStore | None =
         template_config=ui_template_config(),
         debug=False,
         before_send=[fix_allow_header],
-        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/metrics", "/healthz", "/readyz"]))],
+        plugins=[
+            OpenTelemetryPlugin(
+                OpenTelemetryConfig(
+                    exclude=["/metrics", "/healthz", "/readyz"], scope_span_details_extractor=route_template_details
+                )
+            )
+        ],
     )
     document_problems(app.openapi_schema)  # the plugin caches this object; /docs serves it
     allow.update(
