@@ -374,6 +374,9 @@ class RelayRunner:
         relay = msgspec.json.decode(plan.relay_spec, type=Relay)
         database = msgspec.json.decode(plan.database_spec, type=Database)
         target: Target = msgspec.json.decode(plan.target_spec, type=Target)
+        # decrypted once per slice, not per batch: the plan (and so each secret) is fixed for the slice
+        database_password = self._decrypt(plan.database_secret)
+        target_password = self._decrypt(plan.target_secret)
         part = _Partition(
             plan=plan, lease=lease, relay=relay, cursor=(lease.cursor_txid, lease.cursor_id), retry=lease.retry
         )
@@ -395,9 +398,7 @@ class RelayRunner:
 
         while remaining() > 0:
             try:
-                pool = await self.tenants.pool(
-                    plan.database_id, plan.database_version, database, self._decrypt(plan.database_secret)
-                )
+                pool = await self.tenants.pool(plan.database_id, plan.database_version, database, database_password)
                 if not identity_checked:
                     await self._check_identity(pool, part)
                     identity_checked = True
@@ -430,9 +431,7 @@ class RelayRunner:
                     },
                 ):
                     tracer.start_span("outbox.poll", start_time=poll_started).end()
-                    publisher = await self.publishers.get(
-                        plan.target_id, plan.target_version, target, self._decrypt(plan.target_secret)
-                    )
+                    publisher = await self.publishers.get(plan.target_id, plan.target_version, target, target_password)
                     await self._publish(publisher, part, rows)
                 failures = 0
             except TargetUnavailable as exc:
