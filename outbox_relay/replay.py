@@ -41,6 +41,7 @@ from outbox_relay.brokers.base import OutgoingMessage, Publisher
 from outbox_relay.brokers.factory import open_publisher
 from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Relay, Target, route
+from outbox_relay.engine import PublisherCache, PublisherFactory
 from outbox_relay.errors import AddressNotAllowed, OutboxRelayError, TargetUnavailable
 from outbox_relay.netguard import AddressPolicy, check_target
 from outbox_relay.store.dead_letters import DeadLetterStore, Letter, RelayRoute, TargetRow
@@ -50,8 +51,6 @@ DEAD_LETTER_HEADER = "outbox-dead-letter-id"
 CHUNK = 100
 REPLAY_JOB = "replay_dead_letters"
 """The arq function name of a bulk replay job (``workers.replay``)."""
-
-PublisherFactory = Callable[[Target, str | None], Awaitable[Publisher]]
 
 
 class ReplayError(OutboxRelayError):
@@ -153,11 +152,12 @@ class Replayer:
         self.letters = letters
         self.secrets = secrets
         self.policy = policy
-        self._factory = publisher_factory or (lambda target, password: open_publisher(target, password=password))
         self._relays: dict[uuid.UUID, RelayRoute | None] = {}
         self._targets: dict[tuple[uuid.UUID, str], TargetRow | None] = {}
         self._checked: dict[tuple[uuid.UUID, datetime], str | None] = {}
-        self._publishers: dict[tuple[uuid.UUID, datetime], Publisher] = {}
+        self._publishers = PublisherCache(
+            publisher_factory or (lambda target, password: open_publisher(target, password=password))
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -166,10 +166,7 @@ class Replayer:
         await self.close()
 
     async def close(self) -> None:
-        publishers, self._publishers = list(self._publishers.values()), {}
-        for publisher in publishers:
-            with contextlib.suppress(Exception):
-                await publisher.close()
+        await self._publishers.close()
 
     # --- where to -----------------------------------------------------------------------------------
 
@@ -351,12 +348,9 @@ class Replayer:
     # --- publishing ---------------------------------------------------------------------------------
 
     async def _publisher(self, target_route: Route) -> Publisher:
-        key = (target_route.target_id, target_route.target_version)
-        publisher = self._publishers.get(key)
-        if publisher is None:
-            publisher = await self._factory(target_route.target, target_route.password)
-            self._publishers[key] = publisher
-        return publisher
+        return await self._publishers.get(
+            target_route.target_id, target_route.target_version, target_route.target, target_route.password
+        )
 
     async def _publish(
         self, target_route: Route, items: list[tuple[Letter, str]], token: str, actor: str
@@ -401,10 +395,7 @@ class Replayer:
         return outcomes, None
 
     async def _drop_publisher(self, target_route: Route) -> None:
-        publisher = self._publishers.pop((target_route.target_id, target_route.target_version), None)
-        if publisher is not None:
-            with contextlib.suppress(Exception):
-                await publisher.close()
+        await self._publishers.discard(target_route.target_id)
 
     async def _replayed(
         self, letter: Letter, token: str, actor: str, target_name: str, destination: str
