@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,15 +35,15 @@ from typing import Any
 
 import asyncpg
 import httpx
-import uvicorn
 
 from outbox_relay.config import Settings
 from outbox_relay.crypto import generate_key
 from outbox_relay.store.migrate import migrate
-from service.app import create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from infra import REDIS_URL, Scratch, free_port, log, pg_dsn
+from infra import REDIS_URL, Scratch, log, pg_dsn  # (puts the repository root on the path, too)
+
+from tests.helpers import LiveServer
 
 ADMIN_KEY = "bench-admin-key"
 RESULTS = Path(__file__).resolve().parent / "results" / "dead_letters.json"
@@ -68,29 +67,6 @@ SELECT $1, 'relay-' || (i % 5), 'rabbit', i % 16, i, 1000 + i, $3::timestamptz -
     $3::timestamptz - make_interval(secs => i)
 FROM generate_series(1, $2) i
 """
-
-
-class Server:
-    """The API under uvicorn in a thread with its own event loop (as deployed: one process)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the API did not start")
-            time.sleep(0.02)
-
-    async def stop(self) -> None:
-        self.server.should_exit = True
-        await asyncio.to_thread(self.thread.join, 10)
 
 
 def summary(samples_s: list[float]) -> dict[str, float]:
@@ -146,7 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "settings": {"letters": args.letters, "noise_letters": args.noise, "repeat": args.repeat},
     }
-    server: Server | None = None
+    server: LiveServer | None = None
     try:
         dsn = pg_dsn(await scratch.database("dead_letters"))
         await migrate(dsn)
@@ -158,7 +134,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             allow_private_networks=True,
             queue_name=f"orly-bench-{scratch.run_id}",
         )
-        server = Server(settings)
+        server = LiveServer(settings)
         server.start()
         admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
@@ -231,7 +207,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             report["results"] = results
     finally:
         if server is not None:
-            await server.stop()
+            await asyncio.to_thread(server.stop)
         await scratch.close()
     report["wall_seconds"] = round(time.monotonic() - wall, 1)
     return report

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -18,7 +16,7 @@ from outbox_relay.config import Settings
 from outbox_relay.crypto import generate_key
 from outbox_relay.store.migrate import migrate
 from service.app import create_app
-from tests.helpers import ADMIN_KEY
+from tests.helpers import ADMIN_KEY, LiveServer
 
 pytest_plugins = ["tests.brokers", "tests.workers"]
 
@@ -105,35 +103,6 @@ async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
     """The app in-process over the run's control DB."""
     async with AsyncTestClient(app=create_app(settings)) as c:
         yield c
-
-
-class LiveServer:
-    """The API under uvicorn on a free port, in a thread with its own event loop."""
-
-    def __init__(self, settings: Settings) -> None:
-        import socket
-
-        import uvicorn
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="live-api", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the API did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session")
