@@ -21,6 +21,10 @@ import asyncpg
 ResourceTable = Literal["databases", "targets", "relays"]
 KEY_PREFIX = "orly_"
 
+HELD_BY_LEASE = "relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL"
+"""The fence of every write that moves a partition's state: $1 relay, $2 partition, $3 the writer's
+lease epoch. It fails once another worker took the lease (new epoch) or the writer gave it back."""
+
 
 def hash_key(key: str) -> bytes:
     """API keys are 256-bit random tokens: a plain SHA-256 is the right hash (no stretching needed)."""
@@ -452,7 +456,7 @@ class ControlStore:
         return (
             await self.pool.fetchval(
                 "UPDATE relay_partitions SET lease_expires_at = now() + make_interval(secs => $4) "
-                "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
+                f"WHERE {HELD_BY_LEASE} "
                 "RETURNING true",
                 lease.relay_id,
                 lease.partition,
@@ -481,7 +485,7 @@ class ControlStore:
                 "last_error = NULL, last_error_class = NULL, stall = NULL, "
                 "retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', "
                 "retry_next_at = NULL, updated_at = now() "
-                "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
+                f"WHERE {HELD_BY_LEASE} "
                 "RETURNING true",
                 lease.relay_id,
                 lease.partition,
@@ -526,7 +530,7 @@ class ControlStore:
                 "retry_next_at = $7, retried_count = retried_count + 1, last_error = $8, last_error_at = now(), "
                 "last_error_class = 'refused', "
                 "updated_at = now() "
-                "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
+                f"WHERE {HELD_BY_LEASE} "
                 "RETURNING true",
                 lease.relay_id,
                 lease.partition,
@@ -547,7 +551,7 @@ class ControlStore:
                 "UPDATE relay_partitions SET cursor_txid = $4, cursor_id = $5, dead_count = dead_count + 1, "
                 "retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', retry_next_at = NULL, "
                 "last_error = $6, last_error_at = now(), updated_at = now() "
-                "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
+                f"WHERE {HELD_BY_LEASE} "
                 "RETURNING true",
                 lease.relay_id,
                 lease.partition,
@@ -586,9 +590,7 @@ class ControlStore:
     async def set_identity(self, lease: Lease, identity: str) -> bool:
         return (
             await self.pool.fetchval(
-                "UPDATE relay_partitions SET system_identifier = $4 "
-                "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
-                "RETURNING true",
+                f"UPDATE relay_partitions SET system_identifier = $4 WHERE {HELD_BY_LEASE} RETURNING true",
                 lease.relay_id,
                 lease.partition,
                 lease.epoch,
@@ -605,7 +607,7 @@ class ControlStore:
                 "retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', retry_next_at = NULL, "
                 "resets = resets + 1, last_reset_at = now(), last_reset_reason = $5, "
                 "last_error = $5, last_error_at = now(), updated_at = now() "
-                "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL "
+                f"WHERE {HELD_BY_LEASE} "
                 "RETURNING true",
                 lease.relay_id,
                 lease.partition,
