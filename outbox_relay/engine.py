@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -257,8 +258,9 @@ class _Partition:
     last_poll_empty: bool = False
     pending_checked: float = 0.0
 
-    @property
+    @functools.cached_property
     def labels(self) -> dict[str, Any]:
+        """The metric labels, built once: the latency histogram takes them for every message."""
         return labels(self.plan.tenant_name, self.plan.relay_name, self.plan.target_name)
 
 
@@ -457,7 +459,8 @@ class RelayRunner:
                 oversize = index
                 break
         if oversize is not None:  # publish what comes before it, then dead-letter it without retrying
-            rows, messages, too_big = rows[:oversize], messages[:oversize], rows[oversize]
+            too_big, too_big_message = rows[oversize], messages[oversize]
+            rows, messages = rows[:oversize], messages[:oversize]
         sendable = [m for m in messages if m is not None]
         with tracer.start_as_current_span(
             "broker.publish", kind=SpanKind.PRODUCER, links=producer_links(sendable)
@@ -503,8 +506,7 @@ class RelayRunner:
                 f"over the relay's max_payload_bytes ({policy.max_payload_bytes})"
             )
             attempt = {"at": datetime.now(UTC).isoformat(), "error": error}
-            message = build_messages(part.relay, part.plan.relay_name, [too_big])[0]
-            await self._dead_letter(part, too_big, message, "too_large", error, [attempt])
+            await self._dead_letter(part, too_big, too_big_message, "too_large", error, [attempt])
 
     async def _refused(
         self, part: _Partition, row: tenant_db.OutboxRow, message: OutgoingMessage, *, error: str, error_class: str
