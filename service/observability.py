@@ -30,9 +30,11 @@ class StatusController(Controller):
     async def tenant_status(self, tenant: TenantDep, services: ServicesDep) -> TenantOverview:
         overviews = []
         states: dict[str, int] = {}
-        for row in await services.store.relays_of_tenant(tenant.id):
+        relays = await services.store.relays_of_tenant(tenant.id)
+        partitions = await services.store.partition_states_of([row.id for row in relays])
+        for row in relays:
             relay = msgspec.json.decode(row.spec, type=Relay)
-            status = relay_status(row.name, relay.enabled, await services.store.partition_states(row.id))
+            status = relay_status(row.name, relay.enabled, partitions.get(row.id, []))
             states[status.state] = states.get(status.state, 0) + 1
             overviews.append(
                 RelayOverview(

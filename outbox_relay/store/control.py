@@ -656,16 +656,23 @@ class ControlStore:
         )
 
     async def partition_states(self, relay_id: uuid.UUID) -> list[dict[str, Any]]:
+        return (await self.partition_states_of([relay_id])).get(relay_id, [])
+
+    async def partition_states_of(self, relay_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[dict[str, Any]]]:
+        """Every partition's state of each relay, by relay, in one query (the tenant overview)."""
         rows = await self.pool.fetch(
-            "SELECT partition, cursor_txid, cursor_id, lease_holder, lease_epoch, lease_expires_at, "
+            "SELECT relay_id, partition, cursor_txid, cursor_id, lease_holder, lease_epoch, lease_expires_at, "
             "last_published_at, last_error, last_error_at, published_count, dead_count, retried_count, "
             "retry_outbox_id, retry_attempts, retry_next_at, resets, last_reset_at, last_reset_reason, "
             "last_error_class, pending_estimate, oldest_pending_at, pending_checked_at, stall::text AS stall, "
             "lease_expires_at < now() AS lease_expired "
-            "FROM relay_partitions WHERE relay_id = $1 ORDER BY partition",
-            relay_id,
+            "FROM relay_partitions WHERE relay_id = ANY($1::uuid[]) ORDER BY relay_id, partition",
+            relay_ids,
         )
-        return [dict(r) for r in rows]
+        by_relay: dict[uuid.UUID, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_relay.setdefault(r["relay_id"], []).append(dict(r))
+        return by_relay
 
 
 def _select(table: ResourceTable) -> str:
