@@ -7,14 +7,32 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install services browser run test test-fast lint openapi clean
+.PHONY: install lock upgrade-lock services browser run test test-fast lint openapi clean
 
-$(STAMP): pyproject.toml
+# Installs exactly what uv.lock pins (hash-checked), never a fresh resolution. uv itself is pinned by
+# the lock too: pip bootstraps that version into the venv, then `uv sync --locked` installs the rest
+# and refuses to run when pyproject.toml and uv.lock disagree (run `make lock` on purpose).
+UV_VERSION := $(shell sed -n '/^name = "uv"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' uv.lock)
+UV := UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv
+
+$(BIN)/uv:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[server,dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'uv==$(UV_VERSION)'
+
+$(STAMP): pyproject.toml uv.lock $(BIN)/uv
+	$(UV) sync --locked --extra server --extra dev --python $(BIN)/python
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Refresh the lock on purpose, then commit uv.lock with the change that needed it (and `make openapi`
+# if the spec moved): `make lock` after editing pyproject.toml keeps every other pin as it is;
+# `make upgrade-lock` moves every dependency to the newest release pyproject.toml allows.
+lock: $(BIN)/uv
+	$(UV) lock
+
+upgrade-lock: $(BIN)/uv
+	$(UV) lock --upgrade
 
 services:
 	.ci/ensure-services

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -24,9 +25,25 @@ def spec() -> dict[str, Any]:
     return document
 
 
+PROSE_KEYS = frozenset({"description", "summary"})
+
+
+def normalized(node: Any) -> Any:
+    """The document with its prose in one form: every ``description`` and ``summary`` dedented
+    (``inspect.cleandoc``), so a library that strips a docstring's indentation differently (msgspec
+    0.23 does) changes no byte of the committed file and no comparison of the drift test."""
+    if isinstance(node, dict):
+        return {
+            k: inspect.cleandoc(v) if k in PROSE_KEYS and isinstance(v, str) else normalized(v) for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [normalized(v) for v in node]
+    return node
+
+
 def render() -> bytes:
-    """Stable text: sorted keys, two-space indent, trailing newline."""
-    return msgspec.json.format(msgspec.json.encode(spec(), order="sorted"), indent=2) + b"\n"
+    """Stable text: prose normalized, sorted keys, two-space indent, trailing newline."""
+    return msgspec.json.format(msgspec.json.encode(normalized(spec()), order="sorted"), indent=2) + b"\n"
 
 
 if __name__ == "__main__":
