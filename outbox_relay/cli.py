@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -55,13 +54,12 @@ async def _migrate(settings: Settings, *, create: bool) -> None:
 
 
 def _worker(settings: Settings, *, handle_signals: bool) -> object:
-    from arq.worker import Worker
-
     from workers.settings import worker_settings
+    from workers.worker import RelayWorker
 
     kwargs = worker_settings(settings)
     kwargs["handle_signals"] = handle_signals
-    return Worker(**kwargs)
+    return RelayWorker(**kwargs)
 
 
 async def _serve(settings: Settings, *, with_worker: bool) -> None:
@@ -90,18 +88,14 @@ async def _serve(settings: Settings, *, with_worker: bool) -> None:
 
 
 async def _run_worker(settings: Settings) -> None:
-    worker = _worker(settings, handle_signals=False)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(worker.async_run())  # type: ignore[attr-defined]
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    await worker.close()  # type: ignore[attr-defined]
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    """arq's own signal handling: SIGINT/SIGTERM cancel the worker's jobs and its main loop."""
+    worker = _worker(settings, handle_signals=True)
+    try:
+        await worker.async_run()  # type: ignore[attr-defined]
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await worker.close()  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,8 @@ from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Database, Relay, Target, route
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy
-from outbox_relay.store.control import ControlStore, DeadLetter, Lease, RelayPlan, RetryState
+from outbox_relay.store.control import ControlStore, DeadLetter, Lease, RelayPlan, RetryState, control_unavailable
+from outbox_relay.store.events import ControlEvents
 from outbox_relay.telemetry import PendingSample, instruments, labels
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import notify_channel, quote_ident
@@ -257,6 +258,11 @@ class _Partition:
     dead: int = 0
     last_poll_empty: bool = False
     pending_checked: float = 0.0
+    lease_until: float = 0.0
+    """Monotonic time the lease is known to hold until (its last acquire or renewal + TTL)."""
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the relay's configuration changed (disabled, deleted, edited): finish the batch in
+    flight, then end the slice so the next one runs the new plan (or none)."""
 
     @functools.cached_property
     def labels(self) -> dict[str, Any]:
@@ -268,7 +274,8 @@ class _Partition:
 class SliceResult:
     outcome: str
     """``ran``, ``busy`` (another holder has the lease), ``gone`` (relay deleted or disabled),
-    ``lost`` (the lease was taken over mid-slice)."""
+    ``lost`` (the lease was taken over mid-slice), ``changed`` (the relay was disabled, deleted
+    or edited mid-slice)."""
     published: int = 0
     skipped: int = 0
     dead: int = 0
@@ -307,12 +314,14 @@ class RelayRunner:
         secrets: SecretBox,
         tenants: TenantConnections,
         publishers: PublisherCache,
+        events: ControlEvents | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.secrets = secrets
         self.tenants = tenants
         self.publishers = publishers
+        self.events = events
 
     def _decrypt(self, token: bytes | None) -> str | None:
         return self.secrets.decrypt(token) if token else None
@@ -328,8 +337,9 @@ class RelayRunner:
         instruments().lease_acquired.add(1, metric_labels)
         instruments().leases_held.add(1, metric_labels)
         lost = asyncio.Event()
-        keeper = asyncio.create_task(self._keep_lease(lease, lost))
-        work = asyncio.create_task(self._run(plan, lease))
+        part = self._partition(plan, lease)
+        keeper = asyncio.create_task(self._keep_lease(part, lost))
+        work = asyncio.create_task(self._run_watched(part))
         try:
             lost_wait = asyncio.create_task(lost.wait())
             done, _ = await asyncio.wait({work, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -358,30 +368,104 @@ class RelayRunner:
                 with contextlib.suppress(Exception):
                     await self.store.release_lease(lease)
 
-    async def _keep_lease(self, lease: Lease, lost: asyncio.Event) -> None:
-        interval = self.settings.lease_ttl_s / 3
+    def _partition(self, plan: RelayPlan, lease: Lease) -> _Partition:
+        return _Partition(
+            plan=plan,
+            lease=lease,
+            relay=msgspec.json.decode(plan.relay_spec, type=Relay),
+            cursor=(lease.cursor_txid, lease.cursor_id),
+            retry=lease.retry,
+            lease_until=time.monotonic() + self.settings.lease_ttl_s,
+        )
+
+    async def _keep_lease(self, part: _Partition, lost: asyncio.Event) -> None:
+        lease, interval = part.lease, self.settings.lease_ttl_s / 3
         while True:
             await asyncio.sleep(interval)
+            started = time.monotonic()
             try:
                 ok = await self.store.renew_lease(lease, self.settings.lease_ttl_s)
             except Exception as exc:
-                log.warning("lease renewal failed: %s", exc)
+                log.debug("lease renewal failed: %s", exc)  # the worker logs the outage once
                 continue
             if not ok:
                 log.warning("lease lost: relay %s partition %s", lease.relay_id, lease.partition)
                 lost.set()
                 return
+            part.lease_until = started + self.settings.lease_ttl_s
 
-    async def _run(self, plan: RelayPlan, lease: Lease) -> SliceResult:
-        relay = msgspec.json.decode(plan.relay_spec, type=Relay)
+    async def _run_watched(self, part: _Partition) -> SliceResult:
+        """The slice, ended early (after the batch in flight) when the relay's configuration changes."""
+        if self.events is None:
+            return await self._run(part)
+        plan = part.plan
+        keys = (f"relays:{plan.relay_id}", f"databases:{plan.database_id}", f"targets:{plan.target_id}")
+        with self.events.subscribe(keys) as changed:
+            watcher = asyncio.create_task(self._watch_plan(part, changed))
+            try:
+                result = await self._run(part)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+        if part.stop.is_set():
+            return SliceResult("changed", published=result.published, skipped=result.skipped, dead=result.dead)
+        return result
+
+    async def _watch_plan(self, part: _Partition, changed: asyncio.Event) -> None:
+        plan = part.plan
+        while True:
+            await changed.wait()
+            changed.clear()
+            try:
+                now = await self.store.relay_plan(plan.relay_id)
+            except Exception as exc:
+                log.debug("re-reading the plan of relay %s failed: %s", plan.relay_id, exc)
+                changed.set()
+                await asyncio.sleep(0.5)
+                continue
+            if now is None or (now.enabled, now.relay_version, now.database_version, now.target_version) != (
+                plan.enabled,
+                plan.relay_version,
+                plan.database_version,
+                plan.target_version,
+            ):
+                part.stop.set()
+                return
+
+    async def _sleep(self, part: _Partition, seconds: float, *events: asyncio.Event) -> None:
+        """Sleep up to ``seconds``; wake early when the slice must stop or one of ``events`` fires."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (part.stop, *events)]
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _fenced(self, part: _Partition, write: Callable[[], Awaitable[bool]]) -> bool:
+        """A fenced write that rides out a control-DB blip: retried with backoff while the lease is
+        known to hold, so a batch the broker took is not sent again because the cursor write met a
+        restarting control DB. While the control DB is down nobody can take the lease over; past its
+        expiry another worker may have, and the fence (holder, epoch) decides."""
+        attempt = 0
+        while True:
+            try:
+                return await write()
+            except Exception as exc:
+                if not control_unavailable(exc) or time.monotonic() >= part.lease_until:
+                    raise
+                attempt += 1
+                log.debug("fenced write failed (attempt %d), retrying: %s", attempt, exc)
+                delay = backoff_s(attempt, base_s=0.05, cap_s=1.0)
+                await asyncio.sleep(min(delay, part.lease_until - time.monotonic()))
+
+    async def _run(self, part: _Partition) -> SliceResult:
+        plan, lease, relay = part.plan, part.lease, part.relay
         database = msgspec.json.decode(plan.database_spec, type=Database)
         target: Target = msgspec.json.decode(plan.target_spec, type=Target)
         # decrypted once per slice, not per batch: the plan (and so each secret) is fixed for the slice
         database_password = self._decrypt(plan.database_secret)
         target_password = self._decrypt(plan.target_secret)
-        part = _Partition(
-            plan=plan, lease=lease, relay=relay, cursor=(lease.cursor_txid, lease.cursor_id), retry=lease.retry
-        )
         policy = relay.policy
         deadline = time.monotonic() + self.settings.slice_s
         failures = 0
@@ -396,9 +480,9 @@ class RelayRunner:
             with contextlib.suppress(Exception):
                 await self.store.record_error(lease, reason, error_class)
             delay = backoff_s(failures, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000)
-            await asyncio.sleep(min(delay, remaining()))
+            await self._sleep(part, min(delay, remaining()))
 
-        while remaining() > 0:
+        while remaining() > 0 and not part.stop.is_set():
             try:
                 pool = await self.tenants.pool(plan.database_id, plan.database_version, database, database_password)
                 if not identity_checked:
@@ -407,7 +491,7 @@ class RelayRunner:
                 if part.retry is not None and part.retry.next_at is not None:
                     wait = (part.retry.next_at - datetime.now(UTC)).total_seconds()
                     if wait > 0:  # a refused message waits out its backoff, holding only this partition
-                        await asyncio.sleep(min(wait, remaining()))
+                        await self._sleep(part, min(wait, remaining()))
                         continue
                 async with self.tenants.waiter(plan.database_id, plan.partitions, lease.partition) as woken:
                     poll_started = time.time_ns()
@@ -416,10 +500,7 @@ class RelayRunner:
                     if time.monotonic() - part.pending_checked > PENDING_CHECK_S:
                         await self._sample_pending(pool, database, part)
                     if not rows:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(
-                                woken.wait(), timeout=min(policy.poll_interval_ms / 1000, remaining())
-                            )
+                        await self._sleep(part, min(policy.poll_interval_ms / 1000, remaining()), woken)
                         continue
                 with tracer.start_as_current_span(
                     "relay.batch",
@@ -485,7 +566,8 @@ class RelayRunner:
             last = row
         if last is not None:
             with tracer.start_as_current_span("cursor.commit"):
-                moved = await self.store.advance_cursor(part.lease, last.txid, last.id, sent)
+                txid, row_id, count = last.txid, last.id, sent
+                moved = await self._fenced(part, lambda: self.store.advance_cursor(part.lease, txid, row_id, count))
             if not moved:
                 raise LeaseLost()
             part.cursor = (last.txid, last.id)
@@ -525,9 +607,8 @@ class RelayRunner:
         retry = RetryState(
             outbox_id=row.id, attempts=attempts, errors=errors, next_at=datetime.now(UTC) + timedelta(seconds=delay)
         )
-        if not await self.store.record_retry(
-            part.lease, retry, f"outbox message {row.id} refused (attempt {attempts} of {policy.max_attempts}): {error}"
-        ):
+        reason = f"outbox message {row.id} refused (attempt {attempts} of {policy.max_attempts}): {error}"
+        if not await self._fenced(part, lambda: self.store.record_retry(part.lease, retry, reason)):
             raise LeaseLost()
         part.retry = retry
 
@@ -556,7 +637,7 @@ class RelayRunner:
             last_error=error,
             attempts=attempts,
         )
-        if not await self.store.dead_letter(part.lease, letter):
+        if not await self._fenced(part, lambda: self.store.dead_letter(part.lease, letter)):
             raise LeaseLost()
         instruments().dead.add(1, part.labels)
         log.warning("relay %s: outbox message %s dead-lettered: %s", part.plan.relay_name, row.id, error)

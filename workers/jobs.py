@@ -18,9 +18,11 @@ from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Database
 from outbox_relay.engine import RelayRunner, TenantConnections
 from outbox_relay.maintenance import RelayCursors, maintain
-from outbox_relay.store.control import ControlStore
+from outbox_relay.outages import Outages
+from outbox_relay.store.control import ControlStore, control_unavailable
 
 log = logging.getLogger("outbox_relay.workers")
+CONTROL_DB = "the control database"
 
 
 def job_id(relay_id: uuid.UUID | str, partition: int, epoch: int) -> str:
@@ -35,8 +37,17 @@ async def schedule(ctx: dict[str, Any]) -> int:
     expires (not until arq gives up on the frozen job, which takes the longest job timeout).
     """
     redis: ArqRedis = ctx["redis"]
+    outages: Outages = ctx["outages"]
     queued = 0
-    for relay_id, partition, epoch in await ctx["store"].idle_partitions():
+    try:
+        idle = await ctx["store"].idle_partitions()
+    except Exception as exc:
+        if not control_unavailable(exc):
+            raise
+        outages.down(CONTROL_DB, exc)
+        return 0
+    outages.up(CONTROL_DB)
+    for relay_id, partition, epoch in idle:
         job = await redis.enqueue_job(
             "relay_partition", str(relay_id), partition, _job_id=job_id(relay_id, partition, epoch)
         )
@@ -75,10 +86,14 @@ async def relay_partition(ctx: dict[str, Any], relay_id: str, partition: int) ->
     holder = f"{ctx['worker_id']}/{ctx.get('job_id', uuid.uuid4().hex)}"
     try:
         result = await runner.run_slice(uuid.UUID(relay_id), partition, holder)
-    except Exception:
+    except Exception as exc:
         # never fail the job: arq would keep a failed result under this job id
-        log.exception("relay slice failed: relay %s partition %s", relay_id, partition)
+        if control_unavailable(exc):
+            ctx["outages"].down(CONTROL_DB, exc)  # one line per outage, not a traceback per partition
+        else:
+            log.exception("relay slice failed: relay %s partition %s", relay_id, partition)
         return "error"
+    ctx["outages"].up(CONTROL_DB)
     if result.published or result.outcome != "ran":
         log.info("relay %s/%s: %s, %d published", relay_id, partition, result.outcome, result.published)
     return result.outcome

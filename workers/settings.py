@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from arq import cron, func
@@ -14,8 +15,10 @@ from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Target
 from outbox_relay.engine import PublisherCache, RelayRunner, TenantConnections
 from outbox_relay.netguard import AddressPolicy, check_target
-from outbox_relay.store.control import ControlStore
-from workers.jobs import maintain_outboxes, relay_partition, schedule
+from outbox_relay.outages import Outages
+from outbox_relay.store.control import ControlStore, control_unavailable
+from outbox_relay.store.events import ControlEvents
+from workers.jobs import CONTROL_DB, maintain_outboxes, relay_partition, schedule
 from workers.replay import replay_dead_letters
 
 
@@ -24,7 +27,23 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
     settings = settings or Settings.from_env()
 
     async def startup(ctx: dict[str, Any]) -> None:
-        store = await ControlStore.connect(settings.database_url, max_size=20)
+        outages: Outages = ctx.setdefault("outages", Outages())
+        # no connection floor (min_size=0): asyncpg logs a traceback each time it fails to restore one
+        store = await ControlStore.connect(settings.database_url, min_size=0, max_size=20)
+        failures = 0
+        while True:  # a control DB that is down at start-up is waited for, however long
+            try:
+                await store.ping()
+                break
+            except Exception as exc:
+                if not control_unavailable(exc):
+                    raise
+                failures += 1
+                outages.down(CONTROL_DB, exc)
+                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+        outages.up(CONTROL_DB)
+        events = ControlEvents(settings.database_url, timeout_s=settings.connect_timeout_s)
+        events.start()
         policy = AddressPolicy(allow_private=settings.allow_private_networks, extra_denied=settings.denied_networks)
         tenants = TenantConnections(policy=policy, timeout_s=settings.connect_timeout_s)
 
@@ -35,6 +54,7 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
         publishers = PublisherCache(factory)
         ctx.update(
             store=store,
+            events=events,
             tenants=tenants,
             publishers=publishers,
             worker_id=settings.worker_id,
@@ -46,11 +66,12 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
                 secrets=SecretBox(settings.secret_keys),
                 tenants=tenants,
                 publishers=publishers,
+                events=events,
             ),
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        for name in ("publishers", "tenants", "store"):
+        for name in ("publishers", "tenants", "events", "store"):
             if name in ctx:
                 await ctx[name].close()
 

@@ -26,6 +26,23 @@ HELD_BY_LEASE = "relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease
 lease epoch. It fails once another worker took the lease (new epoch) or the writer gave it back."""
 
 
+def control_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the control DB could not be reached (down, restarting, connection
+    lost), as opposed to a statement that failed: the first is worth retrying, the second is not."""
+    return isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        # a pooled connection the server closed mid-statement can report itself as busy
+        # ("cannot switch to state ...; another operation is in progress"): the pool replaces it
+        | asyncpg.InternalClientError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.exceptions.OperatorInterventionError,
+    )
+
+
 def hash_key(key: str) -> bytes:
     """API keys are 256-bit random tokens: a plain SHA-256 is the right hash (no stretching needed)."""
     return hashlib.sha256(key.encode()).digest()
