@@ -35,6 +35,14 @@ class Settings:
     lease_ttl_s: float = 10.0
     schedule_interval_s: float = 1.0
     worker_max_jobs: int = 500
+    max_batches_in_flight: int = 64
+    """Per worker: batches published at once, shared out among tenants in weighted round robin."""
+    safety_poll_s: float = 30.0
+    """How often a relay reads its outbox without being woken, while LISTEN/NOTIFY is healthy."""
+    control_pool_size: int = 5
+    """Connections a worker holds to the control DB: a pool of this size less one, plus one LISTEN."""
+    tenant_pool_size: int = 2
+    """Connections a worker holds per tenant server, database and credentials (plus one LISTEN)."""
     host: str = "127.0.0.1"
     port: int = 8080
     metrics_port: int = 0
@@ -47,6 +55,10 @@ class Settings:
             raise ConfigError("slice_s, lease_ttl_s and schedule_interval_s must be positive")
         if self.lease_ttl_s < 1:
             raise ConfigError("lease_ttl_s must be at least 1 second")
+        if self.control_pool_size < 2 or self.tenant_pool_size < 1 or self.max_batches_in_flight < 1:
+            raise ConfigError("control_pool_size must be at least 2, tenant_pool_size and max_batches_in_flight 1")
+        if self.safety_poll_s <= 0:
+            raise ConfigError("safety_poll_s must be positive")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

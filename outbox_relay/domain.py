@@ -83,6 +83,29 @@ class TargetBase(Resource, tag_field="kind", kw_only=True, forbid_unknown_fields
     password: Secret = UNSET
     password_set: ReadOnlyFlag = UNSET
     timeout_ms: Annotated[int, Meta(ge=100, le=120_000)] = 10_000
+    rate_limit_per_s: (
+        Annotated[
+            float,
+            Meta(
+                gt=0,
+                le=1_000_000,
+                description="At most this many messages a second to this target, over all relays that publish "
+                "to it (shared out among the live workers). Null: as fast as the target takes them.",
+            ),
+        ]
+        | None
+    ) = None
+    max_in_flight: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                le=1024,
+                description="At most this many batches in flight to this target per worker. Null: no cap.",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class RabbitMQTarget(TargetBase, tag="rabbitmq", kw_only=True, forbid_unknown_fields=True):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import random
 import time
@@ -69,42 +70,78 @@ def parse_buckets(payload: str) -> list[int] | None:
         return None
 
 
+BucketCallback = Callable[[list[int] | None], None]
+"""Called with the buckets a committed insert wrote (None: any, e.g. after a LISTEN reconnect)."""
+
+
+@dataclass
+class _Server:
+    """One pool per tenant server, database and credentials, shared by every resource naming them."""
+
+    pool: asyncpg.Pool
+    users: set[uuid.UUID] = field(default_factory=set)
+
+
 @dataclass
 class _TenantDb:
     version: datetime
-    pool: asyncpg.Pool
+    server: tuple[str, str | None]
+    db: Database
+    password: str | None
     waiters: dict[asyncio.Event, tuple[int, int]] = field(default_factory=dict)
     """Each waiting partition's event, with its relay's (partitions, partition)."""
+    watchers: dict[int, BucketCallback] = field(default_factory=dict)
     listener: asyncio.Task[None] | None = None
+    listening: bool = False
+    """True while the LISTEN connection is up: polling can then be rare."""
 
 
 class TenantConnections:
     """Per-worker pools to tenant databases, plus one LISTEN connection per database that wakes
-    the waiting partitions of that database that read a bucket an insert wrote, when it commits."""
+    the waiting partitions (or relay readers) of that database that read a bucket an insert wrote,
+    when it commits.
 
-    def __init__(self, *, policy: AddressPolicy, timeout_s: float) -> None:
+    Pools are keyed by server, database and credentials, small (``pool_size``, 2 by default), and
+    closed when no database resource uses them any more (:meth:`release`): a worker holds
+    connections only where it owns partitions."""
+
+    def __init__(self, *, policy: AddressPolicy, timeout_s: float, pool_size: int = 2) -> None:
         self.policy = policy
         self.timeout_s = timeout_s
+        self.pool_size = pool_size
         self._dbs: dict[uuid.UUID, _TenantDb] = {}
+        self._servers: dict[tuple[str, str | None], _Server] = {}
         self._lock = asyncio.Lock()
+        self._watch_ids = itertools.count()
 
     async def pool(self, database_id: uuid.UUID, version: datetime, db: Database, password: str | None) -> asyncpg.Pool:
         async with self._lock:
             entry = self._dbs.get(database_id)
             if entry is not None and entry.version == version:
-                return entry.pool
+                return self._servers[entry.server].pool
             if entry is not None:
                 await self._drop(database_id)
-            try:
-                pool = await tenant_db.create_pool(db, password, policy=self.policy, timeout_s=self.timeout_s)
-            except AddressNotAllowed:
-                raise
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                raise TenantDatabaseError(f"cannot connect to the database: {tenant_db.describe(exc)}") from None
-            entry = _TenantDb(version=version, pool=pool)
+            key = (db.dsn, password)
+            server = self._servers.get(key)
+            if server is None:
+                try:
+                    pool = await tenant_db.create_pool(
+                        db, password, policy=self.policy, timeout_s=self.timeout_s, max_size=self.pool_size
+                    )
+                except AddressNotAllowed:
+                    raise
+                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    raise TenantDatabaseError(f"cannot connect to the database: {tenant_db.describe(exc)}") from None
+                server = self._servers[key] = _Server(pool=pool)
+            server.users.add(database_id)
+            entry = _TenantDb(version=version, server=key, db=db, password=password)
             entry.listener = asyncio.create_task(self._listen(entry, db, password))
             self._dbs[database_id] = entry
-            return pool
+            return server.pool
+
+    def listening(self, database_id: uuid.UUID) -> bool:
+        entry = self._dbs.get(database_id)
+        return entry is not None and entry.listening
 
     @contextlib.asynccontextmanager
     async def waiter(self, database_id: uuid.UUID, partitions: int, partition: int) -> AsyncIterator[asyncio.Event]:
@@ -120,6 +157,22 @@ class TenantConnections:
             if entry is not None:
                 entry.waiters.pop(event, None)
 
+    def watch(self, database_id: uuid.UUID, callback: BucketCallback) -> Callable[[], None]:
+        """Call ``callback`` with the buckets of every committed insert into the database (after
+        :meth:`pool` opened it); returns the function that stops watching."""
+        entry = self._dbs.get(database_id)
+        if entry is None:
+            return lambda: None
+        token = next(self._watch_ids)
+        entry.watchers[token] = callback
+        return lambda: entry.watchers.pop(token, None) and None
+
+    async def release(self, database_id: uuid.UUID) -> None:
+        """This worker no longer reads the database: close its LISTEN connection, and its pool once
+        no other resource shares it."""
+        async with self._lock:
+            await self._drop(database_id)
+
     async def _listen(self, entry: _TenantDb, db: Database, password: str | None) -> None:
         """Keep one LISTEN connection open; polling covers the gaps while it reconnects."""
         attempt = 0
@@ -130,6 +183,8 @@ class TenantConnections:
             for event, (partitions, partition) in list(entry.waiters.items()):
                 if buckets is None or any(b % partitions == partition for b in buckets):
                     event.set()
+            for callback in list(entry.watchers.values()):
+                callback(buckets)
 
         while True:
             try:
@@ -142,6 +197,7 @@ class TenantConnections:
             attempt = 0
             try:
                 await conn.add_listener(channel, wake)
+                entry.listening = True
                 wake()  # catch what was inserted while we were not listening
                 while not conn.is_closed():
                     await asyncio.sleep(5)
@@ -149,6 +205,7 @@ class TenantConnections:
             except Exception as exc:
                 log.debug("LISTEN connection lost: %s", exc)
             finally:
+                entry.listening = False
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), timeout=2)
 
@@ -160,8 +217,13 @@ class TenantConnections:
             entry.listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await entry.listener
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(entry.pool.close(), timeout=5)
+        server = self._servers.get(entry.server)
+        if server is not None:
+            server.users.discard(database_id)
+            if not server.users:
+                self._servers.pop(entry.server, None)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.pool.close(), timeout=5)
 
     async def close(self) -> None:
         for database_id in list(self._dbs):
@@ -459,6 +521,10 @@ class RelayRunner:
                 delay = backoff_s(attempt, base_s=0.05, cap_s=1.0)
                 await asyncio.sleep(min(delay, part.lease_until - time.monotonic()))
 
+    async def _advance_cursor(self, part: _Partition, txid: int, row_id: int, published: int) -> bool:
+        """Move the partition's cursor (fenced); the fleet engine batches these across partitions."""
+        return await self._fenced(part, lambda: self.store.advance_cursor(part.lease, txid, row_id, published))
+
     async def _run(self, part: _Partition) -> SliceResult:
         plan, lease, relay = part.plan, part.lease, part.relay
         database = msgspec.json.decode(plan.database_spec, type=Database)
@@ -566,8 +632,7 @@ class RelayRunner:
             last = row
         if last is not None:
             with tracer.start_as_current_span("cursor.commit"):
-                txid, row_id, count = last.txid, last.id, sent
-                moved = await self._fenced(part, lambda: self.store.advance_cursor(part.lease, txid, row_id, count))
+                moved = await self._advance_cursor(part, last.txid, last.id, sent)
             if not moved:
                 raise LeaseLost()
             part.cursor = (last.txid, last.id)

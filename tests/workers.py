@@ -122,7 +122,7 @@ async def run_replay_jobs(settings: Settings) -> None:
     """In this process: an arq worker with the real start-up and only the replay job, until its queue is empty."""
     from workers.settings import worker_settings
 
-    ws = worker_settings(settings)
+    ws = worker_settings(settings, data_plane=False)
     worker = Worker(
         functions=[f for f in ws["functions"] if f.name == "replay_dead_letters"],
         on_startup=ws["on_startup"],

@@ -14,22 +14,26 @@ from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Target
 from outbox_relay.engine import PublisherCache, RelayRunner, TenantConnections
+from outbox_relay.fleet import FleetEngine
 from outbox_relay.netguard import AddressPolicy, check_target
 from outbox_relay.outages import Outages
 from outbox_relay.store.control import ControlStore, control_unavailable
 from outbox_relay.store.events import ControlEvents
-from workers.jobs import CONTROL_DB, maintain_outboxes, relay_partition, schedule
+from outbox_relay.store.fleet import FleetStore
+from workers.jobs import CONTROL_DB, maintain_outboxes
 from workers.replay import replay_dead_letters
 
 
-def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``arq.Worker`` (``Worker(**worker_settings())``)."""
+def worker_settings(settings: Settings | None = None, *, data_plane: bool = True) -> dict[str, Any]:
+    """Keyword arguments for ``arq.Worker`` (``Worker(**worker_settings())``). ``data_plane=False``
+    runs the jobs only (replay, maintenance), without joining the fleet that relays partitions."""
     settings = settings or Settings.from_env()
 
     async def startup(ctx: dict[str, Any]) -> None:
         outages: Outages = ctx.setdefault("outages", Outages())
         # no connection floor (min_size=0): asyncpg logs a traceback each time it fails to restore one
-        store = await ControlStore.connect(settings.database_url, min_size=0, max_size=20)
+        # one connection of the control-pool budget is the LISTEN of configuration changes
+        store = await ControlStore.connect(settings.database_url, min_size=0, max_size=settings.control_pool_size - 1)
         failures = 0
         while True:  # a control DB that is down at start-up is waited for, however long
             try:
@@ -45,13 +49,26 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
         events = ControlEvents(settings.database_url, timeout_s=settings.connect_timeout_s)
         events.start()
         policy = AddressPolicy(allow_private=settings.allow_private_networks, extra_denied=settings.denied_networks)
-        tenants = TenantConnections(policy=policy, timeout_s=settings.connect_timeout_s)
+        tenants = TenantConnections(
+            policy=policy, timeout_s=settings.connect_timeout_s, pool_size=settings.tenant_pool_size
+        )
 
         async def factory(target: Target, password: str | None) -> Publisher:
             await check_target(policy, target)
             return await open_publisher(target, password=password)
 
         publishers = PublisherCache(factory)
+        runner = RelayRunner(
+            settings=settings,
+            store=store,
+            secrets=SecretBox(settings.secret_keys),
+            tenants=tenants,
+            publishers=publishers,
+            events=events,
+        )
+        fleet = FleetEngine(settings=settings, runner=runner, fleet=FleetStore(store.pool), outages=outages)
+        if data_plane:
+            fleet.start()
         ctx.update(
             store=store,
             events=events,
@@ -60,38 +77,23 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
             worker_id=settings.worker_id,
             policy=policy,
             secrets=SecretBox(settings.secret_keys),
-            runner=RelayRunner(
-                settings=settings,
-                store=store,
-                secrets=SecretBox(settings.secret_keys),
-                tenants=tenants,
-                publishers=publishers,
-                events=events,
-            ),
+            runner=runner,
+            fleet=fleet,
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        for name in ("publishers", "tenants", "events", "store"):
+        for name in ("fleet", "publishers", "tenants", "events", "store"):
             if name in ctx:
                 await ctx[name].close()
 
-    seconds = max(1, int(settings.schedule_interval_s))
     return {
         "functions": [
-            func(relay_partition, name="relay_partition", keep_result=0, max_tries=1),
             func(replay_dead_letters, name="replay_dead_letters", keep_result=0, max_tries=1, timeout=3600),
         ],
         # arq derives a cron run's job id from the cron's name and time alone, and job ids are
         # global to the Redis database: two deployments on different queues sharing a Redis
         # would take each other's ticks. The queue name in the cron's name keeps them apart.
         "cron_jobs": [
-            cron(
-                schedule,
-                name=f"schedule:{settings.queue_name}",
-                second=set(range(0, 60, seconds)),
-                run_at_startup=True,
-                keep_result=0,
-            ),
             cron(
                 maintain_outboxes,
                 name=f"maintain_outboxes:{settings.queue_name}",

@@ -441,7 +441,9 @@ class ControlStore:
             "UPDATE relay_partitions SET lease_holder = $3, lease_epoch = lease_epoch + 1, "
             "lease_expires_at = now() + make_interval(secs => $4), updated_at = now() "
             "WHERE relay_id = $1 AND partition = $2 "
-            "AND (lease_holder IS NULL OR lease_expires_at IS NULL OR lease_expires_at < now()) "
+            # free, or a slice lease that expired (a fleet owner's partition has no expiry of its own:
+            # it lapses with the owner's heartbeat, and the fleet frees it)
+            "AND (lease_holder IS NULL OR lease_expires_at < now()) "
             "RETURNING lease_epoch, cursor_txid, cursor_id, system_identifier, "
             "retry_outbox_id, retry_attempts, retry_errors::text AS retry_errors, retry_next_at",
             relay_id,
@@ -675,16 +677,23 @@ class ControlStore:
     async def partition_states(self, relay_id: uuid.UUID) -> list[dict[str, Any]]:
         return (await self.partition_states_of([relay_id])).get(relay_id, [])
 
-    async def partition_states_of(self, relay_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[dict[str, Any]]]:
+    async def partition_states_of(
+        self, relay_ids: list[uuid.UUID], ownership_ttl_s: float = 10.0
+    ) -> dict[uuid.UUID, list[dict[str, Any]]]:
         """Every partition's state of each relay, by relay, in one query (the tenant overview)."""
         rows = await self.pool.fetch(
-            "SELECT relay_id, partition, cursor_txid, cursor_id, lease_holder, lease_epoch, lease_expires_at, "
-            "last_published_at, last_error, last_error_at, published_count, dead_count, retried_count, "
-            "retry_outbox_id, retry_attempts, retry_next_at, resets, last_reset_at, last_reset_reason, "
-            "last_error_class, pending_estimate, oldest_pending_at, pending_checked_at, stall::text AS stall, "
-            "lease_expires_at < now() AS lease_expired "
-            "FROM relay_partitions WHERE relay_id = ANY($1::uuid[]) ORDER BY relay_id, partition",
+            "SELECT p.relay_id, p.partition, p.cursor_txid, p.cursor_id, p.lease_holder, p.lease_epoch, "
+            # a fleet owner's partition lapses with the owner's heartbeat
+            "coalesce(p.lease_expires_at, w.heartbeat_at + make_interval(secs => $2)) AS lease_expires_at, "
+            "p.last_published_at, p.last_error, p.last_error_at, p.published_count, p.dead_count, "
+            "p.retried_count, p.retry_outbox_id, p.retry_attempts, p.retry_next_at, p.resets, p.last_reset_at, "
+            "p.last_reset_reason, p.last_error_class, p.pending_estimate, p.oldest_pending_at, "
+            "p.pending_checked_at, p.stall::text AS stall, p.lag_s, "
+            "coalesce(p.lease_expires_at, w.heartbeat_at + make_interval(secs => $2)) < now() AS lease_expired "
+            "FROM relay_partitions p LEFT JOIN workers w ON w.key = p.lease_holder "
+            "WHERE p.relay_id = ANY($1::uuid[]) ORDER BY p.relay_id, p.partition",
             relay_ids,
+            ownership_ttl_s,
         )
         by_relay: dict[uuid.UUID, list[dict[str, Any]]] = {}
         for r in rows:

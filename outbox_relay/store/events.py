@@ -38,7 +38,8 @@ class ControlEvents:
 
     @contextlib.contextmanager
     def subscribe(self, keys: Iterable[str]) -> Iterator[asyncio.Event]:
-        """An event set when one of ``keys`` (``"relays:<uuid>"``...) changes, or on a reconnect."""
+        """An event set when one of ``keys`` (``"relays:<uuid>"``, or ``"relays:*"`` for any relay)
+        changes, or on a reconnect."""
         event = asyncio.Event()
         self._subscribers[event] = frozenset(keys)
         try:
@@ -47,8 +48,9 @@ class ControlEvents:
             self._subscribers.pop(event, None)
 
     def _fire(self, key: str | None) -> None:
+        kind = key.split(":", 1)[0] + ":*" if key else None
         for event, keys in list(self._subscribers.items()):
-            if key is None or key in keys:
+            if key is None or key in keys or kind in keys:
                 event.set()
 
     async def _listen(self) -> None:

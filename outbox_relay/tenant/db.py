@@ -128,3 +128,43 @@ async def poll(
         )
         for r in rows
     ]
+
+
+async def scan(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    schema: str,
+    *,
+    after: tuple[int, int],
+    partitions: int,
+    wanted: list[int] | None,
+    limit: int,
+) -> list[tuple[int, OutboxRow]]:
+    """Rows of the ``wanted`` partitions (None: all) after ``after``, in order, with their partition;
+    TenantDatabaseError when the database cannot be read."""
+    try:
+        rows = await conn.fetch(sql.scan_sql(schema), after[0], after[1], partitions, wanted, limit)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
+    return [
+        (
+            r["part"],
+            OutboxRow(
+                txid=r["txid"],
+                id=r["id"],
+                topic=r["topic"],
+                key=r["key"],
+                payload=bytes(r["payload"]),
+                headers=r["headers"],
+                created_at=r["created_at"],
+            ),
+        )
+        for r in rows
+    ]
+
+
+async def next_row_at(conn: asyncpg.Connection | asyncpg.Pool, schema: str, after: tuple[int, int]) -> datetime | None:
+    try:
+        value: datetime | None = await conn.fetchval(sql.next_row_sql(schema), after[0], after[1])
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
+    return value

@@ -73,3 +73,42 @@ def poll_sql(schema: str) -> str:
 HORIZON_SQL = (
     "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, pg_current_snapshot()::text AS snapshot"
 )
+
+
+def scan_sql(schema: str) -> str:
+    """Committed rows of a relay's partitions after a position, below the xmin horizon, in order,
+    each with its partition: the fleet data plane reads once per relay and hands rows to lanes.
+
+    Two index range scans instead of one row comparison ``(txid, id) > (t, i)``: the planner
+    estimates that comparison at one row when many rows share a txid (one big transaction) and then
+    sorts the whole backlog after the cursor for every poll. The rest of the cursor's transaction
+    (``txid = t AND id > i``, ordered by id) and the transactions after it (``txid > t``, ordered by
+    txid, id) each read their index in order and stop at the limit; only the at most 2 x limit rows
+    they return are merged. Parameters: $1 txid, $2 id, $3 partitions, $4 the partitions wanted
+    (int[], null: all), $5 limit.
+    """
+    columns = (
+        "o.bucket % $3::int AS part, o.txid::text::bigint AS txid, o.id, o.topic, o.key, o.payload, "
+        "o.headers::text AS headers, o.created_at"
+    )
+    table = f"{quote_ident(schema)}.outbox AS o"
+    wanted = "($4::int[] IS NULL OR o.bucket % $3::int = ANY($4::int[]))"
+    return (
+        f"SELECT * FROM ((SELECT {columns} FROM {table} "
+        f"WHERE o.txid = $1::bigint::text::xid8 AND o.id > $2::bigint AND {wanted} ORDER BY o.id LIMIT $5) "
+        f"UNION ALL (SELECT {columns} FROM {table} "
+        "WHERE o.txid > $1::bigint::text::xid8 AND o.txid < pg_snapshot_xmin(pg_current_snapshot()) "
+        f"AND {wanted} ORDER BY o.txid, o.id LIMIT $5)) AS q ORDER BY q.txid, q.id LIMIT $5"
+    )
+
+
+def next_row_sql(schema: str) -> str:
+    """The insert time of the first row after a position, committed or not yet below the horizon:
+    one index probe, the lag of the partitions reading from there. $1 txid, $2 id."""
+    table = f"{quote_ident(schema)}.outbox AS o"
+    return (
+        f"SELECT min(created_at) FROM ((SELECT o.created_at FROM {table} "
+        "WHERE o.txid = $1::bigint::text::xid8 AND o.id > $2::bigint ORDER BY o.id LIMIT 1) "
+        f"UNION ALL (SELECT o.created_at FROM {table} WHERE o.txid > $1::bigint::text::xid8 "
+        "ORDER BY o.txid, o.id LIMIT 1)) AS q"
+    )

@@ -129,3 +129,60 @@ async def test_the_poll_walks_the_txid_index_instead_of_sorting(app_dsn: str) ->
         assert [(r.txid, r.id) for r in rows] == sorted((r.txid, r.id) for r in rows)
     finally:
         await conn.close()
+
+
+def _nodes(plan: dict[str, object]) -> list[dict[str, object]]:
+    out = [plan]
+    for child in plan.get("Plans", []):  # type: ignore[union-attr]
+        out += _nodes(child)  # type: ignore[arg-type]
+    return out
+
+
+@pytest.mark.parametrize("shape", ["one big transaction", "many transactions"])
+async def test_the_relay_read_sorts_no_backlog_whatever_its_shape(app_dsn: str, shape: str) -> None:
+    """The fleet's read (``scan_sql``) from a cursor in the middle of a large backlog: index range
+    scans in order (Merge Append), stopped at the limit; the only sort merges the two limited branches
+    (at most 2 x limit rows), never the rows after the cursor. Before, one row comparison
+    ``(txid, id) > (t, i)`` was estimated at one row when a transaction wrote many rows, and the
+    planner sorted the whole backlog for every poll."""
+    conn = await asyncpg.connect(app_dsn)
+    try:
+        insert = (
+            "INSERT INTO outbox_relay.outbox (topic, key, payload) "
+            "SELECT 't', 'k' || (g % 500), 'x' FROM generate_series(1, $1::int) g"
+        )
+        if shape == "one big transaction":
+            await conn.execute(insert, 40_000)
+        else:
+            for _ in range(80):
+                await conn.execute(insert, 500)
+        await conn.execute("ANALYZE outbox_relay.outbox")
+        txid, row_id = await conn.fetchrow(
+            "SELECT txid::text::bigint, id FROM outbox_relay.outbox ORDER BY txid, id OFFSET 20000 LIMIT 1"
+        )
+        limit = 100
+        for wanted in (None, [0, 3, 5]):
+            for _ in range(7):  # past the point where PostgreSQL may switch to a generic plan
+                statement = await conn.prepare("EXPLAIN (FORMAT JSON, ANALYZE) " + sql.scan_sql("outbox_relay"))
+                (plan_json,) = (await statement.fetchrow(txid, row_id, 16, wanted, limit)) or ()
+            plan = json.loads(plan_json)[0]["Plan"]
+            nodes = _nodes(plan)
+            kinds = {str(n["Node Type"]) for n in nodes}
+            # a sequential scan only of an empty partition (tomorrow's), which reads nothing
+            scans = [n for n in nodes if n["Node Type"] == "Seq Scan"]
+            assert all(n["Actual Rows"] == 0 and not n.get("Rows Removed by Filter") for n in scans), scans
+            assert "Merge Append" in kinds, plan
+            for node in nodes:
+                if node["Node Type"] == "Sort":
+                    assert int(node["Actual Rows"]) <= 2 * limit, node  # type: ignore[call-overload]
+                if str(node["Node Type"]).startswith("Index"):  # read ahead by Merge Append, not the backlog
+                    assert int(node["Actual Rows"]) <= 2 * limit, node  # type: ignore[call-overload]
+            rows = await tenant_db.scan(
+                conn, "outbox_relay", after=(txid, row_id), partitions=16, wanted=wanted, limit=limit
+            )
+            assert len(rows) == limit
+            positions = [(r.txid, r.id) for _, r in rows]
+            assert positions == sorted(positions) and positions[0] > (txid, row_id)
+            assert wanted is None or {p for p, _ in rows} <= set(wanted)
+    finally:
+        await conn.close()

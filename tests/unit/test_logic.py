@@ -160,5 +160,5 @@ def test_cron_job_ids_are_per_queue() -> None:
         base = Settings.from_env({"OUTBOX_RELAY_QUEUE_NAME": queue})
         crons = worker_settings(base)["cron_jobs"]
         names.append({c.name for c in crons})
-        assert {c.name for c in crons} == {f"schedule:{queue}", f"maintain_outboxes:{queue}"}
+        assert {c.name for c in crons} == {f"maintain_outboxes:{queue}"}
     assert not names[0] & names[1]

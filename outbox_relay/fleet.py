@@ -1,0 +1,704 @@
+"""The fleet data plane: a worker owns partitions while it lives, reads each relay once for all of
+them, and publishes through per-partition lanes, fair by tenant.
+
+Cost follows traffic, not configured partitions:
+
+* **Membership, not leases.** A worker registers (``workers`` row), heartbeats that one row every
+  ``lease_ttl_s / 3``, and claims about ``ceil(partitions / live workers)`` partitions by
+  compare-and-set (each claim bumps the partition's epoch, the fence of every cursor write). Over
+  its share it releases (after its lanes flushed), under it claims free ones; a worker whose
+  heartbeat lapsed is reaped by the others and its partitions freed; SIGTERM releases at once.
+* **Read per relay, dispatch per lane.** One :class:`RelayReader` per relay with owned partitions
+  reads ``scan_sql`` from the lowest position its lanes still need (one round trip for all of them)
+  and hands each row to its partition's :class:`Lane`. It wakes on the tenant database's
+  LISTEN/NOTIFY (one connection per database, shared by its relays), after a wake-up that found
+  nothing (a notified row may still sit above the xmin horizon) with a short backoff, when a lane
+  has room again, and on a rare safety poll.
+* **Fair by tenant.** A lane's batch runs under a slot of the worker's
+  :class:`~outbox_relay.fairness.FairScheduler` (bounded batches in flight, weighted round robin by
+  tenant) and its target's :class:`~outbox_relay.fairness.TargetLimits` (msg/s, batches in flight).
+* **Few writes.** Cursor writes of all lanes are batched into one fenced statement
+  (:class:`CursorWriter`); lag goes to the control DB only when it changed.
+
+The delivery policy (what a refusal, an over-size payload or an outage does to a partition) is the
+one of :class:`~outbox_relay.engine.RelayRunner`, which the lanes share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from outbox_relay.brokers.base import Publisher
+from outbox_relay.config import Settings
+from outbox_relay.domain import Database, Target
+from outbox_relay.engine import (
+    BLOCKER_SQL,
+    STALL_AFTER_S,
+    LeaseLost,
+    RelayRunner,
+    _Partition,
+    backoff_s,
+)
+from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
+from outbox_relay.fairness import FairScheduler, TargetLimits
+from outbox_relay.outages import Outages
+from outbox_relay.store.control import Lease, RelayPlan, control_unavailable
+from outbox_relay.store.fleet import CursorWrite, FleetStore, LagSample
+from outbox_relay.telemetry import PendingSample, instruments
+from outbox_relay.tenant import db as tenant_db
+
+log = logging.getLogger("outbox_relay.fleet")
+CONTROL_DB = "the control database"
+LANE_BUFFER_BATCHES = 4
+"""A lane buffers up to this many batches of rows; beyond, the reader leaves its rows for later."""
+SCAN_MIN_ROWS = 500
+SCAN_MAX_ROWS = 5000
+NOTIFIED_RETRY_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+"""Re-polls after a wake-up that found nothing: the notified row is committed but a concurrent
+transaction still holds the horizon below it."""
+LAG_INTERVAL_S = 5.0
+
+Position = tuple[int, int]
+
+
+@dataclass
+class Lane:
+    """One owned partition: its rows in order, waiting to be published, and its delivery state."""
+
+    part: _Partition
+    buffer: deque[tenant_db.OutboxRow] = field(default_factory=deque)
+    read_pos: Position = (0, 0)
+    """Every row of this partition up to here has been read (into the buffer or published)."""
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    last_lag: tuple[float | None, int | None] | None = None
+
+    @property
+    def partition(self) -> int:
+        return self.part.lease.partition
+
+    def capacity(self) -> int:
+        return LANE_BUFFER_BATCHES * self.part.relay.policy.batch_size - len(self.buffer)
+
+    def waiting_retry(self) -> bool:
+        retry = self.part.retry
+        return retry is not None and retry.next_at is not None and retry.next_at > datetime.now(UTC)
+
+
+class CursorWriter:
+    """Batches fenced cursor writes of many lanes into one statement, flushed a few milliseconds
+    after the first write of a batch. A write resolves to whether it moved the cursor (False: the
+    partition was taken over). A control DB that cannot be reached is retried while ownership is
+    known to hold (nobody can claim a partition while the control DB is down)."""
+
+    def __init__(self, fleet: FleetStore, *, lease_until: Callable[[], float], delay_s: float = 0.005) -> None:
+        self.fleet = fleet
+        self.delay_s = delay_s
+        self._lease_until = lease_until
+        self._pending: list[tuple[CursorWrite, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def write(self, lease: Lease, txid: int, row_id: int, published: int) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((CursorWrite(lease=lease, txid=txid, row_id=row_id, published=published), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(self.delay_s)
+        batch, self._pending = self._pending, []
+        attempt = 0
+        while True:
+            try:
+                moved = await self.fleet.advance_cursors([w for w, _ in batch])
+                break
+            except Exception as exc:
+                if not control_unavailable(exc) or time.monotonic() >= self._lease_until():
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    return
+                attempt += 1
+                await asyncio.sleep(backoff_s(attempt, base_s=0.05, cap_s=1.0))
+        for write, future in batch:
+            if not future.done():
+                future.set_result((write.lease.relay_id, write.lease.partition) in moved)
+        if self._pending:
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+
+
+class _FleetRunner(RelayRunner):
+    """The relay engine's delivery policy with the fleet's batched, membership-fenced cursor writes."""
+
+    def __init__(self, *, cursors: CursorWriter, lease_until: Callable[[], float], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cursors = cursors
+        self._lease_until = lease_until
+
+    async def _advance_cursor(self, part: _Partition, txid: int, row_id: int, published: int) -> bool:
+        return await self.cursors.write(part.lease, txid, row_id, published)
+
+    async def _fenced(self, part: _Partition, write: Any) -> bool:
+        part.lease_until = self._lease_until()
+        return await super()._fenced(part, write)
+
+
+class RelayReader:
+    """The owned partitions of one relay: one reader task, one lane task per partition."""
+
+    def __init__(self, engine: FleetEngine, plan: RelayPlan, leases: list[Lease]) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.database = msgspec.json.decode(plan.database_spec, type=Database)
+        self.target: Target = msgspec.json.decode(plan.target_spec, type=Target)
+        self.database_password = engine.runner._decrypt(plan.database_secret)
+        self.target_password = engine.runner._decrypt(plan.target_secret)
+        self.lanes: dict[int, Lane] = {}
+        self.wake = asyncio.Event()
+        self.stop = asyncio.Event()
+        self.notified_at: float | None = None
+        self.restart = False
+        """Set with ``stop`` when the plan changed but the relay still runs: re-read, keep the partitions."""
+        self._unwatch: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        for lease in leases:
+            self.add(lease)
+
+    @property
+    def relay_id(self) -> uuid.UUID:
+        return self.plan.relay_id
+
+    def add(self, lease: Lease) -> None:
+        part = self.engine.runner._partition(self.plan, lease)
+        lane = Lane(part=part, read_pos=part.cursor)
+        self.lanes[lease.partition] = lane
+        if self._task is not None:
+            lane.task = asyncio.create_task(self.engine._run_lane(self, lane), name=f"lane-{lease.partition}")
+            self.wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.engine._run_reader(self), name=f"reader-{self.plan.relay_name}")
+        self._watcher = asyncio.create_task(self.engine._watch_plan(self), name=f"plan-{self.plan.relay_name}")
+        for lane in self.lanes.values():
+            lane.task = asyncio.create_task(self.engine._run_lane(self, lane), name=f"lane-{lane.partition}")
+
+    def on_insert(self, buckets: list[int] | None) -> None:
+        partitions = self.plan.partitions
+        if buckets is None or any(b % partitions in self.lanes for b in buckets):
+            self.notified_at = time.monotonic()
+            self.wake.set()
+
+    async def stop_lanes(self, partitions: Iterable[int] | None = None) -> list[Lane]:
+        """Stop lanes (all, or those of ``partitions``) after their batch in flight; returns them."""
+        chosen = [
+            self.lanes[p] for p in (partitions if partitions is not None else list(self.lanes)) if p in self.lanes
+        ]
+        for lane in chosen:
+            lane.part.stop.set()
+            lane.ready.set()
+        for lane in chosen:
+            if lane.task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(lane.task), timeout=30)
+                if not lane.task.done():
+                    lane.task.cancel()
+            self.lanes.pop(lane.partition, None)
+        return chosen
+
+    async def close(self) -> None:
+        self.stop.set()
+        self.wake.set()
+        await self.stop_lanes()
+        for task in (self._task, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._unwatch is not None:
+            self._unwatch()
+
+
+class FleetEngine:
+    """A worker's data plane (see the module docstring). ``run()`` until ``close()``."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        runner: RelayRunner,
+        fleet: FleetStore,
+        outages: Outages | None = None,
+        scheduler: FairScheduler | None = None,
+    ) -> None:
+        self.settings = settings
+        self.fleet = fleet
+        self.outages = outages or Outages()
+        self.scheduler = scheduler or FairScheduler(max_in_flight=settings.max_batches_in_flight)
+        self.key = f"{settings.worker_id}#{uuid.uuid4().hex[:8]}"
+        self._valid_until = 0.0
+        self.cursors = CursorWriter(fleet, lease_until=lambda: self._valid_until)
+        self.runner = _FleetRunner(
+            cursors=self.cursors,
+            lease_until=lambda: self._valid_until,
+            settings=runner.settings,
+            store=runner.store,
+            secrets=runner.secrets,
+            tenants=runner.tenants,
+            publishers=runner.publishers,
+            events=runner.events,
+        )
+        self.store = runner.store
+        self.tenants = runner.tenants
+        self.publishers = runner.publishers
+        self.events = runner.events
+        self.readers: dict[uuid.UUID, RelayReader] = {}
+        self.limits: dict[uuid.UUID, TargetLimits] = {}
+        self.live_workers = 1
+        self.tick = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
+
+    # --- membership and balance -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="fleet")
+
+    async def run(self) -> None:
+        interval = self.settings.lease_ttl_s / 3
+        registered = False
+        self._lag_task = asyncio.create_task(self._sample_lag_forever(), name="fleet-lag")
+        watcher = (
+            self.events.subscribe(["relays:*", "fleet:*"]) if self.events is not None else contextlib.nullcontext(None)
+        )
+        with watcher as any_relay:
+            while not self._stopping:
+                started = time.monotonic()
+                try:
+                    if not registered:
+                        await self.fleet.register(self.key)
+                        registered = True
+                        self._valid_until = started + self.settings.lease_ttl_s
+                    elif not await self.fleet.heartbeat(self.key, self.settings.lease_ttl_s):
+                        log.warning("lease lost: this worker was declared dead (its heartbeat lapsed); dropping its partitions")
+                        await self._drop_all()
+                        self.key = f"{self.settings.worker_id}#{uuid.uuid4().hex[:8]}"
+                        registered = False
+                        continue
+                    self._valid_until = started + self.settings.lease_ttl_s
+                    await self._balance()
+                    self.outages.up(CONTROL_DB)
+                except Exception as exc:
+                    if not control_unavailable(exc):
+                        log.exception("fleet tick failed")
+                    else:
+                        self.outages.down(CONTROL_DB, exc)
+                waits = [self.tick]
+                if any_relay is not None:
+                    waits.append(any_relay)
+                await _wait_any(waits, interval)
+                self.tick.clear()
+                if any_relay is not None:
+                    any_relay.clear()
+
+    async def _balance(self) -> None:
+        await self.fleet.reap(self.settings.lease_ttl_s)
+        await self._drop_disabled()
+        view = await self.fleet.balance(self.key, self.settings.lease_ttl_s)
+        self.live_workers = max(1, view.live_workers)
+        share = view.share()
+        owned = sum(len(r.lanes) for r in self.readers.values())
+        if view.owned > owned or owned > view.owned:
+            await self._reconcile()  # a claim of an earlier tick, or a lane that stopped
+            owned = sum(len(r.lanes) for r in self.readers.values())
+        if owned > share:
+            await self._release(owned - share)
+        elif owned < share and view.free > 0:
+            if await self.fleet.claim(self.key, share - owned):
+                await self._reconcile()
+
+    async def _drop_disabled(self) -> None:
+        for reader in list(self.readers.values()):
+            if reader.stop.is_set():
+                await self._close_reader(reader, release=not reader.restart)
+                if reader.restart:  # edited: its partitions stay ours, read again under the new plan
+                    await self._reconcile()
+        await self.fleet.release_disabled(self.key)
+
+    async def _release(self, count: int) -> None:
+        """Give back ``count`` partitions, whole relays last-claimed first, after their lanes flushed."""
+        chosen: list[tuple[RelayReader, list[int]]] = []
+        for reader in sorted(self.readers.values(), key=lambda r: str(r.relay_id), reverse=True):
+            if count <= 0:
+                break
+            parts = sorted(reader.lanes, reverse=True)[:count]
+            chosen.append((reader, parts))
+            count -= len(parts)
+        for reader, parts in chosen:
+            await reader.stop_lanes(parts)
+            await self.cursors.close()
+            await self.fleet.release(self.key, [(reader.relay_id, p) for p in parts])
+            if not reader.lanes:
+                await self._close_reader(reader, release=False)
+
+    async def _reconcile(self) -> None:
+        """Make the lanes match what the control DB says this worker owns."""
+        leases = await self.fleet.owned(self.key)
+        by_relay: dict[uuid.UUID, list[Lease]] = {}
+        for lease in leases:
+            by_relay.setdefault(lease.relay_id, []).append(lease)
+        for relay_id, reader in list(self.readers.items()):
+            mine = {lease.partition for lease in by_relay.get(relay_id, [])}
+            lost = [p for p in reader.lanes if p not in mine]
+            if lost:
+                await reader.stop_lanes(lost)
+            if not reader.lanes:
+                await self._close_reader(reader, release=False)
+        for relay_id, relay_leases in by_relay.items():
+            existing = self.readers.get(relay_id)
+            if existing is not None:
+                for lease in relay_leases:
+                    if lease.partition not in existing.lanes:
+                        existing.add(lease)
+                continue
+            plan = await self.store.relay_plan(relay_id)
+            if plan is None or not plan.enabled:
+                continue
+            reader = self.readers[relay_id] = RelayReader(self, plan, relay_leases)
+            await self._open_reader(reader)
+
+    async def _open_reader(self, reader: RelayReader) -> None:
+        reader.start()
+        reader.wake.set()
+
+    async def _close_reader(self, reader: RelayReader, *, release: bool) -> None:
+        parts = list(reader.lanes)
+        await reader.close()
+        self.readers.pop(reader.relay_id, None)
+        await self.cursors.close()
+        if release and parts:
+            await self.fleet.release(self.key, [(reader.relay_id, p) for p in parts])
+        database_id = reader.plan.database_id
+        if not any(r.plan.database_id == database_id for r in self.readers.values()):
+            await self.tenants.release(database_id)
+
+    async def _drop_all(self) -> None:
+        for reader in list(self.readers.values()):
+            await self._close_reader(reader, release=False)
+
+    async def close(self) -> None:
+        """Leave the fleet at once: stop every lane after its batch in flight, flush the cursors,
+        release every partition and the membership (others claim them at their next tick)."""
+        self._stopping = True
+        self.tick.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._task, timeout=5)
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
+        await self._drop_all()
+        await self.cursors.close()
+        with contextlib.suppress(Exception):
+            await self.fleet.deregister(self.key)
+
+    async def _watch_plan(self, reader: RelayReader) -> None:
+        """Stop a relay's lanes within a second of it being disabled, deleted or edited (after the
+        batch in flight); the next tick releases its partitions or reads them under the new plan."""
+        if self.events is None:
+            return
+        plan = reader.plan
+        keys = (f"relays:{plan.relay_id}", f"databases:{plan.database_id}", f"targets:{plan.target_id}")
+        with self.events.subscribe(keys) as changed:
+            while True:
+                await changed.wait()
+                changed.clear()
+                try:
+                    now = await self.store.relay_plan(plan.relay_id)
+                except Exception as exc:
+                    log.debug("re-reading the plan of relay %s failed: %s", plan.relay_id, exc)
+                    changed.set()
+                    await asyncio.sleep(0.5)
+                    continue
+                versions = (plan.relay_version, plan.database_version, plan.target_version)
+                if (
+                    now is not None
+                    and now.enabled
+                    and (now.relay_version, now.database_version, now.target_version) == versions
+                ):
+                    continue
+                reader.restart = now is not None and now.enabled
+                reader.stop.set()
+                for lane in reader.lanes.values():
+                    lane.part.stop.set()
+                    lane.ready.set()
+                self.tick.set()
+                return
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def _limits(self, reader: RelayReader) -> TargetLimits:
+        rate = self.target_rate(reader.target)
+        limits = self.limits.get(reader.plan.target_id)
+        if limits is None:
+            limits = self.limits[reader.plan.target_id] = TargetLimits(
+                rate_per_s=rate, max_in_flight=reader.target.max_in_flight
+            )
+        else:
+            limits.update(rate_per_s=rate, max_in_flight=reader.target.max_in_flight)
+        return limits
+
+    def target_rate(self, target: Target) -> float | None:
+        """This worker's part of the target's msg/s limit: shared out among the live workers."""
+        if target.rate_limit_per_s is None:
+            return None
+        return target.rate_limit_per_s / max(1, self.live_workers)
+
+    async def _run_reader(self, reader: RelayReader) -> None:
+        plan, policy = reader.plan, None
+        failures = 0
+        notified_retry = 0
+        checked: set[int] = set()
+        while not reader.stop.is_set():
+            listening = self.tenants.listening(plan.database_id)
+            policy = next(iter(reader.lanes.values())).part.relay.policy if reader.lanes else None
+            safety_s = self.settings.safety_poll_s if listening else (policy.poll_interval_ms / 1000 if policy else 1.0)
+            if notified_retry:
+                safety_s = min(safety_s, NOTIFIED_RETRY_S[min(notified_retry, len(NOTIFIED_RETRY_S)) - 1])
+            await _wait_any([reader.wake, reader.stop], safety_s)
+            reader.wake.clear()
+            if reader.stop.is_set() or not reader.lanes:
+                continue
+            try:
+                pool = await self.tenants.pool(
+                    plan.database_id, plan.database_version, reader.database, reader.database_password
+                )
+                if reader._unwatch is None:
+                    reader._unwatch = self.tenants.watch(plan.database_id, reader.on_insert)
+                for lane in list(reader.lanes.values()):
+                    if lane.partition not in checked:
+                        await self.runner._check_identity(pool, lane.part)
+                        lane.read_pos = max(lane.read_pos, lane.part.cursor) if lane.part.cursor != (0, 0) else (0, 0)
+                        lane.buffer.clear()
+                        checked.add(lane.partition)
+                got = await self._scan(reader, pool)
+                failures = 0
+            except LeaseLost:
+                reader.stop.set()
+                self.tick.set()
+                continue
+            except (TenantDatabaseError, AddressNotAllowed) as exc:
+                failures += 1
+                for lane in reader.lanes.values():
+                    with contextlib.suppress(Exception):
+                        await self.store.record_error(lane.part.lease, str(exc), "database_unavailable")
+                    break
+                await _wait_any([reader.stop], backoff_s(failures, base_s=0.5, cap_s=30))
+                reader.wake.set()
+                continue
+            if got is None:  # a full scan: more rows wait (the lanes that have room ask again)
+                notified_retry = 0
+                continue
+            if got == 0 and reader.notified_at is not None and time.monotonic() - reader.notified_at < 5:
+                notified_retry = min(notified_retry + 1, len(NOTIFIED_RETRY_S))
+                if notified_retry >= len(NOTIFIED_RETRY_S):
+                    reader.notified_at, notified_retry = None, 0
+            else:
+                notified_retry = 0
+                if got:
+                    reader.notified_at = None
+
+    async def _scan(self, reader: RelayReader, pool: Any) -> int | None:
+        """One read for every lane that has room: rows handed to lanes; returns how many rows, or
+        None when the read was full (more wait behind it)."""
+        accepting = [lane for lane in reader.lanes.values() if lane.capacity() > 0 and not lane.waiting_retry()]
+        if not accepting:
+            return 0
+        policy = accepting[0].part.relay.policy
+        limit = max(SCAN_MIN_ROWS, min(SCAN_MAX_ROWS, policy.batch_size * len(accepting)))
+        start = min(lane.read_pos for lane in accepting)
+        wanted = None if len(accepting) == reader.plan.partitions else sorted(lane.partition for lane in accepting)
+        rows = await tenant_db.scan(
+            pool, reader.database.schema, after=start, partitions=reader.plan.partitions, wanted=wanted, limit=limit
+        )
+        open_lanes = {lane.partition: lane for lane in accepting}
+        full: set[int] = set()
+        for partition, row in rows:
+            lane = open_lanes.get(partition)
+            if lane is None or partition in full:
+                continue
+            position = (row.txid, row.id)
+            if position <= lane.read_pos:
+                continue
+            if lane.capacity() <= 0:
+                full.add(partition)
+                continue
+            lane.buffer.append(row)
+            lane.read_pos = position
+            lane.ready.set()
+        if rows:
+            end = (rows[-1][1].txid, rows[-1][1].id)
+            for partition, lane in open_lanes.items():
+                if partition not in full and lane.read_pos < end:
+                    lane.read_pos = end  # nothing of this partition up to ``end`` is left unread
+        if len(rows) >= limit:
+            if any(lane.capacity() > 0 for lane in accepting):
+                reader.wake.set()
+            return None
+        return len(rows)
+
+    # --- publishing ------------------------------------------------------------------------------
+
+    async def _run_lane(self, reader: RelayReader, lane: Lane) -> None:
+        part, plan = lane.part, reader.plan
+        failures = 0
+        while not part.stop.is_set():
+            if not lane.buffer:
+                await _wait_any([lane.ready, part.stop], None)
+                lane.ready.clear()
+                continue
+            if part.retry is not None and part.retry.next_at is not None:
+                wait = (part.retry.next_at - datetime.now(UTC)).total_seconds()
+                if wait > 0:
+                    await _wait_any([part.stop], wait)
+                    continue
+            rows = list(lane.buffer)[: part.relay.policy.batch_size]
+            try:
+                # the target first: a throttled target must not hold worker slots other tenants could use
+                async with self._limits(reader).batch(len(rows)), self.scheduler.slot(plan.tenant_id):
+                    publisher = await self._publisher(reader)
+                    await self.runner._publish(publisher, part, rows)
+                failures = 0
+            except TargetUnavailable as exc:
+                failures += 1
+                with contextlib.suppress(Exception):
+                    await self.store.record_error(part.lease, f"target unavailable: {exc}", "target_unavailable")
+                policy = part.relay.policy
+                delay = backoff_s(failures, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000)
+                await _wait_any([part.stop], delay)
+                continue
+            except (TenantDatabaseError, AddressNotAllowed) as exc:
+                failures += 1
+                with contextlib.suppress(Exception):
+                    await self.store.record_error(part.lease, str(exc), "database_unavailable")
+                await _wait_any([part.stop], backoff_s(failures, base_s=0.5, cap_s=30))
+                continue
+            except LeaseLost:
+                log.warning("partition %s of relay %s was taken over", part.lease.partition, plan.relay_name)
+                part.stop.set()
+                self.tick.set()
+                return
+            except Exception as exc:
+                if control_unavailable(exc):
+                    self.outages.down(CONTROL_DB, exc)
+                else:
+                    log.exception("relay %s partition %s: batch failed", plan.relay_name, part.lease.partition)
+                failures += 1
+                await _wait_any([part.stop], backoff_s(failures, base_s=0.2, cap_s=10))
+                continue
+            while lane.buffer and (lane.buffer[0].txid, lane.buffer[0].id) <= part.cursor:
+                lane.buffer.popleft()
+            if lane.capacity() >= part.relay.policy.batch_size:
+                reader.wake.set()
+
+    async def _publisher(self, reader: RelayReader) -> Publisher:
+        plan = reader.plan
+        return await self.publishers.get(plan.target_id, plan.target_version, reader.target, reader.target_password)
+
+    # --- lag ---------------------------------------------------------------------------------------
+
+    async def _sample_lag_forever(self) -> None:
+        while True:
+            await asyncio.sleep(LAG_INTERVAL_S)
+            try:
+                await self._sample_lag()
+            except Exception as exc:
+                log.debug("lag sample failed: %s", exc)
+
+    async def _sample_lag(self) -> None:
+        """Per lane: the age of its oldest unpublished row (its buffer, or one index probe after its
+        read position when its buffer is empty and rows may wait); recorded only when it changed."""
+        samples: list[LagSample] = []
+        now = datetime.now(UTC)
+        for reader in list(self.readers.values()):
+            if not reader.lanes:
+                continue
+            try:
+                pool = await self.tenants.pool(
+                    reader.plan.database_id, reader.plan.database_version, reader.database, reader.database_password
+                )
+            except Exception:
+                continue
+            stall: dict[str, Any] | None = None
+            probed: dict[Position, datetime | None] = {}
+            for lane in list(reader.lanes.values()):
+                if lane.buffer:
+                    oldest: datetime | None = lane.buffer[0].created_at
+                    pending: int | None = len(lane.buffer)
+                else:
+                    if lane.read_pos not in probed:
+                        probed[lane.read_pos] = await tenant_db.next_row_at(pool, reader.database.schema, lane.read_pos)
+                    oldest, pending = probed[lane.read_pos], 0
+                lag = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+                if oldest is not None and not lane.buffer and lag >= STALL_AFTER_S and stall is None:
+                    stall = await self._stall(pool)
+                key = (round(lag, 0), pending)
+                metric_key = (reader.plan.tenant_name, reader.plan.relay_name, reader.plan.target_name, lane.partition)
+                instruments().pending[metric_key] = PendingSample(
+                    labels=lane.part.labels, pending=pending or 0, oldest_age_s=lag
+                )
+                if key != lane.last_lag:
+                    lane.last_lag = key
+                    samples.append(
+                        LagSample(
+                            lease=lane.part.lease,
+                            lag_s=lag,
+                            pending=pending,
+                            oldest_at=oldest,
+                            stall=stall if (oldest is not None and not lane.buffer) else None,
+                        )
+                    )
+        await self.fleet.record_lag(samples)
+
+    async def _stall(self, pool: Any) -> dict[str, Any] | None:
+        blocker = await pool.fetchrow(BLOCKER_SQL)
+        if blocker is None or blocker["age_s"] is None or blocker["age_s"] < STALL_AFTER_S:
+            return None
+        return {
+            "cause": "long_running_transaction",
+            "pid": blocker["pid"],
+            "age_s": round(float(blocker["age_s"]), 1),
+            "state": blocker["state"],
+            "database": blocker["datname"],
+        }
+
+
+async def _wait_any(events: list[asyncio.Event], timeout_s: float | None) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+__all__ = ["CursorWriter", "FleetEngine", "Lane", "RelayReader"]

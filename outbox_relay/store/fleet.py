@@ -1,0 +1,254 @@
+"""Membership and ownership of relay partitions for the fleet data plane (control DB).
+
+A worker registers under a key unique to its process (``workers``), heartbeats that one row, and
+owns partitions (``relay_partitions.lease_holder = key``) while the heartbeat is younger than the
+ownership TTL. Each claim bumps the partition's ``lease_epoch``; every cursor write checks holder
+and epoch in the same statement, so a worker that froze past its TTL and wakes up cannot move a
+cursor it no longer owns. Cost per worker and tick: one heartbeat row, one balance read (counts
+over ``relays`` and an index on ``lease_holder``), and claims or releases only when the share moved.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from outbox_relay.store.control import Lease, RetryState
+
+NOTIFY_MEMBERSHIP = "SELECT pg_notify('outbox_relay_config', 'fleet:membership')"
+"""Heard by every worker's control-events connection: rebalance now, not at the next tick."""
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceView:
+    live_workers: int
+    total_partitions: int
+    """Partitions of enabled relays."""
+    owned: int
+    free: int
+    """Partitions of enabled relays that nobody owns."""
+
+    def share(self) -> int:
+        """This worker's fair share: ``ceil(total / live)``."""
+        live = max(1, self.live_workers)
+        return -(-self.total_partitions // live)
+
+
+@dataclass(frozen=True, slots=True)
+class CursorWrite:
+    lease: Lease
+    txid: int
+    row_id: int
+    published: int
+
+
+@dataclass(frozen=True, slots=True)
+class LagSample:
+    lease: Lease
+    lag_s: float | None
+    pending: int | None
+    oldest_at: datetime | None
+    stall: dict[str, Any] | None
+
+
+_OWNED_COLUMNS = (
+    "p.relay_id, p.partition, p.lease_holder, p.lease_epoch, p.cursor_txid, p.cursor_id, p.system_identifier, "
+    "p.retry_outbox_id, p.retry_attempts, p.retry_errors::text AS retry_errors, p.retry_next_at"
+)
+
+
+def _lease(row: Any) -> Lease:
+    return Lease(
+        relay_id=row["relay_id"],
+        partition=row["partition"],
+        holder=row["lease_holder"],
+        epoch=row["lease_epoch"],
+        cursor_txid=row["cursor_txid"],
+        cursor_id=row["cursor_id"],
+        system_identifier=row["system_identifier"],
+        retry=RetryState(
+            outbox_id=row["retry_outbox_id"],
+            attempts=row["retry_attempts"],
+            errors=json.loads(row["retry_errors"]),
+            next_at=row["retry_next_at"],
+        )
+        if row["retry_outbox_id"] is not None
+        else None,
+    )
+
+
+class FleetStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def register(self, key: str) -> None:
+        """Join the fleet; the others hear it (``fleet:membership``) and make room at once."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO workers (key) VALUES ($1) ON CONFLICT (key) DO UPDATE SET heartbeat_at = now()", key
+            )
+            await conn.execute(NOTIFY_MEMBERSHIP)
+
+    async def heartbeat(self, key: str, ttl_s: float) -> bool:
+        """Renew this worker's ownership of all its partitions at once; False when the worker was
+        declared dead meanwhile (its row reaped: it owns nothing any more)."""
+        return (
+            await self.pool.fetchval("UPDATE workers SET heartbeat_at = now() WHERE key = $1 RETURNING true", key)
+            is True
+        )
+
+    async def reap(self, ttl_s: float) -> int:
+        """Forget workers whose heartbeat lapsed and free their partitions (epochs stay: the claim
+        that takes a partition bumps it). Returns how many partitions were freed."""
+        freed = await self.pool.fetchval(
+            "WITH dead AS (DELETE FROM workers WHERE heartbeat_at < now() - make_interval(secs => $1) "
+            "RETURNING key), freed AS (UPDATE relay_partitions SET lease_holder = NULL, lease_expires_at = NULL "
+            "WHERE lease_holder IN (SELECT key FROM dead) RETURNING 1) SELECT count(*) FROM freed",
+            ttl_s,
+        )
+        return int(freed or 0)
+
+    async def balance(self, key: str, ttl_s: float) -> BalanceView:
+        row = await self.pool.fetchrow(
+            "SELECT (SELECT count(*) FROM workers WHERE heartbeat_at >= now() - make_interval(secs => $2)) AS live, "
+            "(SELECT coalesce(sum(partitions), 0) FROM relays WHERE enabled) AS total, "
+            "(SELECT count(*) FROM relay_partitions WHERE lease_holder = $1) AS owned, "
+            "(SELECT count(*) FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
+            " WHERE p.lease_holder IS NULL AND r.enabled) AS free",
+            key,
+            ttl_s,
+        )
+        assert row is not None
+        return BalanceView(
+            live_workers=int(row["live"]),
+            total_partitions=int(row["total"]),
+            owned=int(row["owned"]),
+            free=int(row["free"]),
+        )
+
+    async def claim(self, key: str, limit: int) -> int:
+        """Take up to ``limit`` free partitions of enabled relays (compare-and-set, bumping each
+        epoch); whole relays first, so a relay's partitions tend to live on one worker."""
+        if limit <= 0:
+            return 0
+        claimed = await self.pool.fetchval(
+            "WITH picked AS (SELECT p.relay_id, p.partition FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
+            "WHERE p.lease_holder IS NULL AND r.enabled ORDER BY p.relay_id, p.partition LIMIT $2 "
+            "FOR UPDATE OF p SKIP LOCKED), "
+            "taken AS (UPDATE relay_partitions p SET lease_holder = $1, lease_epoch = p.lease_epoch + 1, "
+            "lease_expires_at = NULL, updated_at = now() FROM picked "
+            "WHERE p.relay_id = picked.relay_id AND p.partition = picked.partition AND p.lease_holder IS NULL "
+            "RETURNING 1) SELECT count(*) FROM taken",
+            key,
+            limit,
+        )
+        return int(claimed or 0)
+
+    async def owned(self, key: str) -> list[Lease]:
+        rows = await self.pool.fetch(
+            f"SELECT {_OWNED_COLUMNS} FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
+            "WHERE p.lease_holder = $1 ORDER BY p.relay_id, p.partition",
+            key,
+        )
+        return [_lease(r) for r in rows]
+
+    async def release(self, key: str, partitions: Iterable[tuple[uuid.UUID, int]]) -> int:
+        """Give partitions back (after their lanes flushed); only those still ours."""
+        relays, parts = [], []
+        for relay_id, partition in partitions:
+            relays.append(relay_id)
+            parts.append(partition)
+        if not relays:
+            return 0
+        result = await self.pool.execute(
+            "UPDATE relay_partitions p SET lease_holder = NULL, lease_expires_at = NULL "
+            "FROM unnest($2::uuid[], $3::int[]) AS x(relay_id, partition) "
+            "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_holder = $1",
+            key,
+            relays,
+            parts,
+        )
+        return int(result.split()[-1])
+
+    async def release_disabled(self, key: str) -> int:
+        """Free this worker's partitions of relays that were disabled."""
+        result = await self.pool.execute(
+            "UPDATE relay_partitions p SET lease_holder = NULL, lease_expires_at = NULL FROM relays r "
+            "WHERE r.id = p.relay_id AND NOT r.enabled AND p.lease_holder = $1",
+            key,
+        )
+        return int(result.split()[-1])
+
+    async def deregister(self, key: str) -> None:
+        """Leave the fleet at once (SIGTERM): free every partition, delete the membership row."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE relay_partitions SET lease_holder = NULL, lease_expires_at = NULL WHERE lease_holder = $1", key
+            )
+            await conn.execute("DELETE FROM workers WHERE key = $1", key)
+            await conn.execute(NOTIFY_MEMBERSHIP)
+
+    async def advance_cursors(self, writes: Sequence[CursorWrite]) -> set[tuple[uuid.UUID, int]]:
+        """Move many partitions' cursors in one fenced statement; returns the ones that moved
+        (a partition missing from the result was taken over: its lane must stop)."""
+        if not writes:
+            return set()
+        rows = await self.pool.fetch(
+            "UPDATE relay_partitions p SET cursor_txid = x.txid, cursor_id = x.row_id, "
+            "published_count = p.published_count + x.published, "
+            "last_published_at = CASE WHEN x.published > 0 THEN now() ELSE p.last_published_at END, "
+            "last_error = NULL, last_error_class = NULL, stall = NULL, "
+            "retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', retry_next_at = NULL, updated_at = now() "
+            "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[]) "
+            "AS x(relay_id, partition, epoch, txid, row_id, published) "
+            "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch "
+            "AND p.lease_holder IS NOT NULL "
+            "RETURNING p.relay_id, p.partition",
+            [w.lease.relay_id for w in writes],
+            [w.lease.partition for w in writes],
+            [w.lease.epoch for w in writes],
+            [w.txid for w in writes],
+            [w.row_id for w in writes],
+            [w.published for w in writes],
+        )
+        return {(r["relay_id"], r["partition"]) for r in rows}
+
+    async def record_lag(self, samples: Sequence[LagSample]) -> None:
+        """What the owners last saw of their partitions' backlog, in one statement (only changed ones)."""
+        if not samples:
+            return
+        await self.pool.execute(
+            "UPDATE relay_partitions p SET lag_s = x.lag_s, pending_estimate = x.pending, "
+            "oldest_pending_at = x.oldest_at, pending_checked_at = now(), stall = x.stall::jsonb "
+            "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::float8[], $5::bigint[], $6::timestamptz[], "
+            "$7::text[]) AS x(relay_id, partition, epoch, lag_s, pending, oldest_at, stall) "
+            "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch",
+            [s.lease.relay_id for s in samples],
+            [s.lease.partition for s in samples],
+            [s.lease.epoch for s in samples],
+            [s.lag_s for s in samples],
+            [s.pending for s in samples],
+            [s.oldest_at for s in samples],
+            [json.dumps(s.stall) if s.stall is not None else None for s in samples],
+        )
+
+    async def set_identities(self, leases: Sequence[Lease], identity: str) -> set[tuple[uuid.UUID, int]]:
+        if not leases:
+            return set()
+        rows = await self.pool.fetch(
+            "UPDATE relay_partitions p SET system_identifier = $4 "
+            "FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS x(relay_id, partition, epoch) "
+            "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch "
+            "AND p.lease_holder IS NOT NULL RETURNING p.relay_id, p.partition",
+            [lease.relay_id for lease in leases],
+            [lease.partition for lease in leases],
+            [lease.epoch for lease in leases],
+            identity,
+        )
+        return {(r["relay_id"], r["partition"]) for r in rows}
