@@ -13,7 +13,7 @@ from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Target
 from outbox_relay.engine import PublisherCache, RelayRunner, TenantConnections
-from outbox_relay.netguard import AddressPolicy, check_target
+from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
 from workers.jobs import maintain_outboxes, relay_partition, schedule
 from workers.replay import replay_dead_letters
@@ -29,8 +29,8 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
         tenants = TenantConnections(policy=policy, timeout_s=settings.connect_timeout_s)
 
         async def factory(target: Target, password: str | None) -> Publisher:
-            await check_target(policy, target)
-            return await open_publisher(target, password=password)
+            # the adapter checks the target's addresses at every connect, and dials only those
+            return await open_publisher(target, password=password, policy=policy)
 
         publishers = PublisherCache(factory)
         ctx.update(
