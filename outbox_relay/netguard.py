@@ -4,8 +4,10 @@ Every address a tenant host resolves to is checked: link-local, cloud-metadata a
 addresses are always denied; private, loopback and other non-global ranges are denied unless the
 operator allows them; the operator's ``denied_networks`` are denied always. An IPv6 address that
 carries an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``, NAT64
-``64:ff9b::/96`` and ``64:ff9b:1::/48``, 6to4 ``2002::/16``, Teredo ``2001::/32``) is judged by the
-IPv4 addresses inside it too, since that is where a translator or relay delivers it.
+``64:ff9b::/96``, 6to4 ``2002::/16``, Teredo ``2001::/32``) is judged by the IPv4 addresses inside it
+too, since that is where a translator or relay delivers it. NAT64's local-use prefix
+``64:ff9b:1::/48`` is always denied: where the IPv4 address sits in it depends on the site's own
+prefix length (RFC 6052, 8215), so what it reaches cannot be checked.
 
 Resolve once, dial what was checked. :meth:`AddressPolicy.resolve` resolves a name once, checks every
 address it answers and returns those addresses as :class:`Endpoint` s; every connection the relay
@@ -49,6 +51,7 @@ ALWAYS_DENIED: tuple[IPNetwork, ...] = tuple(
         "fd00:ec2::254/128",  # AWS IPv6 metadata
         "0.0.0.0/8",  # "this network": 0.0.0.0 reaches the local host
         "::/128",  # unspecified: like 0.0.0.0
+        "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): the IPv4 address inside cannot be located
         "224.0.0.0/4",
         "ff00::/8",
     )
@@ -56,10 +59,6 @@ ALWAYS_DENIED: tuple[IPNetwork, ...] = tuple(
 
 IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
-"""RFC 8215's local-use NAT64 prefix: a site's own translator, so a private network by definition;
-where in it the IPv4 address sits depends on the site's prefix length (RFC 6052)."""
-_RFC6052_PREFIXES = (48, 56, 64, 96)
 
 RESOLVE_TIMEOUT_S = 5.0
 
@@ -78,22 +77,12 @@ def embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
         return [ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)]
     if addr in NAT64:
         return [ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)]
-    if addr in NAT64_LOCAL:
-        return list(dict.fromkeys(_rfc6052_ipv4(addr, n) for n in _RFC6052_PREFIXES))
     if addr.sixtofour is not None:
         return [addr.sixtofour]
     if addr.teredo is not None:
         server, client = addr.teredo
         return [server, client]
     return []
-
-
-def _rfc6052_ipv4(addr: ipaddress.IPv6Address, prefix_len: int) -> ipaddress.IPv4Address:
-    """The IPv4 address in ``addr`` under an RFC 6052 prefix of ``prefix_len`` bits (bits 64-71,
-    the "u" octet, carry none of it)."""
-    bits = f"{int(addr):0128b}"
-    payload = bits[96:] if prefix_len == 96 else (bits[:64] + bits[72:])[prefix_len : prefix_len + 32]
-    return ipaddress.IPv4Address(int(payload, 2))
 
 
 def literal_address(host: str) -> IPAddress | None:
@@ -170,8 +159,7 @@ class AddressPolicy:
         if self.allow_private:
             return
         judged: list[IPAddress] = [*inner] if inner else [addr]
-        local = addr in NAT64_LOCAL or not all(a.is_global for a in judged)
-        if local:
+        if not all(a.is_global for a in judged):
             carried = f" (carrying {', '.join(map(str, inner))})" if inner else ""
             raise AddressNotAllowed(
                 f"host {host!r} resolves to {addr}{carried}, a private or reserved address "
