@@ -33,6 +33,7 @@ with ``ssl_cert_reqs=none``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import Mapping, Sequence
@@ -76,20 +77,22 @@ class GuardedConnection(Connection):
 
     async def _connect(self) -> None:
         # redis-py turns what this raises into ConnectionError (AddressNotAllowed as its cause) and
-        # does not retry it; the socket connect timeout bounds each address, the policy the look-up.
-        endpoints = await self.policy.resolve(self.host, self.port)
-        error: OSError | None = None
-        for endpoint in endpoints:
-            self._dialling = endpoint
-            try:
-                await super()._connect()  # type: ignore[no-untyped-call]
-                return
-            except OSError as exc:
-                error = exc
-            finally:
-                self._dialling = None
-        assert error is not None  # resolve() answers at least one endpoint
-        raise error
+        # does not retry it. The socket connect timeout bounds the look-up and every address together,
+        # as it bounded asyncio's own connect to each address of the name.
+        async with asyncio.timeout(self.socket_connect_timeout):
+            endpoints = await self.policy.resolve(self.host, self.port)
+            error: OSError | None = None
+            for endpoint in endpoints:
+                self._dialling = endpoint
+                try:
+                    await super()._connect()  # type: ignore[no-untyped-call]
+                    return
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._dialling = None
+            assert error is not None  # resolve() answers at least one endpoint
+            raise error
 
     def _connection_arguments(self) -> Mapping[str, Any]:
         arguments = dict(super()._connection_arguments())
