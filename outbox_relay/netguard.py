@@ -201,7 +201,7 @@ class AddressPolicy:
             out.extend(await self.resolve(host, port))
         return out
 
-    async def check_host(self, host: str, port: int) -> None:
+    async def check_host(self, host: str, port: int = 0) -> None:
         """Resolve ``host`` and check every address; raises AddressNotAllowed."""
         await self.resolve(host, port)
 
