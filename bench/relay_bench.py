@@ -51,6 +51,7 @@ from outbox_relay.config import Settings
 from outbox_relay.crypto import generate_key
 from outbox_relay.domain import Relay
 from outbox_relay.engine import build_messages
+from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.migrate import migrate
 from outbox_relay.tenant.db import OutboxRow
 from service.app import create_app
@@ -60,6 +61,7 @@ from infra import REDIS_URL, HorizonWatch, Scratch, cpu_seconds, delete_redis_ke
 from kits import KafkaKit, Kit, RabbitMQKit, RedisKit, target_spec
 
 ADMIN_KEY = "bench-admin-key"
+LOCAL = AddressPolicy(allow_private=True)  # the bench's brokers are on loopback
 SCHEMA = "outbox_relay"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BROKERS = ("redis", "rabbitmq", "kafka")
@@ -167,7 +169,7 @@ def row_of(record: asyncpg.Record) -> OutboxRow:
 
 
 async def measure_raw(kit: Kit, messages: list[OutgoingMessage], batch_size: int) -> dict[str, Any]:
-    publisher = await open_publisher(target_spec(kit), password=kit.password)
+    publisher = await open_publisher(target_spec(kit), password=kit.password, policy=LOCAL)
     async with publisher:
         started = time.perf_counter()
         for i in range(0, len(messages), batch_size):
@@ -238,7 +240,7 @@ async def measure_relay(
 
 async def measure_naive(kit: Kit, dsn: str, destination: str, n: int, max_seconds: float) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn)
-    publisher = await open_publisher(target_spec(kit), password=kit.password)
+    publisher = await open_publisher(target_spec(kit), password=kit.password, policy=LOCAL)
     done = 0
     try:
         async with publisher:

@@ -298,7 +298,7 @@ class FleetEngine:
                         registered = True
                         self._valid_until = started + self.settings.lease_ttl_s
                     elif not await self.fleet.heartbeat(self.key, self.settings.lease_ttl_s):
-                        log.warning("lease lost: this worker was declared dead (its heartbeat lapsed); dropping its partitions")
+                        log.warning("lease lost: this worker was declared dead (heartbeat lapsed); dropping all")
                         await self._drop_all()
                         self.key = f"{self.settings.worker_id}#{uuid.uuid4().hex[:8]}"
                         registered = False

@@ -156,7 +156,7 @@ class Replayer:
         self._targets: dict[tuple[uuid.UUID, str], TargetRow | None] = {}
         self._checked: dict[tuple[uuid.UUID, datetime], str | None] = {}
         self._publishers = PublisherCache(
-            publisher_factory or (lambda target, password: open_publisher(target, password=password))
+            publisher_factory or (lambda target, password: open_publisher(target, password=password, policy=policy))
         )
 
     async def __aenter__(self) -> Self:

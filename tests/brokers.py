@@ -56,15 +56,16 @@ def tansu_binary() -> Path:
     return path
 
 
-def tansu_command(port: int, advertised_port: int | None = None) -> list[str]:
-    """Tansu as a broker listening on ``port`` (advertising ``advertised_port``, e.g. a proxy's), in memory."""
+def tansu_command(port: int, advertised_port: int | None = None, advertised_host: str = "127.0.0.1") -> list[str]:
+    """Tansu as a broker listening on ``port`` (advertising ``advertised_host:advertised_port``, e.g. a
+    proxy's), in memory."""
     return [
         str(tansu_binary()),
         "broker",
         "--listener-url",
         f"tcp://127.0.0.1:{port}",
         "--advertised-listener-url",
-        f"tcp://127.0.0.1:{advertised_port or port}",
+        f"tcp://{advertised_host}:{advertised_port or port}",
         "--storage-engine",
         "memory://tansu/",
     ]
@@ -75,6 +76,8 @@ class TansuBroker:
     """One Tansu process; :meth:`restart` keeps the port (its in-memory topics are lost)."""
 
     port: int
+    advertised_host: str = "127.0.0.1"
+    """The host the broker tells clients to dial (in its metadata); it listens on 127.0.0.1."""
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,7 +85,11 @@ class TansuBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(tansu_command(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            tansu_command(self.port, advertised_host=self.advertised_host),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while not listening(("127.0.0.1", self.port)):
             if self.process.poll() is not None:

@@ -9,10 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from litestar.testing import AsyncTestClient
 
+from outbox_relay.netguard import AddressPolicy
+
 if TYPE_CHECKING:
     from outbox_relay.config import Settings
 
 ADMIN_KEY = "test-admin-key"
+LOCAL = AddressPolicy(allow_private=True)
+"""The address policy of tests whose brokers and databases are on loopback."""
 _counter = itertools.count()
 
 

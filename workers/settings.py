@@ -15,7 +15,7 @@ from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Target
 from outbox_relay.engine import PublisherCache, RelayRunner, TenantConnections
 from outbox_relay.fleet import FleetEngine
-from outbox_relay.netguard import AddressPolicy, check_target
+from outbox_relay.netguard import AddressPolicy
 from outbox_relay.outages import Outages
 from outbox_relay.store.control import ControlStore, control_unavailable
 from outbox_relay.store.events import ControlEvents
@@ -54,8 +54,8 @@ def worker_settings(settings: Settings | None = None, *, data_plane: bool = True
         )
 
         async def factory(target: Target, password: str | None) -> Publisher:
-            await check_target(policy, target)
-            return await open_publisher(target, password=password)
+            # the adapter checks the target's addresses at every connect, and dials only those
+            return await open_publisher(target, password=password, policy=policy)
 
         publishers = PublisherCache(factory)
         runner = RelayRunner(

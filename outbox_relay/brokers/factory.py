@@ -4,8 +4,12 @@ Usage: ``open_publisher`` is an async factory that connects before it returns (s
 broker or bad credentials surface here, as :class:`~outbox_relay.errors.TargetUnavailable`), and
 the publisher it returns is an async context manager that closes it::
 
-    async with await open_publisher(target, password=secret) as publisher:
+    async with await open_publisher(target, password=secret, policy=policy) as publisher:
         result = await publisher.publish_batch(messages)
+
+``policy`` is required: every connection an adapter opens, the first and each reconnect (and, for
+Kafka, each broker the cluster advertises), dials only addresses it checked when it resolved the
+host just then (:mod:`outbox_relay.netguard`); a refused address surfaces as TargetUnavailable.
 
 Adapters reconnect by themselves on a later batch after the broker went away, so a publisher can be
 kept for as long as its target spec does not change.
@@ -20,27 +24,29 @@ from typing import Protocol
 
 from outbox_relay.brokers.base import Publisher
 from outbox_relay.domain import KafkaTarget, RabbitMQTarget, RedisStreamsTarget, Target
+from outbox_relay.netguard import AddressPolicy
 
 
 class _Adapter(Publisher, Protocol):
     async def connect(self) -> None: ...
 
 
-async def open_publisher(target: Target, *, password: str | None) -> Publisher:
-    """Connect a publisher for ``target``; ``password`` is the decrypted secret (None when unset)."""
+async def open_publisher(target: Target, *, password: str | None, policy: AddressPolicy) -> Publisher:
+    """Connect a publisher for ``target``; ``password`` is the decrypted secret (None when unset),
+    ``policy`` the address policy every connection of the publisher is checked against."""
     publisher: _Adapter
     if isinstance(target, RabbitMQTarget):
         from outbox_relay.brokers.rabbitmq import RabbitMQPublisher
 
-        publisher = RabbitMQPublisher.from_target(target, password=password)
+        publisher = RabbitMQPublisher.from_target(target, password=password, policy=policy)
     elif isinstance(target, RedisStreamsTarget):
         from outbox_relay.brokers.redis_streams import RedisStreamsPublisher
 
-        publisher = RedisStreamsPublisher.from_target(target, password=password)
+        publisher = RedisStreamsPublisher.from_target(target, password=password, policy=policy)
     elif isinstance(target, KafkaTarget):
         from outbox_relay.brokers.kafka import KafkaPublisher
 
-        publisher = KafkaPublisher.from_target(target, password=password)
+        publisher = KafkaPublisher.from_target(target, password=password, policy=policy)
     else:
         raise TypeError(f"not a target spec: {type(target).__name__}")
     try:

@@ -27,6 +27,13 @@ partitions) share the producer, so a batch still in flight on a discarded produc
 used, never the one another batch has started since, and concurrent first batches start one
 producer together.
 
+Addresses: the producer's client is a :class:`GuardedKafkaClient`, so every broker it dials, the
+bootstrap servers and every broker the cluster's metadata advertises, is resolved once by the
+:class:`~outbox_relay.netguard.AddressPolicy`, checked, and dialled by a checked IP address (TLS
+verifies the broker's name). A broker whose address the policy refuses is never dialled: aiokafka
+sees it as a broker it cannot reach, and the batch fails as :class:`TargetUnavailable` naming the
+refusal.
+
 Every wait is bounded by ``timeout_ms``: ``start()``, each ``send()`` (metadata look-up), each
 acknowledgement after the previous one, and ``stop()`` (aiokafka's ``stop()`` waits for pending
 batches forever when the brokers are gone: aio-libs/aiokafka#1101).
@@ -36,17 +43,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
+import ssl
 from collections.abc import Sequence
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, cast
 
 import aiokafka.errors as kafka_errors
 from aiokafka import AIOKafkaProducer
-from aiokafka.helpers import create_ssl_context
+from aiokafka.client import AIOKafkaClient, ConnectionGroup
+from aiokafka.conn import AIOKafkaConnection, create_conn
+from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.util import create_task
 
 from outbox_relay.brokers.base import OutgoingMessage, PublishResult
 from outbox_relay.domain import KafkaTarget
-from outbox_relay.errors import MessageRejected, TargetUnavailable
+from outbox_relay.errors import AddressNotAllowed, MessageRejected, TargetUnavailable
+from outbox_relay.netguard import AddressPolicy, Endpoint, NameBoundSSLContext
+
+log = logging.getLogger(__name__)
 
 ID_HEADER = "outbox-id"
 
@@ -77,6 +92,7 @@ class KafkaPublisher:
         self,
         *,
         bootstrap_servers: Sequence[str],
+        policy: AddressPolicy,
         security_protocol: SecurityProtocol = "PLAINTEXT",
         sasl_mechanism: SaslMechanism | None = None,
         username: str | None = None,
@@ -88,7 +104,8 @@ class KafkaPublisher:
         timeout_ms: int = 10_000,
         client_id: str = "outbox-relay",
     ) -> None:
-        """Nothing connects before :meth:`connect` or the first batch."""
+        """``policy`` checks every broker address before it is dialled (see the module docstring).
+        Nothing connects before :meth:`connect` or the first batch."""
         if not bootstrap_servers:
             raise ValueError("bootstrap_servers must name at least one broker")
         if timeout_ms <= 0:
@@ -110,10 +127,12 @@ class KafkaPublisher:
             "security_protocol": security_protocol,
         }
         if security_protocol in ("SSL", "SASL_SSL"):
-            options["ssl_context"] = create_ssl_context()
+            # aiokafka wants one; GuardedKafkaClient dials with a context bound to each broker's name
+            options["ssl_context"] = _tls_context()
         if security_protocol.startswith("SASL"):
             options.update(sasl_mechanism=sasl_mechanism, sasl_plain_username=username, sasl_plain_password=password)
         self._options = options
+        self._policy = policy
         self._timeout_s = timeout_ms / 1000
         self._where = ",".join(bootstrap_servers)
         self._producer: AIOKafkaProducer | None = None
@@ -122,9 +141,10 @@ class KafkaPublisher:
         self._closed = False
 
     @classmethod
-    def from_target(cls, target: KafkaTarget, *, password: str | None) -> Self:
+    def from_target(cls, target: KafkaTarget, *, password: str | None, policy: AddressPolicy) -> Self:
         return cls(
             bootstrap_servers=target.bootstrap_servers,
+            policy=policy,
             security_protocol=target.security_protocol,
             sasl_mechanism=target.sasl_mechanism,
             username=target.username,
@@ -191,10 +211,12 @@ class KafkaPublisher:
             for index, future in enumerate(futures):
                 done, _ = await asyncio.wait((future,), timeout=self._timeout_s)
                 if not done:
-                    raise TargetUnavailable(f"Kafka at {self._where}: no ack within {self._timeout_s:g}s")
+                    raise TargetUnavailable(
+                        f"Kafka at {self._where}: no ack within {self._timeout_s:g}s{_refusal_note(producer)}"
+                    )
                 error = future.exception()
                 if error is not None:
-                    rejection = self._rejection_or_raise(error, index)
+                    rejection = self._rejection_or_raise(error, index, producer)
                     await self._discard(producer)  # its sequence state after a failed batch is suspect
                     return PublishResult(acked=index, rejected=rejection)
             if send_error is None:
@@ -202,15 +224,15 @@ class KafkaPublisher:
             index = len(futures)
             if isinstance(send_error, kafka_errors.UnknownTopicOrPartitionError):
                 return PublishResult(acked=index, rejected=await self._missing_topic(producer, messages[index], index))
-            return PublishResult(acked=index, rejected=self._rejection_or_raise(send_error, index))
+            return PublishResult(acked=index, rejected=self._rejection_or_raise(send_error, index, producer))
         except TargetUnavailable:
             await self._discard(producer)
             raise
 
-    def _rejection_or_raise(self, error: BaseException, index: int) -> MessageRejected:
+    def _rejection_or_raise(self, error: BaseException, index: int, producer: AIOKafkaProducer) -> MessageRejected:
         if isinstance(error, _REFUSALS):
             return MessageRejected(f"Kafka refused the message: {error}", index=index)
-        raise TargetUnavailable(f"Kafka at {self._where}: {error!r}") from error
+        raise TargetUnavailable(f"Kafka at {self._where}: {error!r}{_refusal_note(producer)}") from error
 
     async def _missing_topic(self, producer: AIOKafkaProducer, message: OutgoingMessage, index: int) -> MessageRejected:
         """aiokafka raises UnknownTopicOrPartitionError both for a topic that does not exist and for
@@ -220,7 +242,9 @@ class KafkaPublisher:
             async with asyncio.timeout(self._timeout_s):
                 refreshed = bool(await producer.client.force_metadata_update())
         if not refreshed:
-            raise TargetUnavailable(f"Kafka at {self._where}: no metadata for {message.destination!r}")
+            raise TargetUnavailable(
+                f"Kafka at {self._where}: no metadata for {message.destination!r}{_refusal_note(producer)}"
+            )
         return MessageRejected(f"Kafka topic {message.destination!r} does not exist", index=index)
 
     async def _acquire(self) -> AIOKafkaProducer:
@@ -237,13 +261,16 @@ class KafkaPublisher:
     async def _start(self) -> AIOKafkaProducer:
         try:
             producer = AIOKafkaProducer(**self._options)
+            GuardedKafkaClient.adopt(producer.client, self._policy)
             try:
                 # start() retries InitProducerId (idempotence) for ever; bound it.
                 async with asyncio.timeout(self._timeout_s):
                     await producer.start()
             except (kafka_errors.KafkaError, TimeoutError, OSError) as exc:
                 await _stop(producer, self._timeout_s)
-                raise TargetUnavailable(f"cannot start a Kafka producer on {self._where}: {exc!r}") from exc
+                raise TargetUnavailable(
+                    f"cannot start a Kafka producer on {self._where}: {exc!r}{_refusal_note(producer)}"
+                ) from exc
             if self._closed:
                 await _stop(producer, self._timeout_s)
                 raise RuntimeError("publisher is closed")
@@ -263,6 +290,153 @@ class KafkaPublisher:
                 await _stop(producer, self._timeout_s)
             finally:
                 self._stopping.discard(producer)
+
+
+class GuardedKafkaClient(AIOKafkaClient):  # type: ignore[misc]  # aiokafka.client is untyped
+    """aiokafka's client, dialling only broker addresses the address policy checked just now.
+
+    aiokafka hands each broker's (host, port), from ``bootstrap_servers`` and from the cluster's
+    metadata, to ``create_conn``, which resolves the host itself. This client overrides the two
+    methods that dial (``bootstrap`` and ``_get_conn``, otherwise as in aiokafka 0.14) so that each
+    dial resolves the host once through the policy and connects to a checked IP address, TLS bound
+    to the host's name. A refused broker is not dialled at all: ``_get_conn`` answers None, as
+    aiokafka's does for a broker it cannot reach, and :attr:`refusal` keeps why.
+
+    ``AIOKafkaProducer`` builds its client itself, with no hook to choose the class, so
+    :meth:`adopt` turns that client into this class right after the producer is made, before it
+    has connected anywhere.
+    """
+
+    policy: AddressPolicy
+    refusal: AddressNotAllowed | None
+    """The last broker address the policy refused, for error messages."""
+    _tls_contexts: dict[str, NameBoundSSLContext]
+    _refused: set[tuple[str, int]]
+
+    @classmethod
+    def adopt(cls, client: AIOKafkaClient, policy: AddressPolicy) -> GuardedKafkaClient:
+        client.__class__ = cls
+        guarded = cast(GuardedKafkaClient, client)
+        guarded.policy = policy
+        guarded.refusal = None
+        guarded._tls_contexts = {}
+        guarded._refused = set()
+        return guarded
+
+    async def _dial(self, host: str, port: int, **options: Any) -> AIOKafkaConnection:
+        """A connection to the broker ``host:port``, to one of the addresses the policy checked."""
+        try:
+            endpoints = await self.policy.resolve(host, port)
+        except AddressNotAllowed as exc:
+            self.refusal = exc
+            if (host, port) not in self._refused:
+                self._refused.add((host, port))
+                log.warning("Kafka broker %s:%s is not dialled: %s", host, port, exc)
+            raise
+        error: BaseException | None = None
+        for endpoint in endpoints:
+            try:
+                return await create_conn(
+                    endpoint.address,
+                    endpoint.port,
+                    client_id=self._client_id,
+                    request_timeout_ms=self._request_timeout_ms,
+                    ssl_context=self._tls_context(endpoint),
+                    security_protocol=self._security_protocol,
+                    max_idle_ms=self._connections_max_idle_ms,
+                    sasl_mechanism=self._sasl_mechanism,
+                    sasl_plain_username=self._sasl_plain_username,
+                    sasl_plain_password=self._sasl_plain_password,
+                    sasl_kerberos_service_name=self._sasl_kerberos_service_name,
+                    sasl_kerberos_domain_name=self._sasl_kerberos_domain_name,
+                    sasl_oauth_token_provider=self._sasl_oauth_token_provider,
+                    **options,
+                )
+            except (OSError, kafka_errors.KafkaError, TimeoutError) as exc:
+                error = exc
+        assert error is not None  # resolve() answers at least one endpoint
+        raise error
+
+    def _tls_context(self, endpoint: Endpoint) -> NameBoundSSLContext | None:
+        """One context per broker name (brokers behind one SNI-routing address keep their names)."""
+        if self._ssl_context is None:
+            return None
+        context = self._tls_contexts.get(endpoint.server_name)
+        if context is None:
+            context = self._tls_contexts[endpoint.server_name] = _tls_context()
+        context.bind(endpoint)
+        return context
+
+    async def bootstrap(self) -> None:
+        """As aiokafka's, each bootstrap server dialled through :meth:`_dial`."""
+        for host, port, _ in self.hosts:
+            try:
+                bootstrap_conn = await self._dial(host, port)
+            except AddressNotAllowed:
+                continue
+            except (OSError, kafka_errors.KafkaError, TimeoutError) as err:
+                log.error('Unable connect to "%s:%s": %s', host, port, err)
+                continue
+            try:
+                metadata = await bootstrap_conn.send(MetadataRequest([]))
+            except (kafka_errors.KafkaError, TimeoutError) as err:
+                log.warning('Unable to request metadata from "%s:%s": %s', host, port, err)
+                bootstrap_conn.close()
+                continue
+            self.cluster.update_metadata(metadata)
+            # a cluster with no topics can answer no brokers: keep this connection until it does
+            if not len(self.cluster.brokers()):
+                self._conns[("bootstrap", ConnectionGroup.DEFAULT)] = bootstrap_conn
+            else:
+                bootstrap_conn.close()
+            break
+        else:
+            refused = f" ({self.refusal})" if self.refusal is not None else ""
+            raise kafka_errors.KafkaConnectionError(f"Unable to bootstrap from {self.hosts}{refused}")
+        if self._sync_task is None:  # type: ignore[has-type]
+            self._sync_task = create_task(self._md_synchronizer())
+
+    async def _get_conn(
+        self, node_id: Any, *, group: Any = ConnectionGroup.DEFAULT, no_hint: bool = False
+    ) -> AIOKafkaConnection | None:
+        """As aiokafka's, the broker dialled through :meth:`_dial`; None when it cannot be."""
+        conn_id = (node_id, group)
+        if conn_id in self._conns:
+            conn = self._conns[conn_id]
+            if conn.connected():
+                return cast(AIOKafkaConnection, conn)
+            del self._conns[conn_id]
+        broker = self.cluster.broker_metadata(node_id)
+        if broker is None:
+            log.error("Unable connect to node with id %s: not in current metadata", node_id)
+            self.force_metadata_update()
+            return None
+        try:
+            async with self._get_conn_lock:
+                if conn_id in self._conns:
+                    return cast(AIOKafkaConnection, self._conns[conn_id])
+                self._conns[conn_id] = await self._dial(broker.host, broker.port, on_close=self._on_connection_closed)
+        except AddressNotAllowed:
+            return None  # not a stale-metadata symptom: asking the cluster again changes nothing
+        except (OSError, TimeoutError, kafka_errors.KafkaError) as err:
+            log.error("Unable connect to node with id %s: %s", node_id, err)
+            self.force_metadata_update()
+            return None
+        return cast(AIOKafkaConnection, self._conns[conn_id])
+
+
+def _tls_context() -> NameBoundSSLContext:
+    """What aiokafka's ``create_ssl_context()`` makes (system trust store, host name checked),
+    bound to broker names."""
+    context = NameBoundSSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_default_certs()
+    return context
+
+
+def _refusal_note(producer: AIOKafkaProducer) -> str:
+    """``' (broker address refused: ...)'`` when the producer's client refused one, else ''."""
+    refusal = getattr(producer.client, "refusal", None)
+    return f" (broker address refused: {refusal})" if refusal is not None else ""
 
 
 def _headers(message: OutgoingMessage) -> list[tuple[str, bytes]]:

@@ -32,8 +32,12 @@ How the broker's answers map onto the seam's contract:
   headers too large for one frame (``frame_max``; RabbitMQ would close the connection with 501
   ``FRAME_ERROR``, failing the batch as unavailable for ever).
 * Anything else (connection refused or lost, authentication, no answer within ``timeout_ms``
-  between two confirms) → :class:`TargetUnavailable`; the connection is dropped and opened again
-  by the next batch.
+  between two confirms, a broker address the address policy refuses) → :class:`TargetUnavailable`;
+  the connection is dropped and opened again by the next batch.
+
+Every connection (the first and each reconnect) is dialled by :class:`GuardedTransport`: the URL's
+host is resolved once by the :class:`~outbox_relay.netguard.AddressPolicy`, every address checked,
+and the TCP connection made to a checked IP address (TLS verifies, and sends SNI for, the host name).
 
 After anything but a fully acknowledged batch the channel is replaced, so confirms and returns still
 due for the publishes of that batch cannot be taken for those of the next.
@@ -50,13 +54,15 @@ from typing import Any, Self
 import aio_pika
 import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, DeliveryMode
+from aiormq.connection import DEFAULT_PORTS, TransportFactory
 from pamqp import frame as amqp_frame
 from pamqp import header as amqp_header
 from yarl import URL
 
 from outbox_relay.brokers.base import OutgoingMessage, PublishResult
 from outbox_relay.domain import RabbitMQTarget
-from outbox_relay.errors import MessageRejected, TargetUnavailable
+from outbox_relay.errors import AddressNotAllowed, MessageRejected, TargetUnavailable
+from outbox_relay.netguard import AddressPolicy
 
 KEY_HEADER = "outbox-key"
 MAX_ROUTING_KEY_BYTES = 255  # shortstr
@@ -78,6 +84,7 @@ class RabbitMQPublisher:
         self,
         *,
         url: str,
+        policy: AddressPolicy,
         password: str | None = None,
         exchange: str = "",
         mandatory: bool = True,
@@ -85,8 +92,8 @@ class RabbitMQPublisher:
         connection_name: str = "outbox-relay",
     ) -> None:
         """``url`` is ``amqp[s]://user@host:port/vhost`` without the password; ``password`` is set
-        into it as a URL component (so any character is safe). Nothing connects before
-        :meth:`connect` or the first batch."""
+        into it as a URL component (so any character is safe); ``policy`` checks every address the
+        host has, at each connect. Nothing connects before :meth:`connect` or the first batch."""
         if timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
         parsed = URL(url)
@@ -99,6 +106,7 @@ class RabbitMQPublisher:
         self._mandatory = mandatory
         self._timeout_s = timeout_ms / 1000
         self._connection_name = connection_name
+        self._transport = GuardedTransport(policy)
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -106,9 +114,10 @@ class RabbitMQPublisher:
         self._closed = False
 
     @classmethod
-    def from_target(cls, target: RabbitMQTarget, *, password: str | None) -> Self:
+    def from_target(cls, target: RabbitMQTarget, *, password: str | None, policy: AddressPolicy) -> Self:
         return cls(
             url=target.url,
+            policy=policy,
             password=password,
             exchange=target.exchange,
             mandatory=target.mandatory,
@@ -271,14 +280,16 @@ class RabbitMQPublisher:
             async with asyncio.timeout(self._timeout_s):
                 if self._connection is None:
                     # aio-pika's own timeout does not cover waiting for an unblocked connection.
-                    self._connection = await aio_pika.connect(
+                    connection = _GuardedConnection(
                         self._url,
-                        timeout=self._timeout_s,
+                        transport_factory=self._transport,
                         client_properties={"connection_name": self._connection_name},
                     )
+                    await connection.connect(timeout=self._timeout_s)
+                    self._connection = connection
                 channel = self._connection.channel(publisher_confirms=True, on_return_raises=True)
                 await channel.initialize(timeout=self._timeout_s)
-        except (TimeoutError, OSError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError, RuntimeError, AddressNotAllowed) as exc:
             await self._drop_connection()
             raise TargetUnavailable(f"cannot open RabbitMQ at {self._safe_url()}: {exc!r}") from exc
         self._channel = channel
@@ -328,6 +339,47 @@ class RabbitMQPublisher:
             message_id=str(message.id),
             delivery_mode=DeliveryMode.PERSISTENT,
         )
+
+
+class GuardedTransport(TransportFactory):
+    """aiormq's transport factory, dialling only addresses the address policy checked just now.
+
+    aiormq's own factories hand the URL's host to ``asyncio.open_connection``, which resolves it
+    again; this one resolves it once through the policy (AddressNotAllowed when any address is
+    refused) and connects to the checked addresses in turn, with ``server_hostname`` the host name
+    so that an ``amqps`` certificate is verified (and SNI sent) for the name, not the address.
+    """
+
+    def __init__(self, policy: AddressPolicy) -> None:
+        self.policy = policy
+
+    async def create(self, url: URL, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        provider = kwargs.pop("ssl_context_provider", None)
+        context = await provider.get_context() if url.scheme == "amqps" and provider is not None else None
+        endpoints = await self.policy.resolve(url.host or "", url.port or DEFAULT_PORTS[url.scheme])
+        error: OSError | None = None
+        for endpoint in endpoints:
+            try:
+                return await asyncio.open_connection(
+                    host=endpoint.address,
+                    port=endpoint.port,
+                    ssl=context,
+                    server_hostname=endpoint.server_name if context is not None else None,
+                    **kwargs,
+                )
+            except OSError as exc:
+                error = exc
+        assert error is not None  # resolve() answers at least one endpoint
+        raise aiormq.exceptions.AMQPConnectionError(*error.args) from error
+
+
+class _GuardedConnection(aio_pika.Connection):
+    """aio-pika's connection with a transport factory of our choosing (``aio_pika.connect`` would
+    put keyword arguments it does not know into the URL's query instead of passing them on)."""
+
+    def __init__(self, url: URL, *, transport_factory: TransportFactory, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.kwargs["transport_factory"] = transport_factory
 
 
 def _unsendable(message: OutgoingMessage, amqp: aio_pika.Message, frame_max: int) -> str | None:

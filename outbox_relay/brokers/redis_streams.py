@@ -22,21 +22,31 @@ later batch.
 
 Concurrent batches (the worker shares one publisher between partitions) each run their pipeline on
 a connection of their own from the pool, so they neither interleave nor see each other's errors.
+
+Every connection the pool opens resolves the URL's host once through the
+:class:`~outbox_relay.netguard.AddressPolicy`, checks every address and dials a checked IP address
+(redis-py would resolve the name again itself); a refused address → :class:`TargetUnavailable`.
+For ``rediss://`` the certificate is verified for the host *name*, and unlike redis-py's default the
+name is checked too (``ssl_check_hostname`` on unless the URL says otherwise or turns verification off
+with ``ssl_cert_reqs=none``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Sequence
+import ssl
+from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 from redis import exceptions as redis_errors
 from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import Connection, SSLConnection, parse_url
 
 from outbox_relay.brokers.base import OutgoingMessage, PublishResult
 from outbox_relay.domain import RedisStreamsTarget
 from outbox_relay.errors import MessageRejected, TargetUnavailable
+from outbox_relay.netguard import AddressPolicy, Endpoint
 
 PAYLOAD_FIELD = "payload"
 ID_FIELD = "outbox-id"
@@ -57,6 +67,46 @@ def entry_fields(message: OutgoingMessage) -> dict[str | bytes, bytes | str]:
     return fields
 
 
+class GuardedConnection(Connection):
+    """redis-py's TCP connection, dialling only addresses the address policy checked just now."""
+
+    def __init__(self, *, policy: AddressPolicy, **kwargs: Any) -> None:
+        self.policy = policy
+        self._dialling: Endpoint | None = None
+        super().__init__(**kwargs)
+
+    async def _connect(self) -> None:
+        # redis-py turns what this raises into ConnectionError (AddressNotAllowed as its cause) and
+        # does not retry it. The socket connect timeout bounds the look-up and every address together,
+        # as it bounded asyncio's own connect to each address of the name.
+        async with asyncio.timeout(self.socket_connect_timeout):
+            endpoints = await self.policy.resolve(self.host, self.port)
+            error: OSError | None = None
+            for endpoint in endpoints:
+                self._dialling = endpoint
+                try:
+                    await super()._connect()  # type: ignore[no-untyped-call]
+                    return
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._dialling = None
+            assert error is not None  # resolve() answers at least one endpoint
+            raise error
+
+    def _connection_arguments(self) -> Mapping[str, Any]:
+        arguments = dict(super()._connection_arguments())
+        if self._dialling is not None:
+            arguments["host"] = self._dialling.address
+            if arguments.get("ssl") is not None:
+                arguments["server_hostname"] = self._dialling.server_name
+        return arguments
+
+
+class GuardedSSLConnection(GuardedConnection, SSLConnection):
+    """:class:`GuardedConnection` over TLS: verifies the certificate for the host name."""
+
+
 class RedisStreamsPublisher:
     """Appends batches to Redis streams; see the module docstring for the entry layout."""
 
@@ -64,18 +114,29 @@ class RedisStreamsPublisher:
         self,
         *,
         url: str,
+        policy: AddressPolicy,
         password: str | None = None,
         maxlen: int | None = None,
         timeout_ms: int = 10_000,
     ) -> None:
         """``url`` is ``redis[s]://[user@]host:port/db`` without the password; ``password`` is
-        passed to the connection as is (it wins over one in the URL). Nothing connects before
-        :meth:`connect` or the first batch."""
+        passed to the connection as is (it wins over one in the URL); ``policy`` checks every address
+        the host has, at each connect. Nothing connects before :meth:`connect` or the first batch."""
         if timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
         if maxlen is not None and maxlen < 1:
             raise ValueError(f"maxlen must be at least 1, got {maxlen}")
         options: dict[str, Any] = dict(parse_url(url))
+        plain = options.get("connection_class", Connection)
+        if plain is SSLConnection:
+            options["connection_class"] = GuardedSSLConnection
+            if options.get("ssl_cert_reqs") not in ("none", ssl.CERT_NONE):
+                options.setdefault("ssl_check_hostname", True)
+        elif plain is Connection:
+            options["connection_class"] = GuardedConnection
+        else:
+            raise ValueError("url must be redis:// or rediss:// (a unix socket is not a target)")
+        options["policy"] = policy
         if password is not None:
             options["password"] = password
         timeout_s = timeout_ms / 1000
@@ -86,8 +147,8 @@ class RedisStreamsPublisher:
         self._closed = False
 
     @classmethod
-    def from_target(cls, target: RedisStreamsTarget, *, password: str | None) -> Self:
-        return cls(url=target.url, password=password, maxlen=target.maxlen, timeout_ms=target.timeout_ms)
+    def from_target(cls, target: RedisStreamsTarget, *, password: str | None, policy: AddressPolicy) -> Self:
+        return cls(url=target.url, policy=policy, password=password, maxlen=target.maxlen, timeout_ms=target.timeout_ms)
 
     async def connect(self) -> None:
         """Check now that the server answers; raise :class:`TargetUnavailable` when it does not."""

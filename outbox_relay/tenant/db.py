@@ -1,20 +1,27 @@
 """Connections to tenants' own databases: connect (address policy + timeouts), provision, read.
 
+Every connection is opened by :func:`dial`: the DSN's hosts are resolved once by the address policy
+and asyncpg dials the checked IP addresses (TLS still verifies the host's name): see
+:mod:`outbox_relay.netguard`.
+
 The relay only ever reads here: it never updates or deletes outbox rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import urlsplit
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
 from outbox_relay.domain import Database
 from outbox_relay.errors import AddressNotAllowed, TenantDatabaseError
-from outbox_relay.netguard import AddressPolicy, hosts_of
+from outbox_relay.netguard import AddressPolicy, Endpoint, NameBoundSSLContext, hosts_of
 from outbox_relay.tenant import sql
 
 APPLICATION_NAME = "outbox-relay"
@@ -51,40 +58,142 @@ def check_dsn(dsn: str) -> None:
 
 
 async def check_address(dsn: str, policy: AddressPolicy) -> None:
-    for host, port in hosts_of(urlsplit(dsn).netloc, 5432):
-        await policy.check_host(host, port)
+    """Check every address the DSN's hosts have (AddressNotAllowed); informs only, see :func:`connect`."""
+    await policy.resolve_all(hosts_of(urlsplit(dsn).netloc, 5432))
+
+
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def dsn_params(dsn: str) -> dict[str, str]:
+    """The DSN's query parameters (the last value of each, as asyncpg reads them)."""
+    return {key: values[-1] for key, values in parse_qs(urlsplit(dsn).query).items()}
+
+
+def tls_attempts(dsn: str, endpoints: Sequence[Endpoint]) -> list[ssl.SSLContext | Literal[False]]:
+    """The TLS settings to connect with, in the order to try them, from the DSN's ``sslmode``.
+
+    asyncpg verifies (and sends SNI for) whatever host it dials, and it dials the checked IP address
+    here, so the TLS context is built here instead of by asyncpg from the DSN: a
+    :class:`NameBoundSSLContext` that verifies the certificate against the host's *name*. It follows
+    libpq's modes: ``disable``; ``allow`` (plain, then TLS); ``prefer``, the default (TLS without
+    verification, then plain); ``require`` (TLS; the certificate is verified only with an
+    ``sslrootcert``); ``verify-ca`` (certificate chain); ``verify-full`` (chain and host name). The
+    trust store is ``sslrootcert`` when given, else the system's (asyncpg would demand
+    ``~/.postgresql/root.crt`` of the worker); ``sslcert``/``sslkey``/``sslpassword`` present a client
+    certificate. The worker's own ``PGSSL*`` environment plays no part in a tenant's connection.
+    """
+    params = dsn_params(dsn)
+    mode = params.get("sslmode", "prefer")
+    if mode not in SSL_MODES:
+        raise TenantDatabaseError(f"sslmode {mode[:40]!r} is not one of {', '.join(SSL_MODES)}")
+    if mode == "disable":
+        return [False]
+    context = NameBoundSSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for endpoint in endpoints:
+        context.bind(endpoint)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["postgresql"])  # what asyncpg sets (needed for sslnegotiation=direct)
+    rootcert = params.get("sslrootcert")
+    if mode in ("verify-ca", "verify-full") or (mode == "require" and rootcert):
+        if rootcert and rootcert != "system":
+            context.load_verify_locations(cafile=rootcert)
+        else:
+            context.load_default_certs()
+        context.check_hostname = mode == "verify-full"
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if params.get("sslcert"):
+        context.load_cert_chain(params["sslcert"], keyfile=params.get("sslkey"), password=params.get("sslpassword"))
+    if mode == "prefer":
+        return [context, False]
+    if mode == "allow":
+        return [False, context]
+    return [context]
+
+
+def _try_next_mode(exc: BaseException) -> bool:
+    """Whether a failed attempt lets ``allow``/``prefer`` try the other mode: the server refused
+    TLS or the TLS handshake failed, or pg_hba.conf has no entry for this kind of connection."""
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, TimeoutError)
+
+
+async def dial(
+    dsn: str,
+    password: str | None,
+    *,
+    policy: AddressPolicy,
+    timeout_s: float,
+    connection_class: type[asyncpg.Connection] = asyncpg.Connection,
+    record_class: type[asyncpg.Record] = asyncpg.Record,
+) -> asyncpg.Connection:
+    """One connection to the DSN's database, to an address the policy checked when it resolved the
+    DSN's hosts just now; asyncpg is given only those IP addresses, so it resolves no name itself.
+
+    ``timeout_s`` bounds the whole connect, the second ``allow``/``prefer`` attempt included (name
+    resolution has the policy's own bound). Raises AddressNotAllowed, or what asyncpg raises.
+    """
+    endpoints = await policy.resolve_all(hosts_of(urlsplit(dsn).netloc, 5432))
+    attempts = tls_attempts(dsn, endpoints)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    for number, tls in enumerate(attempts, start=1):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError(f"no connection within {timeout_s:g}s")
+        try:
+            # host/port/ssl given here win over the DSN's netloc, ?host=, ?port=, ?service=, ?sslmode=
+            # and the PG* environment.
+            return await asyncpg.connect(
+                dsn,
+                host=[e.address for e in endpoints],
+                port=[e.port for e in endpoints],
+                password=password,
+                ssl=tls,
+                timeout=remaining,
+                command_timeout=max(timeout_s, 30),
+                server_settings={"application_name": APPLICATION_NAME},
+                connection_class=connection_class,
+                record_class=record_class,
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            if number == len(attempts) or not _try_next_mode(exc):
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 async def connect(db: Database, password: str | None, *, policy: AddressPolicy, timeout_s: float) -> asyncpg.Connection:
-    """One connection to the tenant DB; TenantDatabaseError when that fails."""
+    """One connection to the tenant DB (see :func:`dial`); TenantDatabaseError when that fails."""
     try:
-        await check_address(db.dsn, policy)
-        return await asyncpg.connect(
-            db.dsn,
-            password=password,
-            timeout=timeout_s,
-            command_timeout=max(timeout_s, 30),
-            server_settings={"application_name": APPLICATION_NAME},
-        )
+        return await dial(db.dsn, password, policy=policy, timeout_s=timeout_s)
     except AddressNotAllowed:
         raise
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise TenantDatabaseError(f"cannot connect to the database: {describe(exc)}") from None
 
 
 async def create_pool(
     db: Database, password: str | None, *, policy: AddressPolicy, timeout_s: float, max_size: int = 4
 ) -> asyncpg.Pool:
-    await check_address(db.dsn, policy)
-    pool = asyncpg.create_pool(
-        db.dsn,
-        password=password,
-        min_size=0,
-        max_size=max_size,
-        timeout=timeout_s,
-        command_timeout=max(timeout_s, 30),
-        server_settings={"application_name": APPLICATION_NAME},
-    )
+    """A pool whose every connection is opened by :func:`dial`: a DNS answer that changes later is
+    checked again when the pool opens its next connection, and cannot steer it past the policy."""
+    await check_address(db.dsn, policy)  # refuse at once rather than at the first acquire
+
+    async def open_connection(*_dsn: object, **options: Any) -> asyncpg.Connection:
+        # asyncpg's pool passes loop, connection_class and record_class (and its dsn, None here)
+        return await dial(
+            db.dsn,
+            password,
+            policy=policy,
+            timeout_s=timeout_s,
+            connection_class=options.get("connection_class", asyncpg.Connection),
+            record_class=options.get("record_class", asyncpg.Record),
+        )
+
+    pool = asyncpg.create_pool(min_size=0, max_size=max_size, connect=open_connection)
     await pool
     return pool
 

@@ -23,6 +23,7 @@ from outbox_relay.brokers.factory import open_publisher
 from outbox_relay.domain import KafkaTarget
 from outbox_relay.errors import MessageRejected, TargetUnavailable
 from tests.contract.harness import HARNESSES, OUTAGE_TIMEOUT_MS, TIMEOUT_MS, Harness, Received
+from tests.helpers import LOCAL
 
 ADAPTERS = list(HARNESSES)
 REFUSALS = [(name, kind) for name, cls in HARNESSES.items() for kind in cls.refusals]
@@ -59,7 +60,7 @@ def message(
 
 
 async def publisher_for(harness: Harness, **target: Any) -> Publisher:
-    return await open_publisher(harness.target(**target), password=harness.password)
+    return await open_publisher(harness.target(**target), password=harness.password, policy=LOCAL)
 
 
 def ids(messages: Sequence[OutgoingMessage] | Sequence[Received]) -> list[int]:
@@ -196,7 +197,7 @@ async def test_unreachable_broker_is_unavailable(harness: Harness) -> None:
     target = harness.closed_port_target(timeout_ms=OUTAGE_TIMEOUT_MS)
     started = time.monotonic()
     with pytest.raises(TargetUnavailable):
-        await open_publisher(target, password=harness.password)
+        await open_publisher(target, password=harness.password, policy=LOCAL)
     assert time.monotonic() - started < bound(OUTAGE_TIMEOUT_MS)
 
 
@@ -209,7 +210,7 @@ async def test_connect_to_a_hanging_broker_times_out(harness: Harness) -> None:
     async with harness.outage("stall"):
         started = time.monotonic()
         with pytest.raises(TargetUnavailable):
-            await open_publisher(target, password=harness.password)
+            await open_publisher(target, password=harness.password, policy=LOCAL)
         assert time.monotonic() - started < bound(OUTAGE_TIMEOUT_MS)
 
 

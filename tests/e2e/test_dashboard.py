@@ -130,7 +130,7 @@ async def dead_letter_for_real(settings: Settings, store: ControlStore, relay_id
     """Run the relay engine until the target has refused ``count`` messages max_attempts times."""
     policy = AddressPolicy(allow_private=True)
     tenants = TenantConnections(policy=policy, timeout_s=2)
-    publishers = PublisherCache(lambda target, password: open_publisher(target, password=password))
+    publishers = PublisherCache(lambda target, password: open_publisher(target, password=password, policy=policy))
     runner = RelayRunner(
         settings=dataclasses.replace(settings, slice_s=0.4),
         store=store,

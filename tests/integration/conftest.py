@@ -38,7 +38,7 @@ async def store(control_dsn: str) -> AsyncIterator[ControlStore]:
 async def runner(settings: Settings, store: ControlStore) -> AsyncIterator[RelayRunner]:
     policy = AddressPolicy(allow_private=True)
     tenants = TenantConnections(policy=policy, timeout_s=2)
-    publishers = PublisherCache(lambda target, password: open_publisher(target, password=password))
+    publishers = PublisherCache(lambda target, password: open_publisher(target, password=password, policy=policy))
     quick = dataclasses.replace(settings, slice_s=1.0)
     yield RelayRunner(
         settings=quick, store=store, secrets=SecretBox(settings.secret_keys), tenants=tenants, publishers=publishers

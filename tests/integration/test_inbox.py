@@ -29,6 +29,7 @@ from outbox_relay.engine import build_messages
 from outbox_relay.tenant.db import OutboxRow
 from tests.brokers import RabbitMQAccount, RedisAccount, TansuBroker
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.helpers import LOCAL
 
 _ids = itertools.count(1)
 
@@ -269,7 +270,7 @@ async def test_rabbitmq_redeliveries_to_two_competing_consumers(
         ]
         for _ in range(20):
             next(_ids)
-        async with RabbitMQPublisher(url=rabbitmq.url, password=rabbitmq.password) as publisher:
+        async with RabbitMQPublisher(url=rabbitmq.url, password=rabbitmq.password, policy=LOCAL) as publisher:
             for _ in range(3):
                 assert (await publisher.publish_batch(messages)).acked == 20
 
@@ -315,13 +316,13 @@ async def test_refs_of_what_the_relay_publishes(redis_account: RedisAccount, tan
     (to_kafka,) = build_messages(Relay(database="d", target="t", topic_mapping={"*": topic}), "relay-a", [row])
     assert to_stream is not None and to_kafka is not None
 
-    async with RedisStreamsPublisher(url=redis_account.url, password=redis_account.password) as publisher:
+    async with RedisStreamsPublisher(url=redis_account.url, password=redis_account.password, policy=LOCAL) as publisher:
         assert (await publisher.publish_batch([to_stream])).acked == 1
     async with Redis.from_url(redis_account.admin_url) as redis:
         [(_, fields)] = await redis.xrange(stream)
     assert stream_ref(fields) == MessageRef(987, "relay-a")
 
-    async with KafkaPublisher(bootstrap_servers=[tansu.bootstrap], enable_idempotence=False) as publisher:
+    async with KafkaPublisher(bootstrap_servers=[tansu.bootstrap], policy=LOCAL, enable_idempotence=False) as publisher:
         assert (await publisher.publish_batch([to_kafka])).acked == 1
     async with AIOKafkaConsumer(bootstrap_servers=tansu.bootstrap, auto_offset_reset="earliest") as consumer:
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]

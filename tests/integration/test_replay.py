@@ -24,6 +24,7 @@ from outbox_relay.replay import ReplayConflict, Replayer
 from outbox_relay.store.control import ControlStore
 from outbox_relay.store.dead_letters import DeadLetterStore
 from tests.brokers import RabbitMQAccount, free_port
+from tests.helpers import LOCAL
 from tests.integration.conftest import FAST_RETRY, Setup, run_until, write
 from workers.replay import replay_dead_letters
 
@@ -138,7 +139,7 @@ async def test_concurrent_replays_of_one_letter_publish_it_once(
     published: list[SlowPublisher] = []
 
     async def slow(target: Target, password: str | None) -> Publisher:
-        publisher = SlowPublisher(await open_publisher(target, password=password))
+        publisher = SlowPublisher(await open_publisher(target, password=password, policy=LOCAL))
         published.append(publisher)
         return publisher
 
