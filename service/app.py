@@ -12,11 +12,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import msgspec
-from litestar import Litestar, get
+from litestar import Litestar, Router, get
 from litestar.datastructures import MutableScopeHeaders
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import (
     Components,
     OpenAPI,
@@ -38,6 +37,7 @@ from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
+from service.apidocs import DOCS_HEADERS, LocalSwaggerPlugin
 from service.databases.controller import DatabaseController
 from service.dead_letters.controller import DeadLetterController
 from service.deps import Services, ServicesDep, provide_services
@@ -106,7 +106,16 @@ def openapi_config() -> OpenAPIConfig:
         ),
         security=[{"apiKey": []}],
         path="/docs",
-        render_plugins=[ScalarRenderPlugin()],
+        render_plugins=[LocalSwaggerPlugin()],
+        # the reference's page, assets and document, under the reference's Content-Security-Policy
+        openapi_router=Router(
+            "/docs",
+            route_handlers=[],
+            include_in_schema=False,
+            response_headers=DOCS_HEADERS,
+            dto=None,
+            return_dto=None,
+        ),
         use_handler_docstrings=False,
     )
 

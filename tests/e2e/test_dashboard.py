@@ -475,3 +475,26 @@ async def test_dashboard_ignores_a_forged_flash(client: AsyncTestClient[Any], se
         assert "Unknown action." in shown.text
         assert "Unknown action." not in (await browser.get("/ui/dead-letters")).text
 
+
+async def test_api_reference_renders_offline(server: LiveServer, page: Page) -> None:
+    """/docs in a browser that may reach nothing but this service: the reference renders in full."""
+    base = server.url
+    elsewhere: list[str] = []
+
+    async def only_this_service(route: Any) -> None:
+        if route.request.url.startswith(base + "/"):
+            await route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            await route.abort()
+
+    await page.route("**/*", only_this_service)
+    await page.goto(f"{base}/docs")
+    await expect(page.locator(".swagger-ui .info .title")).to_contain_text("Outbox Relay", timeout=20_000)
+    operations = page.locator(".opblock")
+    await expect(operations.first).to_be_visible()
+    assert await operations.count() >= 30
+    await expect(page.locator(".opblock-summary-path", has_text="/v1/relays/{name}").first).to_be_visible()
+    await expect(page.get_by_role("button", name=re.compile("Authorize"))).to_be_visible()
+    await shot(page, "07-api-reference")
+    assert not elsewhere, f"the reference asked other origins for {elsewhere}"
