@@ -30,7 +30,8 @@ async def test_docs_loads_only_same_origin_assets_and_they_are_served(client: As
         asset = await client.get(url)
         media_type, marker = EXPECTED[url.rsplit("/", 1)[1]]
         assert asset.status_code == 200 and asset.headers["content-type"].startswith(media_type), url
-        assert (marker in asset.content and len(asset.content) > 500) or url.endswith("init.js"), url
+        assert marker in asset.content, url
+        assert url.endswith("init.js") or len(asset.content) > 100_000, url  # Swagger UI's build, not a stub
     # the page names the document it renders, and that is served too
     spec_url = re.search(r'data-url="([^"]+)"', page)
     assert spec_url is not None and spec_url.group(1) == "/docs/openapi.json"
