@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from outbox_relay.errors import ConfigError
 
 PREFIX = "OUTBOX_RELAY_"
+QUOTAS = ("relays", "databases", "targets", "partitions", "api_keys")
+"""The per-tenant quotas: each has a default here (``quota_<name>``) and a per-tenant override."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +52,32 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     worker_id: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
 
+    # --- what one tenant may cost the shared service (defaults; the operator overrides them per tenant)
+    quota_relays: int = 50
+    """Relays per tenant."""
+    quota_databases: int = 20
+    """Registered databases per tenant."""
+    quota_targets: int = 20
+    """Targets per tenant."""
+    quota_partitions: int = 1024
+    """Relay partitions per tenant, summed over its relays (each one a lease row the scheduler visits)."""
+    quota_api_keys: int = 20
+    """Live (unrevoked) API keys per tenant."""
+    min_poll_interval_ms: int = 100
+    """The shortest ``policy.poll_interval_ms`` a relay may ask for: every poll is a query on the tenant
+    database and a scheduler visit."""
+    max_relay_partitions: int = 256
+    """The most partitions one relay may have (the API's hard bound is 1024)."""
+
+    # --- authentication
+    auth_failure_limit: int = 20
+    """Failed authentications (a wrong, unknown or revoked key) one client address may make in
+    ``auth_failure_window_s`` before it gets 429 for the rest of the window; 0 turns the limit off."""
+    auth_failure_window_s: float = 60.0
+    ui_cookie_secure: bool = False
+    """Always mark the dashboard's cookies ``Secure`` (behind a TLS-terminating proxy the app sees
+    http); without it they are ``Secure`` when the request came over https."""
+
     def __post_init__(self) -> None:
         if self.slice_s <= 0 or self.lease_ttl_s <= 0 or self.schedule_interval_s <= 0:
             raise ConfigError("slice_s, lease_ttl_s and schedule_interval_s must be positive")
@@ -59,6 +87,19 @@ class Settings:
             raise ConfigError("control_pool_size must be at least 2, tenant_pool_size and max_batches_in_flight 1")
         if self.safety_poll_s <= 0:
             raise ConfigError("safety_poll_s must be positive")
+        for name in QUOTAS:
+            if getattr(self, f"quota_{name}") < 0:
+                raise ConfigError(f"quota_{name} must not be negative")
+        if not 10 <= self.min_poll_interval_ms <= 600_000:
+            raise ConfigError("min_poll_interval_ms must be between 10 and 600000")
+        if not 1 <= self.max_relay_partitions <= 1024:
+            raise ConfigError("max_relay_partitions must be between 1 and 1024")
+        if self.auth_failure_limit < 0 or self.auth_failure_window_s <= 0:
+            raise ConfigError("auth_failure_limit must not be negative and auth_failure_window_s must be positive")
+
+    def quota_defaults(self) -> dict[str, int]:
+        """The service-wide default of every per-tenant quota, by name."""
+        return {name: int(getattr(self, f"quota_{name}")) for name in QUOTAS}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

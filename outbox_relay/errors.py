@@ -7,6 +7,8 @@ OutboxRelayError
 │   ├── TargetUnavailable  the broker cannot be reached: pause, charge no attempt
 │   └── MessageRejected    the broker refused this message: charge an attempt
 ├── TenantDatabaseError    the tenant database cannot be reached or queried
+├── QuotaExceeded          creating this would take a tenant past one of its quotas
+├── OutOfBounds            a setting beyond what the service allows (the operator's bounds)
 └── ClientError            bad input to the client library, refused before any SQL
                            (outbox_relay.client; also a ValueError)
 """
@@ -50,3 +52,25 @@ class MessageRejected(PublishError):
 
 class TenantDatabaseError(OutboxRelayError):
     """The tenant's database refused the connection or the query."""
+
+
+class QuotaExceeded(OutboxRelayError):
+    """Creating a resource would take the tenant past a quota: ``quota`` names it (``relays``,
+    ``databases``, ``targets``, ``partitions``, ``api_keys``), ``limit`` is the tenant's limit, ``used``
+    what it uses now and ``requested`` what the refused request would have added."""
+
+    def __init__(self, *, quota: str, limit: int, used: int, requested: int = 1) -> None:
+        super().__init__(
+            f"quota exceeded: this tenant may have {limit} {quota.replace('_', ' ')} and has {used}; "
+            f"this request needs {requested} more (delete some, or ask the operator for a higher quota)"
+        )
+        self.quota, self.limit, self.used, self.requested = quota, limit, used, requested
+
+
+class OutOfBounds(OutboxRelayError):
+    """A field's value is beyond the bound the operator set for the service (``field`` as a JSON path
+    inside the resource, e.g. ``policy.poll_interval_ms``; ``limit`` the bound)."""
+
+    def __init__(self, message: str, *, field: str, limit: int) -> None:
+        super().__init__(message)
+        self.field, self.limit = field, limit

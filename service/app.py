@@ -12,14 +12,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import msgspec
-from litestar import Litestar, get
+from litestar import Litestar, Router, get
 from litestar.datastructures import MutableScopeHeaders
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import (
     Components,
     OpenAPI,
+    OpenAPIHeader,
     OpenAPIMediaType,
     OpenAPIResponse,
     OpenAPIType,
@@ -37,6 +37,7 @@ from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
+from service.apidocs import DOCS_HEADERS, LocalSwaggerPlugin
 from service.databases.controller import DatabaseController
 from service.dead_letters.controller import DeadLetterController
 from service.deps import Services, ServicesDep, provide_services
@@ -46,6 +47,7 @@ from service.relays.controller import RelayController
 from service.schemas import use_msgspec_schemas
 from service.targets.controller import TargetController
 from service.tenants.controller import TenantController
+from service.throttle import AuthThrottle
 from service.ui.controller import UIController, ui_static_files, ui_template_config
 
 
@@ -95,13 +97,25 @@ def openapi_config() -> OpenAPIConfig:
         components=Components(
             security_schemes={
                 "apiKey": SecurityScheme(
-                    type="http", scheme="bearer", description="A tenant API key, or the admin key for /v1/tenants"
+                    type="http",
+                    scheme="bearer",
+                    description="`Authorization: Bearer <key>`: a tenant API key, or the admin key for /v1/tenants "
+                    "(and across tenants on /v1/dead-letters). No other header carries a key.",
                 )
             }
         ),
         security=[{"apiKey": []}],
         path="/docs",
-        render_plugins=[ScalarRenderPlugin()],
+        render_plugins=[LocalSwaggerPlugin()],
+        # the reference's page, assets and document, under the reference's Content-Security-Policy
+        openapi_router=Router(
+            "/docs",
+            route_handlers=[],
+            include_in_schema=False,
+            response_headers=DOCS_HEADERS,
+            dto=None,
+            return_dto=None,
+        ),
         use_handler_docstrings=False,
     )
 
@@ -124,13 +138,23 @@ PROBLEM_SCHEMA = Schema(
 )
 _PROBLEM_TEXT = {
     400: "Invalid request: unknown field, wrong type or value out of range",
-    401: "Missing or unknown API key",
+    401: "Missing, unknown or revoked API key (the same on every route)",
     403: "The key may not do this (admin routes need the admin key; tenant routes a tenant key)",
     404: "No such resource for this tenant",
-    409: "Conflicts with the current state (resource in use, or an immutable field changed)",
-    422: "Well-formed but refused (e.g. a password inside a DSN, an address that is not allowed)",
+    409: "Conflicts with the current state (resource in use, an immutable field changed, or a quota reached: "
+    "`quota-exceeded` names the quota, its limit and the use)",
+    422: "Well-formed but refused (e.g. a password inside a DSN, an address that is not allowed, a value past "
+    "the service's bounds: `out-of-bounds` names the field and the limit)",
+    429: "Too many failed authentications from this address; `Retry-After` says when to try again",
     502: "The tenant database could not be reached or refused the operation",
     503: "Not ready",
+}
+
+
+RETRY_AFTER: dict[str, OpenAPIHeader | Reference] = {
+    "Retry-After": OpenAPIHeader(
+        schema=Schema(type=OpenAPIType.INTEGER, minimum=1), description="Seconds to wait before trying again."
+    )
 }
 
 
@@ -152,7 +176,7 @@ def document_problems(openapi: OpenAPI) -> OpenAPI:
                 continue
             codes: set[int] = set()
             if path.startswith("/v1/"):
-                codes |= {400, 401, 403}
+                codes |= {400, 401, 403, 429}
                 if "{" in path:
                     codes.add(404)
                 if method in ("put", "post", "delete") and "{" in path:
@@ -168,7 +192,9 @@ def document_problems(openapi: OpenAPI) -> OpenAPI:
             responses = operation.responses or {}
             for code in sorted(codes):
                 responses[str(code)] = OpenAPIResponse(
-                    description=_PROBLEM_TEXT[code], content={MEDIA_TYPE: OpenAPIMediaType(schema=ref)}
+                    description=_PROBLEM_TEXT[code],
+                    content={MEDIA_TYPE: OpenAPIMediaType(schema=ref)},
+                    headers=RETRY_AFTER if code == 429 else None,
                 )
             operation.responses = responses
     return openapi
@@ -179,12 +205,13 @@ def create_app(settings: Settings | None = None, *, store: ControlStore | None =
     settings = settings or Settings.from_env()
     box = SecretBox(settings.secret_keys)
     policy = AddressPolicy(allow_private=settings.allow_private_networks, extra_denied=settings.denied_networks)
+    throttle = AuthThrottle(limit=settings.auth_failure_limit, window_s=settings.auth_failure_window_s)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         own = store is None
         s = store or await ControlStore.connect(settings.database_url)
-        app.state.services = Services(settings=settings, store=s, secrets=box, policy=policy)
+        app.state.services = Services(settings=settings, store=s, secrets=box, policy=policy, throttle=throttle)
         try:
             yield
         finally:

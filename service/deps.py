@@ -1,4 +1,12 @@
-"""Shared dependencies: the control store, the secret box, the address policy, and who is calling."""
+"""Shared dependencies: the control store, the secret box, the address policy, and who is calling.
+
+Authentication answers the same on every route: no key is 401; a key that is neither the admin key
+nor a live tenant key (wrong, unknown, revoked) is 401 and counts as a failure of the client; a valid
+key of the wrong kind (the admin key on tenant routes, a tenant key on admin routes) is 403. A client
+with too many failures gets 429 with ``Retry-After`` on every authenticated route until the window
+passes (``service.throttle``). Keys go in ``Authorization: Bearer <key>``, the one scheme the API
+documents and every client of this repository sends.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ from outbox_relay.crypto import SecretBox
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore, TenantRow
 from service.problems import Problem
+from service.throttle import AuthThrottle, client_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +33,7 @@ class Services:
     store: ControlStore
     secrets: SecretBox
     policy: AddressPolicy
+    throttle: AuthThrottle
 
 
 ServicesDep = NamedDependency[Services]
@@ -37,44 +47,83 @@ def provide_services(state: State) -> Services:
 
 
 def api_key_of(request: Request[Any, Any, Any]) -> str | None:
+    """The key of ``Authorization: Bearer <key>``, or None."""
     auth = request.headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    key = request.headers.get("x-api-key")
-    return key.strip() if key else None
+    return None
 
 
-def _unauthorized(detail: str) -> Problem:
-    exc = Problem(401, detail, slug="unauthorized")
+def client_of(request: Request[Any, Any, Any]) -> str:
+    """The unit the failure limit counts in (see ``service.throttle.client_key``)."""
+    return client_key(request.client.host if request.client else None)
+
+
+def throttled(request: Request[Any, Any, Any], services: Services) -> int | None:
+    """Seconds the client must wait (it failed too often), or None: a dict lookup, no I/O."""
+    return services.throttle.retry_after_s(client_of(request))
+
+
+def refuse_if_throttled(request: Request[Any, Any, Any], services: Services) -> None:
+    """Raise 429 with ``Retry-After`` for a client past the failure limit, before any key lookup."""
+    wait_s = throttled(request, services)
+    if wait_s is not None:
+        exc = Problem(
+            429,
+            f"too many failed authentications from this address; try again in {wait_s} s",
+            slug="too-many-failed-authentications",
+            retry_after_s=wait_s,
+        )
+        exc.headers = {"Retry-After": str(wait_s)}
+        raise exc
+
+
+def missing_key() -> Problem:
+    exc = Problem(401, "missing API key: send 'Authorization: Bearer <key>'", slug="unauthorized")
     exc.headers = {"WWW-Authenticate": 'Bearer realm="outbox-relay"'}
     return exc
 
 
+def bad_key(request: Request[Any, Any, Any], services: Services) -> Problem:
+    """The 401 of a key that is not valid (wrong, unknown, revoked); counts a failure of the client."""
+    services.throttle.failed(client_of(request))
+    exc = Problem(401, "invalid or revoked API key", slug="unauthorized")
+    exc.headers = {"WWW-Authenticate": 'Bearer realm="outbox-relay", error="invalid_token"'}
+    return exc
+
+
+def is_admin_key(key: str, services: Services) -> bool:
+    admin = services.settings.admin_api_key
+    return bool(admin) and hmac.compare_digest(key.encode(), str(admin).encode())
+
+
 async def provide_tenant(request: Request[Any, Any, Any], services: ServicesDep) -> TenantRow:
+    refuse_if_throttled(request, services)
     key = api_key_of(request)
     if key is None:
-        raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    admin = services.settings.admin_api_key
-    if admin and hmac.compare_digest(key.encode(), admin.encode()):
+        raise missing_key()
+    if is_admin_key(key, services):
         raise Problem(403, "the admin key manages tenants; use a tenant API key for tenant resources", slug="forbidden")
     tenant = await services.store.tenant_for_key(key)
     if tenant is None:
-        raise _unauthorized("invalid or revoked API key")
+        raise bad_key(request, services)
     return tenant
 
 
 async def require_admin(request: Request[Any, Any, Any], services: ServicesDep) -> str:
+    refuse_if_throttled(request, services)
     key = api_key_of(request)
-    admin = services.settings.admin_api_key
     if key is None:
-        raise _unauthorized("missing API key: send 'Authorization: Bearer <admin key>'")
-    if not admin:
+        raise missing_key()
+    if is_admin_key(key, services):
+        return "admin"
+    if await services.store.tenant_for_key(key) is None:
+        raise bad_key(request, services)
+    if not services.settings.admin_api_key:
         raise Problem(403, "the admin API is disabled (no OUTBOX_RELAY_ADMIN_API_KEY)", slug="forbidden")
-    if not hmac.compare_digest(key.encode(), admin.encode()):
-        raise Problem(403, "this operation needs the admin API key", slug="forbidden")
-    return "admin"
+    raise Problem(403, "this operation needs the admin API key, not a tenant key", slug="forbidden")
 
 
 def encode_cursor(name: str) -> str:

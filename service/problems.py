@@ -9,7 +9,7 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from outbox_relay.errors import AddressNotAllowed, TenantDatabaseError
+from outbox_relay.errors import AddressNotAllowed, OutOfBounds, QuotaExceeded, TenantDatabaseError
 
 log = logging.getLogger("outbox_relay.api")
 MEDIA_TYPE = "application/problem+json"
@@ -70,6 +70,18 @@ def tenant_db_handler(request: Request[Any, Any, Any], exc: TenantDatabaseError)
     return problem_response(502, str(exc), slug="database-unreachable")
 
 
+def quota_handler(request: Request[Any, Any, Any], exc: QuotaExceeded) -> Response[Any]:
+    """409: the request is sound, but the tenant's current use leaves no room for it (deleting
+    something, or a higher quota from the operator, makes the same request succeed)."""
+    return problem_response(
+        409, str(exc), slug="quota-exceeded", quota=exc.quota, limit=exc.limit, used=exc.used, requested=exc.requested
+    )
+
+
+def bounds_handler(request: Request[Any, Any, Any], exc: OutOfBounds) -> Response[Any]:
+    return problem_response(422, str(exc), slug="out-of-bounds", field=exc.field, limit=exc.limit)
+
+
 def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(500, "internal error; the operator has the details in the service log")
@@ -79,5 +91,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     HTTPException: http_exception_handler,
     AddressNotAllowed: address_handler,
     TenantDatabaseError: tenant_db_handler,
+    QuotaExceeded: quota_handler,
+    OutOfBounds: bounds_handler,
     Exception: internal_error_handler,
 }

@@ -85,6 +85,11 @@ def settings(control_dsn: str) -> Settings:
         lease_ttl_s=3.0,
         schedule_interval_s=0.5,
         connect_timeout_s=3.0,
+        # the engine tests poll fast (FAST_RETRY: 50 ms); tests/api/test_limits.py checks the bound itself
+        min_poll_interval_ms=10,
+        # the whole run is one client address of one app: tests that send wrong keys on purpose must not
+        # lock the rest out (tests/api/test_limits.py checks the limit on its own app)
+        auth_failure_limit=100_000,
     )
 
 

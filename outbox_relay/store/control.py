@@ -10,13 +10,16 @@ import hashlib
 import json
 import secrets
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 import asyncpg
+
+from outbox_relay.config import QUOTAS
+from outbox_relay.errors import OutOfBounds, QuotaExceeded
 
 ResourceTable = Literal["databases", "targets", "relays"]
 KEY_PREFIX = "orly_"
@@ -55,6 +58,24 @@ class TenantRow:
     display_name: str
     created_at: datetime
     updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TenantQuotas:
+    """A tenant's quota overrides (None: the service default) and what it uses of each quota now."""
+
+    overrides: dict[str, int | None]
+    usage: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class UISession:
+    """A signed-in dashboard browser: the hash of the API key it signed in with, and its CSRF token."""
+
+    key_hash: bytes
+    csrf: str
+    created_at: datetime
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,15 +194,61 @@ class ControlStore:
 
     # --- tenants and keys ------------------------------------------------------------------------
 
-    async def put_tenant(self, name: str, display_name: str) -> tuple[TenantRow, bool]:
+    async def put_tenant(
+        self, name: str, display_name: str, quotas: Mapping[str, int | None] | Unchanged = KEEP
+    ) -> tuple[TenantRow, bool]:
+        """Create or update a tenant. ``quotas`` replaces every override (a name it lacks, or None,
+        follows the service default); ``KEEP`` leaves the stored overrides as they are."""
+        cols = ["name", "display_name"]
+        values: list[Any] = [name, display_name]
+        if not isinstance(quotas, Unchanged):
+            unknown = set(quotas) - set(QUOTAS)
+            if unknown:
+                raise ValueError(f"unknown quotas {sorted(unknown)}")
+            cols += [f"quota_{q}" for q in QUOTAS]
+            values += [quotas.get(q) for q in QUOTAS]
+        placeholders = ", ".join(f"${i + 1}" for i in range(len(cols)))
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[1:])
         row = await self.pool.fetchrow(
-            "INSERT INTO tenants (name, display_name) VALUES ($1, $2) "
-            "ON CONFLICT (name) DO UPDATE SET display_name = EXCLUDED.display_name, updated_at = now() "
+            f"INSERT INTO tenants ({', '.join(cols)}) VALUES ({placeholders}) "
+            f"ON CONFLICT (name) DO UPDATE SET {updates}, updated_at = now() "
             "RETURNING *, (xmax = 0) AS inserted",
-            name,
-            display_name,
+            *values,
         )
         return _tenant(row), bool(row["inserted"])
+
+    async def tenant_quotas(self, tenant_ids: list[uuid.UUID]) -> dict[uuid.UUID, TenantQuotas]:
+        """Each tenant's quota overrides and current use, in one query (a page of the tenant list)."""
+        rows = await self.pool.fetch(
+            "SELECT t.id, t.quota_relays, t.quota_databases, t.quota_targets, t.quota_partitions, t.quota_api_keys, "
+            "(SELECT count(*) FROM relays r WHERE r.tenant_id = t.id) AS relays, "
+            "(SELECT coalesce(sum(r.partitions), 0) FROM relays r WHERE r.tenant_id = t.id) AS partitions, "
+            "(SELECT count(*) FROM databases d WHERE d.tenant_id = t.id) AS databases, "
+            "(SELECT count(*) FROM targets g WHERE g.tenant_id = t.id) AS targets, "
+            "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id AND k.revoked_at IS NULL) AS api_keys "
+            "FROM tenants t WHERE t.id = ANY($1::uuid[])",
+            tenant_ids,
+        )
+        return {
+            r["id"]: TenantQuotas(overrides={q: r[f"quota_{q}"] for q in QUOTAS}, usage={q: int(r[q]) for q in QUOTAS})
+            for r in rows
+        }
+
+    @staticmethod
+    async def _limits(
+        conn: asyncpg.Connection, tenant_id: uuid.UUID, defaults: Mapping[str, int], *names: str
+    ) -> dict[str, int]:
+        """The tenant's limits of these quotas, with its row locked until the transaction ends: every
+        creation of one tenant counts after the one before it has committed (or rolled back), so two
+        concurrent requests cannot both take the last unit. FOR NO KEY UPDATE, not FOR UPDATE: rows that
+        merely reference the tenant (audit entries, dead letters) are not held up by it."""
+        row = await conn.fetchrow(
+            "SELECT " + ", ".join(f"quota_{n}" for n in names) + " FROM tenants WHERE id = $1 FOR NO KEY UPDATE",
+            tenant_id,
+        )
+        if row is None:
+            raise LookupError("the tenant does not exist")
+        return {n: row[f"quota_{n}"] if row[f"quota_{n}"] is not None else defaults[n] for n in names}
 
     async def get_tenant(self, name: str) -> TenantRow | None:
         row = await self.pool.fetchrow("SELECT * FROM tenants WHERE name = $1", name)
@@ -198,17 +265,27 @@ class ControlStore:
     async def delete_tenant(self, name: str) -> bool:
         return await self.pool.fetchval("DELETE FROM tenants WHERE name = $1 RETURNING true", name) is True
 
-    async def create_api_key(self, tenant_id: uuid.UUID, description: str) -> tuple[ApiKeyRow, str]:
-        """A new key for the tenant; the plaintext is returned here once and never stored."""
+    async def create_api_key(
+        self, tenant_id: uuid.UUID, description: str, *, quotas: Mapping[str, int]
+    ) -> tuple[ApiKeyRow, str]:
+        """A new key for the tenant; the plaintext is returned here once and never stored. Raises
+        QuotaExceeded when the tenant already has its limit of live keys (``quotas``: the defaults)."""
         plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
-        row = await self.pool.fetchrow(
-            "INSERT INTO api_keys (tenant_id, prefix, key_hash, description) VALUES ($1, $2, $3, $4) "
-            "RETURNING id, prefix, description, created_at, last_used_at",
-            tenant_id,
-            plaintext[:12],
-            hash_key(plaintext),
-            description,
-        )
+        async with self.transaction() as conn:
+            limit = (await self._limits(conn, tenant_id, quotas, "api_keys"))["api_keys"]
+            used = await conn.fetchval(
+                "SELECT count(*) FROM api_keys WHERE tenant_id = $1 AND revoked_at IS NULL", tenant_id
+            )
+            if used + 1 > limit:
+                raise QuotaExceeded(quota="api_keys", limit=limit, used=used)
+            row = await conn.fetchrow(
+                "INSERT INTO api_keys (tenant_id, prefix, key_hash, description) VALUES ($1, $2, $3, $4) "
+                "RETURNING id, prefix, description, created_at, last_used_at",
+                tenant_id,
+                plaintext[:12],
+                hash_key(plaintext),
+                description,
+            )
         return ApiKeyRow(**dict(row)), plaintext
 
     async def list_api_keys(self, tenant_id: uuid.UUID) -> list[ApiKeyRow]:
@@ -264,14 +341,29 @@ class ControlStore:
         return [_resource(r) for r in rows]
 
     async def put_database(
-        self, tenant_id: uuid.UUID, name: str, spec: bytes, secret: bytes | Unchanged | None
+        self,
+        tenant_id: uuid.UUID,
+        name: str,
+        spec: bytes,
+        secret: bytes | Unchanged | None,
+        *,
+        quotas: Mapping[str, int],
     ) -> tuple[ResourceRow, bool]:
-        return await self._put("databases", tenant_id, name, spec, secret, {})
+        """Create or replace; creating raises QuotaExceeded past the tenant's ``databases`` quota."""
+        return await self._put("databases", tenant_id, name, spec, secret, {}, quotas)
 
     async def put_target(
-        self, tenant_id: uuid.UUID, name: str, kind: str, spec: bytes, secret: bytes | Unchanged | None
+        self,
+        tenant_id: uuid.UUID,
+        name: str,
+        kind: str,
+        spec: bytes,
+        secret: bytes | Unchanged | None,
+        *,
+        quotas: Mapping[str, int],
     ) -> tuple[ResourceRow, bool]:
-        return await self._put("targets", tenant_id, name, spec, secret, {"kind": kind})
+        """Create or replace; creating raises QuotaExceeded past the tenant's ``targets`` quota."""
+        return await self._put("targets", tenant_id, name, spec, secret, {"kind": kind}, quotas)
 
     async def _put(
         self,
@@ -281,6 +373,7 @@ class ControlStore:
         spec: bytes,
         secret: bytes | Unchanged | None,
         extra: dict[str, Any],
+        quotas: Mapping[str, int],
     ) -> tuple[ResourceRow, bool]:
         cols = ["tenant_id", "name", "spec", *extra]
         values: list[Any] = [tenant_id, name, spec.decode(), *extra.values()]
@@ -290,13 +383,22 @@ class ControlStore:
             values.append(secret)
             updates.append("secret = EXCLUDED.secret")
         placeholders = ", ".join(f"${i + 1}" + ("::jsonb" if c == "spec" else "") for i, c in enumerate(cols))
-        row = await self.pool.fetchrow(
-            f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({placeholders}) "
-            f"ON CONFLICT (tenant_id, name) DO UPDATE SET {', '.join(updates)}, updated_at = now() "
-            "RETURNING id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, "
-            "created_at, updated_at, (xmax = 0) AS inserted",
-            *values,
-        )
+        async with self.transaction() as conn:
+            limit = (await self._limits(conn, tenant_id, quotas, table))[table]
+            exists = await conn.fetchval(
+                f"SELECT true FROM {table} WHERE tenant_id = $1 AND name = $2", tenant_id, name
+            )
+            if not exists:
+                used = await conn.fetchval(f"SELECT count(*) FROM {table} WHERE tenant_id = $1", tenant_id)
+                if used + 1 > limit:
+                    raise QuotaExceeded(quota=table, limit=limit, used=used)
+            row = await conn.fetchrow(
+                f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({placeholders}) "
+                f"ON CONFLICT (tenant_id, name) DO UPDATE SET {', '.join(updates)}, updated_at = now() "
+                "RETURNING id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, "
+                "created_at, updated_at, (xmax = 0) AS inserted",
+                *values,
+            )
         return _resource(row), bool(row["inserted"])
 
     async def put_relay(
@@ -309,10 +411,15 @@ class ControlStore:
         target: str,
         partitions: int,
         enabled: bool,
+        quotas: Mapping[str, int],
+        max_partitions: int = 1024,
     ) -> tuple[ResourceRow, bool]:
-        """Create or replace a relay. Raises LookupError (missing database/target) or
-        ValueError (a change to a field fixed at creation)."""
+        """Create or replace a relay. Raises LookupError (missing database/target), ValueError (a
+        change to a field fixed at creation) or, creating, QuotaExceeded (the tenant's ``relays`` or
+        ``partitions`` quota) and OutOfBounds (more than ``max_partitions``; a relay made before the
+        bound was lowered keeps its partitions and can still be updated)."""
         async with self.transaction() as conn:
+            limits = await self._limits(conn, tenant_id, quotas, "relays", "partitions")
             db_id = await conn.fetchval(
                 "SELECT id FROM databases WHERE tenant_id = $1 AND name = $2", tenant_id, database
             )
@@ -345,6 +452,23 @@ class ControlStore:
                     spec.decode(),
                 )
                 return _resource(row), False
+            if partitions > max_partitions:
+                raise OutOfBounds(
+                    f"partitions: at most {max_partitions} per relay on this service",
+                    field="partitions",
+                    limit=max_partitions,
+                )
+            used = await conn.fetchrow(
+                "SELECT count(*) AS relays, coalesce(sum(partitions), 0) AS partitions "
+                "FROM relays WHERE tenant_id = $1",
+                tenant_id,
+            )
+            if used["relays"] + 1 > limits["relays"]:
+                raise QuotaExceeded(quota="relays", limit=limits["relays"], used=used["relays"])
+            if used["partitions"] + partitions > limits["partitions"]:
+                raise QuotaExceeded(
+                    quota="partitions", limit=limits["partitions"], used=used["partitions"], requested=partitions
+                )
             row = await conn.fetchrow(
                 "INSERT INTO relays (tenant_id, name, database_id, target_id, partitions, enabled, spec) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) "
@@ -399,6 +523,43 @@ class ControlStore:
             action,
             resource,
             detail,
+        )
+
+    # --- dashboard sessions ----------------------------------------------------------------------------
+
+    async def create_ui_session(self, token_hash: bytes, key_hash: bytes, csrf: str, ttl_s: float) -> None:
+        """Remember a signed-in browser (and forget the sessions that have expired)."""
+        async with self.transaction() as conn:
+            await conn.execute("DELETE FROM ui_sessions WHERE expires_at < now()")
+            await conn.execute(
+                "INSERT INTO ui_sessions (token_hash, key_hash, csrf, expires_at) "
+                "VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+                token_hash,
+                key_hash,
+                csrf,
+                ttl_s,
+            )
+
+    async def ui_session(self, token_hash: bytes) -> UISession | None:
+        """The live (signed-in, unexpired) session of this token, if any."""
+        row = await self.pool.fetchrow(
+            "SELECT key_hash, csrf, created_at, expires_at FROM ui_sessions "
+            "WHERE token_hash = $1 AND expires_at > now()",
+            token_hash,
+        )
+        if row is None:
+            return None
+        return UISession(
+            key_hash=bytes(row["key_hash"]),
+            csrf=row["csrf"],
+            created_at=row["created_at"],
+            expires_at=row["expires_at"],
+        )
+
+    async def delete_ui_session(self, token_hash: bytes) -> bool:
+        """Sign the session out, wherever its cookie is."""
+        return (
+            await self.pool.fetchval("DELETE FROM ui_sessions WHERE token_hash = $1 RETURNING true", token_hash) is True
         )
 
     # --- data plane: scheduling, leases, cursors -------------------------------------------------

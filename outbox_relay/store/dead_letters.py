@@ -221,7 +221,10 @@ class DeadLetterStore:
 
     async def key_owner(self, key: str) -> KeyOwner | None:
         """The tenant and key id of a live (unrevoked) tenant API key; notes its use once a minute."""
-        digest = hash_key(key)
+        return await self.key_owner_by_hash(hash_key(key))
+
+    async def key_owner_by_hash(self, digest: bytes) -> KeyOwner | None:
+        """``key_owner`` of the key with this hash (a dashboard session keeps only the hash)."""
         row = await self.pool.fetchrow(
             "UPDATE api_keys k SET last_used_at = now() FROM tenants t "
             "WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.id = k.tenant_id "

@@ -67,7 +67,8 @@ class DatabaseController(Controller):
         "/{name:str}",
         operation_id="putDatabase",
         summary="Create or replace a database",
-        description="Idempotent. `password` is write-only: omit it to keep the stored one, send null to clear it.",
+        description="Idempotent. `password` is write-only: omit it to keep the stored one, send null to clear it. "
+        "Creating one counts against the tenant's `databases` quota (409 `quota-exceeded`).",
         responses={201: ResponseSpec(data_container=Database, description="Created", generate_examples=False)},
     )
     async def put_database(
@@ -79,7 +80,11 @@ class DatabaseController(Controller):
             raise Problem(422, str(exc), slug="invalid-dsn") from None
         await tenant_db.check_address(data.dsn, services.policy)
         row, created = await services.store.put_database(
-            tenant.id, name, spec_json(data), secret_of(data, services.secrets)
+            tenant.id,
+            name,
+            spec_json(data),
+            secret_of(data, services.secrets),
+            quotas=services.settings.quota_defaults(),
         )
         await services.store.audit(tenant.id, "tenant", "put" if not created else "create", f"databases/{name}")
         return Response(read_back(Database, row), status_code=201 if created else 200)

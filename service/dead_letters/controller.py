@@ -43,7 +43,7 @@ from service.dead_letters.service import (
     job,
     summary,
 )
-from service.deps import ServicesDep, api_key_of
+from service.deps import ServicesDep, api_key_of, bad_key, missing_key, refuse_if_throttled
 from service.problems import MEDIA_TYPE, Problem
 from service.resources import CURSOR_PARAM, NAME_PARAM
 
@@ -53,19 +53,14 @@ LIMIT = Parameter(ge=1, le=500, description="Page size.")
 
 
 async def provide_caller(request: Request[Any, Any, Any], services: ServicesDep) -> Caller:
+    refuse_if_throttled(request, services)
     key = api_key_of(request)
     if key is None:
-        raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        raise missing_key()
     caller = await caller_for_key(services, key)
     if caller is None:
-        raise _unauthorized("invalid or revoked API key")
+        raise bad_key(request, services)
     return caller
-
-
-def _unauthorized(detail: str) -> Problem:
-    exc = Problem(401, detail, slug="unauthorized")
-    exc.headers = {"WWW-Authenticate": 'Bearer realm="outbox-relay"'}
-    return exc
 
 
 def _ops(services: ServicesDep, caller: Caller) -> DeadLetters:

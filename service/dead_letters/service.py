@@ -24,7 +24,7 @@ import msgspec
 from arq.connections import RedisSettings, create_pool
 
 from outbox_relay.replay import REPLAY_JOB, Replayer, ReplayOutcome, replay_job_id
-from outbox_relay.store.control import TenantRow
+from outbox_relay.store.control import TenantRow, hash_key
 from outbox_relay.store.dead_letters import (
     MAX_JOB_LETTERS,
     Counts,
@@ -84,6 +84,18 @@ async def caller_for_key(services: Services, key: str) -> Caller | None:
     if admin and hmac.compare_digest(key.encode(), admin.encode()):
         return Caller(tenant=None, actor="admin")
     owner = await DeadLetterStore(services.store.pool).key_owner(key)
+    if owner is None:
+        return None
+    return Caller(tenant=owner.tenant, actor=f"key:{owner.key_id}")
+
+
+async def caller_for_key_hash(services: Services, digest: bytes) -> Caller | None:
+    """``caller_for_key`` of the key with this hash: the dashboard's sessions keep only the hash. The admin
+    key counts while it is the configured one (changing it ends the admin's sessions)."""
+    admin = services.settings.admin_api_key
+    if admin and hmac.compare_digest(digest, hash_key(admin)):
+        return Caller(tenant=None, actor="admin")
+    owner = await DeadLetterStore(services.store.pool).key_owner_by_hash(digest)
     if owner is None:
         return None
     return Caller(tenant=owner.tenant, actor=f"key:{owner.key_id}")

@@ -11,6 +11,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from outbox_relay.domain import Relay
+from outbox_relay.errors import OutOfBounds
 from service.deps import ServicesDep, TenantDep, decode_cursor, encode_cursor, provide_tenant
 from service.problems import Problem
 from service.relays.status import RelayStatus, relay_status
@@ -56,7 +57,9 @@ class RelayController(Controller):
         "/{name:str}",
         operation_id="putRelay",
         summary="Create or replace a relay",
-        description="Idempotent. `partitions` and `database` are fixed once the relay exists.",
+        description="Idempotent. `partitions` and `database` are fixed once the relay exists. Creating one "
+        "counts against the tenant's `relays` and `partitions` quotas (409 `quota-exceeded`); the service bounds "
+        "`partitions` per relay and `policy.poll_interval_ms` from below (422 `out-of-bounds`, naming the limit).",
         responses={201: ResponseSpec(data_container=Relay, description="Created", generate_examples=False)},
     )
     async def put_relay(
@@ -64,6 +67,13 @@ class RelayController(Controller):
     ) -> Response[Relay]:
         if data.policy.backoff_base_ms > data.policy.backoff_max_ms:
             raise Problem(422, "policy.backoff_base_ms must not exceed policy.backoff_max_ms", slug="invalid-relay")
+        settings = services.settings
+        if data.policy.poll_interval_ms < settings.min_poll_interval_ms:
+            raise OutOfBounds(
+                f"policy.poll_interval_ms: at least {settings.min_poll_interval_ms} ms on this service",
+                field="policy.poll_interval_ms",
+                limit=settings.min_poll_interval_ms,
+            )
         try:
             row, created = await services.store.put_relay(
                 tenant.id,
@@ -73,6 +83,8 @@ class RelayController(Controller):
                 target=data.target,
                 partitions=data.partitions,
                 enabled=data.enabled,
+                quotas=settings.quota_defaults(),
+                max_partitions=settings.max_relay_partitions,
             )
         except LookupError as exc:
             raise Problem(422, str(exc.args[0]), slug="unknown-reference") from None

@@ -57,7 +57,8 @@ class TargetController(Controller):
         "/{name:str}",
         operation_id="putTarget",
         summary="Create or replace a target",
-        description="Idempotent. `password` is write-only: omit it to keep the stored one, send null to clear it.",
+        description="Idempotent. `password` is write-only: omit it to keep the stored one, send null to clear it. "
+        "Creating one counts against the tenant's `targets` quota (409 `quota-exceeded`).",
         responses={201: ResponseSpec(data_container=Target, description="Created", generate_examples=False)},
     )
     async def put_target(
@@ -69,7 +70,12 @@ class TargetController(Controller):
             raise Problem(422, str(exc), slug="invalid-target") from None
         kind = type(data).__struct_config__.tag
         row, created = await services.store.put_target(
-            tenant.id, name, str(kind), spec_json(data), secret_of(data, services.secrets)
+            tenant.id,
+            name,
+            str(kind),
+            spec_json(data),
+            secret_of(data, services.secrets),
+            quotas=services.settings.quota_defaults(),
         )
         await services.store.audit(tenant.id, "tenant", "create" if created else "put", f"targets/{name}")
         return Response(read_back(Target, row), status_code=201 if created else 200)

@@ -11,16 +11,53 @@ from litestar import Controller, Response, delete, get, post, put
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
-from outbox_relay.store.control import ApiKeyRow, TenantRow
-from service.deps import ActorDep, ServicesDep, decode_cursor, encode_cursor, require_admin
+from outbox_relay.config import QUOTAS, Settings
+from outbox_relay.store.control import KEEP, ApiKeyRow, TenantQuotas, TenantRow
+from service.deps import ActorDep, Services, ServicesDep, decode_cursor, encode_cursor, require_admin
 from service.problems import Problem
 from service.resources import CURSOR_PARAM, LIMIT_PARAM, NAME_PARAM
+
+QuotaLimit = Annotated[int, Meta(ge=0, le=10_000_000)] | None
+
+
+class QuotaLimits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The operator's limits for one tenant; a quota left out (or null) follows the service default
+    (``OUTBOX_RELAY_QUOTA_<NAME>``). Lowering a limit below what the tenant uses removes nothing: it
+    only refuses further creations."""
+
+    relays: QuotaLimit = None
+    databases: QuotaLimit = None
+    targets: QuotaLimit = None
+    partitions: Annotated[QuotaLimit, Meta(description="Relay partitions, summed over the tenant's relays.")] = None
+    api_keys: Annotated[QuotaLimit, Meta(description="Live (unrevoked) API keys.")] = None
 
 
 class TenantWrite(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     display_name: Annotated[str, Meta(max_length=200)] = ""
+    quotas: Annotated[
+        QuotaLimits | UnsetType,
+        Meta(description="Replaces every override of this tenant's quotas; omit it to keep them as they are."),
+    ] = UNSET
+
+
+class QuotaUse(msgspec.Struct, kw_only=True):
+    limit: int
+    used: int
+    default: bool
+    """True: the limit is the service default; false: the operator set it for this tenant."""
+
+
+class TenantQuotaUse(msgspec.Struct, kw_only=True):
+    """Each quota's limit for this tenant and what it uses now. Creating past a limit answers 409
+    ``quota-exceeded`` naming the quota, its limit and the use."""
+
+    relays: QuotaUse
+    databases: QuotaUse
+    targets: QuotaUse
+    partitions: QuotaUse
+    api_keys: QuotaUse
 
 
 class Tenant(msgspec.Struct, kw_only=True):
@@ -28,6 +65,7 @@ class Tenant(msgspec.Struct, kw_only=True):
     display_name: str
     created_at: datetime
     updated_at: datetime
+    quotas: TenantQuotaUse
 
 
 class TenantPage(msgspec.Struct, kw_only=True):
@@ -53,8 +91,31 @@ class NewApiKey(ApiKey, kw_only=True):
     """The key itself. Shown once: only its hash is stored."""
 
 
-def _tenant(row: TenantRow) -> Tenant:
-    return Tenant(name=row.name, display_name=row.display_name, created_at=row.created_at, updated_at=row.updated_at)
+def _quota_use(settings: Settings, quotas: TenantQuotas | None) -> TenantQuotaUse:
+    defaults = settings.quota_defaults()
+    values = {}
+    for q in QUOTAS:
+        override = quotas.overrides.get(q) if quotas else None
+        values[q] = QuotaUse(
+            limit=defaults[q] if override is None else override,
+            used=quotas.usage.get(q, 0) if quotas else 0,
+            default=override is None,
+        )
+    return TenantQuotaUse(**values)
+
+
+async def _tenants(services: Services, rows: list[TenantRow]) -> list[Tenant]:
+    quotas = await services.store.tenant_quotas([r.id for r in rows])
+    return [
+        Tenant(
+            name=r.name,
+            display_name=r.display_name,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+            quotas=_quota_use(services.settings, quotas.get(r.id)),
+        )
+        for r in rows
+    ]
 
 
 def _key(row: ApiKeyRow) -> ApiKey:
@@ -82,7 +143,7 @@ class TenantController(Controller):
     ) -> TenantPage:
         rows = await services.store.list_tenants(decode_cursor(cursor), limit + 1)
         return TenantPage(
-            items=[_tenant(r) for r in rows[:limit]],
+            items=await _tenants(services, rows[:limit]),
             next_cursor=encode_cursor(rows[limit - 1].name) if len(rows) > limit else None,
         )
 
@@ -91,34 +152,44 @@ class TenantController(Controller):
         row = await services.store.get_tenant(name)
         if row is None:
             raise Problem(404, f"tenant {name!r} not found", slug="not-found")
-        return _tenant(row)
+        return (await _tenants(services, [row]))[0]
 
     @put(
         "/{name:str}",
         operation_id="putTenant",
         summary="Create or update a tenant",
+        description="Idempotent. `quotas` sets this tenant's limits (omit it to keep them; a quota left out "
+        "follows the service default).",
         responses={201: ResponseSpec(data_container=Tenant, description="Created", generate_examples=False)},
     )
     async def put_tenant(
         self, actor: ActorDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[TenantWrite]
     ) -> Response[Tenant]:
-        row, created = await services.store.put_tenant(name, data.display_name)
+        quotas = KEEP if data.quotas is UNSET else msgspec.structs.asdict(data.quotas)
+        row, created = await services.store.put_tenant(name, data.display_name, quotas)
         await services.store.audit(row.id, actor, "create" if created else "put", f"tenants/{name}")
-        return Response(_tenant(row), status_code=201 if created else 200)
+        return Response((await _tenants(services, [row]))[0], status_code=201 if created else 200)
 
     @delete("/{name:str}", operation_id="deleteTenant", summary="Delete a tenant and everything it owns")
     async def delete_tenant(self, actor: ActorDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]) -> None:
         if await services.store.delete_tenant(name):
             await services.store.audit(None, actor, "delete", f"tenants/{name}")
 
-    @post("/{name:str}/api-keys", operation_id="createApiKey", summary="Issue an API key (shown once)")
+    @post(
+        "/{name:str}/api-keys",
+        operation_id="createApiKey",
+        summary="Issue an API key (shown once)",
+        description="Counts against the tenant's `api_keys` quota (409 `quota-exceeded`).",
+    )
     async def create_api_key(
         self, actor: ActorDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[ApiKeyWrite]
     ) -> NewApiKey:
         tenant = await services.store.get_tenant(name)
         if tenant is None:
             raise Problem(404, f"tenant {name!r} not found", slug="not-found")
-        row, plaintext = await services.store.create_api_key(tenant.id, data.description)
+        row, plaintext = await services.store.create_api_key(
+            tenant.id, data.description, quotas=services.settings.quota_defaults()
+        )
         await services.store.audit(tenant.id, actor, "create", f"tenants/{name}/api-keys/{row.id}")
         return NewApiKey(**msgspec.structs.asdict(_key(row)), key=plaintext)
 

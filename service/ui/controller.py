@@ -1,7 +1,8 @@
 """The dead-letter dashboard at ``/ui``: server-rendered pages (jinja2) and a little JavaScript.
 
-Sign in with an API key (a tenant's, or the admin key for every tenant); the key rides in an
-encrypted HTTP-only cookie (``service.ui.session``) and every form carries a CSRF token. Pages do
+Sign in with an API key (a tenant's, or the admin key for every tenant); the session lives in the
+control DB and the browser's HTTP-only cookie holds only its random token (``service.ui.session``);
+every form, the sign-in form too, carries a CSRF token. Pages do
 what the API does through the same operations (``service.dead_letters.service``), so the audit log
 reads the same, marked ``via: ui``. Bulk actions go through a confirmation page; bulk replay is the
 same background job as the API's, with a progress page. Times are sent in UTC and shown in the
@@ -36,16 +37,22 @@ from outbox_relay.store.dead_letters import STATUSES, LetterFilter
 from service.dead_letters import service as ops_mod
 from service.dead_letters.schemas import MAX_IDS, DeadLetterFilter
 from service.dead_letters.service import Caller, Conflict, DeadLetters, NotAllowed, QueueUnavailable, TooMany
-from service.deps import ServicesDep
+from service.deps import Services, ServicesDep, client_of, throttled
 from service.ui.session import (
     FLASH_COOKIE,
+    LOGIN_COOKIE,
+    SESSION_COOKIE,
     Session,
     cleared,
+    end_session,
     flash_cookie,
-    new_session,
+    login_cookie,
+    login_csrf_ok,
+    login_token,
     read_flash,
     read_session,
     session_cookie,
+    start_session,
 )
 
 log = logging.getLogger("outbox_relay.ui")
@@ -117,13 +124,19 @@ UserDep = NamedDependency[User]
 
 
 async def provide_user(request: Request[Any, Any, Any], services: ServicesDep) -> User:
-    session = read_session(request, services.secrets)
+    """The signed-in user of a live session whose key is still valid (checked on every request)."""
+    session = await read_session(request, services.store)
     if session is None:
         raise SignInRequired()
-    caller = await ops_mod.caller_for_key(services, session.key)
+    caller = await ops_mod.caller_for_key_hash(services, session.key_hash)
     if caller is None:
         raise SignInRequired()
     return User(caller=caller, session=session)
+
+
+def _services(request: Request[Any, Any, Any]) -> Services:
+    services: Services = request.app.state.services
+    return services
 
 
 # --- responses ---------------------------------------------------------------------------------------
@@ -137,19 +150,21 @@ def _page(
     user: User | None = None,
     status_code: int = 200,
 ) -> Template:
-    flash = read_flash(request)
+    services = _services(request)
+    flash = read_flash(request, services.secrets)
     ctx = {"user": user, "csrf": user.session.csrf if user else "", "flash": flash, "path": request.url.path}
     ctx.update(context)
     response = Template(
         template_name=name, context=ctx, status_code=status_code, media_type="text/html", headers=SECURITY_HEADERS
     )
-    if flash is not None:
-        response.set_cookie(cleared(FLASH_COOKIE))
+    if request.cookies.get(FLASH_COOKIE):
+        response.set_cookie(cleared(request, services.settings, FLASH_COOKIE))
     return response
 
 
 def _redirect(request: Request[Any, Any, Any], to: str, flash: tuple[str, str] | None = None) -> Redirect:
-    cookies = [flash_cookie(request, *flash)] if flash else None
+    services = _services(request)
+    cookies = [flash_cookie(request, services.settings, services.secrets, *flash)] if flash else None
     return Redirect(to, status_code=303, cookies=cookies)
 
 
@@ -167,8 +182,19 @@ def _signin_redirect(request: Request[Any, Any, Any], exc: SignInRequired) -> Re
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     query = urlencode({"next": target}) if request.method == "GET" and target != "/ui/dead-letters" else ""
     response = Redirect("/ui/login" + (f"?{query}" if query else ""), status_code=303)
-    if request.cookies.get("orly_ui"):
-        response.set_cookie(cleared())
+    if request.cookies.get(SESSION_COOKIE):
+        response.set_cookie(cleared(request, _services(request).settings))
+    return response
+
+
+def _login_form(
+    request: Request[Any, Any, Any], services: Services, nxt: str, error: str | None, *, status_code: int = 200
+) -> Response[Any]:
+    """The sign-in page, with this browser's sign-in CSRF token (set in a cookie when it has none)."""
+    token, sealed = login_token(request, services.secrets)
+    response = _page(request, "login.html", {"next": nxt, "error": error, "csrf": token}, status_code=status_code)
+    if sealed is not None:
+        response.set_cookie(login_cookie(request, services.settings, sealed))
     return response
 
 
@@ -315,29 +341,47 @@ class UIController(Controller):
     @get("/login")
     async def login_page(self, request: Request[Any, Any, Any], services: ServicesDep) -> Response[Any]:
         nxt = _back(request.query_params.get("next"))
-        session = read_session(request, services.secrets)
-        if session is not None and await ops_mod.caller_for_key(services, session.key) is not None:
+        session = await read_session(request, services.store)
+        if session is not None and await ops_mod.caller_for_key_hash(services, session.key_hash) is not None:
             return Redirect(nxt, status_code=303)
-        return _page(request, "login.html", {"next": nxt, "error": None})
+        return _login_form(request, services, nxt, None)
 
     @post("/login", status_code=303)
     async def login(self, request: Request[Any, Any, Any], services: ServicesDep) -> Response[Any]:
+        """Sign in. Refused: a form without this browser's sign-in token (403, a fresh form), a client past
+        the failed-authentication limit (429 with Retry-After, the key not even looked at), a key that is
+        not valid (401, counted as a failure)."""
         form = await request.form()
-        key = (form.get("key") or "").strip()
         nxt = _back(form.get("next"))
+        if not login_csrf_ok(request, services.secrets, form.get("csrf")):
+            error = "This sign-in form has expired; please sign in again."
+            return _login_form(request, services, nxt, error, status_code=403)
+        wait_s = throttled(request, services)
+        if wait_s is not None:
+            error = f"Too many failed sign-ins from this address; try again in {wait_s} seconds."
+            response = _login_form(request, services, nxt, error, status_code=429)
+            response.headers["Retry-After"] = str(wait_s)
+            return response
+        key = (form.get("key") or "").strip()
         caller = await ops_mod.caller_for_key(services, key) if key else None
         if caller is None:
+            if key:
+                services.throttle.failed(client_of(request))
             error = "That API key is not valid (or was revoked)." if key else "Enter an API key."
-            return _page(request, "login.html", {"next": nxt, "error": error}, status_code=401)
+            return _login_form(request, services, nxt, error, status_code=401)
+        token, _ = await start_session(services.store, key)
         response = Redirect(nxt, status_code=303)
-        response.set_cookie(session_cookie(request, services.secrets, new_session(key)))
+        response.set_cookie(session_cookie(request, services.settings, token))
+        response.set_cookie(cleared(request, services.settings, LOGIN_COOKIE))
         return response
 
     @post("/logout", status_code=303)
-    async def logout(self, request: Request[Any, Any, Any], user: UserDep) -> Response[Any]:
+    async def logout(self, request: Request[Any, Any, Any], user: UserDep, services: ServicesDep) -> Response[Any]:
+        """Sign out: the session row goes, so the cookie stops working in every browser that has a copy."""
         await _form(request, user)
+        await end_session(services.store, user.session)
         response = Redirect("/ui/login", status_code=303)
-        response.set_cookie(cleared())
+        response.set_cookie(cleared(request, services.settings))
         return response
 
     @get("/dead-letters")

@@ -10,7 +10,9 @@ land in ``test-output/dashboard/`` (``make browser`` installs the browser).
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import json
 import os
 import re
 import uuid
@@ -31,9 +33,11 @@ from outbox_relay.crypto import SecretBox
 from outbox_relay.engine import PublisherCache, RelayRunner, TenantConnections
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
+from service.app import create_app
+from service.ui.session import FLASH_COOKIE, SESSION_COOKIE
 from tests.brokers import RabbitMQAccount
 from tests.conftest import DatabaseFactory, LiveServer, pg_dsn
-from tests.helpers import ADMIN_KEY, make_tenant
+from tests.helpers import ADMIN_KEY, admin, make_tenant
 from tests.integration.conftest import FAST_RETRY, write
 from tests.workers import OUTPUT_DIR, run_replay_jobs
 
@@ -111,6 +115,23 @@ async def sign_in(page: Page, base: str, key: str) -> None:
     await page.get_by_label("API key").fill(key)
     await page.get_by_role("button", name="Sign in").click()
     await expect(page).to_have_url(re.compile(r"/ui/dead-letters"))
+
+
+async def login_csrf(client: AsyncTestClient[Any]) -> str:
+    """The sign-in form's CSRF token (its cookie lands in the client's jar)."""
+    page = await client.get("/ui/login")
+    found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert found is not None, page.text
+    return found.group(1)
+
+
+async def ui_login(client: AsyncTestClient[Any], key: str) -> str:
+    """Sign in through the form; the session cookie's value."""
+    r = await client.post("/ui/login", data={"key": key, "csrf": await login_csrf(client)}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    token = client.cookies.get(SESSION_COOKIE)
+    assert token
+    return str(token)
 
 
 async def drain(queue: aio_pika.abc.AbstractQueue, expect_n: int) -> list[Any]:
@@ -328,13 +349,17 @@ async def test_dashboard_sign_in_admin_view_and_form_protection(client: AsyncTes
 
     r = await client.get("/ui/dead-letters?relay=r", follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/ui/login?next=%2Fui%2Fdead-letters%3Frelay%3Dr"
-    r = await client.post("/ui/login", data={"key": "orly_wrong"}, follow_redirects=False)
+    r = await client.post("/ui/login", data={"key": "orly_wrong", "csrf": await login_csrf(client)})
     assert r.status_code == 401 and "not valid" in r.text
-    r = await client.post("/ui/login", data={"key": t.key, "next": "//evil.example/"}, follow_redirects=False)
+    r = await client.post(
+        "/ui/login",
+        data={"key": t.key, "next": "//evil.example/", "csrf": await login_csrf(client)},
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and r.headers["location"] == "/ui/dead-letters"  # no open redirect
-    cookie = r.headers["set-cookie"]
+    cookie = next(c for c in r.headers.get_list("set-cookie") if c.startswith(f"{SESSION_COOKIE}="))
     assert "HttpOnly" in cookie and "Path=/ui" in cookie and "SameSite=lax" in cookie.replace("Lax", "lax")
-    assert t.key not in cookie  # sealed
+    assert t.key not in cookie and "Secure" not in cookie  # a random token; plain http here
 
     page = await client.get("/ui/dead-letters")
     assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
@@ -361,10 +386,115 @@ async def test_dashboard_sign_in_admin_view_and_form_protection(client: AsyncTes
 
     # the admin key sees every tenant, with a tenant column and filter
     r = await client.post("/ui/logout", data={"csrf": csrf.group(1)}, follow_redirects=False)
-    assert r.status_code == 303 and 'orly_ui=""' in r.headers["set-cookie"]
-    r = await client.post("/ui/login", data={"key": ADMIN_KEY}, follow_redirects=False)
+    assert r.status_code == 303 and f'{SESSION_COOKIE}=""' in r.headers["set-cookie"]
+    r = await client.post(
+        "/ui/login", data={"key": ADMIN_KEY, "csrf": await login_csrf(client)}, follow_redirects=False
+    )
     assert r.status_code == 303
     page = await client.get(f"/ui/dead-letters?tenant={t.name}&status=any")
     assert page.status_code == 200 and "admin (all tenants)" in page.text and "<th>Tenant</th>" in page.text
     assert str(letter_id) in page.text
     await client.post("/ui/logout", data={"csrf": re.findall(r'name="csrf" value="([^"]+)"', page.text)[0]})
+
+
+async def test_dashboard_sign_out_ends_the_session_everywhere(client: AsyncTestClient[Any], settings: Settings) -> None:
+    """A copied session cookie stops working once its session signs out, or its key is revoked."""
+    t = await make_tenant(client, "ui-out")
+    async with AsyncTestClient(app=create_app(settings)) as first, AsyncTestClient(app=create_app(settings)) as other:
+        token = await ui_login(first, t.key)
+        copied = {"Cookie": f"{SESSION_COOKIE}={token}"}
+        assert (await other.get("/ui/dead-letters", headers=copied)).status_code == 200
+        page = await first.get("/ui/dead-letters")
+        csrf = re.findall(r'name="csrf" value="([^"]+)"', page.text)[0]
+        assert (await first.post("/ui/logout", data={"csrf": csrf}, follow_redirects=False)).status_code == 303
+        r = await other.get("/ui/dead-letters", headers=copied, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+
+        # revoking the key ends its sessions too
+        token = await ui_login(first, t.key)
+        assert (await other.get("/ui/dead-letters", headers={"Cookie": f"{SESSION_COOKIE}={token}"})).status_code == 200
+        (key,) = (await client.get(f"/v1/tenants/{t.name}/api-keys", headers=admin())).json()
+        await client.delete(f"/v1/tenants/{t.name}/api-keys/{key['id']}", headers=admin())
+        r = await other.get("/ui/dead-letters", headers={"Cookie": f"{SESSION_COOKIE}={token}"}, follow_redirects=False)
+        assert r.status_code == 303
+
+
+async def test_dashboard_sign_in_form_needs_its_csrf_token(client: AsyncTestClient[Any], settings: Settings) -> None:
+    """A cross-site form cannot sign a browser in (login CSRF): the POST must carry the token of the
+    sign-in cookie this browser was given with the form."""
+    t = await make_tenant(client, "ui-csrf")
+    async with AsyncTestClient(app=create_app(settings)) as browser, AsyncTestClient(app=create_app(settings)) as evil:
+        r = await browser.post("/ui/login", data={"key": t.key}, follow_redirects=False)
+        assert r.status_code == 403 and "expired" in r.text
+        assert SESSION_COOKIE not in browser.cookies
+        stolen = await login_csrf(evil)  # a valid token, but of another browser's sign-in cookie
+        r = await browser.post("/ui/login", data={"key": t.key, "csrf": stolen}, follow_redirects=False)
+        assert r.status_code == 403 and SESSION_COOKIE not in browser.cookies
+        r = await browser.post(
+            "/ui/login", data={"key": t.key, "csrf": await login_csrf(browser)}, follow_redirects=False
+        )
+        assert r.status_code == 303 and browser.cookies.get(SESSION_COOKIE)
+
+
+async def test_dashboard_cookies_are_secure_when_the_setting_says_so(
+    client: AsyncTestClient[Any], settings: Settings
+) -> None:
+    t = await make_tenant(client, "ui-secure")
+    secure = dataclasses.replace(settings, ui_cookie_secure=True)
+    async with AsyncTestClient(app=create_app(secure)) as browser:
+        page = await browser.get("/ui/login")
+        assert "Secure" in page.headers["set-cookie"]
+        csrf = re.findall(r'name="csrf" value="([^"]+)"', page.text)[0]
+        # httpx keeps Secure cookies off plain http: hand the sign-in cookie over by hand
+        login_cookie = page.headers["set-cookie"].split(";", 1)[0]
+        r = await browser.post(
+            "/ui/login", data={"key": t.key, "csrf": csrf}, headers={"Cookie": login_cookie}, follow_redirects=False
+        )
+        assert r.status_code == 303
+        cookies = r.headers.get_list("set-cookie")
+        session = next(c for c in cookies if c.startswith(f"{SESSION_COOKIE}="))
+        assert "Secure" in session and "HttpOnly" in session
+
+
+async def test_dashboard_ignores_a_forged_flash(client: AsyncTestClient[Any], settings: Settings) -> None:
+    t = await make_tenant(client, "ui-flash")
+    forged = base64.urlsafe_b64encode(json.dumps({"kind": "error", "text": "FORGED: call 555-0100"}).encode()).decode()
+    async with AsyncTestClient(app=create_app(settings)) as browser:
+        await ui_login(browser, t.key)
+        cookies = f"{SESSION_COOKIE}={browser.cookies.get(SESSION_COOKIE)}; {FLASH_COOKIE}={forged}"
+        page = await browser.get("/ui/dead-letters", headers={"Cookie": cookies})
+        assert page.status_code == 200 and "FORGED" not in page.text
+        # a flash the service sealed still shows, once
+        r = await browser.post(
+            "/ui/dead-letters/confirm",
+            data={"csrf": re.findall(r'name="csrf" value="([^"]+)"', page.text)[0], "intent": "bogus"},
+            follow_redirects=False,
+        )
+        assert r.status_code == 303 and browser.cookies.get(FLASH_COOKIE)
+        shown = await browser.get("/ui/dead-letters")
+        assert "Unknown action." in shown.text
+        assert "Unknown action." not in (await browser.get("/ui/dead-letters")).text
+
+
+async def test_api_reference_renders_offline(server: LiveServer, page: Page) -> None:
+    """/docs in a browser that may reach nothing but this service: the reference renders in full."""
+    base = server.url
+    elsewhere: list[str] = []
+
+    async def only_this_service(route: Any) -> None:
+        if route.request.url.startswith(base + "/"):
+            await route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            await route.abort()
+
+    await page.route("**/*", only_this_service)
+    await page.goto(f"{base}/docs")
+    await expect(page.locator(".swagger-ui .info .title")).to_contain_text("Outbox Relay", timeout=20_000)
+    operations = page.locator(".opblock")
+    await expect(operations.first).to_be_visible()
+    assert await operations.count() >= 30
+    await expect(page.locator(".opblock-summary-path", has_text="/v1/relays/{name}").first).to_be_visible()
+    await expect(page.get_by_role("button", name=re.compile("Authorize"))).to_be_visible()
+    await shot(page, "07-api-reference")
+    assert not elsewhere, f"the reference asked other origins for {elsewhere}"
