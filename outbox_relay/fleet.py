@@ -281,6 +281,26 @@ class FleetEngine:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="fleet")
+        instruments().fleet_sources.append(self.metrics)
+
+    def metrics(self) -> dict[str, list[tuple[float, dict[str, Any]]]]:
+        """Fairness and limits as gauges: batches in flight and waiting per tenant, time throttled per
+        target, partitions owned."""
+        out: dict[str, list[tuple[float, dict[str, Any]]]] = {
+            "outbox_batches_in_flight": [],
+            "outbox_batches_waiting": [],
+        }
+        for tenant, (in_flight, waiting) in self.scheduler.snapshot().items():
+            out["outbox_batches_in_flight"].append((in_flight, {"tenant": str(tenant)}))
+            out["outbox_batches_waiting"].append((waiting, {"tenant": str(tenant)}))
+        names = {r.plan.target_id: (r.plan.tenant_name, r.plan.target_name) for r in self.readers.values()}
+        out["outbox_target_throttled_seconds"] = [
+            (float(limits.snapshot()["throttled_s_total"] or 0.0), {"tenant": names[t][0], "target": names[t][1]})
+            for t, limits in self.limits.items()
+            if t in names
+        ]
+        out["outbox_partitions_owned"] = [(sum(len(r.lanes) for r in self.readers.values()), {})]
+        return out
 
     async def run(self) -> None:
         interval = self.settings.lease_ttl_s / 3
@@ -324,7 +344,7 @@ class FleetEngine:
         await self._drop_disabled()
         view = await self.fleet.balance(self.key, self.settings.lease_ttl_s)
         self.live_workers = max(1, view.live_workers)
-        share = view.share()
+        share = view.share(self.key)
         owned = sum(len(r.lanes) for r in self.readers.values())
         if view.owned > owned or owned > view.owned:
             await self._reconcile()  # a claim of an earlier tick, or a lane that stopped
@@ -409,6 +429,8 @@ class FleetEngine:
         release every partition and the membership (others claim them at their next tick)."""
         self._stopping = True
         self.tick.set()
+        with contextlib.suppress(ValueError):
+            instruments().fleet_sources.remove(self.metrics)
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._task, timeout=5)
@@ -584,7 +606,7 @@ class FleetEngine:
             rows = list(lane.buffer)[: part.relay.policy.batch_size]
             try:
                 # the target first: a throttled target must not hold worker slots other tenants could use
-                async with self._limits(reader).batch(len(rows)), self.scheduler.slot(plan.tenant_id):
+                async with self._limits(reader).batch(len(rows)), self.scheduler.slot(plan.tenant_name):
                     publisher = await self._publisher(reader)
                     await self.runner._publish(publisher, part, rows)
                 failures = 0

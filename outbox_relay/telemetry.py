@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,27 @@ class Instruments:
             unit="s",
             description="Age of the oldest waiting message per relay",
         )
+
+        self.fleet_sources: list[Callable[[], dict[str, list[tuple[float, dict[str, Any]]]]]] = []
+        """Callbacks of this process's fleet engines: gauge name -> (value, labels) observations."""
+        for name, unit, description in (
+            ("outbox_batches_in_flight", "", "Batches a worker is publishing now, per tenant (fair share)"),
+            ("outbox_batches_waiting", "", "Batches waiting for a worker slot, per tenant"),
+            ("outbox_target_throttled_seconds", "s", "Time batches waited on the target's rate limit, in all"),
+            ("outbox_partitions_owned", "", "Relay partitions this worker owns"),
+        ):
+            meter.create_observable_gauge(
+                name, callbacks=[self._fleet_observer(name)], unit=unit, description=description
+            )
+
+    def _fleet_observer(self, name: str) -> Callable[[CallbackOptions], list[Observation]]:
+        def observe(options: CallbackOptions) -> list[Observation]:
+            out: list[Observation] = []
+            for source in list(self.fleet_sources):
+                out += [Observation(value, attributes) for value, attributes in source().get(name, [])]
+            return out
+
+        return observe
 
     def _per_relay(self) -> dict[tuple[str, str, str], list[PendingSample]]:
         grouped: dict[tuple[str, str, str], list[PendingSample]] = {}

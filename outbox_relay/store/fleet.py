@@ -27,17 +27,26 @@ NOTIFY_MEMBERSHIP = "SELECT pg_notify('outbox_relay_config', 'fleet:membership')
 
 @dataclass(frozen=True, slots=True)
 class BalanceView:
-    live_workers: int
+    live: tuple[str, ...]
+    """Keys of the live workers, sorted."""
     total_partitions: int
     """Partitions of enabled relays."""
     owned: int
     free: int
     """Partitions of enabled relays that nobody owns."""
 
-    def share(self) -> int:
-        """This worker's fair share: ``ceil(total / live)``."""
-        live = max(1, self.live_workers)
-        return -(-self.total_partitions // live)
+    @property
+    def live_workers(self) -> int:
+        return len(self.live)
+
+    def share(self, key: str) -> int:
+        """This worker's part: ``total // live``, plus one for the first ``total % live`` workers in
+        key order, so that the shares add up to the total and differ by at most one (a plain
+        ``ceil(total / live)`` each leaves the last worker short: 4, 4 and 2 of 10)."""
+        live = max(1, len(self.live))
+        base, extra = divmod(self.total_partitions, live)
+        rank = self.live.index(key) if key in self.live else live
+        return base + (1 if rank < extra else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +125,8 @@ class FleetStore:
 
     async def balance(self, key: str, ttl_s: float) -> BalanceView:
         row = await self.pool.fetchrow(
-            "SELECT (SELECT count(*) FROM workers WHERE heartbeat_at >= now() - make_interval(secs => $2)) AS live, "
+            "SELECT (SELECT coalesce(array_agg(key ORDER BY key), '{}') FROM workers "
+            "WHERE heartbeat_at >= now() - make_interval(secs => $2)) AS live, "
             "(SELECT coalesce(sum(partitions), 0) FROM relays WHERE enabled) AS total, "
             "(SELECT count(*) FROM relay_partitions WHERE lease_holder = $1) AS owned, "
             "(SELECT count(*) FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
@@ -126,7 +136,7 @@ class FleetStore:
         )
         assert row is not None
         return BalanceView(
-            live_workers=int(row["live"]),
+            live=tuple(row["live"]),
             total_partitions=int(row["total"]),
             owned=int(row["owned"]),
             free=int(row["free"]),
