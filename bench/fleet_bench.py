@@ -96,7 +96,7 @@ EVER_LEASED_SQL = (
 PAYLOAD_NOTE = "x" * 100
 
 
-def preload_sql(rows: int, rows_per_tx: int, *, topic: str = "bulk", keys: int = 1000) -> str:
+def preload_sql(rows: int, rows_per_tx: int, *, topic: str = "bulk", keys: int = 10_000) -> str:
     """``rows`` ~200-byte JSON messages over ``keys`` keys, in transactions of ``rows_per_tx`` (one
     INSERT statement when that is all of them), written server-side."""
     select = (
@@ -279,6 +279,7 @@ class CaseEnv:
         self.workers: list[Proc] = []
         self.api_proc: Proc | None = None
         self.api: Api | None = None
+        self._control: asyncpg.Pool | None = None
         self._started = 0
 
     @property
@@ -347,6 +348,9 @@ class CaseEnv:
             await self.api.close()
         if self.api_proc is not None:
             await self.api_proc.stop_async()
+        if self._control is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._control.close(), timeout=10)
         for name in [*self.databases, self.control_db]:
             try:
                 await asyncio.wait_for(self.bench.drop_database(name), timeout=120)
@@ -393,7 +397,7 @@ class CaseEnv:
 
     async def connections(self, procs: dict[int, str]) -> dict[str, dict[str, int]]:
         """Connections to the cluster per process (``procs``: pid -> label) and database."""
-        owners = tcp_port_owners(list(procs))
+        owners = tcp_port_owners(list(procs), remote_port=self.bench.pg.port)
         out: dict[str, dict[str, int]] = {}
         async with self.bench.admin.acquire() as conn:
             rows = await conn.fetch(
@@ -478,22 +482,23 @@ class CaseEnv:
             for m in top
         ]
 
+    async def control(self) -> asyncpg.Pool:
+        """The bench's own connections to the control DB (for the ownership samples)."""
+        if self._control is None:
+            self._control = await asyncpg.create_pool(
+                self.bench.pg.dsn(self.control_db), min_size=1, max_size=2, command_timeout=30
+            )
+        assert self._control is not None
+        return self._control
+
     async def ownership(self) -> dict[str, int]:
         """Partitions held per worker id (``--ownership-sql`` on the control DB)."""
-        conn = await asyncpg.connect(self.bench.pg.dsn(self.control_db))
-        try:
-            rows = await conn.fetch(self.bench.args.ownership_sql)
-        finally:
-            await conn.close()
+        rows = await (await self.control()).fetch(self.bench.args.ownership_sql)
         return {str(r[0]): int(r[1]) for r in rows}
 
     async def ever_leased(self) -> dict[str, Any]:
         try:
-            conn = await asyncpg.connect(self.bench.pg.dsn(self.control_db))
-            try:
-                row = await conn.fetchrow(EVER_LEASED_SQL)
-            finally:
-                await conn.close()
+            row = await (await self.control()).fetchrow(EVER_LEASED_SQL)
         except Exception as exc:
             return {"error": f"{type(exc).__name__}: {exc}"}
         assert row is not None
@@ -1561,9 +1566,13 @@ def render(case: str, results: dict[str, Any], args: argparse.Namespace) -> tupl
         probes = leave["probes_after_sigterm"]
         text += f"; after SIGTERM every partition delivered a probe: {lat(probes)} (max {ms(probes.get('max_ms'))})"
         if "error" not in leave:
+            late = f"> {leave.get('timeout_s')}"
+            handed = leave.get("handover_s")
+            even = leave.get("balanced_s")
             text += (
-                f", ownership handed over after {leave.get('handover_s')} s, even after {leave.get('balanced_s')} s "
-                f"(+{leave['ownership_clock_started_after_s']} s)"
+                f", ownership handed over after {handed if handed is not None else late} s"
+                f", even after {even if even is not None else late} s"
+                f" (+{leave['ownership_clock_started_after_s']} s: the clock started after the probes)"
             )
             oks.append(leave.get("balanced_s") is not None and leave["balanced_s"] <= limit)
         max_probe = probes.get("max_ms")

@@ -141,8 +141,9 @@ def children_of(pid: int) -> list[int]:
 # --- connections per process -----------------------------------------------------------------------
 
 
-def tcp_port_owners(pids: list[int]) -> dict[int, int]:
-    """Local TCP port -> pid, for the sockets the given processes hold open."""
+def tcp_port_owners(pids: list[int], *, remote_port: int) -> dict[int, int]:
+    """Local port -> pid, for the TCP connections to ``remote_port`` that the given processes hold
+    (Linux may reuse an ephemeral port towards another destination, hence the filter)."""
     inodes: dict[int, int] = {}
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -159,7 +160,7 @@ def tcp_port_owners(pids: list[int]) -> dict[int, int]:
                 if len(parts) < 10:
                     continue
                 inode = int(parts[9])
-                if inode in inodes:
+                if inode in inodes and int(parts[2].rsplit(":", 1)[1], 16) == remote_port:
                     owners[int(parts[1].rsplit(":", 1)[1], 16)] = inodes[inode]
     return owners
 
