@@ -205,6 +205,9 @@ class PrivatePostgres:
         listed = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True, timeout=30).stdout
         if any(line.split()[:2] == [PG_VERSION, self.name] for line in listed.splitlines() if line.strip()):
             subprocess.run(["pg_dropcluster", "--stop", PG_VERSION, self.name], capture_output=True, timeout=180)
+        # pg_dropcluster leaves the configuration directory when it holds a file it did not write
+        # (our conf.d/fleet-bench.conf)
+        shutil.rmtree(f"/etc/postgresql/{PG_VERSION}/{self.name}", ignore_errors=True)
 
     def postmaster_pid(self) -> int:
         return int((self.data_dir / "postmaster.pid").read_text().split()[0])
