@@ -82,11 +82,14 @@ CASES = (
 )
 
 # Who owns which partition, for the scale-out case: rows (worker id, partitions held). Workers get
-# OUTBOX_RELAY_WORKER_ID; today's leases name the holder "<worker id>/<arq job id>". The fleet data
-# plane will keep this elsewhere (a membership table): pass its query with --ownership-sql.
+# OUTBOX_RELAY_WORKER_ID; the fleet data plane names the owner "<worker id>#<membership>" and keeps
+# it while the worker's heartbeat (table workers) lives; the per-slice engine named the holder
+# "<worker id>/<arq job id>" with an expiry of its own.
 OWNERSHIP_SQL = (
-    "SELECT split_part(lease_holder, '/', 1) AS worker, count(*)::int AS partitions FROM relay_partitions "
-    "WHERE lease_holder IS NOT NULL AND lease_expires_at > now() GROUP BY 1"
+    "SELECT split_part(split_part(p.lease_holder, '/', 1), '#', 1) AS worker, count(*)::int AS partitions "
+    "FROM relay_partitions p LEFT JOIN workers w ON w.key = p.lease_holder "
+    "WHERE p.lease_holder IS NOT NULL AND (p.lease_expires_at > now() "
+    "OR w.heartbeat_at > now() - make_interval(secs => 10)) GROUP BY 1"
 )
 # Today's engine only, a diagnostic: partitions that ever took a lease (lease_epoch counts them).
 EVER_LEASED_SQL = (
@@ -296,6 +299,12 @@ class CaseEnv:
             OUTBOX_RELAY_SECRET_KEYS=self.bench.secret_key,
             OUTBOX_RELAY_ALLOW_PRIVATE_NETWORKS="1",
             OUTBOX_RELAY_QUEUE_NAME=self.queue,
+            # the bench's own operator: the wide relay needs 1,024 partitions, one tenant's backlog
+            # relay more than the default partition quota, and nobody here guesses keys
+            OUTBOX_RELAY_MAX_RELAY_PARTITIONS="1024",
+            OUTBOX_RELAY_QUOTA_PARTITIONS="100000",
+            OUTBOX_RELAY_QUOTA_RELAYS="10000",
+            OUTBOX_RELAY_AUTH_FAILURE_LIMIT="0",
             PYTHONUNBUFFERED="1",
         )
         env.update(extra)

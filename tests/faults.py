@@ -68,6 +68,8 @@ class PgCluster:
 
     def drop(self) -> None:
         subprocess.run(["pg_dropcluster", "--stop", "15", self.name], check=False, timeout=120)
+        # pg_dropcluster keeps a config directory holding a file it did not write (conf.d/tests.conf)
+        shutil.rmtree(Path("/etc/postgresql/15") / self.name, ignore_errors=True)
 
 
 class RedisServer:
