@@ -700,6 +700,26 @@ class FleetEngine:
                         )
                     )
         await self.fleet.record_lag(samples)
+        await self._advance_idle_cursors()
+
+    async def _advance_idle_cursors(self) -> None:
+        """Move the stored cursor of a lane with nothing buffered, in flight or retrying up to where
+        its reads got (rows of other partitions passed by): a worker taking the partition over later,
+        and outbox maintenance, then start from there instead of from the lane's last own row."""
+        writes: list[CursorWrite] = []
+        for reader in list(self.readers.values()):
+            for lane in list(reader.lanes.values()):
+                if not lane.buffer and lane.part.retry is None and lane.read_pos > lane.part.cursor:
+                    txid, row_id = lane.read_pos
+                    writes.append(CursorWrite(lease=lane.part.lease, txid=txid, row_id=row_id, published=0))
+        if not writes:
+            return
+        await self.fleet.advance_idle_cursors(writes)
+        for write in writes:
+            owner = self.readers.get(write.lease.relay_id)
+            moved = owner.lanes.get(write.lease.partition) if owner else None
+            if moved is not None and moved.part.lease.epoch == write.lease.epoch:
+                moved.part.cursor = max(moved.part.cursor, (write.txid, write.row_id))
 
     async def _stall(self, pool: Any) -> dict[str, Any] | None:
         blocker = await pool.fetchrow(BLOCKER_SQL)

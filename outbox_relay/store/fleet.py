@@ -229,6 +229,24 @@ class FleetStore:
         )
         return {(r["relay_id"], r["partition"]) for r in rows}
 
+    async def advance_idle_cursors(self, writes: Sequence[CursorWrite]) -> None:
+        """Move idle partitions' cursors forward only (fenced): a lane's own write of a later
+        position may have landed meanwhile, and a cursor never goes back."""
+        if not writes:
+            return
+        await self.pool.execute(
+            "UPDATE relay_partitions p SET cursor_txid = x.txid, cursor_id = x.row_id "
+            "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) "
+            "AS x(relay_id, partition, epoch, txid, row_id) "
+            "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch "
+            "AND p.lease_holder IS NOT NULL AND (p.cursor_txid, p.cursor_id) < (x.txid, x.row_id)",
+            [w.lease.relay_id for w in writes],
+            [w.lease.partition for w in writes],
+            [w.lease.epoch for w in writes],
+            [w.txid for w in writes],
+            [w.row_id for w in writes],
+        )
+
     async def record_lag(self, samples: Sequence[LagSample]) -> None:
         """What the owners last saw of their partitions' backlog, in one statement (only changed ones)."""
         if not samples:
