@@ -364,18 +364,34 @@ class FleetEngine:
         await self.fleet.release_disabled(self.key)
 
     async def _release(self, count: int) -> None:
-        """Give back ``count`` partitions, whole relays last-claimed first, after their lanes flushed."""
-        chosen: list[tuple[RelayReader, list[int]]] = []
-        for reader in sorted(self.readers.values(), key=lambda r: str(r.relay_id), reverse=True):
-            if count <= 0:
+        """Give back ``count`` partitions after their lanes flushed. First what this worker holds of
+        a relay beyond that relay's even part (``ceil(partitions / live)``), then from the relays it
+        holds the largest part of: relays stay spread over the workers, so a busy relay is published
+        by all of them. Highest partition numbers go first (the mirror of the claim order)."""
+        live = max(1, self.live_workers)
+        held = {reader.relay_id: sorted(reader.lanes) for reader in self.readers.values()}
+        readers = {reader.relay_id: reader for reader in self.readers.values()}
+        owned: list[tuple[int, str, RelayReader]] = []
+        for relay_id, parts in held.items():  # beyond each relay's even part, highest numbers first
+            over = len(parts) - -(-readers[relay_id].plan.partitions // live)
+            while over > 0 and len(owned) < count:
+                owned.append((parts.pop(), str(relay_id), readers[relay_id]))
+                over -= 1
+        while len(owned) < count:  # then from the relay this worker holds the largest part of
+            candidates = [r for r, parts in held.items() if parts]
+            if not candidates:
                 break
-            parts = sorted(reader.lanes, reverse=True)[:count]
-            chosen.append((reader, parts))
-            count -= len(parts)
-        for reader, parts in chosen:
+            relay_id = max(candidates, key=lambda r: (len(held[r]) / readers[r].plan.partitions, len(held[r])))
+            owned.append((held[relay_id].pop(), str(relay_id), readers[relay_id]))
+        chosen: dict[uuid.UUID, tuple[RelayReader, list[int]]] = {}
+        for partition, _, reader in owned:
+            chosen.setdefault(reader.relay_id, (reader, []))[1].append(partition)
+        for reader, parts in chosen.values():
             await reader.stop_lanes(parts)
-            await self.cursors.close()
-            await self.fleet.release(self.key, [(reader.relay_id, p) for p in parts])
+        await self.cursors.close()
+        released = [(reader.relay_id, p) for reader, parts in chosen.values() for p in parts]
+        await self.fleet.release(self.key, released)
+        for reader, _ in chosen.values():
             if not reader.lanes:
                 await self._close_reader(reader, release=False)
 

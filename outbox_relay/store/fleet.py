@@ -144,12 +144,13 @@ class FleetStore:
 
     async def claim(self, key: str, limit: int) -> int:
         """Take up to ``limit`` free partitions of enabled relays (compare-and-set, bumping each
-        epoch); whole relays first, so a relay's partitions tend to live on one worker."""
+        epoch), lowest partition numbers of every relay first: a relay's partitions spread over the
+        workers, so one busy relay is published by all of them, not by whichever claimed it."""
         if limit <= 0:
             return 0
         claimed = await self.pool.fetchval(
             "WITH picked AS (SELECT p.relay_id, p.partition FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
-            "WHERE p.lease_holder IS NULL AND r.enabled ORDER BY p.relay_id, p.partition LIMIT $2 "
+            "WHERE p.lease_holder IS NULL AND r.enabled ORDER BY p.partition, p.relay_id LIMIT $2 "
             "FOR UPDATE OF p SKIP LOCKED), "
             "taken AS (UPDATE relay_partitions p SET lease_holder = $1, lease_epoch = p.lease_epoch + 1, "
             "lease_expires_at = NULL, updated_at = now() FROM picked "

@@ -100,19 +100,29 @@ async def test_workers_split_partitions_evenly_and_hand_over_at_once(
     relay_id = await setup.relay_id(store, "fleet")
     ttl = fleet.settings.lease_ttl_s
 
-    def split() -> list[int]:
+    # the shares are of every enabled relay's partitions (earlier tests' relays included)
+    total = int(await store.pool.fetchval("SELECT sum(partitions) FROM relays WHERE enabled"))
+
+    def even() -> bool:
+        counts = [sum(len(r.lanes) for r in e.readers.values()) for e in fleet.engines]
+        return sum(counts) == total and max(counts) - min(counts) <= 1
+
+    def spread() -> list[int]:
         return sorted(owned(e, relay_id) for e in fleet.engines)
 
     a = await fleet.start()
-    await until(lambda: split() == [10], 2 * ttl)
+    await until(lambda: even() and spread() == [10], 2 * ttl)
     await fleet.start()
-    joined_s = await until(lambda: split() == [5, 5], 2 * ttl)
+    joined_s = await until(even, 2 * ttl)
+    assert min(spread()) >= 4, spread()  # a relay's partitions spread over the workers: both publish it
     c = await fleet.start()
-    await until(lambda: split() == [3, 3, 4], 2 * ttl)
+    await until(even, 2 * ttl)
+    assert min(spread()) >= 2, spread()
 
     handed_over_at = time.monotonic()
     await fleet.stop(c)
-    left_s = await until(lambda: split() == [5, 5], ttl)  # well within one TTL: no waiting for the lapse
+    left_s = await until(even, ttl)  # well within one TTL: no waiting for the lapse
+    assert sum(spread()) == 10
     print(f"\nbalanced {joined_s:.2f} s after a join, {left_s + time.monotonic() - handed_over_at:.2f} s after a leave")
 
     # relaying through the lanes: every message once, through whichever worker owns its partition
@@ -128,5 +138,5 @@ async def test_workers_split_partitions_evenly_and_hand_over_at_once(
             continue
         received.append(str(message.message_id))
     assert sorted(received) == sorted(str(i) for i in ids)
-    assert owned(a, relay_id) == 5
+    assert owned(a, relay_id) >= 4, spread()
     assert (await setup.tenant.delete("/v1/relays/fleet")).status_code == 204
