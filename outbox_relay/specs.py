@@ -73,7 +73,9 @@ def _integer(low: int, high: int) -> Callable[[str], str | None]:
 # Each allowed parameter, with why it is safe: it only chooses how the tenant's own connection
 # behaves, names no file, credential or address, and takes only the values listed.
 DSN_PARAMS: dict[str, Callable[[str], str | None]] = {
-    # TLS or not and how strictly; verify-* check against the relay host's default CA store.
+    # TLS or not and how strictly. verify-ca/verify-full check against the root certificate the
+    # *operator* configured on the relay host (~/.postgresql/root.crt or PGSSLROOTCERT), never a
+    # file the tenant names (sslrootcert is refused).
     "sslmode": _one_of("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
     # PostgreSQL 17 direct TLS negotiation.
     "sslnegotiation": _one_of("postgres", "direct"),

@@ -230,3 +230,47 @@ def test_the_schema_documents_the_allow_lists() -> None:
     ):
         for param in params:
             assert param in described[name], (name, param)
+
+
+def test_the_allowed_parameters_are_ones_the_drivers_understand() -> None:
+    """None of them becomes a server setting (asyncpg sends unknown DSN parameters to the server) or
+    a keyword argument a redis-py connection does not take (the TypeError of ``?path=``)."""
+    from asyncpg import connect_utils
+    from redis.asyncio.connection import ConnectionPool, parse_url
+
+    dsn = (
+        "postgresql://app@db:5432,db2/orders?sslmode=require&sslnegotiation=direct&ssl_min_protocol_version=TLSv1.3"
+        "&target_session_attrs=read-write&application_name=shop"
+    )
+    check_dsn(dsn)
+    # widening an allow-list means adding the parameter to the DSN or URL above
+    assert set(DSN_PARAMS) == {p.partition("=")[0] for p in dsn.partition("?")[2].split("&")}
+    _, params = connect_utils._parse_connect_dsn_and_args(
+        dsn=dsn,
+        host=None,
+        port=None,
+        user=None,
+        password="x",
+        passfile=None,
+        database=None,
+        ssl=None,
+        service=None,
+        servicefile=None,
+        direct_tls=None,
+        server_settings={"application_name": "outbox-relay"},  # what outbox_relay.tenant.db passes
+        target_session_attrs=None,
+        krbsrvname=None,
+        gsslib=None,
+    )
+    assert params.server_settings == {"application_name": "outbox-relay"}
+    assert (params.database, params.sslmode.name, params.target_session_attrs.value) == (
+        "orders",
+        "require",
+        "read-write",
+    )
+    url = "rediss://cache:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false"
+    check_redis_url(url)
+    assert set(REDIS_TLS_PARAMS) == {p.partition("=")[0] for p in url.partition("?")[2].split("&")}
+    ConnectionPool(**parse_url(url)).make_connection()  # builds the connection object: every keyword is taken
+    with pytest.raises(TypeError):  # what the allow-list keeps away
+        ConnectionPool(**parse_url("redis://cache/0?path=/tmp/x")).make_connection()
