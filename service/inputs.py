@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 from litestar import Request
 from litestar.exceptions import ClientException, ValidationException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.types import Empty
 
 from service.problems import Problem
@@ -81,6 +82,14 @@ def decode_body(body: bytes, target: Any) -> Any:
 class ApiRequest(Request[Any, Any, Any]):
     """litestar's request, with the JSON body decoded by :func:`decode_body` into the type of the
     handler's ``data`` parameter (a struct that litestar's own conversion then passes through)."""
+
+    async def body(self) -> bytes:
+        try:
+            return await super().body()
+        except RequestEntityTooLarge:
+            raise Problem(
+                413, f"the request body is over {MAX_BODY_BYTES} bytes (1 MiB)", slug="body-too-large"
+            ) from None
 
     async def json(self) -> Any:
         if self._json is not Empty:

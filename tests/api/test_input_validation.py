@@ -175,7 +175,7 @@ async def test_deeply_nested_bodies_are_400(tenant: TenantClient, path: str) -> 
 async def test_a_body_over_one_mib_is_413(tenant: TenantClient) -> None:
     mapping = {f"topic-{i}": "x" * 200 for i in range(6000)}
     r = await tenant.put("/v1/relays/r", {"database": "d", "target": "q", "topic_mapping": mapping})
-    is_problem(r, 413)
+    is_problem(r, 413, "over 1048576 bytes")
 
 
 @pytest.mark.parametrize(
