@@ -33,9 +33,9 @@ from outbox_relay.brokers.base import OutgoingMessage, Publisher, PublishResult
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Database, Relay, Target, route
-from outbox_relay.errors import AddressNotAllowed, InvalidSpec, TargetUnavailable, TenantDatabaseError
+from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy
-from outbox_relay.specs import check_database
+from outbox_relay.specs import usable_database, usable_target
 from outbox_relay.store.control import ControlStore, DeadLetter, Lease, RelayPlan, RetryState
 from outbox_relay.telemetry import PendingSample, instruments, labels
 from outbox_relay.tenant import db as tenant_db
@@ -95,10 +95,7 @@ class TenantConnections:
                 return entry.pool
             if entry is not None:
                 await self._drop(database_id)
-            try:
-                check_database(db)  # a spec stored before a check existed never reaches asyncpg
-            except InvalidSpec as exc:
-                raise TenantDatabaseError(f"the stored database spec is refused ({exc}); PUT it again") from None
+            usable_database(db)  # a spec stored before a check existed never reaches asyncpg
             try:
                 pool = await tenant_db.create_pool(db, password, policy=self.policy, timeout_s=self.timeout_s)
             except AddressNotAllowed:
@@ -189,6 +186,7 @@ class PublisherCache:
                 self._publishers.pop(target_id)
                 with contextlib.suppress(Exception):
                     await cached[1].close()
+            usable_target(target)  # before the factory resolves any of its hosts
             publisher = await self.factory(target, password)
             self._publishers[target_id] = (version, publisher)
             return publisher

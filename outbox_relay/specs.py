@@ -32,7 +32,7 @@ from outbox_relay.domain import (
     RedisStreamsTarget,
     Target,
 )
-from outbox_relay.errors import InvalidSpec
+from outbox_relay.errors import InvalidSpec, TargetUnavailable, TenantDatabaseError
 
 MAX_AMQP_SHORTSTR_BYTES = 255
 """AMQP names (the exchange) are short strings: at most 255 bytes of UTF-8."""
@@ -122,6 +122,25 @@ def check_spec(spec: Database | Target) -> None:
 
 def check_database(db: Database) -> None:
     check_dsn(db.dsn)
+
+
+def usable_database(db: Database) -> None:
+    """:func:`check_database` as a worker needs it: a stored spec it refuses is
+    :class:`TenantDatabaseError`, so the relay pauses (the cause in its status) and charges nothing."""
+    try:
+        check_database(db)
+    except InvalidSpec as exc:
+        raise TenantDatabaseError(f"the stored database spec is refused ({exc}); PUT the database again") from None
+
+
+def usable_target(target: Target) -> None:
+    """:func:`check_target` as a worker needs it: a stored spec it refuses is
+    :class:`TargetUnavailable`, so the relay pauses (the cause in its status) and charges nothing;
+    checked before anything resolves the spec's hosts (10,000 bootstrap servers)."""
+    try:
+        check_target(target)
+    except InvalidSpec as exc:
+        raise TargetUnavailable(f"the stored target spec is refused ({exc}); PUT the target again") from None
 
 
 def check_target(target: Target) -> None:

@@ -24,8 +24,7 @@ from typing import Protocol
 
 from outbox_relay.brokers.base import Publisher
 from outbox_relay.domain import KafkaTarget, RabbitMQTarget, RedisStreamsTarget, Target
-from outbox_relay.errors import InvalidSpec, TargetUnavailable
-from outbox_relay.specs import check_target
+from outbox_relay.specs import usable_target
 
 
 class _Adapter(Publisher, Protocol):
@@ -34,10 +33,7 @@ class _Adapter(Publisher, Protocol):
 
 async def open_publisher(target: Target, *, password: str | None) -> Publisher:
     """Connect a publisher for ``target``; ``password`` is the decrypted secret (None when unset)."""
-    try:
-        check_target(target)
-    except InvalidSpec as exc:
-        raise TargetUnavailable(f"the stored target spec is refused ({exc}); PUT the target again") from None
+    usable_target(target)
     publisher: _Adapter
     if isinstance(target, RabbitMQTarget):
         from outbox_relay.brokers.rabbitmq import RabbitMQPublisher

@@ -9,13 +9,21 @@ not hand the DSN to asyncpg (``?passfile=``: a file on the relay host) or the UR
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from outbox_relay.engine import RelayRunner
+from outbox_relay.brokers.base import Publisher
+from outbox_relay.brokers.factory import open_publisher
+from outbox_relay.config import Settings
+from outbox_relay.crypto import SecretBox
+from outbox_relay.domain import Target
+from outbox_relay.engine import PublisherCache, RelayRunner, TenantConnections
+from outbox_relay.netguard import AddressPolicy, check_target
 from outbox_relay.store.control import ControlStore
 from tests.integration.conftest import FAST_RETRY, Setup, partition_row, write
 
@@ -34,6 +42,19 @@ async def _relay_to_redis(setup: Setup, store: ControlStore, run_id: str) -> uui
     }
     assert (await setup.tenant.put("/v1/relays/stored", body)).status_code == 201
     return await setup.relay_id(store, "stored")
+
+
+async def _store_target(store: ControlStore, setup: Setup, name: str, spec: dict[str, object]) -> None:
+    """Overwrite a stored target spec, as a row written before the checks would hold it."""
+    tenant = await store.get_tenant(setup.tenant.name)
+    assert tenant is not None
+    await store.pool.execute(
+        "UPDATE targets SET kind = $3, spec = $4::text::jsonb, updated_at = now() WHERE tenant_id = $1 AND name = $2",
+        tenant.id,
+        name,
+        spec["kind"],
+        json.dumps(spec),
+    )
 
 
 async def _store_spec(store: ControlStore, setup: Setup, table: str, name: str, field: str, value: object) -> None:
@@ -55,19 +76,49 @@ async def _run(runner: RelayRunner, relay_id: uuid.UUID, slices: int = 3) -> Non
         await runner.run_slice(relay_id, 0, "test-holder")
 
 
+@pytest.fixture
+async def worker_runner(settings: Settings, store: ControlStore) -> AsyncIterator[RelayRunner]:
+    """A runner whose publisher factory is the worker's (workers/settings.py): the address policy's
+    check of every host, then open_publisher."""
+    policy = AddressPolicy(allow_private=True)
+    tenants = TenantConnections(policy=policy, timeout_s=2)
+
+    async def factory(target: Target, password: str | None) -> Publisher:
+        await check_target(policy, target)
+        return await open_publisher(target, password=password)
+
+    publishers = PublisherCache(factory)
+    yield RelayRunner(
+        settings=dataclasses.replace(settings, slice_s=1.0),
+        store=store,
+        secrets=SecretBox(settings.secret_keys),
+        tenants=tenants,
+        publishers=publishers,
+    )
+    await publishers.close()
+    await tenants.close()
+
+
 @pytest.mark.parametrize(
-    ("field", "value", "words"),
+    ("spec", "words"),
     [
-        ("url", f"{REDIS_URL}?path=/tmp/redis.sock", "'path' is not allowed"),
-        ("url", f"{REDIS_URL}?connection_class=UnixDomainSocketConnection", "'connection_class' is not allowed"),
-        ("maxlen", 10**30, "invalid maxlen"),
+        ({"url": f"{REDIS_URL}?path=/tmp/redis.sock"}, "'path' is not allowed"),
+        ({"url": f"{REDIS_URL}?connection_class=UnixDomainSocketConnection"}, "'connection_class' is not allowed"),
+        ({"url": REDIS_URL, "maxlen": 10**30}, "invalid maxlen"),
+        ({"url": "redis://127.0.0.1:0/0"}, "invalid port"),
+        # refused before the address policy resolves any of them (it would stop at the first: "cannot be resolved")
+        (
+            {"kind": "kafka", "bootstrap_servers": [f"no-such-host-{i}.invalid:9092" for i in range(33)]},
+            "at most 32",
+        ),
     ],
 )
 async def test_a_stored_target_the_checks_refuse_pauses_and_names_the_cause(
-    setup: Setup, runner: RelayRunner, store: ControlStore, run_id: str, field: str, value: object, words: str
+    setup: Setup, worker_runner: RelayRunner, store: ControlStore, run_id: str, spec: dict[str, object], words: str
 ) -> None:
+    runner = worker_runner
     relay_id = await _relay_to_redis(setup, store, run_id)
-    await _store_spec(store, setup, "targets", "redis", field, value)
+    await _store_target(store, setup, "redis", {"kind": "redis_streams", "timeout_ms": 1000, **spec})
     ids = await write(setup.dsn, ("orders", "k", b"one"), ("orders", "k", b"two"))
     await _run(runner, relay_id)
     state = await partition_row(store, relay_id)
