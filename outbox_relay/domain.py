@@ -44,6 +44,12 @@ Secret = (
     | UnsetType
 )
 Destination = Annotated[str, Meta(min_length=1, max_length=249)]
+MAX_BOOTSTRAP_SERVERS = 32
+"""More brokers than any cluster needs for bootstrapping; every one is resolved and checked."""
+MAX_STREAM_MAXLEN = 2**63 - 1
+"""``XADD ... MAXLEN`` takes a signed 64-bit integer; Redis refuses every larger value."""
+# Checked by outbox_relay.specs rather than by these types (a stored spec over a cap still decodes,
+# reads back and can be fixed; it is just not used), and documented in the schema all the same.
 
 
 class Resource(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -67,7 +73,8 @@ class Database(Resource, kw_only=True, forbid_unknown_fields=True):
             min_length=1,
             max_length=2048,
             description="postgresql://user@host:port/dbname?sslmode=... without the password; "
-            "put the password in `password`.",
+            "put the password in `password`. Query parameters allowed: sslmode, sslnegotiation, "
+            "ssl_min_protocol_version, target_session_attrs, application_name.",
             examples=["postgresql://app@db.example.com:5432/orders"],
         ),
     ]
@@ -116,7 +123,8 @@ class RabbitMQTarget(TargetBase, tag="rabbitmq", kw_only=True, forbid_unknown_fi
         Meta(
             min_length=1,
             max_length=2048,
-            description="amqp://user@host:port/vhost without the password.",
+            description="amqp://user@host:port/vhost without the password. Query parameters allowed: "
+            "heartbeat, and no_verify_ssl with amqps://.",
             examples=["amqp://guest@127.0.0.1:5672/"],
         ),
     ]
@@ -132,17 +140,31 @@ class RedisStreamsTarget(TargetBase, tag="redis_streams", kw_only=True, forbid_u
         Meta(
             min_length=1,
             max_length=2048,
-            description="redis://[user@]host:port/db without the password.",
+            description="redis://[user@]host:port/db without the password. Query parameters allowed: "
+            "none, or ssl_cert_reqs and ssl_check_hostname with rediss://.",
             examples=["redis://127.0.0.1:6379/0"],
         ),
     ]
-    maxlen: Annotated[int, Meta(ge=1, description="Approximate stream length cap.")] | None = None
+    maxlen: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                description="Approximate stream length cap.",
+                extra_json_schema={"maximum": MAX_STREAM_MAXLEN},
+            ),
+        ]
+        | None
+    ) = None
 
 
 class KafkaTarget(TargetBase, tag="kafka", kw_only=True, forbid_unknown_fields=True):
     """Kafka through an idempotent producer; the relay's destination is the topic."""
 
-    bootstrap_servers: Annotated[list[Annotated[str, Meta(min_length=1, max_length=512)]], Meta(min_length=1)]
+    bootstrap_servers: Annotated[
+        list[Annotated[str, Meta(min_length=1, max_length=512, description="host:port, or [IPv6]:port")]],
+        Meta(min_length=1, extra_json_schema={"maxItems": MAX_BOOTSTRAP_SERVERS}),
+    ]
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     username: Annotated[str, Meta(max_length=256)] | None = None

@@ -36,6 +36,7 @@ from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Database, Relay, Target, route
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy
+from outbox_relay.specs import usable_database, usable_target
 from outbox_relay.store.control import ControlStore, DeadLetter, Lease, RelayPlan, RetryState, control_unavailable
 from outbox_relay.store.events import ControlEvents
 from outbox_relay.telemetry import PendingSample, instruments, labels
@@ -121,6 +122,7 @@ class TenantConnections:
                 return self._servers[entry.server].pool
             if entry is not None:
                 await self._drop(database_id)
+            usable_database(db)  # a spec stored before a check existed never reaches asyncpg
             key = (db.dsn, password)
             server = self._servers.get(key)
             if server is None:
@@ -247,6 +249,7 @@ class PublisherCache:
                 self._publishers.pop(target_id)
                 with contextlib.suppress(Exception):
                     await cached[1].close()
+            usable_target(target)  # before the factory resolves any of its hosts
             publisher = await self.factory(target, password)
             self._publishers[target_id] = (version, publisher)
             return publisher

@@ -3,6 +3,8 @@
 OutboxRelayError
 ├── ConfigError            settings that cannot work (raised at start-up)
 ├── AddressNotAllowed      a tenant-named host resolves into a denied network
+├── InvalidSpec            a resource spec the relay must not use (a DSN parameter outside the
+│                          allow-list, a port out of range ...; also a ValueError)
 ├── PublishError           raised by broker adapters (outbox_relay.brokers)
 │   ├── TargetUnavailable  the broker cannot be reached: pause, charge no attempt
 │   └── MessageRejected    the broker refused this message: charge an attempt
@@ -26,6 +28,20 @@ class ConfigError(OutboxRelayError):
 
 class AddressNotAllowed(OutboxRelayError):
     """A host named by a tenant resolves to an address in a denied network."""
+
+
+class InvalidSpec(OutboxRelayError, ValueError):
+    """A tenant resource spec that the relay refuses to use, whoever wrote it and when.
+
+    ``field`` names the spec's field at fault (``dsn``, ``url``, ``bootstrap_servers[3]`` ...);
+    ``reason`` says what is wrong with it, for the tenant. Raised when the API writes a spec (422)
+    and again before a worker hands a stored spec to a driver (one written before a check existed).
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"invalid {field}: {reason}")
+        self.field = field
+        self.reason = reason
 
 
 class PublishError(OutboxRelayError):

@@ -44,6 +44,7 @@ from outbox_relay.domain import Relay, Target, route
 from outbox_relay.engine import PublisherCache, PublisherFactory
 from outbox_relay.errors import AddressNotAllowed, OutboxRelayError, TargetUnavailable
 from outbox_relay.netguard import AddressPolicy, check_target
+from outbox_relay.specs import check_target as check_target_spec
 from outbox_relay.store.dead_letters import DeadLetterStore, Letter, RelayRoute, TargetRow
 
 REPLAY_COUNT_HEADER = "outbox-replay-count"
@@ -198,6 +199,7 @@ class Replayer:
             )
         try:
             target: Target = msgspec.json.decode(target_row.spec, type=Target)
+            check_target_spec(target)
             password = self.secrets.decrypt(target_row.secret) if target_row.secret else None
         except (msgspec.ValidationError, OutboxRelayError) as exc:
             raise ReplayRefused(

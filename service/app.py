@@ -41,6 +41,7 @@ from service.apidocs import DOCS_HEADERS, LocalSwaggerPlugin
 from service.databases.controller import DatabaseController
 from service.dead_letters.controller import DeadLetterController
 from service.deps import Services, ServicesDep, provide_services
+from service.inputs import MAX_BODY_BYTES, ApiRequest, refuse_nul_in_query
 from service.observability import StatusController, metrics_endpoint
 from service.problems import EXCEPTION_HANDLERS, MEDIA_TYPE, Problem
 from service.relays.controller import RelayController
@@ -143,8 +144,10 @@ _PROBLEM_TEXT = {
     404: "No such resource for this tenant",
     409: "Conflicts with the current state (resource in use, an immutable field changed, or a quota reached: "
     "`quota-exceeded` names the quota, its limit and the use)",
-    422: "Well-formed but refused (e.g. a password inside a DSN, an address that is not allowed, a value past "
-    "the service's bounds: `out-of-bounds` names the field and the limit)",
+    413: "The request body is over 1 MiB",
+    422: "Well-formed but refused (e.g. a password inside a DSN, a DSN or URL parameter outside the allow-list, "
+    "an address that is not allowed, a NUL character in a text field, a value past the service's bounds: "
+    "`out-of-bounds` names the field and the limit)",
     429: "Too many failed authentications from this address; `Retry-After` says when to try again",
     502: "The tenant database could not be reached or refused the operation",
     503: "Not ready",
@@ -183,6 +186,8 @@ def document_problems(openapi: OpenAPI) -> OpenAPI:
                     codes.add(409)
                 if method in ("put", "post"):
                     codes.add(422)
+                if operation.request_body is not None:
+                    codes.add(413)
                 if path.endswith("/provision"):
                     codes.add(502)
             if path == "/readyz":
@@ -245,6 +250,9 @@ def create_app(settings: Settings | None = None, *, store: ControlStore | None =
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
+        request_class=ApiRequest,
+        request_max_body_size=MAX_BODY_BYTES,
+        before_request=refuse_nul_in_query,
         lifespan=[lifespan],
         openapi_config=openapi_config(),
         template_config=ui_template_config(),

@@ -9,7 +9,7 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from outbox_relay.errors import AddressNotAllowed, OutOfBounds, QuotaExceeded, TenantDatabaseError
+from outbox_relay.errors import AddressNotAllowed, InvalidSpec, OutOfBounds, QuotaExceeded, TenantDatabaseError
 
 log = logging.getLogger("outbox_relay.api")
 MEDIA_TYPE = "application/problem+json"
@@ -62,6 +62,16 @@ def _validation_detail(errors: list[Any] | None) -> str | None:
     return None
 
 
+def spec_problem(exc: InvalidSpec, *, slug: str = "invalid-spec") -> Problem:
+    """A spec the relay refuses (:mod:`outbox_relay.specs`): 422 naming the field and, in
+    ``errors``, the field as a validation error's ``key``."""
+    return Problem(422, str(exc), slug=slug, errors=[{"message": exc.reason, "key": exc.field, "source": "body"}])
+
+
+def spec_handler(request: Request[Any, Any, Any], exc: InvalidSpec) -> Response[Any]:
+    return http_exception_handler(request, spec_problem(exc))
+
+
 def address_handler(request: Request[Any, Any, Any], exc: AddressNotAllowed) -> Response[Any]:
     return problem_response(422, str(exc), slug="address-not-allowed")
 
@@ -90,6 +100,7 @@ def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     HTTPException: http_exception_handler,
     AddressNotAllowed: address_handler,
+    InvalidSpec: spec_handler,
     TenantDatabaseError: tenant_db_handler,
     QuotaExceeded: quota_handler,
     OutOfBounds: bounds_handler,

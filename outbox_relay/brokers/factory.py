@@ -16,6 +16,10 @@ kept for as long as its target spec does not change.
 
 Each adapter module is imported only when a target of its kind is opened, so a process needs only
 the client library of the brokers it actually talks to.
+
+A spec that :mod:`outbox_relay.specs` refuses (one stored before a check existed: a URL parameter
+outside the allow-list, a ``maxlen`` over what XADD takes ...) never reaches a driver: it is
+:class:`~outbox_relay.errors.TargetUnavailable`, so the relay pauses and charges no message.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Protocol
 from outbox_relay.brokers.base import Publisher
 from outbox_relay.domain import KafkaTarget, RabbitMQTarget, RedisStreamsTarget, Target
 from outbox_relay.netguard import AddressPolicy
+from outbox_relay.specs import usable_target
 
 
 class _Adapter(Publisher, Protocol):
@@ -34,6 +39,7 @@ class _Adapter(Publisher, Protocol):
 async def open_publisher(target: Target, *, password: str | None, policy: AddressPolicy) -> Publisher:
     """Connect a publisher for ``target``; ``password`` is the decrypted secret (None when unset),
     ``policy`` the address policy every connection of the publisher is checked against."""
+    usable_target(target)
     publisher: _Adapter
     if isinstance(target, RabbitMQTarget):
         from outbox_relay.brokers.rabbitmq import RabbitMQPublisher

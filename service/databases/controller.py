@@ -12,10 +12,12 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from outbox_relay.domain import Database
+from outbox_relay.errors import InvalidSpec
+from outbox_relay.specs import check_database
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import schema_sql
 from service.deps import ServicesDep, TenantDep, decode_cursor, encode_cursor, provide_tenant
-from service.problems import Problem
+from service.problems import Problem, spec_problem
 from service.resources import (
     CURSOR_PARAM,
     LIMIT_PARAM,
@@ -75,9 +77,9 @@ class DatabaseController(Controller):
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Database]
     ) -> Response[Database]:
         try:
-            tenant_db.check_dsn(data.dsn)
-        except ValueError as exc:
-            raise Problem(422, str(exc), slug="invalid-dsn") from None
+            check_database(data)
+        except InvalidSpec as exc:
+            raise spec_problem(exc, slug="invalid-dsn") from None
         await tenant_db.check_address(data.dsn, services.policy)
         row, created = await services.store.put_database(
             tenant.id,
@@ -118,6 +120,10 @@ class DatabaseController(Controller):
         if row is None:
             raise Problem(404, f"database {name!r} not found", slug="not-found")
         db = msgspec.json.decode(row.spec, type=Database)
+        try:
+            check_database(db)  # stored before a check existed: never handed to asyncpg
+        except InvalidSpec as exc:
+            raise spec_problem(exc, slug="invalid-dsn") from None
         secret = await services.store.get_secret("databases", tenant.id, name)
         password = services.secrets.decrypt(secret) if secret else None
         conn = await tenant_db.connect(

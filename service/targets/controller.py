@@ -11,9 +11,11 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from outbox_relay.domain import Target
+from outbox_relay.errors import InvalidSpec
 from outbox_relay.netguard import check_target
+from outbox_relay.specs import check_target as check_target_spec
 from service.deps import ServicesDep, TenantDep, decode_cursor, encode_cursor, provide_tenant
-from service.problems import Problem
+from service.problems import Problem, spec_problem
 from service.resources import (
     CURSOR_PARAM,
     LIMIT_PARAM,
@@ -64,6 +66,10 @@ class TargetController(Controller):
     async def put_target(
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Target]
     ) -> Response[Target]:
+        try:
+            check_target_spec(data)
+        except InvalidSpec as exc:
+            raise spec_problem(exc, slug="invalid-target") from None
         try:
             await check_target(services.policy, data)
         except ValueError as exc:
