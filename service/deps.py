@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import NamedDependency
+from litestar.handlers.base import BaseRouteHandler
 
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
@@ -99,7 +101,25 @@ def is_admin_key(key: str, services: Services) -> bool:
     return bool(admin) and hmac.compare_digest(key.encode(), str(admin).encode())
 
 
+async def authenticate_tenant(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: the tenant of the request's key, checked before the body is read (guards run before
+    litestar resolves the handler's arguments), so a wrong key is 401 whatever the body holds."""
+    services = provide_services(connection.app.state)
+    connection.state.tenant = await _tenant_of(connection, services)  # type: ignore[arg-type]
+
+
+async def authenticate_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: the admin key, checked before the body is read (see :func:`authenticate_tenant`)."""
+    services = provide_services(connection.app.state)
+    connection.state.actor = await _admin_of(connection, services)  # type: ignore[arg-type]
+
+
 async def provide_tenant(request: Request[Any, Any, Any], services: ServicesDep) -> TenantRow:
+    tenant: TenantRow | None = getattr(request.state, "tenant", None)
+    return tenant if tenant is not None else await _tenant_of(request, services)
+
+
+async def _tenant_of(request: Request[Any, Any, Any], services: Services) -> TenantRow:
     refuse_if_throttled(request, services)
     key = api_key_of(request)
     if key is None:
@@ -113,6 +133,11 @@ async def provide_tenant(request: Request[Any, Any, Any], services: ServicesDep)
 
 
 async def require_admin(request: Request[Any, Any, Any], services: ServicesDep) -> str:
+    actor: str | None = getattr(request.state, "actor", None)
+    return actor if actor is not None else await _admin_of(request, services)
+
+
+async def _admin_of(request: Request[Any, Any, Any], services: Services) -> str:
     refuse_if_throttled(request, services)
     key = api_key_of(request)
     if key is None:

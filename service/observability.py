@@ -10,7 +10,7 @@ from litestar.di import Provide
 
 from outbox_relay.domain import Relay
 from outbox_relay.telemetry import prometheus_text
-from service.deps import ServicesDep, TenantDep, provide_tenant, require_admin
+from service.deps import ServicesDep, TenantDep, authenticate_tenant, provide_tenant, require_admin
 from service.relays.status import RelayOverview, TenantOverview, relay_status
 
 
@@ -24,6 +24,7 @@ async def metrics_endpoint(request: Request[Any, Any, Any], services: ServicesDe
 class StatusController(Controller):
     path = "/v1/status"
     tags = ["status"]
+    guards = [authenticate_tenant]
     dependencies = {"tenant": Provide(provide_tenant)}
 
     @get("/", operation_id="getTenantStatus", summary="Every relay's state, cause, lag and counts, in one call")

@@ -16,7 +16,7 @@ from outbox_relay.errors import InvalidSpec
 from outbox_relay.specs import check_database
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import schema_sql
-from service.deps import ServicesDep, TenantDep, decode_cursor, encode_cursor, provide_tenant
+from service.deps import ServicesDep, TenantDep, authenticate_tenant, decode_cursor, encode_cursor, provide_tenant
 from service.problems import Problem, spec_problem
 from service.resources import (
     CURSOR_PARAM,
@@ -42,6 +42,7 @@ class ProvisionResult(msgspec.Struct, kw_only=True):
 class DatabaseController(Controller):
     path = "/v1/databases"
     tags = ["databases"]
+    guards = [authenticate_tenant]
     dependencies = {"tenant": Provide(provide_tenant)}
 
     @get("/", operation_id="listDatabases", summary="List databases")

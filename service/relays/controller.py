@@ -12,7 +12,7 @@ from litestar.params import JSONBody
 
 from outbox_relay.domain import Relay
 from outbox_relay.errors import OutOfBounds
-from service.deps import ServicesDep, TenantDep, decode_cursor, encode_cursor, provide_tenant
+from service.deps import ServicesDep, TenantDep, authenticate_tenant, decode_cursor, encode_cursor, provide_tenant
 from service.problems import Problem
 from service.relays.status import RelayStatus, relay_status
 from service.resources import (
@@ -32,6 +32,7 @@ class RelayPage(Page, kw_only=True):
 class RelayController(Controller):
     path = "/v1/relays"
     tags = ["relays"]
+    guards = [authenticate_tenant]
     dependencies = {"tenant": Provide(provide_tenant)}
 
     @get("/", operation_id="listRelays", summary="List relays")

@@ -14,7 +14,7 @@ from outbox_relay.domain import Target
 from outbox_relay.errors import InvalidSpec
 from outbox_relay.netguard import check_target
 from outbox_relay.specs import check_target as check_target_spec
-from service.deps import ServicesDep, TenantDep, decode_cursor, encode_cursor, provide_tenant
+from service.deps import ServicesDep, TenantDep, authenticate_tenant, decode_cursor, encode_cursor, provide_tenant
 from service.problems import Problem, spec_problem
 from service.resources import (
     CURSOR_PARAM,
@@ -34,6 +34,7 @@ class TargetPage(Page, kw_only=True):
 class TargetController(Controller):
     path = "/v1/targets"
     tags = ["targets"]
+    guards = [authenticate_tenant]
     dependencies = {"tenant": Provide(provide_tenant)}
 
     @get("/", operation_id="listTargets", summary="List targets")

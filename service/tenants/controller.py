@@ -15,7 +15,15 @@ from msgspec import UNSET, Meta, UnsetType
 
 from outbox_relay.config import QUOTAS, Settings
 from outbox_relay.store.control import KEEP, ApiKeyRow, TenantQuotas, TenantRow
-from service.deps import ActorDep, Services, ServicesDep, decode_cursor, encode_cursor, require_admin
+from service.deps import (
+    ActorDep,
+    Services,
+    ServicesDep,
+    authenticate_admin,
+    decode_cursor,
+    encode_cursor,
+    require_admin,
+)
 from service.problems import Problem
 from service.resources import CURSOR_PARAM, LIMIT_PARAM, NAME_PARAM
 
@@ -131,6 +139,7 @@ def _key(row: ApiKeyRow) -> ApiKey:
 class TenantController(Controller):
     path = "/v1/tenants"
     tags = ["tenants (admin)"]
+    guards = [authenticate_admin]
     dependencies = {"actor": Provide(require_admin)}
 
     @get("/", operation_id="listTenants", summary="List tenants")

@@ -23,7 +23,7 @@ from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Target
 from outbox_relay.engine import PublisherCache, RelayRunner, TenantConnections
-from outbox_relay.netguard import AddressPolicy, check_target
+from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
 from tests.integration.conftest import FAST_RETRY, Setup, partition_row, write
 
@@ -78,14 +78,13 @@ async def _run(runner: RelayRunner, relay_id: uuid.UUID, slices: int = 3) -> Non
 
 @pytest.fixture
 async def worker_runner(settings: Settings, store: ControlStore) -> AsyncIterator[RelayRunner]:
-    """A runner whose publisher factory is the worker's (workers/settings.py): the address policy's
-    check of every host, then open_publisher."""
+    """A runner whose publisher factory is the worker's (workers/settings.py): open_publisher, whose
+    adapters check every address they dial against the policy."""
     policy = AddressPolicy(allow_private=True)
     tenants = TenantConnections(policy=policy, timeout_s=2)
 
     async def factory(target: Target, password: str | None) -> Publisher:
-        await check_target(policy, target)
-        return await open_publisher(target, password=password)
+        return await open_publisher(target, password=password, policy=policy)
 
     publishers = PublisherCache(factory)
     yield RelayRunner(
