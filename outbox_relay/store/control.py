@@ -673,10 +673,10 @@ class ControlStore:
             "retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', retry_next_at = NULL, "
             "resets = resets + 1, last_reset_at = now(), last_reset_reason = $5, "
             "last_error = $5, last_error_at = now(), updated_at = now(), "
-            "restore_policy = $6, restore_state = $7, restore_next_xid = $8, restore_max_id = $9, "
-            "restore_max_created_at = $10, restore_rows = $11, "
-            "restore_done = CASE WHEN $7 = 'resending' THEN 0 ELSE $11 END, restore_detected_at = now(), "
-            "restore_finished_at = CASE WHEN $7 = 'resending' THEN NULL ELSE now() END "
+            "restore_policy = $6::text, restore_state = $7::text, restore_next_xid = $8::bigint, "
+            "restore_max_id = $9::bigint, restore_max_created_at = $10::timestamptz, restore_rows = $11::bigint, "
+            "restore_done = CASE WHEN $7::text = 'resending' THEN 0 ELSE $11::bigint END, restore_detected_at = now(), "
+            "restore_finished_at = CASE WHEN $7::text = 'resending' THEN NULL ELSE now() END "
             f"WHERE {HELD_BY_LEASE} "
             "RETURNING restore_detected_at, restore_finished_at, restore_done",
             lease.relay_id,
