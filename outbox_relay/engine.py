@@ -286,10 +286,11 @@ class LeaseLost(Exception):
 
 
 def build_messages(plan_relay: Relay, relay_name: str, rows: list[tenant_db.OutboxRow]) -> list[OutgoingMessage | None]:
-    """One OutgoingMessage per row, or None for rows the topic mapping does not route."""
+    """One OutgoingMessage per row, or None for rows the topic mapping does not route and rows of a
+    restored backlog that was resent (or skipped) on its own (``OutboxRow.fenced``)."""
     out: list[OutgoingMessage | None] = []
     for row in rows:
-        destination = route(plan_relay.topic_mapping, row.topic)
+        destination = None if row.fenced else route(plan_relay.topic_mapping, row.topic)
         if destination is None:
             out.append(None)
             continue

@@ -34,6 +34,9 @@ class OutboxRow:
     """The id consumers dedupe on (``outbox-id``): the row's ``message_id``, or for a row written
     before the outbox had one, the UUID the relay derives from it (:func:`derived_message_id`).
     Empty only for an outbox of schema version 1, whose messages carry the row id."""
+    fenced: bool = False
+    """Part of a restored backlog that was resent or skipped on its own: never published by the
+    ordinary read, which only moves its cursor over it (its payload is not even read)."""
 
     @property
     def outgoing_id(self) -> str:
@@ -212,6 +215,7 @@ def _rows(records: list[asyncpg.Record], layout: OutboxLayout | None) -> list[Ou
                 headers=r["headers"],
                 created_at=r["created_at"],
                 message_id=text,
+                fenced=r["fenced"],
             )
         )
     return out
@@ -232,7 +236,7 @@ async def poll(
     layout: OutboxLayout | None = None,
     fence: RestoreFence | None = None,
 ) -> list[OutboxRow]:
-    """The ordinary read (:func:`~outbox_relay.tenant.sql.poll_sql`), without the rows of ``fence``.
+    """The ordinary read (:func:`~outbox_relay.tenant.sql.poll_sql`); rows of ``fence`` come back ``fenced``.
 
     ``layout`` (the outbox's :func:`read_layout`; None: the current version) decides whether the
     rows carry message ids."""
