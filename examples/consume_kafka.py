@@ -1,8 +1,8 @@
 """Ship each order once, however often Kafka delivers its record (aiokafka + the inbox).
 
 Delivery is at least once, so a record can arrive twice (and a consumer that rewinds its offsets
-reads old ones again). The inbox records the record's outbox id in the same transaction as the
-shipment and skips ids it has seen. On its own the script plays the relay's part first and
+reads old ones again). The inbox records the record's message id (outbox-id) in the same
+transaction as the shipment and skips ids it has seen. On its own the script plays the relay's part first and
 produces one message twice, as a relay that retried a batch would.
 """
 
@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import time
+import uuid
 from functools import partial
 
 import asyncpg
@@ -42,9 +43,9 @@ async def consume(pool: asyncpg.Pool, consumer: AIOKafkaConsumer, stop_after: in
         # with a group_id (and enable_auto_commit=False): await consumer.commit() here, after the commits
 
 
-async def publish_like_the_relay(producer: AIOKafkaProducer, outbox_id: int, order: dict[str, int]) -> None:
+async def publish_like_the_relay(producer: AIOKafkaProducer, message_id: uuid.UUID, order: dict[str, int]) -> None:
     """Stands in for Outbox Relay: the same message, produced twice."""
-    headers = [("outbox-id", str(outbox_id).encode()), ("outbox-relay", b"shop-events"), ("outbox-topic", b"orders")]
+    headers = [("outbox-id", str(message_id).encode()), ("outbox-relay", b"shop-events"), ("outbox-topic", b"orders")]
     for _ in range(2):
         await producer.send_and_wait(TOPIC, json.dumps(order).encode(), key=str(order["id"]).encode(), headers=headers)
 
@@ -54,7 +55,7 @@ async def main() -> None:
         async with pool.acquire() as conn:
             await inbox.install(conn)  # creates outbox_relay.inbox if missing
             await conn.execute("CREATE TABLE IF NOT EXISTS shipments (order_id bigint, at timestamptz DEFAULT now())")
-        order_id = outbox_id = time.time_ns() // 1000  # stand-ins for an order and its outbox row
+        order_id, message_id = time.time_ns() // 1000, uuid.uuid4()  # stand-ins for an order and its message
         async with (
             AIOKafkaProducer(bootstrap_servers=KAFKA_BOOTSTRAP) as producer,
             AIOKafkaConsumer(bootstrap_servers=KAFKA_BOOTSTRAP, enable_auto_commit=False) as consumer,
@@ -65,7 +66,7 @@ async def main() -> None:
             await consumer.seek_to_end(*partitions)
             for partition in partitions:
                 await consumer.position(partition)
-            await publish_like_the_relay(producer, outbox_id, {"id": order_id})
+            await publish_like_the_relay(producer, message_id, {"id": order_id})
             await consume(pool, consumer, stop_after=2)
         shipped = await pool.fetchval("SELECT count(*) FROM shipments WHERE order_id = $1", order_id)
         print(f"order {order_id} shipped {shipped} time(s)")

@@ -1,8 +1,8 @@
 """Ship each order once, however often RabbitMQ delivers its message (aio-pika + the inbox).
 
-Delivery is at least once, so a message can arrive twice. The inbox records the message's outbox
-id in the same transaction as the shipment and skips ids it has seen; the message is acknowledged
-only after that transaction commits. On its own the script plays the relay's part first and
+Delivery is at least once, so a message can arrive twice. The inbox records the message's id
+(outbox-id) in the same transaction as the shipment and skips ids it has seen; the message is
+acknowledged only after that transaction commits. On its own the script plays the relay's part first and
 publishes one message twice, as a relay that retried a batch would.
 """
 
@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import time
+import uuid
 from functools import partial
 
 import aio_pika
@@ -41,12 +42,14 @@ async def consume(pool: asyncpg.Pool, queue: aio_pika.abc.AbstractQueue, stop_af
                 return
 
 
-async def publish_like_the_relay(channel: aio_pika.abc.AbstractChannel, outbox_id: int, order: dict[str, int]) -> None:
+async def publish_like_the_relay(
+    channel: aio_pika.abc.AbstractChannel, message_id: uuid.UUID, order: dict[str, int]
+) -> None:
     """Stands in for Outbox Relay: the same message, published twice."""
     message = aio_pika.Message(
         json.dumps(order).encode(),
-        message_id=str(outbox_id),
-        headers={"outbox-id": str(outbox_id), "outbox-relay": "shop-events", "outbox-topic": "orders"},
+        message_id=str(message_id),
+        headers={"outbox-id": str(message_id), "outbox-relay": "shop-events", "outbox-topic": "orders"},
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
     for _ in range(2):
@@ -62,8 +65,8 @@ async def main() -> None:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=10)
             queue = await channel.declare_queue(QUEUE, durable=True)
-            order_id = outbox_id = time.time_ns() // 1000  # stand-ins for an order and its outbox row
-            await publish_like_the_relay(channel, outbox_id, {"id": order_id})
+            order_id, message_id = time.time_ns() // 1000, uuid.uuid4()  # stand-ins for an order and its message
+            await publish_like_the_relay(channel, message_id, {"id": order_id})
             await consume(pool, queue, stop_after=2)
         shipped = await pool.fetchval("SELECT count(*) FROM shipments WHERE order_id = $1", order_id)
         print(f"order {order_id} shipped {shipped} time(s)")

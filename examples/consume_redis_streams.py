@@ -1,8 +1,8 @@
 """Ship each order once, however often a Redis stream delivers its entry (redis-py + the inbox).
 
-Delivery is at least once, so an entry can arrive twice. The inbox records the entry's outbox id
-in the same transaction as the shipment and skips ids it has seen; the entry is acknowledged
-(XACK) only after that transaction commits. On its own the script plays the relay's part first
+Delivery is at least once, so an entry can arrive twice. The inbox records the entry's message
+id (outbox-id) in the same transaction as the shipment and skips ids it has seen; the entry is
+acknowledged (XACK) only after that transaction commits. On its own the script plays the relay's part first
 and appends one message twice, as a relay that retried a batch would.
 """
 
@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import time
+import uuid
 from functools import partial
 
 import asyncpg
@@ -47,11 +48,11 @@ async def consume(pool: asyncpg.Pool, redis: Redis, stop_after: int | None = Non
                     return
 
 
-async def publish_like_the_relay(redis: Redis, outbox_id: int, order: dict[str, int]) -> None:
+async def publish_like_the_relay(redis: Redis, message_id: uuid.UUID, order: dict[str, int]) -> None:
     """Stands in for Outbox Relay: the same message, appended twice."""
     fields: dict[FieldT, EncodableT] = {
         "payload": json.dumps(order),
-        "outbox-id": str(outbox_id),
+        "outbox-id": str(message_id),
         "key": str(order["id"]),
         "h:outbox-relay": "shop-events",
         "h:outbox-topic": "orders",
@@ -70,8 +71,8 @@ async def main() -> None:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):  # the group exists already
                 raise
-        order_id = outbox_id = time.time_ns() // 1000  # stand-ins for an order and its outbox row
-        await publish_like_the_relay(redis, outbox_id, {"id": order_id})
+        order_id, message_id = time.time_ns() // 1000, uuid.uuid4()  # stand-ins for an order and its message
+        await publish_like_the_relay(redis, message_id, {"id": order_id})
         await consume(pool, redis, stop_after=2)
         shipped = await pool.fetchval("SELECT count(*) FROM shipments WHERE order_id = $1", order_id)
         print(f"order {order_id} shipped {shipped} time(s)")

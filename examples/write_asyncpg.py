@@ -16,10 +16,11 @@ async def main() -> None:
         await conn.execute("CREATE TABLE IF NOT EXISTS orders (id bigint GENERATED ALWAYS AS IDENTITY, state text)")
         async with conn.transaction():
             order_id = await conn.fetchval("INSERT INTO orders (state) VALUES ('paid') RETURNING id")
-            outbox_id = await add(
+            message_id = await add(
                 conn, "orders", key=str(order_id), payload={"id": order_id, "state": "paid"}, headers={"source": "shop"}
             )
-            # a batch goes in one statement; ids come back in order
+            # add returns the message id (a UUID): what consumers see as outbox-id and dedupe on;
+            # a batch goes in one statement, and its ids come back in order
             more = await add_many(
                 conn,
                 [
@@ -27,7 +28,7 @@ async def main() -> None:
                     Message("emails", None, "Thanks for your order!", {"template": "receipt"}),
                 ],
             )
-        print(f"order {order_id}: outbox messages {outbox_id}, {more[0]}, {more[1]}")
+        print(f"order {order_id}: outbox messages {message_id}, {more[0]}, {more[1]}")
     finally:
         await conn.close()
 

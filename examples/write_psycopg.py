@@ -15,8 +15,8 @@ def main() -> None:
         conn.commit()
         with conn.transaction():
             [(order_id,)] = conn.execute("INSERT INTO orders (state) VALUES ('paid') RETURNING id").fetchall()
-            outbox_id = add(conn, "orders", key=str(order_id), payload={"id": order_id, "state": "paid"})
-        print(f"order {order_id}: outbox message {outbox_id}")
+            message_id = add(conn, "orders", key=str(order_id), payload={"id": order_id, "state": "paid"})
+        print(f"order {order_id}: outbox message {message_id}")
 
 
 if __name__ == "__main__":

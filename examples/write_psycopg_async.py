@@ -17,8 +17,8 @@ async def main() -> None:
         async with conn.transaction():
             cursor = await conn.execute("INSERT INTO orders (state) VALUES ('paid') RETURNING id")
             [(order_id,)] = await cursor.fetchall()
-            outbox_id = await add(conn, "orders", key=str(order_id), payload={"id": order_id, "state": "paid"})
-        print(f"order {order_id}: outbox message {outbox_id}")
+            message_id = await add(conn, "orders", key=str(order_id), payload={"id": order_id, "state": "paid"})
+        print(f"order {order_id}: outbox message {message_id}")
 
 
 if __name__ == "__main__":

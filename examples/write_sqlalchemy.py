@@ -28,8 +28,8 @@ def main() -> None:
         session.add(order)
         session.flush()  # the order's id
         order_id = order.id
-        outbox_id = add(session, "orders", key=str(order_id), payload={"id": order_id, "state": order.state})
-    print(f"order {order_id}: outbox message {outbox_id}")
+        message_id = add(session, "orders", key=str(order_id), payload={"id": order_id, "state": order.state})
+    print(f"order {order_id}: outbox message {message_id}")
     engine.dispose()
 
 

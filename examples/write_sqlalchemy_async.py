@@ -31,8 +31,8 @@ async def main() -> None:
         order = Order(state="paid")
         session.add(order)
         await session.flush()  # the order's id
-        outbox_id = await add(session, "orders", key=str(order.id), payload={"id": order.id, "state": order.state})
-    print(f"order {order.id}: outbox message {outbox_id}")
+        message_id = await add(session, "orders", key=str(order.id), payload={"id": order.id, "state": order.state})
+    print(f"order {order.id}: outbox message {message_id}")
     await engine.dispose()
 
 

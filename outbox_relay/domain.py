@@ -199,6 +199,16 @@ class RelayPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "older than the longest retention of the database's relays, and passed by every cursor, are dropped.",
         ),
     ] = 168
+    on_restore: Annotated[
+        Literal["resend", "skip"],
+        Meta(
+            description="When the tenant database turns out restored or failed over, what to do with the restored "
+            "rows whose transaction ids lie above the new server's counter (which the ordinary read would hold back "
+            "until the counter caught up): 'resend' publishes them at once, before anything written after the "
+            "restore (consumers drop the duplicates by outbox-id); 'skip' never publishes them again. The status "
+            "says which, and how many."
+        ),
+    ] = "resend"
 
 
 class Relay(Resource, kw_only=True, forbid_unknown_fields=True):

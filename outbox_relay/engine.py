@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -37,7 +38,15 @@ from outbox_relay.domain import Database, Relay, Target, route
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.specs import usable_database, usable_target
-from outbox_relay.store.control import ControlStore, DeadLetter, Lease, RelayPlan, RetryState, control_unavailable
+from outbox_relay.store.control import (
+    ControlStore,
+    DeadLetter,
+    Lease,
+    RelayPlan,
+    RestoreState,
+    RetryState,
+    control_unavailable,
+)
 from outbox_relay.store.events import ControlEvents
 from outbox_relay.telemetry import PendingSample, instruments, labels
 from outbox_relay.tenant import db as tenant_db
@@ -328,6 +337,12 @@ class _Partition:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the relay's configuration changed (disabled, deleted, edited): finish the batch in
     flight, then end the slice so the next one runs the new plan (or none)."""
+    layout: tenant_db.OutboxLayout | None = None
+    """The outbox's schema version and id namespace, read at the start of the slice."""
+    restore: RestoreState | None = None
+    """The last restore this partition detected (its backlog bounds, and whether it is being read)."""
+    backlog_batch: list[tuple[int, int]] = field(default_factory=list)
+    """``(txid, id)`` of the backlog rows last polled, to count how many the cursor has passed."""
 
     @functools.cached_property
     def labels(self) -> dict[str, Any]:
@@ -351,10 +366,11 @@ class LeaseLost(Exception):
 
 
 def build_messages(plan_relay: Relay, relay_name: str, rows: list[tenant_db.OutboxRow]) -> list[OutgoingMessage | None]:
-    """One OutgoingMessage per row, or None for rows the topic mapping does not route."""
+    """One OutgoingMessage per row, or None for rows the topic mapping does not route and rows of a
+    restored backlog that was resent (or skipped) on its own (``OutboxRow.fenced``)."""
     out: list[OutgoingMessage | None] = []
     for row in rows:
-        destination = route(plan_relay.topic_mapping, row.topic)
+        destination = None if row.fenced else route(plan_relay.topic_mapping, row.topic)
         if destination is None:
             out.append(None)
             continue
@@ -363,9 +379,17 @@ def build_messages(plan_relay: Relay, relay_name: str, rows: list[tenant_db.Outb
         except msgspec.ValidationError:
             raw = msgspec.json.decode(row.headers)
             headers = {str(k): v if isinstance(v, str) else msgspec.json.encode(v).decode() for k, v in raw.items()}
-        headers.update({"outbox-id": str(row.id), "outbox-topic": row.topic, "outbox-relay": relay_name})
+        message_id = row.outgoing_id
+        headers.update({"outbox-id": message_id, "outbox-topic": row.topic, "outbox-relay": relay_name})
         out.append(
-            OutgoingMessage(id=row.id, destination=destination, key=row.key, payload=row.payload, headers=headers)
+            OutgoingMessage(
+                id=row.id,
+                message_id=message_id,
+                destination=destination,
+                key=row.key,
+                payload=row.payload,
+                headers=headers,
+            )
         )
     return out
 
@@ -564,7 +588,7 @@ class RelayRunner:
                         continue
                 async with self.tenants.waiter(plan.database_id, plan.partitions, lease.partition) as woken:
                     poll_started = time.time_ns()
-                    rows = await self._poll(pool, database, part.cursor, plan, lease, policy.batch_size)
+                    rows = await self._poll(pool, database, part, policy.batch_size)
                     part.last_poll_empty = not rows
                     if time.monotonic() - part.pending_checked > PENDING_CHECK_S:
                         await self._sample_pending(pool, database, part)
@@ -704,6 +728,7 @@ class RelayRunner:
             error_class=error_class,
             last_error=error,
             attempts=attempts,
+            message_id=message.message_id if message else row.outgoing_id,
         )
         if not await self._fenced(part, lambda: self.store.dead_letter(part.lease, letter)):
             raise LeaseLost()
@@ -749,22 +774,36 @@ class RelayRunner:
             await self.store.record_pending(part.lease, pending, oldest, stall)
 
     async def _check_identity(self, pool: asyncpg.Pool, part: _Partition) -> None:
-        """Detect a restore or failover (new cluster identity, or transaction ids gone backwards) and
-        start the partition over from the oldest retained row: duplicates, never a skipped message."""
+        """Read the outbox's layout and the partition's restore state, and detect a restore or
+        failover (new cluster identity, or transaction ids gone backwards).
+
+        After one, the partition starts over, deterministically and at once. The rows that existed
+        then and lie above the server's transaction counter (the restored rows of another cluster's
+        history, which the horizon read would hold back until this server's counter caught up) bound
+        the restored backlog (:class:`~outbox_relay.tenant.db.RestoreFence`); by the relay's
+        ``policy.on_restore`` it is read first, before anything written after the restore
+        (``resend``), or left out (``skip``). Then the ordinary read starts from the beginning, without
+        the backlog: every other row is published again (duplicates, never a skipped message).
+        """
+        schema = msgspec.json.decode(part.plan.database_spec, type=Database).schema
         try:
             row = await pool.fetchrow(IDENTITY_SQL)
+            part.layout = await tenant_db.read_layout(pool, schema)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise TenantDatabaseError(f"reading the database identity failed: {tenant_db.describe(exc)}") from None
         assert row is not None
+        part.restore = await self.store.restore_state(part.lease.relay_id, part.lease.partition)
         identity = f"{row['system_identifier']}/{row['timeline']}"
         known = part.lease.system_identifier
+        in_backlog = part.restore is not None and part.restore.state == "resending"
         reason = None
         if known is not None and known != identity:
             reason = (
                 f"the tenant database changed identity ({known} -> {identity}: restored into a new cluster "
                 "or failed over); relaying its outbox again from the start, consumers will see duplicates"
             )
-        elif part.cursor[0] > 0 and row["xmin"] <= part.cursor[0]:
+        elif part.cursor[0] > 0 and row["xmin"] <= part.cursor[0] and not in_backlog:
+            # (a backlog's cursor lies above the counter by design: those rows are the backlog)
             reason = (
                 f"the tenant database's transaction ids went backwards (cursor at {part.cursor[0]}, database "
                 f"at {row['xmin']}: restored from a backup?); relaying its outbox again from the start, "
@@ -772,25 +811,135 @@ class RelayRunner:
             )
         if reason is not None:
             log.warning("relay %s partition %s: %s", part.plan.relay_name, part.lease.partition, reason)
-            if not await self.store.reset_cursor(part.lease, identity, reason):
-                raise LeaseLost()
-            part.cursor = (0, 0)
-            part.retry = None
+            await self._start_over(pool, schema, part, identity, reason)
         elif known is None and not await self.store.set_identity(part.lease, identity):
             raise LeaseLost()
 
-    async def _poll(
-        self,
-        pool: asyncpg.Pool,
-        database: Database,
-        cursor: tuple[int, int],
-        plan: RelayPlan,
-        lease: Lease,
-        limit: int,
-    ) -> list[tenant_db.OutboxRow]:
+    async def _start_over(self, pool: asyncpg.Pool, schema: str, part: _Partition, identity: str, reason: str) -> None:
+        """Reset the partition after a detected restore, with its restored backlog when it has one."""
+        policy = part.relay.policy.on_restore
         try:
+            bounds = await tenant_db.restore_bounds(pool, schema)
+            fence = (
+                tenant_db.RestoreFence(
+                    max_id=bounds.max_id, max_created_at=bounds.max_created_at, next_xid=bounds.next_xid
+                )
+                if bounds.max_id is not None
+                else None
+            )
+            rows = (
+                await tenant_db.backlog_count(
+                    pool, schema, fence=fence, partitions=part.plan.partitions, partition=part.lease.partition
+                )
+                if fence is not None
+                else 0
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise TenantDatabaseError(f"reading the restored outbox failed: {tenant_db.describe(exc)}") from None
+        part.cursor = (0, 0)
+        part.retry = None
+        part.backlog_batch = []
+        if fence is None:
+            part.restore = None
+            if not await self.store.reset_cursor(part.lease, identity, reason):
+                raise LeaseLost()
+            return
+        done = "resent at once, before anything written after it" if policy == "resend" else "skipped"
+        reason += (
+            f"; the restored backlog ({rows} row(s) of this partition with id <= {fence.max_id}, "
+            f"{bounds.next_xid} being the server's next transaction id) is {done}"
+        )
+        part.restore = await self.store.start_restore(
+            part.lease,
+            identity,
+            reason,
+            policy=policy,
+            next_xid=fence.next_xid,
+            max_id=fence.max_id,
+            max_created_at=fence.max_created_at,
+            rows=rows,
+        )
+        if part.restore is None:
+            raise LeaseLost()
+        log.warning(
+            "relay %s partition %s: restored backlog of %s row(s) %s",
+            part.plan.relay_name,
+            part.lease.partition,
+            rows,
+            done,
+        )
+
+    async def _poll(
+        self, pool: asyncpg.Pool, database: Database, part: _Partition, limit: int
+    ) -> list[tenant_db.OutboxRow]:
+        """The next rows: a restored backlog's while it is being resent, then the ordinary read."""
+        plan, lease, restore = part.plan, part.lease, part.restore
+        fence = (
+            tenant_db.RestoreFence(
+                max_id=restore.max_id, max_created_at=restore.max_created_at, next_xid=restore.next_xid
+            )
+            if restore is not None
+            else None
+        )
+        try:
+            if restore is not None and fence is not None and restore.state == "resending":
+                await self._count_backlog_progress(part, restore)
+                rows = await tenant_db.poll_backlog(
+                    pool,
+                    database.schema,
+                    cursor=part.cursor,
+                    partitions=plan.partitions,
+                    partition=lease.partition,
+                    limit=limit,
+                    layout=part.layout,
+                    fence=fence,
+                )
+                if rows:
+                    part.backlog_batch = [(r.txid, r.id) for r in rows]
+                    return rows
+                done = await tenant_db.backlog_done(
+                    pool,
+                    database.schema,
+                    cursor=part.cursor,
+                    partitions=plan.partitions,
+                    partition=lease.partition,
+                    fence=fence,
+                )
+                if not done:
+                    return []  # rows below the counter wait for transactions open at detection
+                finished_at = await self.store.finish_restore(lease)
+                if finished_at is None:
+                    raise LeaseLost()
+                log.info(
+                    "relay %s partition %s: restored backlog of %s row(s) resent in %.1f s",
+                    plan.relay_name,
+                    lease.partition,
+                    restore.rows,
+                    (finished_at - restore.detected_at).total_seconds(),
+                )
+                part.restore = dataclasses.replace(restore, state="resent", done=restore.rows, finished_at=finished_at)
+                part.cursor = (0, 0)
+                part.backlog_batch = []
             return await tenant_db.poll(
-                pool, database.schema, cursor=cursor, partitions=plan.partitions, partition=lease.partition, limit=limit
+                pool,
+                database.schema,
+                cursor=part.cursor,
+                partitions=plan.partitions,
+                partition=lease.partition,
+                limit=limit,
+                layout=part.layout,
+                fence=fence,
             )
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise TenantDatabaseError(f"reading the outbox failed: {tenant_db.describe(exc)}") from None
+
+    async def _count_backlog_progress(self, part: _Partition, restore: RestoreState) -> None:
+        """Record how many backlog rows the cursor has passed since the last poll (best effort)."""
+        passed = sum(1 for position in part.backlog_batch if position <= part.cursor)
+        part.backlog_batch = []
+        if not passed:
+            return
+        done = min(restore.done + passed, restore.rows)
+        part.restore = dataclasses.replace(restore, done=done)
+        with contextlib.suppress(Exception):
+            await self.store.restore_progress(part.lease, done)

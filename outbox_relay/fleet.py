@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -535,10 +536,13 @@ class FleetEngine:
                 for lane in list(reader.lanes.values()):
                     if lane.partition not in checked:
                         await self.runner._check_identity(pool, lane.part)
-                        lane.read_pos = max(lane.read_pos, lane.part.cursor) if lane.part.cursor != (0, 0) else (0, 0)
+                        lane.read_pos = lane.part.cursor  # a detected restore starts the partition over
                         lane.buffer.clear()
                         checked.add(lane.partition)
+                backlog_waiting = await self._read_backlogs(reader, pool)
                 got = await self._scan(reader, pool)
+                if backlog_waiting:
+                    notified_retry = max(notified_retry, len(NOTIFIED_RETRY_S) - 3)  # look again soon
                 failures = 0
             except LeaseLost:
                 reader.stop.set()
@@ -565,10 +569,35 @@ class FleetEngine:
                 if got:
                     reader.notified_at = None
 
+    async def _read_backlogs(self, reader: RelayReader, pool: Any) -> bool:
+        """Feed the lanes that are resending a restored backlog from their own read (the engine's
+        ``_poll``: backlog first, then the ordinary read from the start); returns whether one is
+        still waiting for rows that a transaction open at the detection holds back."""
+        waiting = False
+        for lane in list(reader.lanes.values()):
+            restore = lane.part.restore
+            if restore is None or restore.state != "resending" or lane.buffer:
+                continue
+            rows = await self.runner._poll(pool, reader.database, lane.part, lane.part.relay.policy.batch_size)
+            for row in rows:
+                lane.buffer.append(row)
+            if lane.part.restore is None or lane.part.restore.state != "resending":
+                lane.read_pos = lane.part.cursor  # the backlog is done: the ordinary read starts over
+            if rows:
+                lane.read_pos = max(lane.read_pos, (rows[-1].txid, rows[-1].id))
+                lane.ready.set()
+            elif lane.part.restore is not None and lane.part.restore.state == "resending":
+                waiting = True
+        return waiting
+
     async def _scan(self, reader: RelayReader, pool: Any) -> int | None:
         """One read for every lane that has room: rows handed to lanes; returns how many rows, or
         None when the read was full (more wait behind it)."""
-        accepting = [lane for lane in reader.lanes.values() if lane.capacity() > 0 and not lane.waiting_retry()]
+        accepting = [
+            lane
+            for lane in reader.lanes.values()
+            if lane.capacity() > 0 and not lane.waiting_retry() and not _resending(lane)
+        ]
         if not accepting:
             return 0
         policy = accepting[0].part.relay.policy
@@ -576,7 +605,13 @@ class FleetEngine:
         start = min(lane.read_pos for lane in accepting)
         wanted = None if len(accepting) == reader.plan.partitions else sorted(lane.partition for lane in accepting)
         rows = await tenant_db.scan(
-            pool, reader.database.schema, after=start, partitions=reader.plan.partitions, wanted=wanted, limit=limit
+            pool,
+            reader.database.schema,
+            after=start,
+            partitions=reader.plan.partitions,
+            wanted=wanted,
+            limit=limit,
+            layout=accepting[0].part.layout,
         )
         open_lanes = {lane.partition: lane for lane in accepting}
         full: set[int] = set()
@@ -590,6 +625,10 @@ class FleetEngine:
             if lane.capacity() <= 0:
                 full.add(partition)
                 continue
+            fence = lane.part.restore
+            if fence is not None and row.id <= fence.max_id and row.created_at <= fence.max_created_at:
+                # a restored backlog that was resent (or skipped) on its own: the cursor only passes it
+                row = dataclasses.replace(row, fenced=True, payload=b"")
             lane.buffer.append(row)
             lane.read_pos = position
             lane.ready.set()
@@ -725,7 +764,12 @@ class FleetEngine:
         writes: list[CursorWrite] = []
         for reader in list(self.readers.values()):
             for lane in list(reader.lanes.values()):
-                if not lane.buffer and lane.part.retry is None and lane.read_pos > lane.part.cursor:
+                if (
+                    not lane.buffer
+                    and lane.part.retry is None
+                    and not _resending(lane)
+                    and lane.read_pos > lane.part.cursor
+                ):
                     txid, row_id = lane.read_pos
                     writes.append(CursorWrite(lease=lane.part.lease, txid=txid, row_id=row_id, published=0))
         if not writes:
@@ -748,6 +792,10 @@ class FleetEngine:
             "state": blocker["state"],
             "database": blocker["datname"],
         }
+
+
+def _resending(lane: Lane) -> bool:
+    return lane.part.restore is not None and lane.part.restore.state == "resending"
 
 
 async def _wait_any(events: list[asyncio.Event], timeout_s: float | None) -> None:

@@ -6,7 +6,7 @@ else the destination the letter failed on. So fixing the relay (its mapping or i
 replaying is the usual way to put a dead letter right.
 
 What a replayed message carries: the payload and headers exactly as the outbox stored them, the
-relay's own headers with the **original** outbox id (``outbox-id``, so consumers that dedupe on it
+relay's own headers with the **original** message id (``outbox-id``, so consumers that dedupe on it
 still do), ``outbox-replay-count`` (1 for the first replay of the letter) and
 ``outbox-dead-letter-id``.
 
@@ -126,7 +126,7 @@ def replay_message(letter: Letter, destination: str) -> OutgoingMessage:
     headers = string_headers(letter.headers)
     headers.update(
         {
-            "outbox-id": str(letter.outbox_id),
+            "outbox-id": letter.dedupe_id,
             "outbox-topic": letter.topic,
             "outbox-relay": letter.relay_name,
             REPLAY_COUNT_HEADER: str(letter.replay_count + 1),
@@ -134,7 +134,12 @@ def replay_message(letter: Letter, destination: str) -> OutgoingMessage:
         }
     )
     return OutgoingMessage(
-        id=letter.outbox_id, destination=destination, key=letter.key, payload=letter.payload, headers=headers
+        id=letter.outbox_id,
+        message_id=letter.dedupe_id,
+        destination=destination,
+        key=letter.key,
+        payload=letter.payload,
+        headers=headers,
     )
 
 

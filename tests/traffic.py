@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections import defaultdict
 
 import asyncpg
@@ -13,14 +14,15 @@ from outbox_relay.client import add
 
 async def write_messages(
     dsn: str, seed: int, *, messages: int = 1000, keys: int = 100, writers: int = 5, rollback_share: float = 0.2
-) -> tuple[dict[str, list[int]], set[int]]:
-    """Write ``messages`` messages; returns committed ids per key (in write order) and rolled-back ids.
+) -> tuple[dict[str, list[uuid.UUID]], set[uuid.UUID]]:
+    """Write ``messages`` messages; returns committed message ids per key (in write order) and the
+    rolled-back ones.
 
     Writer ``w`` owns the keys ``k`` with ``k % writers == w``, so one key's transactions are
     sequential, and the order the test expects per key is well defined.
     """
-    committed: dict[str, list[int]] = defaultdict(list)
-    rolled_back: set[int] = set()
+    committed: dict[str, list[uuid.UUID]] = defaultdict(list)
+    rolled_back: set[uuid.UUID] = set()
     per_writer = messages // writers
 
     async def writer(w: int) -> None:
@@ -31,7 +33,7 @@ async def write_messages(
             written = 0
             while written < per_writer:
                 size = min(rng.randint(1, 5), per_writer - written)
-                batch: list[tuple[str, int]] = []
+                batch: list[tuple[str, uuid.UUID]] = []
                 rollback = rng.random() < rollback_share
                 tx = conn.transaction()
                 await tx.start()
@@ -56,14 +58,17 @@ async def write_messages(
 
 
 def check_delivery(
-    name: str, received: list[tuple[str, int]], committed: dict[str, list[int]], rolled_back: set[int]
+    name: str,
+    received: list[tuple[str, uuid.UUID]],
+    committed: dict[str, list[uuid.UUID]],
+    rolled_back: set[uuid.UUID],
 ) -> None:
     ids = [i for _, i in received]
     expected = {i for v in committed.values() for i in v}
     assert not set(ids) & rolled_back, f"{name}: rolled-back messages were published"
-    assert set(ids) == expected, f"{name}: missing {sorted(expected - set(ids))[:10]}"
+    assert set(ids) == expected, f"{name}: missing {sorted(map(str, expected - set(ids)))[:10]}"
     assert len(ids) == len(set(ids)), f"{name}: duplicates in the steady state"
-    by_key: dict[str, list[int]] = defaultdict(list)
+    by_key: dict[str, list[uuid.UUID]] = defaultdict(list)
     for key, i in received:
         by_key[key].append(i)
     for key, order in committed.items():

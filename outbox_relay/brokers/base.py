@@ -5,8 +5,10 @@ Contract (checked for every adapter by ``tests/contract``):
 * ``publish_batch(messages)`` sends the messages **in the given order** and returns only once the
   broker has acknowledged each of them (publisher confirms, stream ids, Kafka acks). Messages that
   share a key therefore reach the broker in batch order.
-* Every published message carries the outbox id, key and relay name in its headers (the relay puts
-  them in ``OutgoingMessage.headers``; adapters copy headers verbatim) and the key where the broker
+* Every published message carries its message id, key and relay name in its headers (the relay puts
+  them in ``OutgoingMessage.headers``, the id as ``outbox-id``; adapters copy headers verbatim), the
+  message id where the broker has a place for one (AMQP ``message_id``; a stream field
+  ``outbox-id``; a Kafka header ``outbox-id`` when the headers lack it) and the key where the broker
   has one (Kafka message key; AMQP header ``outbox-key``; a stream field ``key``).
 * It returns a :class:`PublishResult`: the first ``acked`` messages are acknowledged. When the broker
   refused message number ``acked`` the result carries a :class:`MessageRejected`; the messages after
@@ -31,12 +33,22 @@ class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
     """One message on its way to a broker."""
 
     id: int
-    """The outbox row id (consumers dedupe on it; also in ``headers['outbox-id']``)."""
+    """The outbox row id: unique only within one database's history (a restore can reuse it), so
+    no consumer should dedupe on it; for logs, traces and dead letters."""
+    message_id: str = ""
+    """The id consumers dedupe on, unique across restores, failovers and clusters (a UUID; see
+    ``outbox_relay.tenant.db.OutboxRow.message_id``); also in ``headers['outbox-id']``. Empty: the
+    row id in decimal (an outbox of schema version 1)."""
     destination: str
     """Exchange routing key, stream name or Kafka topic, after the relay's topic mapping."""
     key: str | None
     payload: bytes
     headers: dict[str, str]
+
+    @property
+    def dedupe_id(self) -> str:
+        """The id the message is published with: ``message_id``, or the row id for an old outbox."""
+        return self.message_id or str(self.id)
 
 
 @dataclass(frozen=True, slots=True)

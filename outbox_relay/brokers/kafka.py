@@ -442,7 +442,7 @@ def _refusal_note(producer: AIOKafkaProducer) -> str:
 def _headers(message: OutgoingMessage) -> list[tuple[str, bytes]]:
     headers = [(name, value.encode()) for name, value in message.headers.items()]
     if ID_HEADER not in message.headers:
-        headers.append((ID_HEADER, str(message.id).encode()))
+        headers.append((ID_HEADER, message.dedupe_id.encode()))
     return headers
 
 

@@ -1,7 +1,7 @@
 """RabbitMQ adapter: aio-pika with publisher confirms.
 
 Each message is published persistent (delivery mode 2) to the target's exchange ('' is the default
-exchange) with ``routing_key = message.destination``, ``message_id = str(message.id)``, the
+exchange) with ``routing_key = message.destination``, ``message_id = message.dedupe_id``, the
 message's headers copied into the AMQP headers and the key in the header ``outbox-key``.
 
 One batch at a time: ``publish_batch`` holds a lock for the whole batch, so concurrent callers (the
@@ -336,7 +336,7 @@ class RabbitMQPublisher:
         return aio_pika.Message(
             message.payload,
             headers=headers,
-            message_id=str(message.id),
+            message_id=message.dedupe_id,
             delivery_mode=DeliveryMode.PERSISTENT,
         )
 

@@ -4,7 +4,7 @@ Stream key = ``message.destination``. Each entry's fields, all values bytes on t
 
 ======================  ==========================================================================
 ``payload``             the message body, verbatim
-``outbox-id``           the outbox row id, decimal
+``outbox-id``           the message id (``OutgoingMessage.dedupe_id``, a UUID)
 ``key``                 the outbox key; absent when the message has none
 ``h:<name>``            one field per header, e.g. ``h:traceparent``, ``h:outbox-relay``
 ======================  ==========================================================================
@@ -59,7 +59,7 @@ _SERVER_STATE_PREFIXES = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAG
 
 def entry_fields(message: OutgoingMessage) -> dict[str | bytes, bytes | str]:
     """The stream entry written for ``message`` (the layout in the module docstring)."""
-    fields: dict[str | bytes, bytes | str] = {PAYLOAD_FIELD: message.payload, ID_FIELD: str(message.id)}
+    fields: dict[str | bytes, bytes | str] = {PAYLOAD_FIELD: message.payload, ID_FIELD: message.dedupe_id}
     if message.key is not None:
         fields[KEY_FIELD] = message.key
     for name, value in message.headers.items():

@@ -13,9 +13,12 @@ transaction as the consumer's handling:
 
 The message id and relay name come from what the relay publishes: header ``outbox-id`` (and the AMQP
 ``message_id``) on RabbitMQ, header ``outbox-id`` on Kafka, field ``outbox-id`` on Redis Streams,
-and header ``outbox-relay`` (stream field ``h:outbox-relay``) for the relay. Ids are unique per
-source database, the relay name tells sources apart, and ``consumer`` lets several consumers
-each handle the same message once.
+and header ``outbox-relay`` (stream field ``h:outbox-relay``) for the relay. The message id is a
+UUID stored in the outbox row when it was written, so it is unique across restores, failovers and
+clusters (the outbox's row ids are not: a database restored from a dump hands out again the ids
+that the old cluster used after the dump). A decimal id (what relays published before message ids,
+and still publish for an outbox not yet upgraded) is accepted too. ``consumer`` lets several
+consumers each handle the same message once.
 
 Retention: ids older than ``retention_s`` are removed by :meth:`Inbox.expire` in batches; after
 that, a redelivery of such an old message would be handled again, so keep the window longer than
@@ -29,6 +32,7 @@ instead of waiting; let the message be redelivered (it is then skipped).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, overload
@@ -56,10 +60,32 @@ MAX_CONSUMER_LENGTH = 200
 
 
 class MessageRef(NamedTuple):
-    """What identifies a relayed message: its outbox id and the relay that published it."""
+    """What identifies a relayed message: its message id (``outbox-id``) and the relay that published it."""
 
-    id: int
+    id: str
+    """The message id in canonical form: a UUID in lower-case hex with hyphens, or (published for an
+    outbox of schema version 1) a decimal row id."""
     relay: str = ""
+
+
+def message_id(value: str | uuid.UUID | int) -> str:
+    """A message id in the canonical form the inbox stores: raises :class:`ClientError` for anything
+    that is neither a UUID nor a (legacy) decimal id."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ClientError(f"message id {value} is negative")
+        return str(value)
+    if not isinstance(value, str):
+        raise ClientError(f"expected a message id (str, UUID or int), got {type(value).__name__}")
+    text = value.strip()
+    if text.isascii() and text.isdecimal():
+        return str(int(text))
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise ClientError(f"message id {text!r} is neither a UUID nor a decimal id") from None
 
 
 def _text(value: Any) -> str:
@@ -71,10 +97,11 @@ def _text(value: Any) -> str:
 def _ref(raw_id: Any, relay: Any, where: str) -> MessageRef:
     if raw_id is None:
         raise ClientError(f"no outbox id in the {where}: was this message published by Outbox Relay?")
-    text = _text(raw_id).strip()
-    if not text.isascii() or not text.isdecimal():
-        raise ClientError(f"outbox id {text!r} in the {where} is not a decimal integer")
-    return MessageRef(int(text), "" if relay is None else _text(relay))
+    try:
+        canonical = message_id(_text(raw_id))
+    except ClientError as exc:
+        raise ClientError(f"{exc} (in the {where})") from None
+    return MessageRef(canonical, "" if relay is None else _text(relay))
 
 
 def amqp_ref(message: Any) -> MessageRef:
@@ -103,12 +130,16 @@ def stream_ref(fields: Mapping[Any, Any]) -> MessageRef:
     return _ref(get(STREAM_ID_FIELD), get(STREAM_RELAY_FIELD), "stream entry")
 
 
-def _as_ref(message: MessageRef | int) -> MessageRef:
+Ref = MessageRef | str | uuid.UUID | int
+"""What the inbox methods take: a :class:`MessageRef`, or a bare message id (relay ``""``)."""
+
+
+def _as_ref(message: Ref) -> MessageRef:
     if isinstance(message, MessageRef):
-        return message
-    if isinstance(message, int) and not isinstance(message, bool):
-        return MessageRef(message)
-    raise ClientError(f"expected a MessageRef or an int message id, got {type(message).__name__}")
+        return MessageRef(message_id(message.id), message.relay)
+    if isinstance(message, str | uuid.UUID | int) and not isinstance(message, bool):
+        return MessageRef(message_id(message))
+    raise ClientError(f"expected a MessageRef or a message id, got {type(message).__name__}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,10 +184,10 @@ class Inbox:
     # --- claim -----------------------------------------------------------------------------------
 
     @overload
-    def claim(self, conn: SyncConnection, message: MessageRef | int) -> bool: ...
+    def claim(self, conn: SyncConnection, message: Ref) -> bool: ...
     @overload
-    def claim(self, conn: AsyncConnection, message: MessageRef | int) -> Coroutine[Any, Any, bool]: ...
-    def claim(self, conn: Any, message: MessageRef | int) -> bool | Coroutine[Any, Any, bool]:
+    def claim(self, conn: AsyncConnection, message: Ref) -> Coroutine[Any, Any, bool]: ...
+    def claim(self, conn: Any, message: Ref) -> bool | Coroutine[Any, Any, bool]:
         """Record ``message`` as handled, in the caller's open transaction; ``True`` when it is new
         (handle it in this transaction), ``False`` for a duplicate (acknowledge, do nothing).
 
@@ -176,10 +207,10 @@ class Inbox:
     # --- seen ------------------------------------------------------------------------------------
 
     @overload
-    def seen(self, conn: SyncConnection, message: MessageRef | int) -> bool: ...
+    def seen(self, conn: SyncConnection, message: Ref) -> bool: ...
     @overload
-    def seen(self, conn: AsyncConnection, message: MessageRef | int) -> Coroutine[Any, Any, bool]: ...
-    def seen(self, conn: Any, message: MessageRef | int) -> bool | Coroutine[Any, Any, bool]:
+    def seen(self, conn: AsyncConnection, message: Ref) -> Coroutine[Any, Any, bool]: ...
+    def seen(self, conn: Any, message: Ref) -> bool | Coroutine[Any, Any, bool]:
         """Whether ``message`` is recorded (committed, or by this transaction); records nothing."""
         ref = _as_ref(message)
         target = resolve(conn)
@@ -192,14 +223,12 @@ class Inbox:
     # --- process ---------------------------------------------------------------------------------
 
     @overload
-    def process(self, conn: SyncConnection, message: MessageRef | int, handler: Callable[[], object]) -> bool: ...
+    def process(self, conn: SyncConnection, message: Ref, handler: Callable[[], object]) -> bool: ...
     @overload
     def process(
-        self, conn: AsyncConnection, message: MessageRef | int, handler: Callable[[], Awaitable[object]]
+        self, conn: AsyncConnection, message: Ref, handler: Callable[[], Awaitable[object]]
     ) -> Coroutine[Any, Any, bool]: ...
-    def process(
-        self, conn: Any, message: MessageRef | int, handler: Callable[[], Any]
-    ) -> bool | Coroutine[Any, Any, bool]:
+    def process(self, conn: Any, message: Ref, handler: Callable[[], Any]) -> bool | Coroutine[Any, Any, bool]:
         """Claim ``message`` and run ``handler`` in one transaction on ``conn``; ``True`` when it ran,
         ``False`` for a duplicate. The handler does its database work on ``conn``.
 

@@ -23,7 +23,7 @@ def quote_ident(name: str) -> str:
 def insert_one(schema: str) -> str:
     return (
         f"INSERT INTO {quote_ident(schema)}.outbox (topic, key, payload, headers) "
-        "VALUES ($1, $2, $3, CAST($4 AS jsonb)) RETURNING id"
+        "VALUES ($1, $2, $3, CAST($4 AS jsonb)) RETURNING message_id"
     )
 
 
@@ -32,14 +32,15 @@ def insert_many(schema: str) -> str:
     """One statement for a whole batch: four arrays, unnested in the caller's order.
 
     ``ORDER BY n`` makes the identity values follow the batch order, so messages of one key keep
-    the order they were given in (the relay reads ``ORDER BY txid, id``).
+    the order they were given in (the relay reads ``ORDER BY txid, id``). Returns ``(id,
+    message_id)``: the ids map the message ids back onto the batch.
     """
     return (
         f"INSERT INTO {quote_ident(schema)}.outbox (topic, key, payload, headers) "
         "SELECT m.topic, m.key, m.payload, CAST(m.headers AS jsonb) "
         "FROM unnest(CAST($1 AS text[]), CAST($2 AS text[]), CAST($3 AS bytea[]), CAST($4 AS text[])) "
         "WITH ORDINALITY AS m(topic, key, payload, headers, n) "
-        "ORDER BY m.n RETURNING id"
+        "ORDER BY m.n RETURNING id, message_id"
     )
 
 
@@ -56,10 +57,17 @@ def inbox_install(schema: str, table: str) -> str:
         f"CREATE TABLE IF NOT EXISTS {s}.{t} ("
         " consumer text NOT NULL,"
         " relay text NOT NULL,"
-        " message_id bigint NOT NULL,"
+        " message_id text NOT NULL,"
         " received_at timestamptz NOT NULL DEFAULT clock_timestamp(),"
         " PRIMARY KEY (consumer, relay, message_id)); "
         f"CREATE INDEX IF NOT EXISTS {index} ON {s}.{t} (consumer, received_at); "
+        # An inbox from before message ids keyed on the bigint row id: ids are text now (UUIDs, and
+        # the decimal row ids of messages published before). A one-time rewrite of the table,
+        # which the retention window keeps small.
+        "IF (SELECT atttypid = 'bigint'::regtype FROM pg_attribute "
+        f"WHERE attrelid = '{s}.{t}'::regclass AND attname = 'message_id') THEN "
+        f"ALTER TABLE {s}.{t} ALTER COLUMN message_id TYPE text USING message_id::text; "
+        "END IF; "
         "END $inbox$"
     )
 

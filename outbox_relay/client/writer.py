@@ -12,6 +12,7 @@ SQLAlchemy they join the session's transaction (beginning it if needed; the sess
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias, overload
 
@@ -65,7 +66,7 @@ def add(
     schema: str = "outbox_relay",
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     trace_context: bool = True,
-) -> int: ...
+) -> uuid.UUID: ...
 @overload
 def add(
     conn: AsyncConnection,
@@ -77,7 +78,7 @@ def add(
     schema: str = "outbox_relay",
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     trace_context: bool = True,
-) -> Coroutine[Any, Any, int]: ...
+) -> Coroutine[Any, Any, uuid.UUID]: ...
 def add(
     conn: Any,
     topic: str,
@@ -88,8 +89,12 @@ def add(
     schema: str = "outbox_relay",
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     trace_context: bool = True,
-) -> int | Coroutine[Any, Any, int]:
-    """Write one message into ``schema``'s outbox on ``conn``; returns its outbox id.
+) -> uuid.UUID | Coroutine[Any, Any, uuid.UUID]:
+    """Write one message into ``schema``'s outbox on ``conn``; returns its message id.
+
+    The message id is what consumers see as ``outbox-id`` on every broker and dedupe on: a UUID,
+    unique across restores, failovers and clusters (the outbox's ``message_id`` column; the outbox
+    needs schema version 2, which the service's provision action installs or upgrades to).
 
     ``payload``: ``bytes``, ``str`` (UTF-8) or anything msgspec encodes as JSON, at most
     ``max_payload_bytes`` once encoded. ``key``: messages with the same key are published in the
@@ -105,11 +110,24 @@ def add(
     statement = sql.insert_one(schema)
     if target.is_async:
         return _add_async(target, statement, row)
-    return int(fetch_sync(target, statement, row)[0][0])
+    return _uuid(fetch_sync(target, statement, row)[0][0])
 
 
-async def _add_async(target: Target, statement: str, row: Row) -> int:
-    return int((await fetch_async(target, statement, row))[0][0])
+async def _add_async(target: Target, statement: str, row: Row) -> uuid.UUID:
+    return _uuid((await fetch_async(target, statement, row))[0][0])
+
+
+def _uuid(value: Any) -> uuid.UUID:
+    """The driver's UUID (asyncpg has its own type) as a :class:`uuid.UUID`."""
+    if value is None:
+        raise ClientError("the outbox gave no message id: upgrade it to schema version 2 (provision it again)")
+    return value if type(value) is uuid.UUID else uuid.UUID(str(value))
+
+
+def _in_order(rows: list[tuple[Any, ...]]) -> list[uuid.UUID]:
+    """The message ids of one statement's ``(id, message_id)`` rows, in the order given: identity
+    values are drawn in that order, whatever order ``RETURNING`` uses."""
+    return [_uuid(message_id) for _, message_id in sorted(rows, key=lambda row: int(row[0]))]
 
 
 @overload
@@ -120,7 +138,7 @@ def add_many(
     schema: str = "outbox_relay",
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     trace_context: bool = True,
-) -> list[int]: ...
+) -> list[uuid.UUID]: ...
 @overload
 def add_many(
     conn: AsyncConnection,
@@ -129,7 +147,7 @@ def add_many(
     schema: str = "outbox_relay",
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     trace_context: bool = True,
-) -> Coroutine[Any, Any, list[int]]: ...
+) -> Coroutine[Any, Any, list[uuid.UUID]]: ...
 def add_many(
     conn: Any,
     messages: Iterable[Message | tuple[Any, ...]],
@@ -137,9 +155,9 @@ def add_many(
     schema: str = "outbox_relay",
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     trace_context: bool = True,
-) -> list[int] | Coroutine[Any, Any, list[int]]:
+) -> list[uuid.UUID] | Coroutine[Any, Any, list[uuid.UUID]]:
     """Write a batch of messages in one statement (one round trip; a batch of more than 64 MiB takes
-    one per 64 MiB); returns their ids in order.
+    one per 64 MiB); returns their message ids (see :func:`add`) in order.
 
     ``messages`` are :class:`Message` tuples or plain ``(topic, key, payload[, headers])`` tuples,
     each checked as :func:`add` checks one: if any is refused, none is written and the
@@ -160,16 +178,16 @@ def add_many(
     statement = sql.insert_many(schema)
     if target.is_async:
         return _add_many_async(target, statement, rows)
-    ids: list[int] = []
+    ids: list[uuid.UUID] = []
     for columns in _chunks(rows):
-        ids += sorted(int(row[0]) for row in fetch_sync(target, statement, columns))
+        ids += _in_order(fetch_sync(target, statement, columns))
     return ids
 
 
-async def _add_many_async(target: Target, statement: str, rows: list[Row]) -> list[int]:
-    ids: list[int] = []
+async def _add_many_async(target: Target, statement: str, rows: list[Row]) -> list[uuid.UUID]:
+    ids: list[uuid.UUID] = []
     for columns in _chunks(rows):
-        ids += sorted(int(row[0]) for row in await fetch_async(target, statement, columns))
+        ids += _in_order(await fetch_async(target, statement, columns))
     return ids
 
 
@@ -177,8 +195,8 @@ def _chunks(rows: list[Row]) -> Iterator[list[list[Any]]]:
     """The batch as column arrays, one statement's worth at a time: a statement carries at most
     ``STATEMENT_BYTES`` of payload (PostgreSQL caps one array at 1 GiB), usually all of it.
 
-    Identity values are drawn in the order given, so sorting each statement's returned ids maps
-    them back onto its messages whatever order ``RETURNING`` uses.
+    Identity values are drawn in the order given, so sorting each statement's returned rows by id
+    maps them back onto its messages whatever order ``RETURNING`` uses.
     """
     start, size = 0, 0
     for index, row in enumerate(rows):

@@ -143,6 +143,28 @@ class Lease:
     retry: RetryState | None = None
 
 
+RestorePolicy = Literal["resend", "skip"]
+RestorePhase = Literal["resending", "resent", "skipped"]
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreState:
+    """The last restore a partition detected (``relay_partitions.restore_*``; see migration 0008).
+
+    While ``state`` is ``resending`` the partition's cursor is its position in the restored backlog;
+    afterwards the ordinary read leaves the backlog (``max_id``, ``max_created_at``) out."""
+
+    policy: RestorePolicy
+    state: RestorePhase
+    next_xid: int
+    max_id: int
+    max_created_at: datetime
+    rows: int
+    done: int
+    detected_at: datetime
+    finished_at: datetime | None
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A message leaving the relay for the dead-letter store."""
@@ -162,6 +184,8 @@ class DeadLetter:
     error_class: str
     last_error: str
     attempts: list[dict[str, Any]]
+    message_id: str | None = None
+    """The id it was published with (``outbox-id``); a replay sends it again."""
 
 
 class Unchanged:
@@ -745,8 +769,8 @@ class ControlStore:
             await conn.execute(
                 "INSERT INTO dead_letters (tenant_id, relay_id, relay_name, target_name, partition, outbox_id, "
                 "outbox_txid, outbox_created_at, topic, key, destination, payload, headers, error_class, "
-                "last_error, attempts) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15, $16::jsonb) "
+                "last_error, attempts, message_id) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15, $16::jsonb, $17) "
                 "ON CONFLICT (relay_id, outbox_id, outbox_txid) DO NOTHING",
                 letter.tenant_id,
                 lease.relay_id,
@@ -764,6 +788,7 @@ class ControlStore:
                 letter.error_class,
                 letter.last_error[:4000],
                 json.dumps(letter.attempts),
+                letter.message_id,
             )
             return True
 
@@ -780,13 +805,18 @@ class ControlStore:
         )
 
     async def reset_cursor(self, lease: Lease, identity: str | None, reason: str) -> bool:
-        """Start the partition over from the beginning of the outbox (after a restore or failover)."""
+        """Start the partition over from the beginning of the outbox (after a restore or failover
+        that left no row above the server's transaction counter): everything is published again,
+        nothing is left out (an earlier restore's backlog bounds are dropped too)."""
         return (
             await self.pool.fetchval(
                 "UPDATE relay_partitions SET cursor_txid = 0, cursor_id = 0, system_identifier = $4, "
                 "retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', retry_next_at = NULL, "
                 "resets = resets + 1, last_reset_at = now(), last_reset_reason = $5, "
-                "last_error = $5, last_error_at = now(), updated_at = now() "
+                "last_error = $5, last_error_at = now(), updated_at = now(), "
+                "restore_policy = NULL, restore_state = NULL, restore_next_xid = NULL, restore_max_id = NULL, "
+                "restore_max_created_at = NULL, restore_rows = 0, restore_done = 0, "
+                "restore_detected_at = NULL, restore_finished_at = NULL "
                 f"WHERE {HELD_BY_LEASE} "
                 "RETURNING true",
                 lease.relay_id,
@@ -797,6 +827,114 @@ class ControlStore:
             )
             is True
         )
+
+    async def start_restore(
+        self,
+        lease: Lease,
+        identity: str | None,
+        reason: str,
+        *,
+        policy: RestorePolicy,
+        next_xid: int,
+        max_id: int,
+        max_created_at: datetime,
+        rows: int,
+    ) -> RestoreState | None:
+        """Start over after a restore whose backlog is known (fenced; None once the lease is lost).
+
+        ``resend``: the cursor starts at the beginning of the backlog, which is read first.
+        ``skip``: the backlog is done at once (counted, never published again) and the ordinary
+        read starts from the beginning of the outbox, without it."""
+        state: RestorePhase = (
+            "resending" if policy == "resend" and rows > 0 else ("skipped" if policy == "skip" else "resent")
+        )
+        row = await self.pool.fetchrow(
+            "UPDATE relay_partitions SET cursor_txid = 0, cursor_id = 0, system_identifier = $4, "
+            "retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', retry_next_at = NULL, "
+            "resets = resets + 1, last_reset_at = now(), last_reset_reason = $5, "
+            "last_error = $5, last_error_at = now(), updated_at = now(), "
+            "restore_policy = $6::text, restore_state = $7::text, restore_next_xid = $8::bigint, "
+            "restore_max_id = $9::bigint, restore_max_created_at = $10::timestamptz, restore_rows = $11::bigint, "
+            "restore_done = CASE WHEN $7::text = 'resending' THEN 0 ELSE $11::bigint END, restore_detected_at = now(), "
+            "restore_finished_at = CASE WHEN $7::text = 'resending' THEN NULL ELSE now() END "
+            f"WHERE {HELD_BY_LEASE} "
+            "RETURNING restore_detected_at, restore_finished_at, restore_done",
+            lease.relay_id,
+            lease.partition,
+            lease.epoch,
+            identity,
+            reason[:2000],
+            policy,
+            state,
+            next_xid,
+            max_id,
+            max_created_at,
+            rows,
+        )
+        if row is None:
+            return None
+        return RestoreState(
+            policy=policy,
+            state=state,
+            next_xid=next_xid,
+            max_id=max_id,
+            max_created_at=max_created_at,
+            rows=rows,
+            done=row["restore_done"],
+            detected_at=row["restore_detected_at"],
+            finished_at=row["restore_finished_at"],
+        )
+
+    async def restore_state(self, relay_id: uuid.UUID, partition: int) -> RestoreState | None:
+        """The partition's last detected restore with a backlog, if any."""
+        row = await self.pool.fetchrow(
+            "SELECT restore_policy, restore_state, restore_next_xid, restore_max_id, restore_max_created_at, "
+            "restore_rows, restore_done, restore_detected_at, restore_finished_at "
+            "FROM relay_partitions WHERE relay_id = $1 AND partition = $2 AND restore_state IS NOT NULL",
+            relay_id,
+            partition,
+        )
+        if row is None:
+            return None
+        return RestoreState(
+            policy=row["restore_policy"],
+            state=row["restore_state"],
+            next_xid=row["restore_next_xid"],
+            max_id=row["restore_max_id"],
+            max_created_at=row["restore_max_created_at"],
+            rows=row["restore_rows"],
+            done=row["restore_done"],
+            detected_at=row["restore_detected_at"],
+            finished_at=row["restore_finished_at"],
+        )
+
+    async def restore_progress(self, lease: Lease, done: int) -> bool:
+        """How many backlog rows a resending partition has passed so far (fenced)."""
+        return (
+            await self.pool.fetchval(
+                f"UPDATE relay_partitions SET restore_done = $4 WHERE {HELD_BY_LEASE} "
+                "AND restore_state = 'resending' RETURNING true",
+                lease.relay_id,
+                lease.partition,
+                lease.epoch,
+                done,
+            )
+            is True
+        )
+
+    async def finish_restore(self, lease: Lease) -> datetime | None:
+        """The backlog is through: the ordinary read starts from the beginning of the outbox,
+        without the backlog (fenced; None once the lease is lost)."""
+        value: datetime | None = await self.pool.fetchval(
+            "UPDATE relay_partitions SET cursor_txid = 0, cursor_id = 0, restore_state = 'resent', "
+            "restore_done = restore_rows, restore_finished_at = now(), updated_at = now() "
+            f"WHERE {HELD_BY_LEASE} AND restore_state = 'resending' "
+            "RETURNING restore_finished_at",
+            lease.relay_id,
+            lease.partition,
+            lease.epoch,
+        )
+        return value
 
     async def relays_of_tenant(self, tenant_id: uuid.UUID) -> list[ResourceRow]:
         rows = await self.pool.fetch(_select("relays") + " WHERE tenant_id = $1 ORDER BY name", tenant_id)
@@ -815,8 +953,11 @@ class ControlStore:
         rows = await self.pool.fetch(
             "SELECT r.id, r.partitions, coalesce((r.spec->'policy'->>'retention_hours')::int, 168) AS retention, "
             "array_agg(p.partition ORDER BY p.partition) AS parts, "
-            "array_agg(p.cursor_txid ORDER BY p.partition) AS txids, "
-            "array_agg(p.cursor_id ORDER BY p.partition) AS ids "
+            # a partition still reading a restored backlog has read nothing of the rest yet
+            "array_agg(CASE WHEN p.restore_state = 'resending' THEN 0 ELSE p.cursor_txid END "
+            "ORDER BY p.partition) AS txids, "
+            "array_agg(CASE WHEN p.restore_state = 'resending' THEN 0 ELSE p.cursor_id END "
+            "ORDER BY p.partition) AS ids "
             "FROM relays r JOIN relay_partitions p ON p.relay_id = r.id WHERE r.database_id = $1 "
             "GROUP BY r.id, r.partitions, r.spec",
             database_id,
@@ -850,6 +991,8 @@ class ControlStore:
             "p.retried_count, p.retry_outbox_id, p.retry_attempts, p.retry_next_at, p.resets, p.last_reset_at, "
             "p.last_reset_reason, p.last_error_class, p.pending_estimate, p.oldest_pending_at, "
             "p.pending_checked_at, p.stall::text AS stall, p.lag_s, "
+            "p.restore_policy, p.restore_state, p.restore_rows, p.restore_done, p.restore_detected_at, "
+            "p.restore_finished_at, "
             "coalesce(p.lease_expires_at, w.heartbeat_at + make_interval(secs => $2)) < now() AS lease_expired "
             "FROM relay_partitions p LEFT JOIN workers w ON w.key = p.lease_holder "
             "WHERE p.relay_id = ANY($1::uuid[]) ORDER BY p.relay_id, p.partition",

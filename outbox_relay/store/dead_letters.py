@@ -40,7 +40,8 @@ _FULL_COLUMNS = (
     "d.id, d.tenant_id, t.name AS tenant_name, d.relay_id, d.relay_name, d.target_name, d.partition, "
     "d.outbox_id, d.outbox_txid, d.outbox_created_at, d.topic, d.key, d.destination, d.payload, "
     "d.headers::text AS headers, d.error_class, d.last_error, d.attempts::text AS attempts, d.status, "
-    "d.replay_count, d.claimed_by, d.claimed_at, d.last_replayed_at, d.discarded_at, d.created_at, d.updated_at"
+    "d.replay_count, d.claimed_by, d.claimed_at, d.last_replayed_at, d.discarded_at, d.created_at, d.updated_at, "
+    "d.message_id"
 )
 _CLAIMABLE = "(d.status = 'dead' OR (d.status = 'replaying' AND d.claimed_at < now() - make_interval(secs => {})))"
 _JOB_COLUMNS = (
@@ -154,6 +155,14 @@ class Letter:
     discarded_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    message_id: str | None = None
+    """The id the message was published with (``outbox-id``); None for a letter stored before
+    message ids, whose messages carried the row id."""
+
+    @property
+    def dedupe_id(self) -> str:
+        """The ``outbox-id`` a replay carries: the original message's."""
+        return self.message_id or str(self.outbox_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -36,6 +37,56 @@ class OutboxRow:
     payload: bytes
     headers: str
     created_at: datetime
+    message_id: str = ""
+    """The id consumers dedupe on (``outbox-id``): the row's ``message_id``, or for a row written
+    before the outbox had one, the UUID the relay derives from it (:func:`derived_message_id`).
+    Empty only for an outbox of schema version 1, whose messages carry the row id."""
+    fenced: bool = False
+    """Part of a restored backlog that was resent or skipped on its own: never published by the
+    ordinary read, which only moves its cursor over it (its payload is not even read)."""
+
+    @property
+    def outgoing_id(self) -> str:
+        """The id the message is published with."""
+        return self.message_id or str(self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxLayout:
+    """What the relay needs to know of an outbox's schema: its version and id namespace."""
+
+    version: int
+    namespace: uuid.UUID | None
+
+    @property
+    def has_message_ids(self) -> bool:
+        return self.version >= 2 and self.namespace is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreFence:
+    """The restored backlog of a detected restore: rows with ``id <= max_id`` and
+    ``created_at <= max_created_at``; ``next_xid`` was the server's next transaction id then."""
+
+    max_id: int
+    max_created_at: datetime
+    next_xid: int
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreBounds:
+    next_xid: int
+    max_id: int | None
+    """None: no row lay above the server's transaction counter (nothing would be held back)."""
+    max_created_at: datetime
+
+
+def derived_message_id(namespace: uuid.UUID, txid: int, row_id: int) -> str:
+    """The message id of a row written before its outbox had message ids (schema version 1):
+    UUID v5 of ``"txid:id"`` in the outbox's own namespace. ``(txid, id)`` is unique within one
+    database's history and the namespace is stored in the database (``outbox_meta``), so a dump, a
+    restore or a replica derive the same id and another outbox never does."""
+    return str(uuid.uuid5(namespace, f"{txid}:{row_id}"))
 
 
 def check_dsn(dsn: str) -> None:
@@ -207,12 +258,80 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-async def provision(conn: asyncpg.Connection, schema: str) -> int:
-    """Install or re-apply the outbox schema; returns the schema version."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", "outbox_relay.provision." + schema)
-        await conn.execute(sql.schema_sql(schema))
-    return sql.SCHEMA_VERSION
+PROVISION_LOCK_TIMEOUT_MS = 2000
+PROVISION_ATTEMPTS = 5
+
+
+async def provision(
+    conn: asyncpg.Connection,
+    schema: str,
+    *,
+    lock_timeout_ms: int = PROVISION_LOCK_TIMEOUT_MS,
+    attempts: int = PROVISION_ATTEMPTS,
+) -> int:
+    """Install, re-apply or upgrade the outbox schema; returns the schema version.
+
+    The DDL takes the outbox's table lock for an instant (the trigger, and once the version 2
+    upgrade's catalog-only ``ALTER TABLE``). While it waits for that lock, writers queue behind it,
+    so it waits at most ``lock_timeout_ms`` and then gives way and tries again, up to ``attempts``
+    times; a writer is never held up for longer than that. Raises ``asyncpg.LockNotAvailableError``
+    when a long transaction kept the table busy throughout.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", "outbox_relay.provision." + schema)
+                await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+                await conn.execute(sql.schema_sql(schema))
+            return sql.SCHEMA_VERSION
+        except asyncpg.LockNotAvailableError:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
+
+
+async def read_layout(conn: asyncpg.Connection | asyncpg.Pool, schema: str) -> OutboxLayout:
+    """The outbox's schema version and id namespace (version 1 when ``outbox_meta`` is missing)."""
+    try:
+        row = await conn.fetchrow(sql.meta_sql(schema))
+    except asyncpg.UndefinedTableError:
+        return OutboxLayout(version=1, namespace=None)
+    if row is None:
+        return OutboxLayout(version=1, namespace=None)
+    namespace = row["id_namespace"]
+    return OutboxLayout(version=int(row["version"]), namespace=uuid.UUID(namespace) if namespace else None)
+
+
+def _rows(records: list[asyncpg.Record], layout: OutboxLayout | None) -> list[OutboxRow]:
+    namespace = layout.namespace if layout is not None and layout.has_message_ids else None
+    out = []
+    for r in records:
+        message_id = r["message_id"]
+        if message_id is not None:
+            text = str(message_id)
+        elif namespace is not None:
+            text = derived_message_id(namespace, r["txid"], r["id"])
+        else:
+            text = ""
+        out.append(
+            OutboxRow(
+                txid=r["txid"],
+                id=r["id"],
+                topic=r["topic"],
+                key=r["key"],
+                payload=bytes(r["payload"]),
+                headers=r["headers"],
+                created_at=r["created_at"],
+                message_id=text,
+                fenced=r["fenced"],
+            )
+        )
+    return out
+
+
+NO_FENCE_ID = 0
+NO_FENCE_AT = datetime.min.replace(tzinfo=UTC)
 
 
 async def poll(
@@ -223,20 +342,89 @@ async def poll(
     partitions: int,
     partition: int,
     limit: int,
+    layout: OutboxLayout | None = None,
+    fence: RestoreFence | None = None,
 ) -> list[OutboxRow]:
-    rows = await conn.fetch(sql.poll_sql(schema), cursor[0], cursor[1], partitions, partition, limit)
-    return [
-        OutboxRow(
-            txid=r["txid"],
-            id=r["id"],
-            topic=r["topic"],
-            key=r["key"],
-            payload=bytes(r["payload"]),
-            headers=r["headers"],
-            created_at=r["created_at"],
+    """The ordinary read (:func:`~outbox_relay.tenant.sql.poll_sql`); rows of ``fence`` come back ``fenced``.
+
+    ``layout`` (the outbox's :func:`read_layout`; None: the current version) decides whether the
+    rows carry message ids."""
+    version = layout.version if layout is not None else sql.SCHEMA_VERSION
+    rows = await conn.fetch(
+        sql.poll_sql(schema, version),
+        cursor[0],
+        cursor[1],
+        partitions,
+        partition,
+        limit,
+        fence.max_id if fence else NO_FENCE_ID,
+        fence.max_created_at if fence else NO_FENCE_AT,
+    )
+    return _rows(rows, layout)
+
+
+async def poll_backlog(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    schema: str,
+    *,
+    cursor: tuple[int, int],
+    partitions: int,
+    partition: int,
+    limit: int,
+    layout: OutboxLayout | None,
+    fence: RestoreFence,
+) -> list[OutboxRow]:
+    """The next rows of a restored backlog (:func:`~outbox_relay.tenant.sql.backlog_poll_sql`)."""
+    version = layout.version if layout is not None else sql.SCHEMA_VERSION
+    rows = await conn.fetch(
+        sql.backlog_poll_sql(schema, version),
+        cursor[0],
+        cursor[1],
+        partitions,
+        partition,
+        limit,
+        fence.max_id,
+        fence.max_created_at,
+        fence.next_xid,
+    )
+    return _rows(rows, layout)
+
+
+async def backlog_done(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    schema: str,
+    *,
+    cursor: tuple[int, int],
+    partitions: int,
+    partition: int,
+    fence: RestoreFence,
+) -> bool:
+    return bool(
+        await conn.fetchval(
+            sql.backlog_done_sql(schema),
+            cursor[0],
+            cursor[1],
+            partitions,
+            partition,
+            fence.max_id,
+            fence.max_created_at,
+            fence.next_xid,
         )
-        for r in rows
-    ]
+    )
+
+
+async def restore_bounds(conn: asyncpg.Connection | asyncpg.Pool, schema: str) -> RestoreBounds:
+    row = await conn.fetchrow(sql.restore_bounds_sql(schema))
+    assert row is not None
+    return RestoreBounds(next_xid=row["next_xid"], max_id=row["max_id"], max_created_at=row["max_created_at"])
+
+
+async def backlog_count(
+    conn: asyncpg.Connection | asyncpg.Pool, schema: str, *, fence: RestoreFence, partitions: int, partition: int
+) -> int:
+    return int(
+        await conn.fetchval(sql.backlog_count_sql(schema), fence.max_id, fence.max_created_at, partitions, partition)
+    )
 
 
 async def scan(
@@ -247,28 +435,17 @@ async def scan(
     partitions: int,
     wanted: list[int] | None,
     limit: int,
+    layout: OutboxLayout | None = None,
 ) -> list[tuple[int, OutboxRow]]:
-    """Rows of the ``wanted`` partitions (None: all) after ``after``, in order, with their partition;
-    TenantDatabaseError when the database cannot be read."""
+    """Rows of the ``wanted`` partitions (None: all) after ``after``, in order, with their partition
+    (:func:`~outbox_relay.tenant.sql.scan_sql`); ``layout`` as in :func:`poll`. TenantDatabaseError
+    when the database cannot be read."""
+    version = layout.version if layout is not None else sql.SCHEMA_VERSION
     try:
-        rows = await conn.fetch(sql.scan_sql(schema), after[0], after[1], partitions, wanted, limit)
+        records = await conn.fetch(sql.scan_sql(schema, version), after[0], after[1], partitions, wanted, limit)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
-    return [
-        (
-            r["part"],
-            OutboxRow(
-                txid=r["txid"],
-                id=r["id"],
-                topic=r["topic"],
-                key=r["key"],
-                payload=bytes(r["payload"]),
-                headers=r["headers"],
-                created_at=r["created_at"],
-            ),
-        )
-        for r in rows
-    ]
+    return list(zip((r["part"] for r in records), _rows(records, layout), strict=True))
 
 
 async def next_row_at(conn: asyncpg.Connection | asyncpg.Pool, schema: str, after: tuple[int, int]) -> datetime | None:

@@ -1,5 +1,6 @@
--- Outbox Relay: the outbox schema for your PostgreSQL database (version 1).
--- Apply it once (the service's "provision" action runs exactly this). Safe to run again.
+-- Outbox Relay: the outbox schema for your PostgreSQL database (version 2).
+-- Apply it once (the service's "provision" action runs exactly this). Safe to run again, and it
+-- upgrades an outbox of version 1 in place without rewriting it (see "version 2" below).
 -- The relay never updates or deletes rows: it reads committed rows below the
 -- transaction horizon. Old rows go away by dropping whole daily partitions.
 
@@ -18,6 +19,9 @@ CREATE TABLE IF NOT EXISTS {schema}.outbox (
     payload     bytea NOT NULL,
     headers     jsonb NOT NULL DEFAULT '{{}}',
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- The message id consumers dedupe on (`outbox-id` on every broker): random, so unique across
+    -- restores, failovers and clusters, where `id` (a sequence) and `txid` can repeat.
+    message_id  uuid DEFAULT gen_random_uuid(),
     PRIMARY KEY (id, created_at)
 ) PARTITION BY RANGE (created_at);
 
@@ -28,9 +32,34 @@ CREATE TABLE IF NOT EXISTS {schema}.outbox_default PARTITION OF {schema}.outbox 
 
 CREATE TABLE IF NOT EXISTS {schema}.outbox_meta (
     singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    version     integer NOT NULL
+    version     integer NOT NULL,
+    -- Rows written before the upgrade to version 2 have no message_id; the relay gives each the
+    -- UUID v5 of (id_namespace, "txid:id"). The namespace is data of this database, so a dump,
+    -- a restore or a replica derives the same ids, and no other outbox derives them.
+    id_namespace uuid DEFAULT gen_random_uuid()
 );
-INSERT INTO {schema}.outbox_meta (version) VALUES (1) ON CONFLICT (singleton) DO NOTHING;
+INSERT INTO {schema}.outbox_meta (version) VALUES (2) ON CONFLICT (singleton) DO NOTHING;
+
+-- Version 2: message ids. Upgrading a version 1 outbox only touches the catalog: the column is
+-- added without a default (no rewrite: a volatile default such as gen_random_uuid() would rewrite
+-- every partition under an exclusive lock), then the default is set for new rows. Both take the
+-- table lock for an instant; provision waits at most a few seconds for it (lock_timeout) and tries
+-- again, so writers are never queued behind it for long. Old rows keep message_id NULL.
+DO $upgrade$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass({outbox_literal})
+                   AND attname = 'message_id' AND NOT attisdropped) THEN
+        ALTER TABLE {schema}.outbox ADD COLUMN message_id uuid;
+        ALTER TABLE {schema}.outbox ALTER COLUMN message_id SET DEFAULT gen_random_uuid();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass({meta_literal})
+                   AND attname = 'id_namespace' AND NOT attisdropped) THEN
+        ALTER TABLE {schema}.outbox_meta ADD COLUMN id_namespace uuid DEFAULT gen_random_uuid();
+    END IF;
+END
+$upgrade$;
+UPDATE {schema}.outbox_meta SET id_namespace = gen_random_uuid() WHERE id_namespace IS NULL;
+UPDATE {schema}.outbox_meta SET version = 2 WHERE version < 2;
 
 -- Wakes idle relays at commit: one notification per inserting statement, naming the buckets it
 -- wrote (comma-separated) so that a worker wakes only the partitions that read them; an empty

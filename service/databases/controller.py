@@ -134,6 +134,14 @@ class DatabaseController(Controller):
             version = await tenant_db.provision(conn, db.schema)
         except asyncpg.InsufficientPrivilegeError as exc:
             raise Problem(422, f"the database user may not create the outbox: {exc}", slug="provision-failed") from None
+        except asyncpg.LockNotAvailableError:
+            tries = f"{tenant_db.PROVISION_ATTEMPTS} tries of {tenant_db.PROVISION_LOCK_TIMEOUT_MS / 1000:g} s"
+            raise Problem(
+                422,
+                f"other transactions held the outbox table throughout ({tries}: provision gives way rather than "
+                "keep writers waiting); nothing was changed, try again",
+                slug="provision-failed",
+            ) from None
         except asyncpg.PostgresError as exc:
             raise Problem(422, f"provisioning failed: {tenant_db.describe(exc)}", slug="provision-failed") from None
         finally:

@@ -85,6 +85,9 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     target: str
     partition: int
     outbox_id: int
+    """The outbox row id (unique within one database's history only)."""
+    message_id: str
+    """The id the message was published with (``outbox-id``), which a replay carries again."""
     outbox_txid: int
     outbox_created_at: datetime | None
     topic: str

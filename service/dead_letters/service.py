@@ -175,6 +175,7 @@ def full(letter: Letter, *, relay_exists: bool) -> DeadLetter:
         target=letter.target_name,
         partition=letter.partition,
         outbox_id=letter.outbox_id,
+        message_id=letter.dedupe_id,
         outbox_txid=letter.outbox_txid,
         outbox_created_at=letter.outbox_created_at,
         topic=letter.topic,

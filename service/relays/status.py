@@ -47,6 +47,27 @@ class RetryingMessage(msgspec.Struct, kw_only=True):
     next_attempt_at: datetime | None
 
 
+class RestoreStatus(msgspec.Struct, kw_only=True):
+    """The last restore (or failover) detected, and what became of its restored backlog: the rows
+    that existed then whose transaction ids lay above the new server's counter (with the older
+    restored rows up to the highest id among them), which the ordinary read would have held back
+    until the counter caught up."""
+
+    policy: Literal["resend", "skip"]
+    """The relay's ``policy.on_restore`` when the restore was detected."""
+    state: Literal["resending", "resent", "skipped"]
+    """``resending``: being published, before anything written after the restore; ``resent``: all
+    published again; ``skipped``: left out, never published again."""
+    rows: int
+    """The backlog's size."""
+    done: int
+    """Rows resent (or skipped) so far."""
+    detected_at: datetime
+    finished_at: datetime | None
+    duration_s: float | None
+    """From detection to the last backlog row resent (or skipped)."""
+
+
 class PartitionStatus(msgspec.Struct, kw_only=True):
     partition: int
     cursor: str
@@ -70,6 +91,8 @@ class PartitionStatus(msgspec.Struct, kw_only=True):
     resets: int
     """Times the cursor started over because the tenant database was restored or failed over."""
     last_reset_reason: str | None
+    restore: RestoreStatus | None = None
+    """The partition's part of the last restore with a backlog; null: none detected."""
     cause: Cause | None
 
 
@@ -85,7 +108,45 @@ class RelayStatus(msgspec.Struct, kw_only=True):
     published: int
     dead_lettered: int
     last_published_at: datetime | None
+    restore: RestoreStatus | None = None
+    """The last restore over all partitions: ``resending`` while any partition still is, rows and
+    done summed, detected at the first partition's detection, finished with the last one."""
     partitions: list[PartitionStatus]
+
+
+def partition_restore(p: dict[str, Any]) -> RestoreStatus | None:
+    if p.get("restore_state") is None:
+        return None
+    detected, finished = p["restore_detected_at"], p["restore_finished_at"]
+    return RestoreStatus(
+        policy=p["restore_policy"],
+        state=p["restore_state"],
+        rows=p["restore_rows"],
+        done=p["restore_done"],
+        detected_at=detected,
+        finished_at=finished,
+        duration_s=round((finished - detected).total_seconds(), 3) if finished is not None else None,
+    )
+
+
+def relay_restore(parts: list[RestoreStatus]) -> RestoreStatus | None:
+    """One view of a restore that each partition detected and handled on its own."""
+    if not parts:
+        return None
+    latest = max(parts, key=lambda r: r.detected_at)
+    states = {r.state for r in parts}
+    state = "resending" if "resending" in states else latest.state
+    detected = min(r.detected_at for r in parts)
+    finished = None if state == "resending" else max((r.finished_at for r in parts if r.finished_at), default=None)
+    return RestoreStatus(
+        policy=latest.policy,
+        state=state,
+        rows=sum(r.rows for r in parts),
+        done=sum(r.done for r in parts),
+        detected_at=detected,
+        finished_at=finished,
+        duration_s=round((finished - detected).total_seconds(), 3) if finished is not None else None,
+    )
 
 
 _SEVERITY: dict[str, int] = {
@@ -171,6 +232,7 @@ def relay_status(name: str, enabled: bool, parts: list[dict[str, Any]], now: dat
                 else None,
                 resets=p["resets"],
                 last_reset_reason=p["last_reset_reason"],
+                restore=partition_restore(p),
                 cause=partition_cause(p, now) if enabled else None,
             )
         )
@@ -201,6 +263,7 @@ def relay_status(name: str, enabled: bool, parts: list[dict[str, Any]], now: dat
         published=sum(s.published for s in statuses),
         dead_lettered=sum(s.dead_lettered for s in statuses),
         last_published_at=last_published,
+        restore=relay_restore([s.restore for s in statuses if s.restore is not None]),
         partitions=statuses,
     )
 

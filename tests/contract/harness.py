@@ -41,9 +41,18 @@ class Received:
     """One message as a consumer sees it, decoded per the adapter's documented encoding."""
 
     id: int
+    """The id the broker carried, as a number (the cases publish decimal ids); -1 for a UUID."""
     key: str | None
     headers: dict[str, str]
     payload: bytes
+    message_id: str = field(default="", compare=False)
+    """The id exactly as the broker carried it (AMQP message_id, stream field or Kafka header ``outbox-id``)."""
+
+
+def received(raw_id: str, *, key: str | None, headers: dict[str, str], payload: bytes) -> Received:
+    return Received(
+        id=int(raw_id) if raw_id.isdecimal() else -1, key=key, headers=headers, payload=payload, message_id=raw_id
+    )
 
 
 @dataclass(frozen=True)
@@ -231,7 +240,7 @@ class RabbitMQHarness(_ProxiedHarness):
                     assert isinstance(value, str | bytes), (name, value)
                     headers[name] = value.decode() if isinstance(value, bytes) else value
                 key = headers.pop("outbox-key", None)
-                out.append(Received(id=int(message.message_id), key=key, headers=headers, payload=message.body))
+                out.append(received(message.message_id, key=key, headers=headers, payload=message.body))
         return out
 
     async def refusal(self, kind: str) -> Refusal:
@@ -323,15 +332,13 @@ class RedisStreamsHarness(_ProxiedHarness):
         for _, fields in await self._admin.xrange(destination):
             fields = dict(fields)
             payload = fields.pop(b"payload")
-            outbox_id = int(fields.pop(b"outbox-id"))
+            outbox_id = fields.pop(b"outbox-id").decode()
             key = fields.pop(b"key", None)
             headers: dict[str, str] = {}
             for name, value in fields.items():
                 assert name.startswith(b"h:"), f"unexpected stream field {name!r}"
                 headers[name[2:].decode()] = value.decode()
-            out.append(
-                Received(id=outbox_id, key=None if key is None else key.decode(), headers=headers, payload=payload)
-            )
+            out.append(received(outbox_id, key=None if key is None else key.decode(), headers=headers, payload=payload))
         return out
 
     async def refusal(self, kind: str) -> Refusal:
@@ -414,7 +421,7 @@ class KafkaHarness(_ProxiedHarness):
         return unique(label)
 
     def expected_headers(self, message: OutgoingMessage) -> dict[str, str]:
-        return {"outbox-id": str(message.id), **message.headers}
+        return {"outbox-id": message.dedupe_id, **message.headers}
 
     async def read(self, destination: str) -> list[Received]:
         consumer = AIOKafkaConsumer(
@@ -441,8 +448,8 @@ class KafkaHarness(_ProxiedHarness):
                         headers = {name: value.decode() for name, value in record.headers}
                         assert record.value is not None
                         records[tp].append(
-                            Received(
-                                id=int(headers["outbox-id"]),
+                            received(
+                                headers["outbox-id"],
                                 key=None if record.key is None else record.key.decode(),
                                 headers=headers,
                                 payload=record.value,

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -115,6 +116,30 @@ async def test_key_headers_and_outbox_id_are_carried(harness: Harness) -> None:
         for m in sorted(batch, key=lambda m: m.id)
     ]
     assert got == expected
+
+
+@by_adapter
+async def test_the_message_id_is_carried_where_consumers_read_it(harness: Harness) -> None:
+    """The id consumers dedupe on (a UUID, ``OutgoingMessage.message_id``) is what the inbox's
+    helpers read: the AMQP ``message_id``, the stream field ``outbox-id``, the Kafka header ``outbox-id``
+    (added by the adapter when the headers lack it); the row id is never published in its place."""
+    destination = await harness.destination("message-id")
+    message_ids = [str(uuid.uuid4()) for _ in range(3)]
+    batch = [
+        OutgoingMessage(
+            id=7,  # the same row id three times, as a restored database hands it out again
+            message_id=message_id,
+            destination=destination,
+            key="k",
+            payload=f"p{n}".encode(),
+            headers={"outbox-id": message_id, "outbox-relay": "contract"} if n < 2 else {"outbox-relay": "contract"},
+        )
+        for n, message_id in enumerate(message_ids)
+    ]
+    async with await publisher_for(harness) as publisher:
+        assert await publisher.publish_batch(batch) == PublishResult(acked=3)
+    got = await harness.read(destination)
+    assert [(r.message_id, r.payload) for r in got] == [(m, f"p{n}".encode()) for n, m in enumerate(message_ids)]
 
 
 @by_adapter

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -51,7 +52,7 @@ async def test_relay_to_kafka(
         if status["published"] >= total:
             break
         await asyncio.sleep(0.2)
-    received: list[tuple[str, int]] = []
+    received: list[tuple[str, uuid.UUID]] = []
     headers: dict[str, bytes] = {}
     consumer = AIOKafkaConsumer(bootstrap_servers=tansu.bootstrap, enable_auto_commit=False)
     await consumer.start()
@@ -67,7 +68,7 @@ async def test_relay_to_kafka(
                     hdrs = {k: v for k, v in record.headers}
                     headers.update(hdrs)
                     assert record.key is not None
-                    received.append((record.key.decode(), int(hdrs["outbox-id"])))
+                    received.append((record.key.decode(), uuid.UUID(hdrs["outbox-id"].decode())))
     finally:
         await consumer.stop()
     assert len(received) >= total, worker_pool.logs()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import aio_pika
@@ -75,15 +76,15 @@ async def test_relay_end_to_end(
     total = sum(len(v) for v in committed.values())
     assert 0 < len(rolled_back) < MESSAGES / 2 and total + len(rolled_back) == MESSAGES
 
-    stream_received: list[tuple[str, int]] = []
-    rabbit_received: list[tuple[str, int]] = []
+    stream_received: list[tuple[str, uuid.UUID]] = []
+    rabbit_received: list[tuple[str, uuid.UUID]] = []
     headers_seen: dict[str, Any] = {}
     redis = aioredis.Redis.from_url(redis_account.admin_url)
     last_id = "-"
     deadline = time.monotonic() + 90
 
     async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        rabbit_received.append((str(message.headers["outbox-key"]), int(message.message_id or -1)))
+        rabbit_received.append((str(message.headers["outbox-key"]), uuid.UUID(message.message_id)))
         headers_seen.setdefault("rabbit", message.headers)
 
     def read_stream(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
@@ -92,7 +93,7 @@ async def test_relay_end_to_end(
             if entry_id.decode() == last_id:
                 continue
             last_id = entry_id.decode()
-            stream_received.append((fields[b"key"].decode(), int(fields[b"outbox-id"])))
+            stream_received.append((fields[b"key"].decode(), uuid.UUID(fields[b"outbox-id"].decode())))
             headers_seen.setdefault("stream", fields)
 
     try:

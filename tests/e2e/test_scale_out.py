@@ -55,9 +55,9 @@ async def configure(
     return t, app_db, stream
 
 
-async def read_stream(redis: aioredis.Redis, stream: str, want: int, timeout_s: float) -> list[tuple[str, int]]:
+async def read_stream(redis: aioredis.Redis, stream: str, want: int, timeout_s: float) -> list[tuple[str, uuid.UUID]]:
     """Read until ``want`` entries arrived (then one more second, for duplicates) or the timeout."""
-    received: list[tuple[str, int]] = []
+    received: list[tuple[str, uuid.UUID]] = []
     last = "0-0"
     deadline = time.monotonic() + timeout_s
     settle_until: float | None = None
@@ -66,7 +66,7 @@ async def read_stream(redis: aioredis.Redis, stream: str, want: int, timeout_s: 
         for _, items in entries:
             for entry_id, fields in items:
                 last = entry_id.decode()
-                received.append((fields[b"key"].decode(), int(fields[b"outbox-id"])))
+                received.append((fields[b"key"].decode(), uuid.UUID(fields[b"outbox-id"].decode())))
         if settle_until is None and len(received) >= want:
             settle_until = time.monotonic() + 1.0
     return received

@@ -99,10 +99,21 @@ async def run_until(
 
 
 async def write(dsn: str, *messages: tuple[str, str | None, bytes]) -> list[int]:
+    """Write the messages in one transaction; returns their outbox row ids (the cursor's ids)."""
+    return [row_id for row_id, _ in await write_ids(dsn, *messages)]
+
+
+async def write_ids(dsn: str, *messages: tuple[str, str | None, bytes]) -> list[tuple[int, uuid.UUID]]:
+    """Write the messages in one transaction; returns each one's (outbox row id, message id)."""
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
-            return [await add(conn, topic, key, payload) for topic, key, payload in messages]
+            message_ids = [await add(conn, topic, key, payload) for topic, key, payload in messages]
+            rows = await conn.fetch(
+                "SELECT id, message_id FROM outbox_relay.outbox WHERE message_id = ANY($1::uuid[])", message_ids
+            )
+        by_message = {uuid.UUID(str(r["message_id"])): r["id"] for r in rows}
+        return [(by_message[m], m) for m in message_ids]
     finally:
         await conn.close()
 

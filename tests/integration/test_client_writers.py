@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -52,7 +53,8 @@ async def rows_of(dsn: str, topic: str) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(dsn)
     try:
         rows: list[asyncpg.Record] = await conn.fetch(
-            "SELECT id, key, payload, headers::text AS headers FROM outbox_relay.outbox WHERE topic = $1 ORDER BY id",
+            "SELECT id, message_id, key, payload, headers::text AS headers FROM outbox_relay.outbox "
+            "WHERE topic = $1 ORDER BY id",
             topic,
         )
         return rows
@@ -201,10 +203,10 @@ async def test_messages_commit_with_the_callers_transaction(dsn: str, flavour: s
             )
         )
         assert await settle(add_many(conn, [])) == []
-    assert isinstance(first, int)
-    assert batch == sorted(batch) and first < batch[0]
+    assert type(first) is uuid.UUID and all(type(i) is uuid.UUID for i in batch)  # the driver's type converted
     rows = await rows_of(dsn, topic)
-    assert [r["id"] for r in rows] == [first, *batch]
+    # the message ids (each row's message_id), in the order written
+    assert [r["message_id"] for r in rows] == [first, *batch] and len({first, *batch}) == 4
     assert [(r["key"], bytes(r["payload"]), msgspec.json.decode(r["headers"])) for r in rows] == [
         ("k1", b'{"n":1}', {"source": "test"}),
         ("k1", b"\x00\xff", {}),
@@ -245,7 +247,7 @@ async def test_bad_input_is_refused_before_any_sql(dsn: str) -> None:
                 with pytest.raises(ClientError, match=match):
                     await settle(call())
             # Nothing reached the server, so the transaction is not aborted and still takes writes.
-            assert await add(conn, "checked", "k", b"x" * 10, max_payload_bytes=10) > 0
+            assert isinstance(await add(conn, "checked", "k", b"x" * 10, max_payload_bytes=10), uuid.UUID)
     finally:
         await conn.close()
     assert len(await rows_of(dsn, "checked")) == 1
@@ -273,9 +275,9 @@ async def test_add_many_keeps_the_given_order_and_the_relay_reads_it(dsn: str, m
         rows = await tenant_db.poll(conn, "outbox_relay", cursor=(0, 0), partitions=1, partition=0, limit=10_000)
     finally:
         await conn.close()
-    assert ids == sorted(ids) and len(set(ids)) == 1500
+    assert len(set(ids)) == 1500
     mine = [row for row in rows if row.topic == topic]
-    assert [row.id for row in mine] == ids
+    assert [uuid.UUID(row.message_id) for row in mine] == ids
     assert [row.payload for row in mine] == [str(i).encode() for i in range(1500)]
 
 
@@ -294,7 +296,7 @@ async def test_records_the_active_trace_context(dsn: str) -> None:
             off = await add(conn, "traced", "k", b"", trace_context=False)
     finally:
         await conn.close()
-    headers = {r["id"]: msgspec.json.decode(r["headers"]) for r in await rows_of(dsn, "traced")}
+    headers = {r["message_id"]: msgspec.json.decode(r["headers"]) for r in await rows_of(dsn, "traced")}
     traceparent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
     assert headers[untraced] == {}
     assert headers[traced] == {"traceparent": traceparent, "source": "checkout"}
@@ -350,7 +352,7 @@ def test_public_api() -> None:
     assert str(inspect.signature(add)) == (
         "(conn: 'Any', topic: 'str', key: 'str | None', payload: 'Any', headers: 'Mapping[str, str] | None' = None, "
         "*, schema: 'str' = 'outbox_relay', max_payload_bytes: 'int' = 1048576, trace_context: 'bool' = True) "
-        "-> 'int | Coroutine[Any, Any, int]'"
+        "-> 'uuid.UUID | Coroutine[Any, Any, uuid.UUID]'"
     )
     assert list(inspect.signature(add_many).parameters) == [
         "conn",

@@ -21,7 +21,7 @@ from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
 from tests.brokers import RabbitMQAccount, free_port
 from tests.conftest import pg_dsn
-from tests.integration.conftest import FAST_RETRY, Setup, partition_row, run_until, write
+from tests.integration.conftest import FAST_RETRY, Setup, partition_row, run_until, write, write_ids
 
 
 async def test_refused_message_is_retried_then_dead_lettered(
@@ -38,7 +38,8 @@ async def test_refused_message_is_retried_then_dead_lettered(
     }
     assert (await setup.tenant.put("/v1/relays/r1", body)).status_code == 201
     relay_id = await setup.relay_id(store, "r1")
-    ids = await write(setup.dsn, ("good", "k", b"one"), ("poison", "k", b"bad"), ("good", "k", b"two"))
+    written = await write_ids(setup.dsn, ("good", "k", b"one"), ("poison", "k", b"bad"), ("good", "k", b"two"))
+    ids = [row_id for row_id, _ in written]
 
     received: list[tuple[str, str, bytes]] = []
 
@@ -57,6 +58,7 @@ async def test_refused_message_is_retried_then_dead_lettered(
     assert len(letters) == 1
     letter = letters[0]
     assert (letter["outbox_id"], letter["payload"], letter["topic"], letter["key"]) == (ids[1], b"bad", "poison", "k")
+    assert letter["message_id"] == str(written[1][1])  # the id it was published with, for a replay
     assert letter["error_class"] == "refused" and letter["destination"] == "no-such-queue"
     attempts = __import__("json").loads(letter["attempts"])
     assert len(attempts) == 3 and all("unroutable" in a["error"] for a in attempts)

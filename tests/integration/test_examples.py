@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import sys
+import uuid
 from pathlib import Path
 from urllib.parse import quote
 
@@ -58,19 +59,20 @@ async def run_example(name: str, **env: str) -> str:
 @pytest.mark.parametrize("name", WRITERS)
 async def test_writer_example(name: str, shop_dsn: str) -> None:
     out = await run_example(name, DATABASE_URL=shop_dsn)
-    match = re.fullmatch(r"order (\d+): outbox messages? ([\d, ]+)\n", out)
+    match = re.fullmatch(r"order (\d+): outbox messages? ([0-9a-f-]{36}(?:, [0-9a-f-]{36})*)\n", out)
     assert match, out
-    order_id, outbox_ids = match[1], [int(i) for i in match[2].split(", ")]
+    order_id, message_ids = match[1], [uuid.UUID(i) for i in match[2].split(", ")]
     conn = await asyncpg.connect(shop_dsn)
     try:
         rows = await conn.fetch(
-            "SELECT id, topic, key, payload FROM outbox_relay.outbox WHERE id = ANY($1::bigint[]) ORDER BY id",
-            outbox_ids,
+            "SELECT message_id, topic, key, payload FROM outbox_relay.outbox WHERE message_id = ANY($1::uuid[]) "
+            "ORDER BY id",
+            message_ids,
         )
         assert await conn.fetchval("SELECT state FROM orders WHERE id = $1", int(order_id)) == "paid"
     finally:
         await conn.close()
-    assert [row["id"] for row in rows] == outbox_ids
+    assert [row["message_id"] for row in rows] == message_ids
     assert (rows[0]["topic"], rows[0]["key"]) == ("orders", order_id)
     assert msgspec.json.decode(rows[0]["payload"]) == {"id": int(order_id), "state": "paid"}
 
@@ -78,12 +80,13 @@ async def test_writer_example(name: str, shop_dsn: str) -> None:
 async def check_consumer_output(out: str, dsn: str) -> None:
     lines = out.splitlines()
     assert [line.split(": ", 1)[-1] for line in lines[:2]] == ["shipped", "duplicate, skipped"], out
+    message_id = str(uuid.UUID(lines[0].split(": ", 1)[0].removeprefix("message ")))
     match = re.fullmatch(r"order (\d+) shipped 1 time\(s\)", lines[-1])
     assert match, out
     conn = await asyncpg.connect(dsn)
     try:
         assert await conn.fetchval("SELECT count(*) FROM shipments WHERE order_id = $1", int(match[1])) == 1
-        assert await conn.fetchval("SELECT count(*) FROM outbox_relay.inbox WHERE message_id = $1", int(match[1])) == 1
+        assert await conn.fetchval("SELECT count(*) FROM outbox_relay.inbox WHERE message_id = $1", message_id) == 1
     finally:
         await conn.close()
 

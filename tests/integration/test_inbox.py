@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -31,7 +31,9 @@ from tests.brokers import RabbitMQAccount, RedisAccount, TansuBroker
 from tests.conftest import DatabaseFactory, pg_dsn
 from tests.helpers import LOCAL
 
-_ids = itertools.count(1)
+
+def new_id() -> str:
+    return str(uuid.uuid4())
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,7 @@ async def dsn(databases: DatabaseFactory) -> str:
     conn = await asyncpg.connect(dsn)
     try:
         await Inbox(consumer="setup").install(conn)
-        await conn.execute(
-            "CREATE TABLE ledger (consumer text, message_id bigint, handled_at timestamptz DEFAULT now())"
-        )
+        await conn.execute("CREATE TABLE ledger (consumer text, message_id text, handled_at timestamptz DEFAULT now())")
     finally:
         await conn.close()
     return dsn
@@ -58,10 +58,10 @@ async def conns(dsn: str) -> AsyncIterator[list[asyncpg.Connection]]:
 
 
 def new_ref(relay: str = "orders-relay") -> MessageRef:
-    return MessageRef(next(_ids), relay)
+    return MessageRef(new_id(), relay)
 
 
-async def times_handled(conn: asyncpg.Connection, consumer: str, message_id: int) -> int:
+async def times_handled(conn: asyncpg.Connection, consumer: str, message_id: str) -> int:
     count: int = await conn.fetchval(
         "SELECT count(*) FROM ledger WHERE consumer = $1 AND message_id = $2", consumer, message_id
     )
@@ -105,10 +105,10 @@ async def test_many_deliveries_racing_on_four_connections(conns: list[asyncpg.Co
     handled = await asyncio.gather(*(consumer(conn, order) for conn, order in zip(conns, orders, strict=True)))
     assert sum(handled) == len(refs)
     counts = await conns[0].fetch(
-        "SELECT message_id, count(*) AS n FROM ledger WHERE message_id = ANY($1::bigint[]) GROUP BY message_id",
+        "SELECT message_id, count(*) AS n FROM ledger WHERE message_id = ANY($1::text[]) GROUP BY message_id",
         [ref.id for ref in refs],
     )
-    assert sorted((row["message_id"], row["n"]) for row in counts) == [(ref.id, 1) for ref in refs]
+    assert sorted((row["message_id"], row["n"]) for row in counts) == sorted((ref.id, 1) for ref in refs)
 
 
 async def test_a_failed_handler_leaves_the_message_to_a_redelivery(conns: list[asyncpg.Connection]) -> None:
@@ -131,7 +131,7 @@ async def test_a_failed_handler_leaves_the_message_to_a_redelivery(conns: list[a
 
 async def test_each_consumer_and_each_relay_is_counted_apart(conns: list[asyncpg.Connection]) -> None:
     billing, shipping, conn = Inbox(consumer="billing"), Inbox(consumer="shipping"), conns[0]
-    message_id = next(_ids)
+    message_id = new_id()
     from_a, from_b = MessageRef(message_id, "relay-a"), MessageRef(message_id, "relay-b")
     assert [await handle(billing, conn, from_a), await handle(shipping, conn, from_a)] == [True, True]
     assert [await handle(billing, conn, from_a), await handle(shipping, conn, from_a)] == [False, False]
@@ -202,7 +202,7 @@ async def test_old_ids_expire_in_batches(conns: list[asyncpg.Connection]) -> Non
             assert await inbox.claim(conn, ref)
             assert await other.claim(conn, ref)
     await conn.execute(
-        "UPDATE outbox_relay.inbox SET received_at = now() - interval '2 hours' WHERE message_id = ANY($1::bigint[])",
+        "UPDATE outbox_relay.inbox SET received_at = now() - interval '2 hours' WHERE message_id = ANY($1::text[])",
         [ref.id for ref in old],
     )
     assert [await inbox.expire(conn, batch_size=10) for _ in range(4)] == [10, 10, 5, 0]
@@ -235,16 +235,49 @@ def test_inbox_settings_are_checked() -> None:
 
 
 def test_message_refs_from_each_broker() -> None:
-    amqp = SimpleNamespace(headers={"outbox-id": "42", "outbox-relay": "r"}, message_id="42")
-    assert amqp_ref(amqp) == MessageRef(42, "r")
-    assert amqp_ref(SimpleNamespace(headers={}, message_id="7")) == MessageRef(7, "")
-    assert kafka_ref(SimpleNamespace(headers=[("outbox-id", b"42"), ("outbox-relay", b"r")])) == MessageRef(42, "r")
-    assert stream_ref({b"outbox-id": b"42", b"h:outbox-relay": b"r", b"payload": b"{}"}) == MessageRef(42, "r")
-    assert stream_ref({"outbox-id": "42"}) == MessageRef(42, "")
+    mid = "0b6e2a47-9c1d-4f0e-8a59-3f6d3c1b2a10"
+    amqp = SimpleNamespace(headers={"outbox-id": mid, "outbox-relay": "r"}, message_id=mid)
+    assert amqp_ref(amqp) == MessageRef(mid, "r")
+    assert amqp_ref(SimpleNamespace(headers={}, message_id=mid.upper())) == MessageRef(mid, "")  # canonical form
+    assert kafka_ref(SimpleNamespace(headers=[("outbox-id", mid.encode()), ("outbox-relay", b"r")])) == MessageRef(
+        mid, "r"
+    )
+    assert stream_ref({b"outbox-id": mid.encode(), b"h:outbox-relay": b"r", b"payload": b"{}"}) == MessageRef(mid, "r")
+    # what relays published before message ids (and still do for an outbox of schema version 1)
+    assert stream_ref({"outbox-id": "42"}) == MessageRef("42", "")
+    assert amqp_ref(SimpleNamespace(headers={}, message_id="007")) == MessageRef("7", "")
     with pytest.raises(ClientError, match="no outbox id"):
         kafka_ref(SimpleNamespace(headers=[]))
-    with pytest.raises(ClientError, match="not a decimal"):
+    with pytest.raises(ClientError, match="neither a UUID nor a decimal"):
         stream_ref({"outbox-id": "4e2"})
+
+
+async def test_an_inbox_from_before_message_ids_is_upgraded_and_keeps_its_ids(databases: DatabaseFactory) -> None:
+    """An inbox installed by an older client keyed on the bigint row id: install converts it to text
+    ids, the ids it holds still count as seen, and UUID ids go in next to them."""
+    conn = await asyncpg.connect(pg_dsn(await databases.create("inbox_upgrade")))
+    try:
+        await conn.execute(
+            "CREATE SCHEMA outbox_relay; CREATE TABLE outbox_relay.inbox (consumer text NOT NULL, relay text NOT NULL, "
+            "message_id bigint NOT NULL, received_at timestamptz NOT NULL DEFAULT clock_timestamp(), "
+            "PRIMARY KEY (consumer, relay, message_id)); "
+            "INSERT INTO outbox_relay.inbox (consumer, relay, message_id) VALUES ('c', 'r', 501)"
+        )
+        inbox = Inbox(consumer="c")
+        await inbox.install(conn)
+        column_type = await conn.fetchval(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = 'outbox_relay.inbox'::regclass AND attname = 'message_id'"
+        )
+        assert column_type == "text"
+        assert await inbox.seen(conn, MessageRef("501", "r"))  # a redelivery of an old message: a duplicate
+        fresh = MessageRef(new_id(), "r")
+        async with conn.transaction():
+            assert await inbox.claim(conn, fresh) is True
+            assert await inbox.claim(conn, fresh) is False
+        await inbox.install(conn)  # again: nothing left to convert
+    finally:
+        await conn.close()
 
 
 async def test_rabbitmq_redeliveries_to_two_competing_consumers(
@@ -257,19 +290,18 @@ async def test_rabbitmq_redeliveries_to_two_competing_consumers(
     try:
         channel = await admin.channel()
         await channel.declare_queue(queue_name, auto_delete=False)
-        first_id = next(_ids)
+        message_ids = [new_id() for _ in range(20)]
         messages = [
             OutgoingMessage(
-                id=first_id + i,
+                id=i + 1,
+                message_id=message_ids[i],
                 destination=queue_name,
                 key=f"k{i % 3}",
                 payload=b"{}",
-                headers={"outbox-id": str(first_id + i), "outbox-relay": "race"},
+                headers={"outbox-id": message_ids[i], "outbox-relay": "race"},
             )
             for i in range(20)
         ]
-        for _ in range(20):
-            next(_ids)
         async with RabbitMQPublisher(url=rabbitmq.url, password=rabbitmq.password, policy=LOCAL) as publisher:
             for _ in range(3):
                 assert (await publisher.publish_batch(messages)).acked == 20
@@ -305,12 +337,22 @@ async def test_rabbitmq_redeliveries_to_two_competing_consumers(
     counts = await conns[2].fetch(
         "SELECT message_id, count(*) AS n FROM ledger WHERE consumer = 'race' GROUP BY message_id"
     )
-    assert sorted((row["message_id"], row["n"]) for row in counts) == [(m.id, 1) for m in messages]
+    assert sorted((row["message_id"], row["n"]) for row in counts) == sorted((m.message_id, 1) for m in messages)
 
 
 async def test_refs_of_what_the_relay_publishes(redis_account: RedisAccount, tansu: TansuBroker) -> None:
     """The broker helpers read the id and relay name from the relay's own messages."""
-    row = OutboxRow(txid=1, id=987, topic="orders", key="k", payload=b"{}", headers="{}", created_at=datetime.now(UTC))
+    mid = new_id()
+    row = OutboxRow(
+        txid=1,
+        id=987,
+        topic="orders",
+        key="k",
+        payload=b"{}",
+        headers="{}",
+        created_at=datetime.now(UTC),
+        message_id=mid,
+    )
     stream, topic = f"{redis_account.prefix}refs", "inbox-refs"
     (to_stream,) = build_messages(Relay(database="d", target="t", topic_mapping={"*": stream}), "relay-a", [row])
     (to_kafka,) = build_messages(Relay(database="d", target="t", topic_mapping={"*": topic}), "relay-a", [row])
@@ -320,7 +362,7 @@ async def test_refs_of_what_the_relay_publishes(redis_account: RedisAccount, tan
         assert (await publisher.publish_batch([to_stream])).acked == 1
     async with Redis.from_url(redis_account.admin_url) as redis:
         [(_, fields)] = await redis.xrange(stream)
-    assert stream_ref(fields) == MessageRef(987, "relay-a")
+    assert stream_ref(fields) == MessageRef(mid, "relay-a")
 
     async with KafkaPublisher(bootstrap_servers=[tansu.bootstrap], policy=LOCAL, enable_idempotence=False) as publisher:
         assert (await publisher.publish_batch([to_kafka])).acked == 1
@@ -331,4 +373,4 @@ async def test_refs_of_what_the_relay_publishes(redis_account: RedisAccount, tan
             partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         consumer.assign(partitions)
         records = [r for batch in (await consumer.getmany(timeout_ms=3000)).values() for r in batch]
-    assert [kafka_ref(record) for record in records] == [MessageRef(987, "relay-a")]
+    assert [kafka_ref(record) for record in records] == [MessageRef(mid, "relay-a")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -21,8 +22,8 @@ async def app_dsn(databases: DatabaseFactory) -> AsyncIterator[str]:
     dsn = pg_dsn(await databases.create("outbox"))
     conn = await asyncpg.connect(dsn)
     try:
-        assert await tenant_db.provision(conn, "outbox_relay") == 1
-        assert await tenant_db.provision(conn, "outbox_relay") == 1  # re-applying is harmless
+        assert await tenant_db.provision(conn, "outbox_relay") == 2
+        assert await tenant_db.provision(conn, "outbox_relay") == 2  # re-applying is harmless
     finally:
         await conn.close()
     yield dsn
@@ -30,6 +31,10 @@ async def app_dsn(databases: DatabaseFactory) -> AsyncIterator[str]:
 
 async def read_all(conn: asyncpg.Connection, cursor: tuple[int, int] = (0, 0)) -> list[tenant_db.OutboxRow]:
     return await tenant_db.poll(conn, "outbox_relay", cursor=cursor, partitions=1, partition=0, limit=1000)
+
+
+def ids(rows: list[tenant_db.OutboxRow]) -> list[uuid.UUID]:
+    return [uuid.UUID(r.message_id) for r in rows]
 
 
 async def test_only_committed_rows_and_nothing_behind_an_open_transaction(app_dsn: str) -> None:
@@ -56,7 +61,7 @@ async def test_only_committed_rows_and_nothing_behind_an_open_transaction(app_ds
         async with writer.transaction():
             after = await add(writer, "t", "k", b"two")
         rows = await read_all(reader)
-        assert [r.id for r in rows] == [first]
+        assert ids(rows) == [first]
 
         await open_tx.commit()
         for _ in range(100):
@@ -64,11 +69,11 @@ async def test_only_committed_rows_and_nothing_behind_an_open_transaction(app_ds
             if len(rows) == 3:
                 break
             await asyncio.sleep(0.1)
-        assert [r.id for r in rows] == [first, early, after]
+        assert ids(rows) == [first, early, after]
         assert rows[0].payload == b"one" and rows[1].key == "k2"
 
         # resuming from a cursor returns what comes after it, and nothing else
-        assert [r.id for r in await read_all(reader, (rows[1].txid, rows[1].id))] == [after]
+        assert ids(await read_all(reader, (rows[1].txid, rows[1].id))) == [after]
         assert await read_all(reader, (rows[2].txid, rows[2].id)) == []
     finally:
         for c in (writer, late, reader):
@@ -81,13 +86,13 @@ async def test_partitions_split_keys_and_cover_everything(app_dsn: str) -> None:
         async with conn.transaction():
             ids = {await add(conn, "t", f"key-{i % 40}", b"x") for i in range(200)}
             ids |= {await add(conn, "t", None, b"keyless") for _ in range(20)}
-        seen: dict[int, int] = {}
+        seen: dict[uuid.UUID, int] = {}
         keys_at: dict[str, int] = {}
         for p in range(4):
             rows = await tenant_db.poll(conn, "outbox_relay", cursor=(0, 0), partitions=4, partition=p, limit=1000)
             for r in rows:
-                assert r.id not in seen
-                seen[r.id] = p
+                assert uuid.UUID(r.message_id) not in seen
+                seen[uuid.UUID(r.message_id)] = p
                 if r.key is not None:
                     assert keys_at.setdefault(r.key, p) == p  # one key, one partition
         assert set(seen) == ids
@@ -115,7 +120,9 @@ async def test_the_poll_walks_the_txid_index_instead_of_sorting(app_dsn: str) ->
         await conn.execute("ANALYZE outbox_relay.outbox")
         # with sorting priced out, the planner sorts only if no index can give the order
         await conn.execute("SET enable_sort = off")
-        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql.poll_sql("outbox_relay"), 0, 0, 16, 3, 500)
+        plan = await conn.fetchval(
+            "EXPLAIN (FORMAT JSON) " + sql.poll_sql("outbox_relay"), 0, 0, 16, 3, 500, 0, tenant_db.NO_FENCE_AT
+        )
         nodes = []
         stack = [json.loads(plan)[0]["Plan"] if isinstance(plan, str) else plan[0]["Plan"]]
         while stack:

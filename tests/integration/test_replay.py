@@ -12,6 +12,7 @@ import json
 import uuid
 from typing import Any
 
+import asyncpg
 import pytest
 
 from outbox_relay.brokers.base import OutgoingMessage, Publisher, PublishResult
@@ -53,6 +54,14 @@ async def dead_letters(
         "SELECT id FROM dead_letters WHERE relay_id = $1 ORDER BY outbox_txid, outbox_id", relay_id
     )
     return relay_id, [r["id"] for r in rows]
+
+
+async def outbox_message_id_of(dsn: str, row_id: int) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return str(await conn.fetchval("SELECT message_id FROM outbox_relay.outbox WHERE id = $1", row_id))
+    finally:
+        await conn.close()
 
 
 async def fix_relay(setup: Setup, relay: str, queue: str) -> None:
@@ -102,7 +111,9 @@ async def test_engine_dead_letters_replayed_once_to_the_fixed_relay(
     got = await setup.drain("replay-fixed-q")
     assert [(key, body) for key, _, body in got] == [("a", b'{"key": "a"}')]
     _, message_id, _ = got[0]
-    assert message_id == str(first.outbox_id)  # the original outbox id
+    # the original message id: the one the outbox row holds, which the letter kept
+    outbox_message_id = await outbox_message_id_of(setup.dsn, first.outbox_id)
+    assert first.message_id == outbox_message_id and message_id == outbox_message_id
     done = await letters_store.get(letters[0], None)
     assert done is not None and done.status == "replayed" and done.last_replayed_at is not None
     assert done.attempts[-1]["error"] is None and done.claimed_by is None
