@@ -365,6 +365,30 @@ class LeaseLost(Exception):
     pass
 
 
+def plan_keys(plan: RelayPlan) -> tuple[str, str, str]:
+    """The configuration-change keys (``store.events``) a running relay listens to."""
+    return (f"relays:{plan.relay_id}", f"databases:{plan.database_id}", f"targets:{plan.target_id}")
+
+
+async def plan_change(store: ControlStore, plan: RelayPlan, changed: asyncio.Event) -> RelayPlan | None:
+    """Wait until the relay of ``plan`` is disabled, deleted or edited (its database or target
+    included) and return what it is now (None: deleted). ``changed`` is the subscription to
+    :func:`plan_keys`; a wake-up that changed nothing (a reconnect, say) costs one plan read."""
+    while True:
+        await changed.wait()
+        changed.clear()
+        try:
+            now = await store.relay_plan(plan.relay_id)
+        except Exception as exc:
+            log.debug("re-reading the plan of relay %s failed: %s", plan.relay_id, exc)
+            changed.set()
+            await asyncio.sleep(0.5)
+            continue
+        before = (True, plan.relay_version, plan.database_version, plan.target_version)
+        if now is None or (now.enabled, now.relay_version, now.database_version, now.target_version) != before:
+            return now
+
+
 def build_messages(plan_relay: Relay, relay_name: str, rows: list[tenant_db.OutboxRow]) -> list[OutgoingMessage | None]:
     """One OutgoingMessage per row, or None for rows the topic mapping does not route and rows of a
     restored backlog that was resent (or skipped) on its own (``OutboxRow.fenced``)."""
@@ -487,9 +511,7 @@ class RelayRunner:
         """The slice, ended early (after the batch in flight) when the relay's configuration changes."""
         if self.events is None:
             return await self._run(part)
-        plan = part.plan
-        keys = (f"relays:{plan.relay_id}", f"databases:{plan.database_id}", f"targets:{plan.target_id}")
-        with self.events.subscribe(keys) as changed:
+        with self.events.subscribe(plan_keys(part.plan)) as changed:
             watcher = asyncio.create_task(self._watch_plan(part, changed))
             try:
                 result = await self._run(part)
@@ -502,25 +524,8 @@ class RelayRunner:
         return result
 
     async def _watch_plan(self, part: _Partition, changed: asyncio.Event) -> None:
-        plan = part.plan
-        while True:
-            await changed.wait()
-            changed.clear()
-            try:
-                now = await self.store.relay_plan(plan.relay_id)
-            except Exception as exc:
-                log.debug("re-reading the plan of relay %s failed: %s", plan.relay_id, exc)
-                changed.set()
-                await asyncio.sleep(0.5)
-                continue
-            if now is None or (now.enabled, now.relay_version, now.database_version, now.target_version) != (
-                plan.enabled,
-                plan.relay_version,
-                plan.database_version,
-                plan.target_version,
-            ):
-                part.stop.set()
-                return
+        await plan_change(self.store, part.plan, changed)
+        part.stop.set()
 
     async def _sleep(self, part: _Partition, seconds: float, *events: asyncio.Event) -> None:
         """Sleep up to ``seconds``; wake early when the slice must stop or one of ``events`` fires."""

@@ -50,6 +50,8 @@ from outbox_relay.engine import (
     RelayRunner,
     _Partition,
     backoff_s,
+    plan_change,
+    plan_keys,
 )
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.fairness import FairScheduler, TargetLimits
@@ -353,7 +355,15 @@ class FleetEngine:
         if owned > share:
             await self._release(owned - share)
         elif owned < share and view.free > 0:
-            if await self.fleet.claim(self.key, share - owned):
+            claimed = await self.fleet.claim(self.key, share - owned)
+            if claimed:
+                log.info(
+                    "claimed %d partitions (share %d of %d, %d workers)",
+                    claimed,
+                    share,
+                    view.total_partitions,
+                    view.live_workers,
+                )
                 await self._reconcile()
 
     async def _drop_disabled(self) -> None:
@@ -392,6 +402,7 @@ class FleetEngine:
         await self.cursors.close()
         released = [(reader.relay_id, p) for reader, parts in chosen.values() for p in parts]
         await self.fleet.release(self.key, released)
+        log.info("gave back %d partitions of %d relays to the fleet", len(released), len(chosen))
         for reader, _ in chosen.values():
             if not reader.lanes:
                 await self._close_reader(reader, release=False)
@@ -465,33 +476,14 @@ class FleetEngine:
         batch in flight); the next tick releases its partitions or reads them under the new plan."""
         if self.events is None:
             return
-        plan = reader.plan
-        keys = (f"relays:{plan.relay_id}", f"databases:{plan.database_id}", f"targets:{plan.target_id}")
-        with self.events.subscribe(keys) as changed:
-            while True:
-                await changed.wait()
-                changed.clear()
-                try:
-                    now = await self.store.relay_plan(plan.relay_id)
-                except Exception as exc:
-                    log.debug("re-reading the plan of relay %s failed: %s", plan.relay_id, exc)
-                    changed.set()
-                    await asyncio.sleep(0.5)
-                    continue
-                versions = (plan.relay_version, plan.database_version, plan.target_version)
-                if (
-                    now is not None
-                    and now.enabled
-                    and (now.relay_version, now.database_version, now.target_version) == versions
-                ):
-                    continue
-                reader.restart = now is not None and now.enabled
-                reader.stop.set()
-                for lane in reader.lanes.values():
-                    lane.part.stop.set()
-                    lane.ready.set()
-                self.tick.set()
-                return
+        with self.events.subscribe(plan_keys(reader.plan)) as changed:
+            now = await plan_change(self.store, reader.plan, changed)
+        reader.restart = now is not None and now.enabled
+        reader.stop.set()
+        for lane in reader.lanes.values():
+            lane.part.stop.set()
+            lane.ready.set()
+        self.tick.set()
 
     # --- reading ---------------------------------------------------------------------------------
 

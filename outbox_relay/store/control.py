@@ -188,6 +188,27 @@ class DeadLetter:
     """The id it was published with (``outbox-id``); a replay sends it again."""
 
 
+def lease_of(row: Any, *, relay_id: uuid.UUID, partition: int, holder: str) -> Lease:
+    """A Lease from a ``relay_partitions`` row (epoch, cursor, identity and retry columns)."""
+    return Lease(
+        relay_id=relay_id,
+        partition=partition,
+        holder=holder,
+        epoch=row["lease_epoch"],
+        cursor_txid=row["cursor_txid"],
+        cursor_id=row["cursor_id"],
+        system_identifier=row["system_identifier"],
+        retry=RetryState(
+            outbox_id=row["retry_outbox_id"],
+            attempts=row["retry_attempts"],
+            errors=json.loads(row["retry_errors"]),
+            next_at=row["retry_next_at"],
+        )
+        if row["retry_outbox_id"] is not None
+        else None,
+    )
+
+
 class Unchanged:
     """Marker: keep the stored secret as it is."""
 
@@ -638,23 +659,7 @@ class ControlStore:
         )
         if row is None:
             return None
-        return Lease(
-            relay_id=relay_id,
-            partition=partition,
-            holder=holder,
-            epoch=row["lease_epoch"],
-            cursor_txid=row["cursor_txid"],
-            cursor_id=row["cursor_id"],
-            system_identifier=row["system_identifier"],
-            retry=RetryState(
-                outbox_id=row["retry_outbox_id"],
-                attempts=row["retry_attempts"],
-                errors=json.loads(row["retry_errors"]),
-                next_at=row["retry_next_at"],
-            )
-            if row["retry_outbox_id"] is not None
-            else None,
-        )
+        return lease_of(row, relay_id=relay_id, partition=partition, holder=holder)
 
     async def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
         return (

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from outbox_relay.store.control import Lease, RetryState
+from outbox_relay.store.control import Lease, lease_of
 
 NOTIFY_MEMBERSHIP = "SELECT pg_notify('outbox_relay_config', 'fleet:membership')"
 """Heard by every worker's control-events connection: rebalance now, not at the next tick."""
@@ -70,26 +70,6 @@ _OWNED_COLUMNS = (
     "p.relay_id, p.partition, p.lease_holder, p.lease_epoch, p.cursor_txid, p.cursor_id, p.system_identifier, "
     "p.retry_outbox_id, p.retry_attempts, p.retry_errors::text AS retry_errors, p.retry_next_at"
 )
-
-
-def _lease(row: Any) -> Lease:
-    return Lease(
-        relay_id=row["relay_id"],
-        partition=row["partition"],
-        holder=row["lease_holder"],
-        epoch=row["lease_epoch"],
-        cursor_txid=row["cursor_txid"],
-        cursor_id=row["cursor_id"],
-        system_identifier=row["system_identifier"],
-        retry=RetryState(
-            outbox_id=row["retry_outbox_id"],
-            attempts=row["retry_attempts"],
-            errors=json.loads(row["retry_errors"]),
-            next_at=row["retry_next_at"],
-        )
-        if row["retry_outbox_id"] is not None
-        else None,
-    )
 
 
 class FleetStore:
@@ -167,7 +147,7 @@ class FleetStore:
             "WHERE p.lease_holder = $1 ORDER BY p.relay_id, p.partition",
             key,
         )
-        return [_lease(r) for r in rows]
+        return [lease_of(r, relay_id=r["relay_id"], partition=r["partition"], holder=r["lease_holder"]) for r in rows]
 
     async def release(self, key: str, partitions: Iterable[tuple[uuid.UUID, int]]) -> int:
         """Give partitions back (after their lanes flushed); only those still ours."""

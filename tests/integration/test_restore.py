@@ -30,10 +30,12 @@ import asyncpg
 import pytest
 
 from outbox_relay.client import add
+from outbox_relay.config import Settings
 from outbox_relay.engine import RelayRunner
 from outbox_relay.store.control import ControlStore
 from tests.brokers import free_port
 from tests.conftest import PG_USER, RUN_ID
+from tests.fleet import Fleet
 from tests.integration.conftest import Setup
 
 pytestmark = pytest.mark.slow
@@ -115,6 +117,20 @@ class Relaying:
             self._task = None
 
 
+class FleetRelaying:
+    """The worker's data plane in this process (one fleet engine), started and stopped like Relaying."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.fleet = Fleet(settings)
+
+    def start(self) -> None:
+        self._starting = asyncio.create_task(self.fleet.start())
+
+    async def stop(self) -> None:
+        await self._starting
+        await self.fleet.close()
+
+
 class Consumer:
     """Everything the queue delivered, in order: (outbox-id, key, body, when)."""
 
@@ -148,19 +164,30 @@ async def new_cluster() -> AsyncIterator[int]:
 
 
 @pytest.mark.parametrize("on_restore", ["resend", "skip"])
+@pytest.mark.parametrize("data_plane", ["slices", "fleet"])
 async def test_restore_into_another_cluster_keeps_ids_unique_and_handles_the_backlog_at_once(
-    setup: Setup, runner: RelayRunner, store: ControlStore, new_cluster: int, tmp_path: Path, on_restore: str
+    setup: Setup,
+    runner: RelayRunner,
+    store: ControlStore,
+    settings: Settings,
+    new_cluster: int,
+    tmp_path: Path,
+    on_restore: str,
+    data_plane: str,
 ) -> None:
-    queue = f"restore-{on_restore}-q"
+    queue = f"restore-{on_restore}-{data_plane}-q"
     await setup.channel.declare_queue(queue, durable=True)
     policy: dict[str, Any] = {"poll_interval_ms": 50, "batch_size": 50}
     if on_restore != "resend":  # resend is the default: the relay names nothing
         policy["on_restore"] = on_restore
     body = {"database": "app", "target": "rabbit", "partitions": 2, "topic_mapping": {"*": queue}, "policy": policy}
-    relay = f"restore-{on_restore}"
+    relay = f"restore-{on_restore}-{data_plane}"
     assert (await setup.tenant.put(f"/v1/relays/{relay}", body)).status_code == 201, body
     relay_id = await setup.relay_id(store, relay)
-    relaying, consumer = Relaying(runner, relay_id, 2), Consumer(setup, queue)
+    relaying: Relaying | FleetRelaying = (
+        Relaying(runner, relay_id, 2) if data_plane == "slices" else FleetRelaying(settings)
+    )
+    consumer = Consumer(setup, queue)
 
     # on the old cluster: A published; B written while the relay lags; the dump holds A and B
     old_dsn = setup.dsn
