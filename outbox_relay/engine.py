@@ -365,6 +365,25 @@ class LeaseLost(Exception):
     pass
 
 
+def restart_reason(part: _Partition, identity: str, xmin: int) -> str | None:
+    """Why the partition must start over (a restore or failover of its database), or None."""
+    known = part.lease.system_identifier
+    in_backlog = part.restore is not None and part.restore.state == "resending"
+    if known is not None and known != identity:
+        return (
+            f"the tenant database changed identity ({known} -> {identity}: restored into a new cluster "
+            "or failed over); relaying its outbox again from the start, consumers will see duplicates"
+        )
+    if part.cursor[0] > 0 and xmin <= part.cursor[0] and not in_backlog:
+        # (a backlog's cursor lies above the counter by design: those rows are the backlog)
+        return (
+            f"the tenant database's transaction ids went backwards (cursor at {part.cursor[0]}, database "
+            f"at {xmin}: restored from a backup?); relaying its outbox again from the start, "
+            "consumers will see duplicates"
+        )
+    return None
+
+
 def plan_keys(plan: RelayPlan) -> tuple[str, str, str]:
     """The configuration-change keys (``store.events``) a running relay listens to."""
     return (f"relays:{plan.relay_id}", f"databases:{plan.database_id}", f"targets:{plan.target_id}")
@@ -791,34 +810,25 @@ class RelayRunner:
         the backlog: every other row is published again (duplicates, never a skipped message).
         """
         schema = msgspec.json.decode(part.plan.database_spec, type=Database).schema
-        try:
-            row = await pool.fetchrow(IDENTITY_SQL)
-            part.layout = await tenant_db.read_layout(pool, schema)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise TenantDatabaseError(f"reading the database identity failed: {tenant_db.describe(exc)}") from None
-        assert row is not None
+        identity, xmin, part.layout = await self._read_identity(pool, schema)
         part.restore = await self.store.restore_state(part.lease.relay_id, part.lease.partition)
-        identity = f"{row['system_identifier']}/{row['timeline']}"
-        known = part.lease.system_identifier
-        in_backlog = part.restore is not None and part.restore.state == "resending"
-        reason = None
-        if known is not None and known != identity:
-            reason = (
-                f"the tenant database changed identity ({known} -> {identity}: restored into a new cluster "
-                "or failed over); relaying its outbox again from the start, consumers will see duplicates"
-            )
-        elif part.cursor[0] > 0 and row["xmin"] <= part.cursor[0] and not in_backlog:
-            # (a backlog's cursor lies above the counter by design: those rows are the backlog)
-            reason = (
-                f"the tenant database's transaction ids went backwards (cursor at {part.cursor[0]}, database "
-                f"at {row['xmin']}: restored from a backup?); relaying its outbox again from the start, "
-                "consumers will see duplicates"
-            )
+        reason = restart_reason(part, identity, xmin)
         if reason is not None:
             log.warning("relay %s partition %s: %s", part.plan.relay_name, part.lease.partition, reason)
             await self._start_over(pool, schema, part, identity, reason)
-        elif known is None and not await self.store.set_identity(part.lease, identity):
+        elif part.lease.system_identifier is None and not await self.store.set_identity(part.lease, identity):
             raise LeaseLost()
+
+    async def _read_identity(self, pool: asyncpg.Pool, schema: str) -> tuple[str, int, tenant_db.OutboxLayout]:
+        """The tenant database's identity (system identifier/timeline), its xmin horizon, and the
+        outbox's layout: one read for all the partitions of a relay."""
+        try:
+            row = await pool.fetchrow(IDENTITY_SQL)
+            layout = await tenant_db.read_layout(pool, schema)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise TenantDatabaseError(f"reading the database identity failed: {tenant_db.describe(exc)}") from None
+        assert row is not None
+        return f"{row['system_identifier']}/{row['timeline']}", int(row["xmin"]), layout
 
     async def _start_over(self, pool: asyncpg.Pool, schema: str, part: _Partition, identity: str, reason: str) -> None:
         """Reset the partition after a detected restore, with its restored backlog when it has one."""

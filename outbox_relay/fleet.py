@@ -52,6 +52,7 @@ from outbox_relay.engine import (
     backoff_s,
     plan_change,
     plan_keys,
+    restart_reason,
 )
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.fairness import FairScheduler, TargetLimits
@@ -179,6 +180,8 @@ class RelayReader:
         self.notified_at: float | None = None
         self.restart = False
         """Set with ``stop`` when the plan changed but the relay still runs: re-read, keep the partitions."""
+        self.last_scan_full = True
+        """The last read stopped at its limit (rows wait behind it), or none happened yet."""
         self._unwatch: Any = None
         self._task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -513,8 +516,10 @@ class FleetEngine:
             listening = self.tenants.listening(plan.database_id)
             policy = next(iter(reader.lanes.values())).part.relay.policy if reader.lanes else None
             safety_s = self.settings.safety_poll_s if listening else (policy.poll_interval_ms / 1000 if policy else 1.0)
-            if notified_retry:
-                safety_s = min(safety_s, NOTIFIED_RETRY_S[min(notified_retry, len(NOTIFIED_RETRY_S)) - 1])
+            if notified_retry and notified_retry < len(NOTIFIED_RETRY_S):
+                safety_s = min(safety_s, NOTIFIED_RETRY_S[notified_retry - 1])
+            elif notified_retry and policy is not None:
+                safety_s = min(safety_s, policy.poll_interval_ms / 1000)
             await _wait_any([reader.wake, reader.stop], safety_s)
             reader.wake.clear()
             if reader.stop.is_set() or not reader.lanes:
@@ -525,12 +530,10 @@ class FleetEngine:
                 )
                 if reader._unwatch is None:
                     reader._unwatch = self.tenants.watch(plan.database_id, reader.on_insert)
-                for lane in list(reader.lanes.values()):
-                    if lane.partition not in checked:
-                        await self.runner._check_identity(pool, lane.part)
-                        lane.read_pos = lane.part.cursor  # a detected restore starts the partition over
-                        lane.buffer.clear()
-                        checked.add(lane.partition)
+                unchecked = [lane for lane in reader.lanes.values() if lane.partition not in checked]
+                if unchecked:
+                    await self._check_identity(reader, pool, unchecked)
+                    checked.update(lane.partition for lane in unchecked)
                 backlog_waiting = await self._read_backlogs(reader, pool)
                 got = await self._scan(reader, pool)
                 if backlog_waiting:
@@ -552,14 +555,40 @@ class FleetEngine:
             if got is None:  # a full scan: more rows wait (the lanes that have room ask again)
                 notified_retry = 0
                 continue
-            if got == 0 and reader.notified_at is not None and time.monotonic() - reader.notified_at < 5:
+            if got == 0 and reader.notified_at is not None:
+                # the notified row is not readable yet: look again soon, then at the relay's poll
+                # interval for as long as a transaction holds the horizon below it (the lag probe
+                # names that transaction in the status meanwhile)
                 notified_retry = min(notified_retry + 1, len(NOTIFIED_RETRY_S))
-                if notified_retry >= len(NOTIFIED_RETRY_S):
-                    reader.notified_at, notified_retry = None, 0
             else:
                 notified_retry = 0
                 if got:
                     reader.notified_at = None
+
+    async def _check_identity(self, reader: RelayReader, pool: Any, lanes: list[Lane]) -> None:
+        """The engine's restore and failover detection for many lanes at once: one identity read,
+        one restore-state read and one batched identity write for the relay; only a partition that
+        must start over takes the engine's own path."""
+        identity, xmin, layout = await self.runner._read_identity(pool, reader.database.schema)
+        restores = await self.store.restore_states(reader.relay_id, [lane.partition for lane in lanes])
+        unknown: list[Lane] = []
+        for lane in lanes:
+            part = lane.part
+            part.layout, part.restore = layout, restores.get(lane.partition)
+            reason = restart_reason(part, identity, xmin)
+            if reason is not None:
+                log.warning("relay %s partition %s: %s", part.plan.relay_name, lane.partition, reason)
+                await self.runner._start_over(pool, reader.database.schema, part, identity, reason)
+            elif part.lease.system_identifier is None:
+                unknown.append(lane)
+            lane.read_pos = part.cursor  # a detected restore starts the partition over
+            lane.buffer.clear()
+        if unknown:
+            kept = await self.fleet.set_identities([lane.part.lease for lane in unknown], identity)
+            lost = [lane.partition for lane in unknown if (reader.relay_id, lane.partition) not in kept]
+            if lost:
+                await reader.stop_lanes(lost)
+                self.tick.set()
 
     async def _read_backlogs(self, reader: RelayReader, pool: Any) -> bool:
         """Feed the lanes that are resending a restored backlog from their own read (the engine's
@@ -629,7 +658,8 @@ class FleetEngine:
             for partition, lane in open_lanes.items():
                 if partition not in full and lane.read_pos < end:
                     lane.read_pos = end  # nothing of this partition up to ``end`` is left unread
-        if len(rows) >= limit:
+        reader.last_scan_full = len(rows) >= limit
+        if reader.last_scan_full:
             if any(lane.capacity() > 0 for lane in accepting):
                 reader.wake.set()
             return None
@@ -704,37 +734,44 @@ class FleetEngine:
                 log.debug("lag sample failed: %s", exc)
 
     async def _sample_lag(self) -> None:
-        """Per lane: the age of its oldest unpublished row (its buffer, or one index probe after its
-        read position when its buffer is empty and rows may wait); recorded only when it changed."""
+        """Per lane: the age of its oldest unpublished row, recorded only when it changed. A lane
+        with rows buffered knows it. An empty lane of a relay whose last read reached the horizon
+        and that no wake-up left unanswered has nothing waiting (lag 0, no query). Otherwise (the read
+        was full, or a notified row is not readable yet) one index probe per relay gives the age of
+        the next row after the lowest position its empty lanes read to, and, past a few seconds, the
+        transaction holding the horizon back."""
         samples: list[LagSample] = []
         now = datetime.now(UTC)
         for reader in list(self.readers.values()):
-            if not reader.lanes:
-                continue
-            try:
-                pool = await self.tenants.pool(
-                    reader.plan.database_id, reader.plan.database_version, reader.database, reader.database_password
-                )
-            except Exception:
-                continue
+            empty = [lane for lane in reader.lanes.values() if not lane.buffer]
+            waiting_at: datetime | None = None
             stall: dict[str, Any] | None = None
-            probed: dict[Position, datetime | None] = {}
+            if empty and (reader.last_scan_full or reader.notified_at is not None):
+                try:
+                    pool = await self.tenants.pool(
+                        reader.plan.database_id, reader.plan.database_version, reader.database, reader.database_password
+                    )
+                    after = min(lane.read_pos for lane in empty)
+                    waiting_at = await tenant_db.next_row_at(pool, reader.database.schema, after)
+                    if waiting_at is None:
+                        reader.notified_at = None  # nothing waits: the wake-up was answered by an earlier read
+                    if (
+                        waiting_at is not None
+                        and not reader.last_scan_full
+                        and (now - waiting_at).total_seconds() >= STALL_AFTER_S
+                    ):
+                        stall = await self._stall(pool)
+                except Exception as exc:
+                    log.debug("lag probe of relay %s failed: %s", reader.plan.relay_name, exc)
             for lane in list(reader.lanes.values()):
-                if lane.buffer:
-                    oldest: datetime | None = lane.buffer[0].created_at
-                    pending: int | None = len(lane.buffer)
-                else:
-                    if lane.read_pos not in probed:
-                        probed[lane.read_pos] = await tenant_db.next_row_at(pool, reader.database.schema, lane.read_pos)
-                    oldest, pending = probed[lane.read_pos], 0
+                oldest = lane.buffer[0].created_at if lane.buffer else waiting_at
+                pending = len(lane.buffer)
                 lag = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
-                if oldest is not None and not lane.buffer and lag >= STALL_AFTER_S and stall is None:
-                    stall = await self._stall(pool)
-                key = (round(lag, 0), pending)
                 metric_key = (reader.plan.tenant_name, reader.plan.relay_name, reader.plan.target_name, lane.partition)
                 instruments().pending[metric_key] = PendingSample(
-                    labels=lane.part.labels, pending=pending or 0, oldest_age_s=lag
+                    labels=lane.part.labels, pending=pending, oldest_age_s=lag
                 )
+                key = (round(lag, 0), pending)
                 if key != lane.last_lag:
                     lane.last_lag = key
                     samples.append(
@@ -743,7 +780,7 @@ class FleetEngine:
                             lag_s=lag,
                             pending=pending,
                             oldest_at=oldest,
-                            stall=stall if (oldest is not None and not lane.buffer) else None,
+                            stall=stall if not lane.buffer else None,
                         )
                     )
         await self.fleet.record_lag(samples)

@@ -892,26 +892,31 @@ class ControlStore:
 
     async def restore_state(self, relay_id: uuid.UUID, partition: int) -> RestoreState | None:
         """The partition's last detected restore with a backlog, if any."""
-        row = await self.pool.fetchrow(
-            "SELECT restore_policy, restore_state, restore_next_xid, restore_max_id, restore_max_created_at, "
-            "restore_rows, restore_done, restore_detected_at, restore_finished_at "
-            "FROM relay_partitions WHERE relay_id = $1 AND partition = $2 AND restore_state IS NOT NULL",
+        return (await self.restore_states(relay_id, [partition])).get(partition)
+
+    async def restore_states(self, relay_id: uuid.UUID, partitions: list[int]) -> dict[int, RestoreState]:
+        """The last detected restore of each of ``partitions`` that has one, in one query."""
+        rows = await self.pool.fetch(
+            "SELECT partition, restore_policy, restore_state, restore_next_xid, restore_max_id, "
+            "restore_max_created_at, restore_rows, restore_done, restore_detected_at, restore_finished_at "
+            "FROM relay_partitions WHERE relay_id = $1 AND partition = ANY($2::int[]) AND restore_state IS NOT NULL",
             relay_id,
-            partition,
+            partitions,
         )
-        if row is None:
-            return None
-        return RestoreState(
-            policy=row["restore_policy"],
-            state=row["restore_state"],
-            next_xid=row["restore_next_xid"],
-            max_id=row["restore_max_id"],
-            max_created_at=row["restore_max_created_at"],
-            rows=row["restore_rows"],
-            done=row["restore_done"],
-            detected_at=row["restore_detected_at"],
-            finished_at=row["restore_finished_at"],
-        )
+        return {
+            row["partition"]: RestoreState(
+                policy=row["restore_policy"],
+                state=row["restore_state"],
+                next_xid=row["restore_next_xid"],
+                max_id=row["restore_max_id"],
+                max_created_at=row["restore_max_created_at"],
+                rows=row["restore_rows"],
+                done=row["restore_done"],
+                detected_at=row["restore_detected_at"],
+                finished_at=row["restore_finished_at"],
+            )
+            for row in rows
+        }
 
     async def restore_progress(self, lease: Lease, done: int) -> bool:
         """How many backlog rows a resending partition has passed so far (fenced)."""
