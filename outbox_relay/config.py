@@ -39,8 +39,10 @@ class Settings:
     worker_max_jobs: int = 500
     max_batches_in_flight: int = 64
     """Per worker: batches published at once, shared out among tenants in weighted round robin."""
-    safety_poll_s: float = 30.0
-    """How often a relay reads its outbox without being woken, while LISTEN/NOTIFY is healthy."""
+    safety_poll_s: float = 300.0
+    """How often a relay reads its outbox without being woken while LISTEN/NOTIFY is healthy (the
+    LISTEN connection also probes the outbox's newest row every 15 s and wakes the relays when
+    something was committed that no notification told of)."""
     control_pool_size: int = 5
     """Connections a worker holds to the control DB: a pool of this size less one, plus one LISTEN."""
     tenant_pool_size: int = 2

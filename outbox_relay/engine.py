@@ -50,12 +50,15 @@ from outbox_relay.store.control import (
 from outbox_relay.store.events import ControlEvents
 from outbox_relay.telemetry import PendingSample, instruments, labels
 from outbox_relay.tenant import db as tenant_db
-from outbox_relay.tenant.sql import notify_channel, quote_ident
+from outbox_relay.tenant.sql import newest_sql, notify_channel, quote_ident
 
 log = logging.getLogger("outbox_relay.engine")
 tracer = trace.get_tracer("outbox_relay.engine")
 _propagator = TraceContextTextMapPropagator()
 PENDING_CHECK_S = 5.0
+LISTEN_PROBE_S = 15.0
+"""How often a LISTEN connection reads the outbox's newest row: it finds a connection that died
+silently, and wakes the database's readers when something was committed that no notification told."""
 STALL_AFTER_S = 5.0
 MAX_LINKS = 64
 
@@ -125,6 +128,9 @@ class TenantConnections:
         self._watch_ids = itertools.count()
 
     async def pool(self, database_id: uuid.UUID, version: datetime, db: Database, password: str | None) -> asyncpg.Pool:
+        entry = self._dbs.get(database_id)
+        if entry is not None and entry.version == version:  # the common case: no waiting
+            return self._servers[entry.server].pool
         async with self._lock:
             entry = self._dbs.get(database_id)
             if entry is not None and entry.version == version:
@@ -210,9 +216,16 @@ class TenantConnections:
                 await conn.add_listener(channel, wake)
                 entry.listening = True
                 wake()  # catch what was inserted while we were not listening
-                while not conn.is_closed():
-                    await asyncio.sleep(5)
-                    await conn.fetchval("SELECT 1", timeout=self.timeout_s)
+                newest = await conn.fetchrow(newest_sql(db.schema), timeout=self.timeout_s)
+                while not conn.is_closed():  # a closed socket shows at once; a silent one at the probe
+                    await asyncio.sleep(LISTEN_PROBE_S)
+                    # the probe is also the safety net of the wake-ups: a row committed since the last
+                    # probe wakes every reader of the database (one index probe per database, instead
+                    # of each relay polling its outbox)
+                    now = await conn.fetchrow(newest_sql(db.schema), timeout=self.timeout_s)
+                    if now != newest:
+                        newest = now
+                        wake()
             except Exception as exc:
                 log.debug("LISTEN connection lost: %s", exc)
             finally:
@@ -242,15 +255,22 @@ class TenantConnections:
 
 
 class PublisherCache:
-    """One publisher per target and target version, shared by the partitions a worker runs."""
+    """One publisher per target and target version, shared by the partitions a worker runs.
+
+    A cached publisher is returned without waiting; connecting a new one waits only for that
+    target (a lock per target), so a worker that meets 200 new targets at once connects them side
+    by side instead of making every partition of every target queue behind each connect."""
 
     def __init__(self, factory: PublisherFactory) -> None:
         self.factory = factory
         self._publishers: dict[uuid.UUID, tuple[datetime, Publisher]] = {}
-        self._lock = asyncio.Lock()
+        self._locks: dict[uuid.UUID, asyncio.Lock] = {}
 
     async def get(self, target_id: uuid.UUID, version: datetime, target: Target, password: str | None) -> Publisher:
-        async with self._lock:
+        cached = self._publishers.get(target_id)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        async with self._locks.setdefault(target_id, asyncio.Lock()):
             cached = self._publishers.get(target_id)
             if cached is not None and cached[0] == version:
                 return cached[1]
@@ -264,7 +284,7 @@ class PublisherCache:
             return publisher
 
     async def discard(self, target_id: uuid.UUID) -> None:
-        async with self._lock:
+        async with self._locks.setdefault(target_id, asyncio.Lock()):
             cached = self._publishers.pop(target_id, None)
         if cached is not None:
             with contextlib.suppress(Exception):

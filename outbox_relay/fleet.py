@@ -57,6 +57,7 @@ from outbox_relay.engine import (
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.fairness import FairScheduler, TargetLimits
 from outbox_relay.outages import Outages
+from outbox_relay.store import fleet as fleet_store
 from outbox_relay.store.control import Lease, RelayPlan, control_unavailable
 from outbox_relay.store.fleet import CursorWrite, FleetStore, LagSample
 from outbox_relay.telemetry import PendingSample, instruments
@@ -87,6 +88,8 @@ class Lane:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     last_lag: tuple[float | None, int | None] | None = None
+    starved: bool = False
+    """A read left rows of this partition unread because its buffer was full."""
 
     @property
     def partition(self) -> int:
@@ -129,7 +132,8 @@ class CursorWriter:
                 moved = await self.fleet.advance_cursors([w for w, _ in batch])
                 break
             except Exception as exc:
-                if not control_unavailable(exc) or time.monotonic() >= self._lease_until():
+                transient = control_unavailable(exc) or fleet_store.transient(exc)
+                if not transient or time.monotonic() >= self._lease_until():
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
@@ -182,6 +186,11 @@ class RelayReader:
         """Set with ``stop`` when the plan changed but the relay still runs: re-read, keep the partitions."""
         self.last_scan_full = True
         """The last read stopped at its limit (rows wait behind it), or none happened yet."""
+        self.moved = False
+        """A read moved a lane's read position since the idle cursors were last stored."""
+        self.quiet = False
+        """Nothing read, buffered or waiting since the last lag sample reported every lane at zero:
+        the sampler skips the relay (an idle fleet costs no Python per partition)."""
         self._unwatch: Any = None
         self._task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -210,6 +219,7 @@ class RelayReader:
         partitions = self.plan.partitions
         if buckets is None or any(b % partitions in self.lanes for b in buckets):
             self.notified_at = time.monotonic()
+            self.quiet = False
             self.wake.set()
 
     async def stop_lanes(self, partitions: Iterable[int] | None = None) -> list[Lane]:
@@ -645,6 +655,7 @@ class FleetEngine:
                 continue
             if lane.capacity() <= 0:
                 full.add(partition)
+                lane.starved = True
                 continue
             fence = lane.part.restore
             if fence is not None and row.id <= fence.max_id and row.created_at <= fence.max_created_at:
@@ -653,13 +664,18 @@ class FleetEngine:
             lane.buffer.append(row)
             lane.read_pos = position
             lane.ready.set()
+            reader.quiet = False
         if rows:
             end = (rows[-1][1].txid, rows[-1][1].id)
             for partition, lane in open_lanes.items():
                 if partition not in full and lane.read_pos < end:
                     lane.read_pos = end  # nothing of this partition up to ``end`` is left unread
+                    reader.moved = True
         reader.last_scan_full = len(rows) >= limit
-        if reader.last_scan_full:
+        if reader.last_scan_full:  # rows wait behind the limit: read on, now or once a full lane has room
+            for lane in accepting:
+                if lane.capacity() <= 0:
+                    lane.starved = True
             if any(lane.capacity() > 0 for lane in accepting):
                 reader.wake.set()
             return None
@@ -716,7 +732,8 @@ class FleetEngine:
                 continue
             while lane.buffer and (lane.buffer[0].txid, lane.buffer[0].id) <= part.cursor:
                 lane.buffer.popleft()
-            if lane.capacity() >= part.relay.policy.batch_size:
+            if lane.starved and lane.capacity() >= part.relay.policy.batch_size:
+                lane.starved = False  # it left rows unread for want of room: read on now
                 reader.wake.set()
 
     async def _publisher(self, reader: RelayReader) -> Publisher:
@@ -743,6 +760,8 @@ class FleetEngine:
         samples: list[LagSample] = []
         now = datetime.now(UTC)
         for reader in list(self.readers.values()):
+            if reader.quiet:
+                continue
             empty = [lane for lane in reader.lanes.values() if not lane.buffer]
             waiting_at: datetime | None = None
             stall: dict[str, Any] | None = None
@@ -763,6 +782,7 @@ class FleetEngine:
                         stall = await self._stall(pool)
                 except Exception as exc:
                     log.debug("lag probe of relay %s failed: %s", reader.plan.relay_name, exc)
+            reader.quiet = not reader.last_scan_full and reader.notified_at is None and waiting_at is None
             for lane in list(reader.lanes.values()):
                 oldest = lane.buffer[0].created_at if lane.buffer else waiting_at
                 pending = len(lane.buffer)
@@ -772,6 +792,8 @@ class FleetEngine:
                     labels=lane.part.labels, pending=pending, oldest_age_s=lag
                 )
                 key = (round(lag, 0), pending)
+                if pending or lag:
+                    reader.quiet = False
                 if key != lane.last_lag:
                     lane.last_lag = key
                     samples.append(
@@ -783,15 +805,19 @@ class FleetEngine:
                             stall=stall if not lane.buffer else None,
                         )
                     )
+        quiet = [reader for reader in self.readers.values() if reader.quiet]
         await self.fleet.record_lag(samples)
-        await self._advance_idle_cursors()
+        await self._advance_idle_cursors(
+            [reader for reader in self.readers.values() if reader not in quiet or reader.moved]
+        )
 
-    async def _advance_idle_cursors(self) -> None:
+    async def _advance_idle_cursors(self, readers: list[RelayReader]) -> None:
         """Move the stored cursor of a lane with nothing buffered, in flight or retrying up to where
         its reads got (rows of other partitions passed by): a worker taking the partition over later,
         and outbox maintenance, then start from there instead of from the lane's last own row."""
         writes: list[CursorWrite] = []
-        for reader in list(self.readers.values()):
+        for reader in readers:
+            reader.moved = False
             for lane in list(reader.lanes.values()):
                 if (
                     not lane.buffer

@@ -24,13 +24,15 @@ async def maintain_outboxes(ctx: dict[str, Any]) -> int:
     tenants: TenantConnections = ctx["tenants"]
     secrets: SecretBox = ctx["secrets"]
     dropped = 0
-    for row in await store.databases_with_relays():
+    databases = await store.databases_with_relays()
+    cursors_of = await store.relay_cursors_of([row["id"] for row in databases])
+    for row in databases:
         database = msgspec.json.decode(row["spec"], type=Database)
         error = None
         try:
             relays = [
                 RelayCursors(partitions=n, retention_hours=hours, cursors=cursors)
-                for n, hours, cursors in await store.relay_cursors(row["id"])
+                for n, hours, cursors in cursors_of.get(row["id"], [])
             ]
             password = secrets.decrypt(bytes(row["secret"])) if row["secret"] else None
             pool = await tenants.pool(row["id"], row["updated_at"], database, password)

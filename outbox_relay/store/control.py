@@ -960,26 +960,31 @@ class ControlStore:
 
     async def relay_cursors(self, database_id: uuid.UUID) -> list[tuple[int, int, dict[int, tuple[int, int]]]]:
         """(partitions, retention_hours, {partition: cursor}) of every relay reading the database."""
+        return (await self.relay_cursors_of([database_id])).get(database_id, [])
+
+    async def relay_cursors_of(
+        self, database_ids: list[uuid.UUID]
+    ) -> dict[uuid.UUID, list[tuple[int, int, dict[int, tuple[int, int]]]]]:
+        """:meth:`relay_cursors` of many databases in one query (one maintenance run reads every
+        partition's cursor once, not once per database)."""
         rows = await self.pool.fetch(
-            "SELECT r.id, r.partitions, coalesce((r.spec->'policy'->>'retention_hours')::int, 168) AS retention, "
+            "SELECT r.database_id, r.id, r.partitions, "
+            "coalesce((r.spec->'policy'->>'retention_hours')::int, 168) AS retention, "
             "array_agg(p.partition ORDER BY p.partition) AS parts, "
             # a partition still reading a restored backlog has read nothing of the rest yet
             "array_agg(CASE WHEN p.restore_state = 'resending' THEN 0 ELSE p.cursor_txid END "
             "ORDER BY p.partition) AS txids, "
             "array_agg(CASE WHEN p.restore_state = 'resending' THEN 0 ELSE p.cursor_id END "
             "ORDER BY p.partition) AS ids "
-            "FROM relays r JOIN relay_partitions p ON p.relay_id = r.id WHERE r.database_id = $1 "
-            "GROUP BY r.id, r.partitions, r.spec",
-            database_id,
+            "FROM relays r JOIN relay_partitions p ON p.relay_id = r.id WHERE r.database_id = ANY($1::uuid[]) "
+            "GROUP BY r.id",
+            database_ids,
         )
-        return [
-            (
-                r["partitions"],
-                r["retention"],
-                {p: (tx, i) for p, tx, i in zip(r["parts"], r["txids"], r["ids"], strict=True)},
-            )
-            for r in rows
-        ]
+        out: dict[uuid.UUID, list[tuple[int, int, dict[int, tuple[int, int]]]]] = {}
+        for r in rows:
+            cursors = {p: (tx, i) for p, tx, i in zip(r["parts"], r["txids"], r["ids"], strict=True)}
+            out.setdefault(r["database_id"], []).append((r["partitions"], r["retention"], cursors))
+        return out
 
     async def record_maintenance(self, database_id: uuid.UUID, error: str | None) -> None:
         await self.pool.execute(

@@ -10,16 +10,35 @@ over ``relays`` and an index on ``lease_holder``), and claims or releases only w
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
 from outbox_relay.store.control import Lease, lease_of
+
+T = TypeVar("T")
+
+
+def _serialized(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(method)
+    async def run(self: FleetStore, *args: Any, **kwargs: Any) -> T:
+        async with self._writes:
+            return await method(self, *args, **kwargs)
+
+    return run
+
+
+def transient(exc: BaseException) -> bool:
+    """A statement that failed for a reason a retry clears (a deadlock, a serialization failure)."""
+    return isinstance(exc, asyncpg.DeadlockDetectedError | asyncpg.SerializationError)
+
 
 NOTIFY_MEMBERSHIP = "SELECT pg_notify('outbox_relay_config', 'fleet:membership')"
 """Heard by every worker's control-events connection: rebalance now, not at the next tick."""
@@ -73,8 +92,13 @@ _OWNED_COLUMNS = (
 
 
 class FleetStore:
+    """The fleet's statements. A worker's writes to its own partitions (cursors, lag, identities,
+    claims and releases) go one at a time (``_writes``): two batched updates of overlapping rows in
+    different orders would deadlock each other; other workers' rows are disjoint from ours."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._writes = asyncio.Lock()
 
     async def register(self, key: str) -> None:
         """Join the fleet; the others hear it (``fleet:membership``) and make room at once."""
@@ -122,6 +146,7 @@ class FleetStore:
             free=int(row["free"]),
         )
 
+    @_serialized
     async def claim(self, key: str, limit: int) -> int:
         """Take up to ``limit`` free partitions of enabled relays (compare-and-set, bumping each
         epoch), lowest partition numbers of every relay first: a relay's partitions spread over the
@@ -149,6 +174,7 @@ class FleetStore:
         )
         return [lease_of(r, relay_id=r["relay_id"], partition=r["partition"], holder=r["lease_holder"]) for r in rows]
 
+    @_serialized
     async def release(self, key: str, partitions: Iterable[tuple[uuid.UUID, int]]) -> int:
         """Give partitions back (after their lanes flushed); only those still ours."""
         relays, parts = [], []
@@ -167,6 +193,7 @@ class FleetStore:
         )
         return int(result.split()[-1])
 
+    @_serialized
     async def release_disabled(self, key: str) -> int:
         """Free this worker's partitions of relays that were disabled."""
         result = await self.pool.execute(
@@ -176,6 +203,7 @@ class FleetStore:
         )
         return int(result.split()[-1])
 
+    @_serialized
     async def deregister(self, key: str) -> None:
         """Leave the fleet at once (SIGTERM): free every partition, delete the membership row."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -185,6 +213,7 @@ class FleetStore:
             await conn.execute("DELETE FROM workers WHERE key = $1", key)
             await conn.execute(NOTIFY_MEMBERSHIP)
 
+    @_serialized
     async def advance_cursors(self, writes: Sequence[CursorWrite]) -> set[tuple[uuid.UUID, int]]:
         """Move many partitions' cursors in one fenced statement; returns the ones that moved
         (a partition missing from the result was taken over: its lane must stop)."""
@@ -210,6 +239,7 @@ class FleetStore:
         )
         return {(r["relay_id"], r["partition"]) for r in rows}
 
+    @_serialized
     async def advance_idle_cursors(self, writes: Sequence[CursorWrite]) -> None:
         """Move idle partitions' cursors forward only (fenced): a lane's own write of a later
         position may have landed meanwhile, and a cursor never goes back."""
@@ -228,6 +258,7 @@ class FleetStore:
             [w.row_id for w in writes],
         )
 
+    @_serialized
     async def record_lag(self, samples: Sequence[LagSample]) -> None:
         """What the owners last saw of their partitions' backlog, in one statement (only changed ones)."""
         if not samples:
@@ -247,6 +278,7 @@ class FleetStore:
             [json.dumps(s.stall) if s.stall is not None else None for s in samples],
         )
 
+    @_serialized
     async def set_identities(self, leases: Sequence[Lease], identity: str) -> set[tuple[uuid.UUID, int]]:
         if not leases:
             return set()

@@ -185,6 +185,15 @@ def scan_sql(schema: str, version: int = SCHEMA_VERSION) -> str:
     )
 
 
+def newest_sql(schema: str) -> str:
+    """The position of the newest committed row (one backward index probe): what the LISTEN
+    connection compares between two of its probes."""
+    return (
+        f"SELECT o.txid::text::bigint AS txid, o.id FROM {quote_ident(schema)}.outbox AS o "
+        "ORDER BY o.txid DESC, o.id DESC LIMIT 1"
+    )
+
+
 def next_row_sql(schema: str) -> str:
     """The insert time of the first row after a position, committed or not yet below the horizon:
     one index probe, the lag of the partitions reading from there. $1 txid, $2 id."""
