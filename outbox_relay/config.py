@@ -43,6 +43,9 @@ class Settings:
     """How often a relay reads its outbox without being woken while LISTEN/NOTIFY is healthy (the
     LISTEN connection also probes the outbox's newest row every 15 s and wakes the relays when
     something was committed that no notification told of)."""
+    maintenance_interval_s: float = 3600.0
+    """How often each tenant outbox is maintained (daily partitions made a week ahead, passed ones
+    dropped); the job runs every minute and takes the share of databases that fell due."""
     control_pool_size: int = 5
     """Connections a worker holds to the control DB: a pool of this size less one, plus one LISTEN."""
     tenant_pool_size: int = 2

@@ -19,12 +19,15 @@ CONTROL_DB = "the control database"
 
 
 async def maintain_outboxes(ctx: dict[str, Any]) -> int:
-    """Create partitions ahead and drop passed ones in every tenant database a relay reads."""
+    """Create partitions ahead and drop passed ones in the tenant databases a relay reads: each about
+    every ``maintenance_interval_s`` (partitions are made a week ahead), a share of them a minute."""
     store: ControlStore = ctx["store"]
     tenants: TenantConnections = ctx["tenants"]
     secrets: SecretBox = ctx["secrets"]
     dropped = 0
-    databases = await store.databases_with_relays()
+    settings = ctx.get("settings")
+    interval_s = settings.maintenance_interval_s if settings is not None else 0.0
+    databases = await store.databases_with_relays(due_after_s=interval_s, spread_s=60.0)
     cursors_of = await store.relay_cursors_of([row["id"] for row in databases])
     for row in databases:
         database = msgspec.json.decode(row["spec"], type=Database)

@@ -79,6 +79,7 @@ def worker_settings(settings: Settings | None = None, *, data_plane: bool = True
             secrets=SecretBox(settings.secret_keys),
             runner=runner,
             fleet=fleet,
+            settings=settings,
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:

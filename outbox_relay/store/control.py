@@ -950,11 +950,20 @@ class ControlStore:
         rows = await self.pool.fetch(_select("relays") + " WHERE tenant_id = $1 ORDER BY name", tenant_id)
         return [_resource(r) for r in rows]
 
-    async def databases_with_relays(self) -> list[dict[str, Any]]:
-        """Tenant databases some relay reads (the ones outbox maintenance looks after)."""
+    async def databases_with_relays(self, *, due_after_s: float = 0.0, spread_s: float = 60.0) -> list[dict[str, Any]]:
+        """Tenant databases some relay reads (the ones outbox maintenance looks after) and that were
+        not maintained in the last ``due_after_s``, least recently maintained first; at most a
+        ``spread_s / due_after_s`` share of them (at least one), so that a run every ``spread_s``
+        maintains each about every ``due_after_s`` without all of them falling due in one run."""
         rows = await self.pool.fetch(
-            "SELECT d.id, d.spec::text AS spec, d.secret, d.updated_at FROM databases d "
-            "WHERE EXISTS (SELECT 1 FROM relays r WHERE r.database_id = d.id) ORDER BY d.id"
+            "WITH read AS (SELECT d.id, d.spec::text AS spec, d.secret, d.updated_at, d.maintained_at "
+            "FROM databases d WHERE EXISTS (SELECT 1 FROM relays r WHERE r.database_id = d.id)) "
+            "SELECT id, spec, secret, updated_at FROM read "
+            "WHERE maintained_at IS NULL OR maintained_at < now() - make_interval(secs => $1) "
+            "ORDER BY maintained_at NULLS FIRST, id "
+            "LIMIT CASE WHEN $1 <= $2 THEN NULL ELSE greatest(1, ceil((SELECT count(*) FROM read) * $2 / $1))::int END",
+            due_after_s,
+            spread_s,
         )
         return [dict(r) for r in rows]
 
