@@ -104,7 +104,7 @@ def preload_sql(rows: int, rows_per_tx: int, *, topic: str = "bulk", keys: int =
     INSERT statement when that is all of them), written server-side."""
     select = (
         f"SELECT '{topic}', 'key-' || lpad((g % {keys})::text, 5, '0'), "
-        "convert_to(json_build_object('order_id', g, 'state', 'paid', 'amount_cents', (g * 7919) % 100000, "
+        "convert_to(json_build_object('order_id', g, 'state', 'paid', 'amount_cents', (g::bigint * 7919) % 100000, "
         "'customer', 'customer-' || (g % 997), 'note', repeat('x', 100))::text, 'UTF8'), "
         '\'{"source": "fleet-bench"}\'::jsonb'
     )

@@ -179,6 +179,9 @@ class RelayReader:
         self.database_password = engine.runner._decrypt(plan.database_secret)
         self.target_password = engine.runner._decrypt(plan.target_secret)
         self.lanes: dict[int, Lane] = {}
+        # one log line when this relay's database or target goes away, one when it is back
+        self.database_outage = f"tenant {plan.tenant_name}: database of relay {plan.relay_name}"
+        self.target_outage = f"tenant {plan.tenant_name}: target {plan.target_name}"
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
         self.notified_at: float | None = None
@@ -546,6 +549,7 @@ class FleetEngine:
                     checked.update(lane.partition for lane in unchecked)
                 backlog_waiting = await self._read_backlogs(reader, pool)
                 got = await self._scan(reader, pool)
+                self.outages.up(reader.database_outage)
                 if backlog_waiting:
                     notified_retry = max(notified_retry, len(NOTIFIED_RETRY_S) - 3)  # look again soon
                 failures = 0
@@ -555,6 +559,7 @@ class FleetEngine:
                 continue
             except (TenantDatabaseError, AddressNotAllowed) as exc:
                 failures += 1
+                self.outages.down(reader.database_outage, exc)
                 for lane in reader.lanes.values():
                     with contextlib.suppress(Exception):
                         await self.store.record_error(lane.part.lease, str(exc), "database_unavailable")
@@ -703,8 +708,10 @@ class FleetEngine:
                     publisher = await self._publisher(reader)
                     await self.runner._publish(publisher, part, rows)
                 failures = 0
+                self.outages.up(reader.target_outage)
             except TargetUnavailable as exc:
                 failures += 1
+                self.outages.down(reader.target_outage, exc)
                 with contextlib.suppress(Exception):
                     await self.store.record_error(part.lease, f"target unavailable: {exc}", "target_unavailable")
                 policy = part.relay.policy
