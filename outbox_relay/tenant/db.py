@@ -89,25 +89,6 @@ def derived_message_id(namespace: uuid.UUID, txid: int, row_id: int) -> str:
     return str(uuid.uuid5(namespace, f"{txid}:{row_id}"))
 
 
-def check_dsn(dsn: str) -> None:
-    """Refuse DSNs the service cannot or must not use; raises ValueError with the reason."""
-    parts = urlsplit(dsn)
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError("dsn must start with postgresql://")
-    if parts.password is not None:
-        raise ValueError("dsn must not contain a password: send it in the write-only `password` field")
-    if not parts.hostname:
-        raise ValueError("dsn must name a host")
-    if not parts.path.strip("/"):
-        raise ValueError("dsn must name a database (postgresql://user@host:5432/dbname)")
-    if not parts.username:
-        raise ValueError("dsn must name a user (postgresql://user@host:5432/dbname)")
-    try:
-        hosts_of(parts.netloc, 5432)
-    except ValueError:
-        raise ValueError("dsn has an invalid port") from None
-
-
 async def check_address(dsn: str, policy: AddressPolicy) -> None:
     """Check every address the DSN's hosts have (AddressNotAllowed); informs only, see :func:`connect`."""
     await policy.resolve_all(hosts_of(urlsplit(dsn).netloc, 5432))
