@@ -27,7 +27,6 @@ import functools
 import json
 import math
 import os
-import platform
 import random
 import secrets
 import signal
@@ -60,6 +59,7 @@ from fleet_infra import (
     start_process,
     tcp_port_owners,
 )
+from infra import machine
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ADMIN_KEY = "fleet-bench-admin-key"
@@ -1633,22 +1633,6 @@ def table(results: dict[str, Any], errors: dict[str, str], selected: list[str], 
 
 
 # --- the run -------------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def forget_old_logs(keep_runs: int = 3) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import platform
 import secrets
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -28,6 +30,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.brokers import free_port, listening, tansu_command
 
 PG_HOST = os.environ.get("BENCH_PG_HOST", "127.0.0.1")
+
+
+def machine() -> dict[str, Any]:
+    """What a bench's report says of the machine it ran on."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 PG_PORT = int(os.environ.get("BENCH_PG_PORT", "5432"))
 PG_USER = os.environ.get("BENCH_PG_USER", "postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import platform
 import signal
 import sys
 import time
@@ -57,7 +56,7 @@ from outbox_relay.tenant.db import OutboxRow
 from service.app import create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from infra import REDIS_URL, HorizonWatch, Scratch, cpu_seconds, delete_redis_keys, log, pg_dsn, redis_db_url
+from infra import REDIS_URL, HorizonWatch, Scratch, cpu_seconds, delete_redis_keys, log, machine, pg_dsn, redis_db_url
 from kits import KafkaKit, Kit, RabbitMQKit, RedisKit, target_spec
 
 ADMIN_KEY = "bench-admin-key"
@@ -428,22 +427,6 @@ async def bench_broker(kit: Kit, scratch: Scratch, api: Api, args: argparse.Name
 
 
 # --- the run ---------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

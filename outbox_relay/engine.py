@@ -385,6 +385,32 @@ class LeaseLost(Exception):
     pass
 
 
+async def horizon_stall(pool: asyncpg.Pool) -> dict[str, Any] | None:
+    """The transaction holding the xmin horizon back, as the status's stall cause, when it has been
+    open for ``STALL_AFTER_S`` or more; None otherwise."""
+    blocker = await pool.fetchrow(BLOCKER_SQL)
+    if blocker is None or blocker["age_s"] is None or blocker["age_s"] < STALL_AFTER_S:
+        return None
+    return {
+        "cause": "long_running_transaction",
+        "pid": blocker["pid"],
+        "age_s": round(float(blocker["age_s"]), 1),
+        "state": blocker["state"],
+        # the horizon is server-wide: the holder may be in another database
+        "database": blocker["datname"],
+    }
+
+
+async def wait_any(events: list[asyncio.Event], timeout_s: float | None) -> None:
+    """Return when one of ``events`` is set or after ``timeout_s`` (None: no timeout)."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 def restart_reason(part: _Partition, identity: str, xmin: int) -> str | None:
     """Why the partition must start over (a restore or failover of its database), or None."""
     known = part.lease.system_identifier
@@ -568,12 +594,7 @@ class RelayRunner:
 
     async def _sleep(self, part: _Partition, seconds: float, *events: asyncio.Event) -> None:
         """Sleep up to ``seconds``; wake early when the slice must stop or one of ``events`` fires."""
-        waits = [asyncio.ensure_future(e.wait()) for e in (part.stop, *events)]
-        try:
-            await asyncio.wait(waits, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+        await wait_any([part.stop, *events], max(0.0, seconds))
 
     async def _fenced(self, part: _Partition, write: Callable[[], Awaitable[bool]]) -> bool:
         """A fenced write that rides out a control-DB blip: retried with backoff while the lease is
@@ -796,18 +817,7 @@ class RelayRunner:
             )
             assert row is not None
             pending, oldest = int(row["pending"]), row["oldest"]
-            stall = None
-            if pending and part.last_poll_empty:
-                blocker = await pool.fetchrow(BLOCKER_SQL)
-                if blocker is not None and blocker["age_s"] is not None and blocker["age_s"] >= STALL_AFTER_S:
-                    stall = {
-                        "cause": "long_running_transaction",
-                        "pid": blocker["pid"],
-                        "age_s": round(float(blocker["age_s"]), 1),
-                        "state": blocker["state"],
-                        # the horizon is server-wide: the holder may be in another database
-                        "database": blocker["datname"],
-                    }
+            stall = await horizon_stall(pool) if pending and part.last_poll_empty else None
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.debug("pending check failed: %s", exc)
             return

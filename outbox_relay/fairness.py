@@ -413,6 +413,8 @@ class TargetLimits:
         """Apply a changed policy now, to waiting batches too (see :meth:`TokenBucket.update`; a lower
         in-flight bound takes effect as batches finish, a higher one admits waiters at once)."""
         _check_max_in_flight(max_in_flight)
+        if rate_per_s == self._bucket.rate_per_s and max_in_flight == self._gate.limit:
+            return  # unchanged: keep the tokens earned and let waiters be (callers re-apply per batch)
         self._bucket.update(rate_per_s=rate_per_s)
         self._gate.resize(max_in_flight)
 

@@ -44,19 +44,20 @@ from outbox_relay.brokers.base import Publisher
 from outbox_relay.config import Settings
 from outbox_relay.domain import Database, Target
 from outbox_relay.engine import (
-    BLOCKER_SQL,
     STALL_AFTER_S,
     LeaseLost,
     RelayRunner,
     _Partition,
     backoff_s,
+    horizon_stall,
     plan_change,
     plan_keys,
     restart_reason,
+    wait_any,
 )
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.fairness import FairScheduler, TargetLimits
-from outbox_relay.outages import Outages
+from outbox_relay.outages import CONTROL_DB, Outages
 from outbox_relay.store import fleet as fleet_store
 from outbox_relay.store.control import Lease, RelayPlan, control_unavailable
 from outbox_relay.store.fleet import CursorWrite, FleetStore, LagSample
@@ -64,7 +65,6 @@ from outbox_relay.telemetry import PendingSample, instruments
 from outbox_relay.tenant import db as tenant_db
 
 log = logging.getLogger("outbox_relay.fleet")
-CONTROL_DB = "the control database"
 LANE_BUFFER_BATCHES = 4
 """A lane buffers up to this many batches of rows; beyond, the reader leaves its rows for later."""
 SCAN_MIN_ROWS = 500
@@ -353,7 +353,7 @@ class FleetEngine:
                 waits = [self.tick]
                 if any_relay is not None:
                     waits.append(any_relay)
-                await _wait_any(waits, interval)
+                await wait_any(waits, interval)
                 self.tick.clear()
                 if any_relay is not None:
                     any_relay.clear()
@@ -533,7 +533,7 @@ class FleetEngine:
                 safety_s = min(safety_s, NOTIFIED_RETRY_S[notified_retry - 1])
             elif notified_retry and policy is not None:
                 safety_s = min(safety_s, policy.poll_interval_ms / 1000)
-            await _wait_any([reader.wake, reader.stop], safety_s)
+            await wait_any([reader.wake, reader.stop], safety_s)
             reader.wake.clear()
             if reader.stop.is_set() or not reader.lanes:
                 continue
@@ -564,7 +564,7 @@ class FleetEngine:
                     with contextlib.suppress(Exception):
                         await self.store.record_error(lane.part.lease, str(exc), "database_unavailable")
                     break
-                await _wait_any([reader.stop], backoff_s(failures, base_s=0.5, cap_s=30))
+                await wait_any([reader.stop], backoff_s(failures, base_s=0.5, cap_s=30))
                 reader.wake.set()
                 continue
             if got is None:  # a full scan: more rows wait (the lanes that have room ask again)
@@ -693,13 +693,13 @@ class FleetEngine:
         failures = 0
         while not part.stop.is_set():
             if not lane.buffer:
-                await _wait_any([lane.ready, part.stop], None)
+                await wait_any([lane.ready, part.stop], None)
                 lane.ready.clear()
                 continue
             if part.retry is not None and part.retry.next_at is not None:
                 wait = (part.retry.next_at - datetime.now(UTC)).total_seconds()
                 if wait > 0:
-                    await _wait_any([part.stop], wait)
+                    await wait_any([part.stop], wait)
                     continue
             rows = list(lane.buffer)[: part.relay.policy.batch_size]
             try:
@@ -716,13 +716,13 @@ class FleetEngine:
                     await self.store.record_error(part.lease, f"target unavailable: {exc}", "target_unavailable")
                 policy = part.relay.policy
                 delay = backoff_s(failures, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000)
-                await _wait_any([part.stop], delay)
+                await wait_any([part.stop], delay)
                 continue
             except (TenantDatabaseError, AddressNotAllowed) as exc:
                 failures += 1
                 with contextlib.suppress(Exception):
                     await self.store.record_error(part.lease, str(exc), "database_unavailable")
-                await _wait_any([part.stop], backoff_s(failures, base_s=0.5, cap_s=30))
+                await wait_any([part.stop], backoff_s(failures, base_s=0.5, cap_s=30))
                 continue
             except LeaseLost:
                 log.warning("partition %s of relay %s was taken over", part.lease.partition, plan.relay_name)
@@ -735,7 +735,7 @@ class FleetEngine:
                 else:
                     log.exception("relay %s partition %s: batch failed", plan.relay_name, part.lease.partition)
                 failures += 1
-                await _wait_any([part.stop], backoff_s(failures, base_s=0.2, cap_s=10))
+                await wait_any([part.stop], backoff_s(failures, base_s=0.2, cap_s=10))
                 continue
             while lane.buffer and (lane.buffer[0].txid, lane.buffer[0].id) <= part.cursor:
                 lane.buffer.popleft()
@@ -786,7 +786,7 @@ class FleetEngine:
                         and not reader.last_scan_full
                         and (now - waiting_at).total_seconds() >= STALL_AFTER_S
                     ):
-                        stall = await self._stall(pool)
+                        stall = await horizon_stall(pool)
                 except Exception as exc:
                     log.debug("lag probe of relay %s failed: %s", reader.plan.relay_name, exc)
             reader.quiet = not reader.last_scan_full and reader.notified_at is None and waiting_at is None
@@ -843,30 +843,9 @@ class FleetEngine:
             if moved is not None and moved.part.lease.epoch == write.lease.epoch:
                 moved.part.cursor = max(moved.part.cursor, (write.txid, write.row_id))
 
-    async def _stall(self, pool: Any) -> dict[str, Any] | None:
-        blocker = await pool.fetchrow(BLOCKER_SQL)
-        if blocker is None or blocker["age_s"] is None or blocker["age_s"] < STALL_AFTER_S:
-            return None
-        return {
-            "cause": "long_running_transaction",
-            "pid": blocker["pid"],
-            "age_s": round(float(blocker["age_s"]), 1),
-            "state": blocker["state"],
-            "database": blocker["datname"],
-        }
-
 
 def _resending(lane: Lane) -> bool:
     return lane.part.restore is not None and lane.part.restore.state == "resending"
-
-
-async def _wait_any(events: list[asyncio.Event], timeout_s: float | None) -> None:
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 __all__ = ["CursorWriter", "FleetEngine", "Lane", "RelayReader"]

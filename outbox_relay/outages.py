@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 log = logging.getLogger("outbox_relay.outages")
+CONTROL_DB = "the control database"
 
 
 class Outages:

@@ -15,7 +15,6 @@ from outbox_relay.maintenance import RelayCursors, maintain
 from outbox_relay.store.control import ControlStore
 
 log = logging.getLogger("outbox_relay.workers")
-CONTROL_DB = "the control database"
 
 
 async def maintain_outboxes(ctx: dict[str, Any]) -> int:

@@ -16,11 +16,11 @@ from outbox_relay.domain import Target
 from outbox_relay.engine import PublisherCache, RelayRunner, TenantConnections
 from outbox_relay.fleet import FleetEngine
 from outbox_relay.netguard import AddressPolicy
-from outbox_relay.outages import Outages
+from outbox_relay.outages import CONTROL_DB, Outages
 from outbox_relay.store.control import ControlStore, control_unavailable
 from outbox_relay.store.events import ControlEvents
 from outbox_relay.store.fleet import FleetStore
-from workers.jobs import CONTROL_DB, maintain_outboxes
+from workers.jobs import maintain_outboxes
 from workers.replay import replay_dead_letters
 
 
