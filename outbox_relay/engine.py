@@ -32,6 +32,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from outbox_relay.brokers.base import OutgoingMessage, Publisher, PublishResult
+from outbox_relay.brokers.grouped import GroupPublisher
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Database, Relay, Target, route
@@ -257,7 +258,9 @@ class TenantConnections:
 class PublisherCache:
     """One publisher per target and target version, shared by the partitions a worker runs.
 
-    A cached publisher is returned without waiting; connecting a new one waits only for that
+    Each is a :class:`~outbox_relay.brokers.grouped.GroupPublisher`: the batches its partitions hand
+    it in one event-loop turn go to the broker in one round trip. A cached publisher is returned
+    without waiting; connecting a new one waits only for that
     target (a lock per target), so a worker that meets 200 new targets at once connects them side
     by side instead of making every partition of every target queue behind each connect."""
 
@@ -279,7 +282,7 @@ class PublisherCache:
                 with contextlib.suppress(Exception):
                     await cached[1].close()
             usable_target(target)  # before the factory resolves any of its hosts
-            publisher = await self.factory(target, password)
+            publisher: Publisher = GroupPublisher(await self.factory(target, password))
             self._publishers[target_id] = (version, publisher)
             return publisher
 
@@ -314,6 +317,13 @@ BLOCKER_SQL = (
     "WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
     "ORDER BY age(backend_xid) DESC LIMIT 1"
 )
+
+
+def traced() -> bool:
+    """Whether this process records spans (a tracer provider was installed: ``telemetry.configure``
+    with an OTLP exporter, or a test's): the per-batch spans are skipped otherwise, since even the
+    API's no-op spans cost a context switch of their own per batch."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 def producer_links(messages: list[OutgoingMessage]) -> list[Link]:
@@ -370,6 +380,20 @@ class _Partition:
         return labels(self.plan.tenant_name, self.plan.relay_name, self.plan.target_name)
 
 
+@dataclass(slots=True)
+class OutboxBatch:
+    """One partition's rows on their way to the broker (:meth:`RelayRunner.prepare`)."""
+
+    part: _Partition
+    rows: list[tenant_db.OutboxRow]
+    """The rows this batch settles: up to an over-size one, or only the first while one is retried."""
+    messages: list[OutgoingMessage | None]
+    """Per row: its message, or None for a row the topic mapping does not route (skipped)."""
+    sendable: list[OutgoingMessage]
+    too_big: tuple[tenant_db.OutboxRow, OutgoingMessage | None] | None
+    """The over-size row that ended the batch: dead-lettered once everything before it is acked."""
+
+
 @dataclass(frozen=True, slots=True)
 class SliceResult:
     outcome: str
@@ -399,6 +423,16 @@ async def horizon_stall(pool: asyncpg.Pool) -> dict[str, Any] | None:
         # the horizon is server-wide: the holder may be in another database
         "database": blocker["datname"],
     }
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float | None) -> None:
+    """Return when ``event`` is set or after ``timeout_s`` (None: no timeout). Unlike
+    :func:`wait_any`, no task per wait: the fleet's lanes and readers wait this way on every batch."""
+    if event.is_set():
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
 
 
 async def wait_any(events: list[asyncio.Event], timeout_s: float | None) -> None:
@@ -686,66 +720,121 @@ class RelayRunner:
 
     async def _publish(self, publisher: Publisher, part: _Partition, rows: list[tenant_db.OutboxRow]) -> None:
         """Publish one polled batch; move the cursor over what the broker took; charge refusals."""
+        if await self.publish_batches(publisher, [self.prepare(part, rows)]):
+            raise LeaseLost()
+
+    def prepare(self, part: _Partition, rows: list[tenant_db.OutboxRow]) -> OutboxBatch:
+        """The messages of a partition's next batch, cut before an over-size payload."""
         policy = part.relay.policy
         if part.retry is not None:
             # while a refused message is retried, send it alone: the messages behind it (its key's
             # later ones among them) must not overtake it again and again
             rows = rows[:1]
         messages = build_messages(part.relay, part.plan.relay_name, rows)
-        oversize: int | None = None
+        too_big: tuple[tenant_db.OutboxRow, OutgoingMessage | None] | None = None
         for index, message in enumerate(messages):
             if message is not None and len(message.payload) > policy.max_payload_bytes:
-                oversize = index
+                # publish what comes before it, then dead-letter it without retrying
+                too_big = (rows[index], message)
+                rows, messages = rows[:index], messages[:index]
                 break
-        if oversize is not None:  # publish what comes before it, then dead-letter it without retrying
-            too_big, too_big_message = rows[oversize], messages[oversize]
-            rows, messages = rows[:oversize], messages[:oversize]
-        sendable = [m for m in messages if m is not None]
-        with tracer.start_as_current_span(
-            "broker.publish", kind=SpanKind.PRODUCER, links=producer_links(sendable)
-        ) as publish_span:
-            publish_span.set_attribute("messaging.batch.message_count", len(sendable))
+        return OutboxBatch(part, rows, messages, [m for m in messages if m is not None], too_big)
+
+    async def publish_batches(self, publisher: Publisher, batches: list[OutboxBatch]) -> list[_Partition]:
+        """Publish the batches of one or more partitions of one target in one round trip, then, per
+        partition, move the cursor over what the broker took and charge a refusal; returns the
+        partitions whose lease was lost meanwhile (their cursor did not move).
+
+        The broker's answer is split per batch as in :mod:`outbox_relay.brokers.grouped`: batches
+        before the first message not acknowledged are acknowledged; the one holding it gets its
+        prefix and the refusal; the batches after it are neither refused nor published (no attempt
+        charged), and are sent again in the next round."""
+        sendable = [m for batch in batches for m in batch.sendable]
+        tracing = traced()
+        publishing = (
+            tracer.start_as_current_span("broker.publish", kind=SpanKind.PRODUCER)
+            if tracing
+            else contextlib.nullcontext(trace.INVALID_SPAN)
+        )
+        with publishing as publish_span:
+            if publish_span.is_recording():  # no exporter: no links to parse
+                for link in producer_links(sendable):
+                    publish_span.add_link(link.context, link.attributes)
+                publish_span.set_attribute("messaging.batch.message_count", len(sendable))
             try:
                 result = await publisher.publish_batch(sendable) if sendable else PublishResult(acked=0)
             except TargetUnavailable:
-                instruments().failed.add(len(sendable), part.labels)
+                for batch in batches:
+                    if batch.sendable:
+                        instruments().failed.add(len(batch.sendable), batch.part.labels)
                 raise
-        sent = 0
-        last: tenant_db.OutboxRow | None = None
-        refused: tuple[tenant_db.OutboxRow, OutgoingMessage] | None = None
-        for row, message in zip(rows, messages, strict=True):
-            if message is not None:
-                if sent >= result.acked:
-                    refused = (row, message) if result.rejected is not None else None
-                    break
-                sent += 1
+        offset = 0
+        settled: list[tuple[OutboxBatch, PublishResult, int, tenant_db.OutboxRow | None, Any]] = []
+        writes: list[tuple[_Partition, int, int, int]] = []
+        for batch in batches:
+            size = len(batch.sendable)
+            if result.acked >= offset + size:
+                answer = PublishResult(acked=size)
+            elif result.acked >= offset:  # the first message not acknowledged is in this batch
+                answer = PublishResult(acked=result.acked - offset, rejected=result.rejected)
             else:
-                part.skipped += 1
-            last = row
-        if last is not None:
-            with tracer.start_as_current_span("cursor.commit"):
-                moved = await self._advance_cursor(part, last.txid, last.id, sent)
-            if not moved:
-                raise LeaseLost()
-            part.cursor = (last.txid, last.id)
-            part.published += sent
-            part.retry = None
-            if sent:
-                metrics = instruments()
-                metrics.sent.add(sent, part.labels)
-                now = datetime.now(UTC)
-                acked_rows = [r for r, m in zip(rows, messages, strict=True) if m is not None][:sent]
-                for row in acked_rows:
-                    metrics.latency.record(max(0.0, (now - row.created_at).total_seconds()), part.labels)
-        if refused is not None:
-            await self._refused(part, *refused, error=str(result.rejected), error_class="refused")
-        elif oversize is not None and result.acked == len(sendable):
-            error = (
-                f"payload is {len(too_big.payload)} bytes, "
-                f"over the relay's max_payload_bytes ({policy.max_payload_bytes})"
-            )
-            attempt = {"at": datetime.now(UTC).isoformat(), "error": error}
-            await self._dead_letter(part, too_big, too_big_message, "too_large", error, [attempt])
+                answer = PublishResult(acked=0)
+            offset += size
+            sent = 0
+            last: tenant_db.OutboxRow | None = None
+            refused: tuple[tenant_db.OutboxRow, OutgoingMessage] | None = None
+            for row, message in zip(batch.rows, batch.messages, strict=True):
+                if message is not None:
+                    if sent >= answer.acked:
+                        refused = (row, message) if answer.rejected is not None else None
+                        break
+                    sent += 1
+                else:
+                    batch.part.skipped += 1
+                last = row
+            settled.append((batch, answer, sent, last, refused))
+            if last is not None:
+                writes.append((batch.part, last.txid, last.id, sent))
+        with tracer.start_as_current_span("cursor.commit") if tracing else contextlib.nullcontext():
+            moved = await self._advance_cursors(writes) if writes else []
+        lost = {id(part) for (part, *_), ok in zip(writes, moved, strict=True) if not ok}
+        out: list[_Partition] = []
+        now = datetime.now(UTC)
+        for batch, answer, sent, last, refused in settled:
+            part = batch.part
+            if id(part) in lost:
+                out.append(part)
+                continue
+            if last is not None:
+                part.cursor = (last.txid, last.id)
+                part.published += sent
+                part.retry = None
+                if sent:
+                    metrics = instruments()
+                    metrics.add_sent(part.labels, sent)
+                    # one observation per batch, its oldest message's (an upper bound for the batch;
+                    # one record per message hashed the labels per message, the largest metric cost)
+                    oldest = min(r.created_at for r, m in zip(batch.rows, batch.messages, strict=True) if m is not None)
+                    metrics.latency.record(max(0.0, (now - oldest).total_seconds()), part.labels)
+            try:
+                if refused is not None:
+                    await self._refused(part, *refused, error=str(answer.rejected), error_class="refused")
+                elif batch.too_big is not None and answer.acked == len(batch.sendable):
+                    row, message = batch.too_big
+                    policy = part.relay.policy
+                    error = (
+                        f"payload is {len(row.payload)} bytes, "
+                        f"over the relay's max_payload_bytes ({policy.max_payload_bytes})"
+                    )
+                    attempt = {"at": datetime.now(UTC).isoformat(), "error": error}
+                    await self._dead_letter(part, row, message, "too_large", error, [attempt])
+            except LeaseLost:
+                out.append(part)
+        return out
+
+    async def _advance_cursors(self, writes: list[tuple[_Partition, int, int, int]]) -> list[bool]:
+        """Move each partition's cursor (``txid``, ``id``, messages published); whether each moved."""
+        return [await self._advance_cursor(part, txid, row_id, sent) for part, txid, row_id, sent in writes]
 
     async def _refused(
         self, part: _Partition, row: tenant_db.OutboxRow, message: OutgoingMessage, *, error: str, error_class: str

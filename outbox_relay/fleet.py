@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 import uuid
@@ -54,6 +55,7 @@ from outbox_relay.engine import (
     plan_keys,
     restart_reason,
     wait_any,
+    wait_event,
 )
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.fairness import FairScheduler, TargetLimits
@@ -73,6 +75,14 @@ NOTIFIED_RETRY_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 """Re-polls after a wake-up that found nothing: the notified row is committed but a concurrent
 transaction still holds the horizon below it."""
 LAG_INTERVAL_S = 5.0
+ROUNDS_IN_FLIGHT = 4
+"""Rounds of one relay publishing at once (over disjoint lanes)."""
+ROUND_MAX_MESSAGES = 5000
+"""A round takes whole lane batches up to about this many messages; the other lanes go first next round."""
+READ_PACE_S = 0.008
+"""A relay is read at most once per this: the wake-ups of a trickle (one NOTIFY per commit) that come
+sooner wait for the rest of it, so one read (and one group publish per target) takes the rows of
+several commits, for a few milliseconds of latency."""
 
 Position = tuple[int, int]
 
@@ -85,8 +95,6 @@ class Lane:
     buffer: deque[tenant_db.OutboxRow] = field(default_factory=deque)
     read_pos: Position = (0, 0)
     """Every row of this partition up to here has been read (into the buffer or published)."""
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
     last_lag: tuple[float | None, int | None] | None = None
     starved: bool = False
     """A read left rows of this partition unread because its buffer was full."""
@@ -117,11 +125,15 @@ class CursorWriter:
         self._flusher: asyncio.Task[None] | None = None
 
     async def write(self, lease: Lease, txid: int, row_id: int, published: int) -> bool:
+        return await self.submit(lease, txid, row_id, published)
+
+    def submit(self, lease: Lease, txid: int, row_id: int, published: int) -> asyncio.Future[bool]:
+        """Queue a write for the next flush; the future resolves as :meth:`write` returns."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append((CursorWrite(lease=lease, txid=txid, row_id=row_id, published=published), future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return await future
+        return future
 
     async def _flush(self) -> None:
         await asyncio.sleep(self.delay_s)
@@ -163,13 +175,19 @@ class _FleetRunner(RelayRunner):
     async def _advance_cursor(self, part: _Partition, txid: int, row_id: int, published: int) -> bool:
         return await self.cursors.write(part.lease, txid, row_id, published)
 
+    async def _advance_cursors(self, writes: list[tuple[_Partition, int, int, int]]) -> list[bool]:
+        """A round's cursor writes in one flush (one statement)."""
+        futures = [self.cursors.submit(part.lease, txid, row_id, sent) for part, txid, row_id, sent in writes]
+        return list(await asyncio.gather(*futures))
+
     async def _fenced(self, part: _Partition, write: Any) -> bool:
         part.lease_until = self._lease_until()
         return await super()._fenced(part, write)
 
 
 class RelayReader:
-    """The owned partitions of one relay: one reader task, one lane task per partition."""
+    """The owned partitions of one relay: one reader task, and one publisher task that sends the
+    rows of every lane with rows in rounds (one broker round trip and one cursor statement per round)."""
 
     def __init__(self, engine: FleetEngine, plan: RelayPlan, leases: list[Lease]) -> None:
         self.engine = engine
@@ -184,6 +202,15 @@ class RelayReader:
         self.target_outage = f"tenant {plan.tenant_name}: target {plan.target_name}"
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
+        self.rows = asyncio.Event()
+        """Set when lanes got rows (or a lane is stopping): the publisher looks for a round."""
+        self.in_round: set[int] = set()
+        """Partitions whose rows are being published right now."""
+        self.round_done = asyncio.Event()
+        self.failures = 0
+        """Rounds that failed in a row (their backoff grows with it)."""
+        self.next_first = 0
+        """Where the next round starts among the lanes (a round is bounded; the rest go first next time)."""
         self.notified_at: float | None = None
         self.restart = False
         """Set with ``stop`` when the plan changed but the relay still runs: re-read, keep the partitions."""
@@ -196,6 +223,7 @@ class RelayReader:
         the sampler skips the relay (an idle fleet costs no Python per partition)."""
         self._unwatch: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         for lease in leases:
             self.add(lease)
@@ -209,14 +237,12 @@ class RelayReader:
         lane = Lane(part=part, read_pos=part.cursor)
         self.lanes[lease.partition] = lane
         if self._task is not None:
-            lane.task = asyncio.create_task(self.engine._run_lane(self, lane), name=f"lane-{lease.partition}")
             self.wake.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.engine._run_reader(self), name=f"reader-{self.plan.relay_name}")
+        self._publisher = asyncio.create_task(self.engine._run_rounds(self), name=f"publish-{self.plan.relay_name}")
         self._watcher = asyncio.create_task(self.engine._watch_plan(self), name=f"plan-{self.plan.relay_name}")
-        for lane in self.lanes.values():
-            lane.task = asyncio.create_task(self.engine._run_lane(self, lane), name=f"lane-{lane.partition}")
 
     def on_insert(self, buckets: list[int] | None) -> None:
         partitions = self.plan.partitions
@@ -232,13 +258,13 @@ class RelayReader:
         ]
         for lane in chosen:
             lane.part.stop.set()
-            lane.ready.set()
+        self.rows.set()
+        stopping = {lane.partition for lane in chosen}
+        deadline = time.monotonic() + 30
+        while self.in_round & stopping and time.monotonic() < deadline:  # the round in flight ends first
+            self.round_done.clear()
+            await wait_event(self.round_done, deadline - time.monotonic())
         for lane in chosen:
-            if lane.task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(asyncio.shield(lane.task), timeout=30)
-                if not lane.task.done():
-                    lane.task.cancel()
             self.lanes.pop(lane.partition, None)
         return chosen
 
@@ -246,7 +272,7 @@ class RelayReader:
         self.stop.set()
         self.wake.set()
         await self.stop_lanes()
-        for task in (self._task, self._watcher):
+        for task in (self._task, self._publisher, self._watcher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -496,9 +522,10 @@ class FleetEngine:
             now = await plan_change(self.store, reader.plan, changed)
         reader.restart = now is not None and now.enabled
         reader.stop.set()
+        reader.wake.set()
         for lane in reader.lanes.values():
             lane.part.stop.set()
-            lane.ready.set()
+        reader.rows.set()
         self.tick.set()
 
     # --- reading ---------------------------------------------------------------------------------
@@ -525,6 +552,7 @@ class FleetEngine:
         failures = 0
         notified_retry = 0
         checked: set[int] = set()
+        read_at = 0.0
         while not reader.stop.is_set():
             listening = self.tenants.listening(plan.database_id)
             policy = next(iter(reader.lanes.values())).part.relay.policy if reader.lanes else None
@@ -533,10 +561,14 @@ class FleetEngine:
                 safety_s = min(safety_s, NOTIFIED_RETRY_S[notified_retry - 1])
             elif notified_retry and policy is not None:
                 safety_s = min(safety_s, policy.poll_interval_ms / 1000)
-            await wait_any([reader.wake, reader.stop], safety_s)
+            await wait_event(reader.wake, safety_s)  # whoever sets ``stop`` sets ``wake`` too
+            early = READ_PACE_S - (time.monotonic() - read_at)
+            if early > 0 and not reader.stop.is_set():
+                await asyncio.sleep(early)
             reader.wake.clear()
             if reader.stop.is_set() or not reader.lanes:
                 continue
+            read_at = time.monotonic()
             try:
                 pool = await self.tenants.pool(
                     plan.database_id, plan.database_version, reader.database, reader.database_password
@@ -621,7 +653,7 @@ class FleetEngine:
                 lane.read_pos = lane.part.cursor  # the backlog is done: the ordinary read starts over
             if rows:
                 lane.read_pos = max(lane.read_pos, (rows[-1].txid, rows[-1].id))
-                lane.ready.set()
+                reader.rows.set()
             elif lane.part.restore is not None and lane.part.restore.state == "resending":
                 waiting = True
         return waiting
@@ -668,7 +700,7 @@ class FleetEngine:
                 row = dataclasses.replace(row, fenced=True, payload=b"")
             lane.buffer.append(row)
             lane.read_pos = position
-            lane.ready.set()
+            reader.rows.set()
             reader.quiet = False
         if rows:
             end = (rows[-1][1].txid, rows[-1][1].id)
@@ -688,60 +720,123 @@ class FleetEngine:
 
     # --- publishing ------------------------------------------------------------------------------
 
-    async def _run_lane(self, reader: RelayReader, lane: Lane) -> None:
-        part, plan = lane.part, reader.plan
-        failures = 0
-        while not part.stop.is_set():
-            if not lane.buffer:
-                await wait_any([lane.ready, part.stop], None)
-                lane.ready.clear()
+    def _round(self, reader: RelayReader) -> tuple[list[Lane], float | None]:
+        """The lanes of the next round (rows buffered, not stopping, not waiting for a retry), from
+        where the last round stopped, up to ``ROUND_MAX_MESSAGES``; and, when none, how long until a
+        retry is due (None: nothing to wait for)."""
+        now = datetime.now(UTC)
+        lanes = list(reader.lanes.values())
+        first = reader.next_first % len(lanes) if lanes else 0
+        chosen: list[Lane] = []
+        size = 0
+        retry_in: float | None = None
+        for index in range(len(lanes)):
+            lane = lanes[(first + index) % len(lanes)]
+            if not lane.buffer or lane.part.stop.is_set() or lane.partition in reader.in_round:
                 continue
-            if part.retry is not None and part.retry.next_at is not None:
-                wait = (part.retry.next_at - datetime.now(UTC)).total_seconds()
-                if wait > 0:
-                    await wait_any([part.stop], wait)
-                    continue
-            rows = list(lane.buffer)[: part.relay.policy.batch_size]
-            try:
-                # the target first: a throttled target must not hold worker slots other tenants could use
-                async with self._limits(reader).batch(len(rows)), self.scheduler.slot(plan.tenant_name):
-                    publisher = await self._publisher(reader)
-                    await self.runner._publish(publisher, part, rows)
-                failures = 0
-                self.outages.up(reader.target_outage)
-            except TargetUnavailable as exc:
-                failures += 1
-                self.outages.down(reader.target_outage, exc)
-                with contextlib.suppress(Exception):
-                    await self.store.record_error(part.lease, f"target unavailable: {exc}", "target_unavailable")
-                policy = part.relay.policy
-                delay = backoff_s(failures, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000)
-                await wait_any([part.stop], delay)
+            retry = lane.part.retry
+            if retry is not None and retry.next_at is not None and retry.next_at > now:
+                wait = (retry.next_at - now).total_seconds()
+                retry_in = wait if retry_in is None else min(retry_in, wait)
                 continue
-            except (TenantDatabaseError, AddressNotAllowed) as exc:
-                failures += 1
-                with contextlib.suppress(Exception):
-                    await self.store.record_error(part.lease, str(exc), "database_unavailable")
-                await wait_any([part.stop], backoff_s(failures, base_s=0.5, cap_s=30))
-                continue
-            except LeaseLost:
-                log.warning("partition %s of relay %s was taken over", part.lease.partition, plan.relay_name)
-                part.stop.set()
-                self.tick.set()
-                return
-            except Exception as exc:
-                if control_unavailable(exc):
-                    self.outages.down(CONTROL_DB, exc)
-                else:
-                    log.exception("relay %s partition %s: batch failed", plan.relay_name, part.lease.partition)
-                failures += 1
-                await wait_any([part.stop], backoff_s(failures, base_s=0.2, cap_s=10))
-                continue
+            if chosen and size >= ROUND_MAX_MESSAGES:
+                reader.next_first = first + index  # the lanes left over go first next round
+                break
+            chosen.append(lane)
+            size += min(len(lane.buffer), lane.part.relay.policy.batch_size)
+        else:
+            reader.next_first = first
+        return chosen, retry_in
+
+    async def _run_rounds(self, reader: RelayReader) -> None:
+        """Publish a relay's buffered rows in rounds: a round takes the next batch of every lane that
+        has one and is in no round yet, sends them to the target in one round trip and settles each
+        lane (cursor, refusals) with the engine's delivery policy. Up to ``ROUNDS_IN_FLIGHT`` rounds
+        run at once over disjoint lanes (rows that come while a round waits for its cursor writes
+        need not wait for it); a lane's next batch waits for its last one (per-key order)."""
+        rounds: set[asyncio.Task[None]] = set()
+        reader.failures = 0
+        try:
+            while not reader.stop.is_set():
+                lanes: list[Lane] = []
+                retry_in: float | None = None
+                if len(rounds) < ROUNDS_IN_FLIGHT:
+                    lanes, retry_in = self._round(reader)
+                if not lanes:
+                    reader.rows.clear()
+                    if len(rounds) < ROUNDS_IN_FLIGHT:  # rows that came between the look and the clear
+                        lanes, retry_in = self._round(reader)
+                    if not lanes:
+                        await wait_event(reader.rows, retry_in)  # a round that ends sets ``rows`` too
+                        continue
+                reader.in_round.update(lane.partition for lane in lanes)
+                task = asyncio.create_task(self._publish_round(reader, lanes), name="round")
+                rounds.add(task)
+                task.add_done_callback(rounds.discard)
+        finally:
+            for task in list(rounds):
+                task.cancel()
+
+    async def _publish_round(self, reader: RelayReader, lanes: list[Lane]) -> None:
+        plan = reader.plan
+        batches = [
+            self.runner.prepare(lane.part, list(itertools.islice(lane.buffer, lane.part.relay.policy.batch_size)))
+            for lane in lanes
+        ]
+        lost: list[_Partition] = []
+        try:
+            size = sum(len(batch.rows) for batch in batches)
+            # the target first: a throttled target must not hold worker slots other tenants could use
+            async with self._limits(reader).batch(size), self.scheduler.slot(plan.tenant_name):
+                publisher = await self._publisher(reader)
+                lost = await self.runner.publish_batches(publisher, batches)
+            reader.failures = 0
+            self.outages.up(reader.target_outage)
+        except TargetUnavailable as exc:
+            reader.failures += 1
+            self.outages.down(reader.target_outage, exc)
+            with contextlib.suppress(Exception):
+                await self.store.record_errors(
+                    [lane.part.lease for lane in lanes], f"target unavailable: {exc}", "target_unavailable"
+                )
+            policy = lanes[0].part.relay.policy
+            await self._back_off(
+                reader,
+                lanes,
+                backoff_s(reader.failures, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000),
+            )
+        except (TenantDatabaseError, AddressNotAllowed) as exc:
+            reader.failures += 1
+            with contextlib.suppress(Exception):
+                await self.store.record_errors([lane.part.lease for lane in lanes], str(exc), "database_unavailable")
+            await self._back_off(reader, lanes, backoff_s(reader.failures, base_s=0.5, cap_s=30))
+        except Exception as exc:
+            if control_unavailable(exc):
+                self.outages.down(CONTROL_DB, exc)
+            else:
+                log.exception("relay %s: a round of %d partitions failed", plan.relay_name, len(lanes))
+            reader.failures += 1
+            await self._back_off(reader, lanes, backoff_s(reader.failures, base_s=0.2, cap_s=10))
+        finally:
+            reader.in_round.difference_update(lane.partition for lane in lanes)
+            reader.round_done.set()
+            reader.rows.set()
+        for part in lost:
+            log.warning("partition %s of relay %s was taken over", part.lease.partition, plan.relay_name)
+            part.stop.set()
+            self.tick.set()
+        for lane in lanes:
+            part = lane.part
             while lane.buffer and (lane.buffer[0].txid, lane.buffer[0].id) <= part.cursor:
                 lane.buffer.popleft()
             if lane.starved and lane.capacity() >= part.relay.policy.batch_size:
                 lane.starved = False  # it left rows unread for want of room: read on now
                 reader.wake.set()
+
+    async def _back_off(self, reader: RelayReader, lanes: list[Lane], delay: float) -> None:
+        """Hold a failed round's lanes for ``delay`` (their rows are sent again after), less when the
+        relay or one of them stops."""
+        await wait_any([reader.stop, *(lane.part.stop for lane in lanes)], delay)
 
     async def _publisher(self, reader: RelayReader) -> Publisher:
         plan = reader.plan

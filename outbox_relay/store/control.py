@@ -216,13 +216,23 @@ class Unchanged:
 KEEP = Unchanged()
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """No server round trip when a pooled control-DB connection is returned. Nothing here changes
+    session state (``SET LOCAL`` and transaction-scoped locks only; LISTEN and the migration lock
+    use connections of their own), and asyncpg's default reset (``RESET ALL``, ``CLOSE ALL``,
+    ``UNLISTEN *``, ``pg_advisory_unlock_all()``) made every cursor write five statements. asyncpg
+    still ends an open transaction on release, and discards a connection that broke."""
+
+
 class ControlStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> ControlStore:
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=10, command_timeout=30)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, timeout=10, command_timeout=30, reset=_keep_session
+        )
         assert pool is not None
         return cls(pool)
 
@@ -713,6 +723,21 @@ class ControlStore:
             lease.relay_id,
             lease.partition,
             lease.epoch,
+            error[:2000],
+            error_class,
+        )
+
+    async def record_errors(self, leases: list[Lease], error: str, error_class: str = "error") -> None:
+        """:meth:`record_error` for many partitions (of any relays) in one statement."""
+        if not leases:
+            return
+        await self.pool.execute(
+            "UPDATE relay_partitions p SET last_error = $4, last_error_at = now(), last_error_class = $5 "
+            "FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS l(relay_id, partition, epoch) "
+            "WHERE p.relay_id = l.relay_id AND p.partition = l.partition AND p.lease_epoch = l.epoch",
+            [lease.relay_id for lease in leases],
+            [lease.partition for lease in leases],
+            [lease.epoch for lease in leases],
             error[:2000],
             error_class,
         )
