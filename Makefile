@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install lock upgrade-lock services browser run test test-fast lint openapi clean
+.PHONY: install lock upgrade-lock services browser run test test-fast lint openapi docs clean
 
 # Installs exactly what uv.lock pins (hash-checked), never a fresh resolution. uv itself is pinned by
 # the lock too: pip bootstraps that version into the venv, then `uv sync --locked` installs the rest
@@ -62,6 +62,9 @@ lint: install
 
 openapi: install
 	$(BIN)/python -m service.openapi > openapi/openapi.json
+
+docs: install
+	$(BIN)/python -m outbox_relay.settings_reference > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) .venv-ci .pytest_cache test-output

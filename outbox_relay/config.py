@@ -22,6 +22,7 @@ class Settings:
     database_url: str = "postgresql://postgres@127.0.0.1:5432/outbox_relay"
     """The control DB."""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    """The workers' job queue (arq): replay jobs and the maintenance cron."""
     admin_api_key: str | None = None
     """Operator key (tenant management). No admin API when unset."""
     secret_keys: tuple[str, ...] = ()
@@ -31,12 +32,20 @@ class Settings:
     denied_networks: tuple[str, ...] = ()
     """Extra CIDRs to deny beyond the built-in link-local and metadata ranges."""
     connect_timeout_s: float = 5.0
+    """How long a connection to a tenant database or broker may take (each address), and the
+    LISTEN connection's probe."""
     queue_name: str = "outbox-relay"
+    """The arq queue (and cron job names): deployments sharing one Redis database need different ones."""
     slice_s: float = 15.0
-    """How long a relay job keeps its partition before handing it back."""
+    """How long ``RelayRunner.run_slice`` keeps a partition (the per-slice engine, kept for tests)."""
     lease_ttl_s: float = 10.0
+    """A worker's ownership of its partitions lapses this long after its last heartbeat (it
+    heartbeats every third of it); a SIGTERMed worker gives them back at once."""
     schedule_interval_s: float = 1.0
+    """The per-slice scheduler's tick (``RelayRunner.run_slice``, kept for tests; the fleet data
+    plane does not use it)."""
     worker_max_jobs: int = 500
+    """arq jobs (replays, maintenance) one worker runs at once."""
     max_batches_in_flight: int = 64
     """Per worker: batches published at once, shared out among tenants in weighted round robin."""
     safety_poll_s: float = 300.0
@@ -51,11 +60,15 @@ class Settings:
     tenant_pool_size: int = 2
     """Connections a worker holds per tenant server, database and credentials (plus one LISTEN)."""
     host: str = "127.0.0.1"
+    """The API's listen address (``outbox-relay serve``)."""
     port: int = 8080
+    """The API's port."""
     metrics_port: int = 0
     """A worker's Prometheus scrape port (0: none; the API serves /metrics itself)."""
     metrics_host: str = "127.0.0.1"
+    """The address a worker's scrape port listens on."""
     worker_id: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
+    """A worker's name in the membership table, logs and status (default: host name and pid)."""
 
     # --- what one tenant may cost the shared service (defaults; the operator overrides them per tenant)
     quota_relays: int = 50
@@ -79,6 +92,7 @@ class Settings:
     """Failed authentications (a wrong, unknown or revoked key) one client address may make in
     ``auth_failure_window_s`` before it gets 429 for the rest of the window; 0 turns the limit off."""
     auth_failure_window_s: float = 60.0
+    """The window of ``auth_failure_limit``."""
     ui_cookie_secure: bool = False
     """Always mark the dashboard's cookies ``Secure`` (behind a TLS-terminating proxy the app sees
     http); without it they are ``Secure`` when the request came over https."""
