@@ -70,14 +70,14 @@ log = logging.getLogger("outbox_relay.fleet")
 LANE_BUFFER_BATCHES = 4
 """A lane buffers up to this many batches of rows; beyond, the reader leaves its rows for later."""
 SCAN_MIN_ROWS = 500
-SCAN_MAX_ROWS = 5000
+SCAN_MAX_ROWS = 1000
 NOTIFIED_RETRY_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 """Re-polls after a wake-up that found nothing: the notified row is committed but a concurrent
 transaction still holds the horizon below it."""
 LAG_INTERVAL_S = 5.0
 ROUNDS_IN_FLIGHT = 4
 """Rounds of one relay publishing at once (over disjoint lanes)."""
-ROUND_MAX_MESSAGES = 5000
+ROUND_MAX_MESSAGES = 1000
 """A round takes whole lane batches up to about this many messages; the other lanes go first next round."""
 READ_PACE_S = 0.008
 """A relay is read at most once per this: the wake-ups of a trickle (one NOTIFY per commit) that come

@@ -15,9 +15,7 @@ from outbox_relay.errors import MessageRejected, TargetUnavailable
 
 def msgs(prefix: str, n: int, *, ids: str | None = None) -> list[OutgoingMessage]:
     return [
-        OutgoingMessage(
-            id=i, message_id=f"{ids or prefix}-{i}", destination="d", key=prefix, payload=b"", headers={}
-        )
+        OutgoingMessage(id=i, message_id=f"{ids or prefix}-{i}", destination="d", key=prefix, payload=b"", headers={})
         for i in range(n)
     ]
 
