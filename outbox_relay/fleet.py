@@ -261,8 +261,10 @@ class RelayReader:
         self.rows.set()
         stopping = {lane.partition for lane in chosen}
         deadline = time.monotonic() + 30
-        while self.in_round & stopping and time.monotonic() < deadline:  # the round in flight ends first
-            self.round_done.clear()
+        while True:  # the rounds holding these lanes end first
+            self.round_done.clear()  # before the look: a round that ends after it sets it again
+            if not self.in_round & stopping or time.monotonic() >= deadline:
+                break
             await wait_event(self.round_done, deadline - time.monotonic())
         for lane in chosen:
             self.lanes.pop(lane.partition, None)
