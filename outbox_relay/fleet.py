@@ -601,6 +601,17 @@ class FleetEngine:
                 await wait_any([reader.stop], backoff_s(failures, base_s=0.5, cap_s=30))
                 reader.wake.set()
                 continue
+            except Exception as exc:
+                # the control DB (identity, restore state) or anything unforeseen: read again after a
+                # backoff; ending here would leave the relay's partitions owned and never read
+                failures += 1
+                if control_unavailable(exc):
+                    self.outages.down(CONTROL_DB, exc)
+                else:
+                    log.exception("relay %s: reading failed", plan.relay_name)
+                await wait_any([reader.stop], backoff_s(failures, base_s=0.2, cap_s=10))
+                reader.wake.set()
+                continue
             if got is None:  # a full scan: more rows wait (the lanes that have room ask again)
                 notified_retry = 0
                 continue

@@ -89,3 +89,37 @@ async def test_workers_split_partitions_evenly_and_hand_over_at_once(
     assert sorted(received) == sorted(str(i) for i in ids)
     assert owned(a, relay_id) >= 1, spread()
     assert (await setup.tenant.delete("/v1/relays/fleet")).status_code == 204
+
+
+async def test_a_control_db_error_in_a_relays_first_read_does_not_stop_the_relay(
+    setup: Setup, store: ControlStore, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's identity check reads the control DB; a blip there (the connection lost) used to
+    end the reader's task for good, leaving the relay's partitions owned and never read."""
+    real = ControlStore.restore_states
+    failures = {"left": 1}
+
+    async def flaky(self: ControlStore, relay_id: uuid.UUID, partitions: list[int]) -> object:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionResetError("control DB connection lost")
+        return await real(self, relay_id, partitions)
+
+    monkeypatch.setattr(ControlStore, "restore_states", flaky)
+    body = {"database": "app", "target": "rabbit", "partitions": 2, "topic_mapping": {"*": "blip-q"}}
+    assert (await setup.tenant.put("/v1/relays/blip", body)).status_code == 201
+    queue = await setup.channel.declare_queue("blip-q", durable=True)
+    await queue.purge()
+    await fleet.start()
+    ids = [m for _, m in await write_ids(setup.dsn, *[("orders", f"k{i}", b"x") for i in range(5)])]
+    received: list[str] = []
+    deadline = time.monotonic() + 20
+    while len(received) < len(ids) and time.monotonic() < deadline:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            await asyncio.sleep(0.05)
+            continue
+        received.append(str(message.message_id))
+    assert failures["left"] == 0, "the failure was never injected"
+    assert sorted(received) == sorted(str(i) for i in ids)
+    assert (await setup.tenant.delete("/v1/relays/blip")).status_code == 204
