@@ -24,4 +24,3 @@ def test_every_setting_has_a_line_and_a_description() -> None:
         assert docs.get(f.name), f"Settings.{f.name} has no docstring"
     for name in ("LOG_LEVEL", "MIGRATIONS_DIR"):
         assert f"`{PREFIX}{name}`" in text
-
