@@ -32,7 +32,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from outbox_relay.brokers.base import OutgoingMessage, Publisher, PublishResult
-from outbox_relay.brokers.grouped import GroupPublisher
+from outbox_relay.brokers.grouped import GroupPublisher, split
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Database, Relay, Target, route
@@ -768,18 +768,11 @@ class RelayRunner:
                     if batch.sendable:
                         instruments().failed.add(len(batch.sendable), batch.part.labels)
                 raise
-        offset = 0
         settled: list[tuple[OutboxBatch, PublishResult, int, tenant_db.OutboxRow | None, Any]] = []
         writes: list[tuple[_Partition, int, int, int]] = []
-        for batch in batches:
-            size = len(batch.sendable)
-            if result.acked >= offset + size:
-                answer = PublishResult(acked=size)
-            elif result.acked >= offset:  # the first message not acknowledged is in this batch
-                answer = PublishResult(acked=result.acked - offset, rejected=result.rejected)
-            else:
-                answer = PublishResult(acked=0)
-            offset += size
+        answers = split(result, [len(batch.sendable) for batch in batches])
+        for batch, split_answer in zip(batches, answers, strict=True):
+            answer = split_answer or PublishResult(acked=0)  # None: after the refusal, sent again
             sent = 0
             last: tenant_db.OutboxRow | None = None
             refused: tuple[tenant_db.OutboxRow, OutgoingMessage] | None = None

@@ -122,19 +122,11 @@ class GroupPublisher:
                     batch.future.cancel()
                 raise
             again: list[_Batch] = []
-            offset = 0
-            for batch in group:
-                size = len(batch.messages)
-                if result.acked >= offset + size:
-                    answer: PublishResult | None = PublishResult(acked=size)
-                elif result.acked >= offset:  # the first message not acknowledged is in this batch
-                    answer = PublishResult(acked=result.acked - offset, rejected=_local(result, offset))
-                else:  # after it: neither refused nor known to be delivered; sent again
-                    answer = None
+            for batch, answer in zip(group, split(result, [len(b.messages) for b in group]), strict=True):
+                if answer is None:  # after the first message not acknowledged: sent again
                     again.append(batch)
-                if answer is not None and not batch.future.done():
+                elif not batch.future.done():
                     batch.future.set_result(answer)
-                offset += size
             self._queue.extendleft(reversed(again))
         finally:
             self._in_flight -= 1
@@ -155,6 +147,24 @@ class GroupPublisher:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def split(result: PublishResult, sizes: Sequence[int]) -> list[PublishResult | None]:
+    """The answer to one publish of consecutive batches of these sizes, per batch (see the module
+    docstring): acknowledged whole before the first message not acknowledged; its prefix and the
+    refusal (indexed within it) for the batch holding that message; None for the batches after it,
+    which were neither refused nor known to be delivered."""
+    answers: list[PublishResult | None] = []
+    offset = 0
+    for size in sizes:
+        if result.acked >= offset + size:
+            answers.append(PublishResult(acked=size))
+        elif result.acked >= offset:
+            answers.append(PublishResult(acked=result.acked - offset, rejected=_local(result, offset)))
+        else:
+            answers.append(None)
+        offset += size
+    return answers
 
 
 def _local(result: PublishResult, offset: int) -> MessageRejected | None:
