@@ -809,7 +809,7 @@ class FleetEngine:
             reader.failures += 1
             self.outages.down(reader.target_outage, exc)
             with contextlib.suppress(Exception):
-                await self.store.record_errors(
+                await self.fleet.record_errors(
                     [lane.part.lease for lane in lanes], f"target unavailable: {exc}", "target_unavailable"
                 )
             policy = lanes[0].part.relay.policy
@@ -821,7 +821,7 @@ class FleetEngine:
         except (TenantDatabaseError, AddressNotAllowed) as exc:
             reader.failures += 1
             with contextlib.suppress(Exception):
-                await self.store.record_errors([lane.part.lease for lane in lanes], str(exc), "database_unavailable")
+                await self.fleet.record_errors([lane.part.lease for lane in lanes], str(exc), "database_unavailable")
             await self._back_off(reader, lanes, backoff_s(reader.failures, base_s=0.5, cap_s=30))
         except Exception as exc:
             if control_unavailable(exc):

@@ -727,21 +727,6 @@ class ControlStore:
             error_class,
         )
 
-    async def record_errors(self, leases: list[Lease], error: str, error_class: str = "error") -> None:
-        """:meth:`record_error` for many partitions (of any relays) in one statement."""
-        if not leases:
-            return
-        await self.pool.execute(
-            "UPDATE relay_partitions p SET last_error = $4, last_error_at = now(), last_error_class = $5 "
-            "FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS l(relay_id, partition, epoch) "
-            "WHERE p.relay_id = l.relay_id AND p.partition = l.partition AND p.lease_epoch = l.epoch",
-            [lease.relay_id for lease in leases],
-            [lease.partition for lease in leases],
-            [lease.epoch for lease in leases],
-            error[:2000],
-            error_class,
-        )
-
     async def record_pending(
         self, lease: Lease, pending: int, oldest_at: datetime | None, stall: dict[str, Any] | None
     ) -> None:

@@ -35,6 +35,16 @@ def _serialized(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[
     return run
 
 
+def _keys(leases: Iterable[Lease]) -> tuple[list[uuid.UUID], list[int], list[int]]:
+    """The ``relay_id``, ``partition`` and ``epoch`` arrays of a fenced batch write ($1, $2, $3)."""
+    chosen = list(leases)
+    return (
+        [lease.relay_id for lease in chosen],
+        [lease.partition for lease in chosen],
+        [lease.epoch for lease in chosen],
+    )
+
+
 def transient(exc: BaseException) -> bool:
     """A statement that failed for a reason a retry clears (a deadlock, a serialization failure)."""
     return isinstance(exc, asyncpg.DeadlockDetectedError | asyncpg.SerializationError)
@@ -230,14 +240,28 @@ class FleetStore:
             "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch "
             "AND p.lease_holder IS NOT NULL "
             "RETURNING p.relay_id, p.partition",
-            [w.lease.relay_id for w in writes],
-            [w.lease.partition for w in writes],
-            [w.lease.epoch for w in writes],
+            *_keys(w.lease for w in writes),
             [w.txid for w in writes],
             [w.row_id for w in writes],
             [w.published for w in writes],
         )
         return {(r["relay_id"], r["partition"]) for r in rows}
+
+    @_serialized
+    async def record_errors(self, leases: Sequence[Lease], error: str, error_class: str = "error") -> None:
+        """The last error of many partitions (of any relays) in one fenced statement, serialised with
+        the other batch writes like them (two multi-row updates of ``relay_partitions`` taking row locks
+        in different orders deadlock)."""
+        if not leases:
+            return
+        await self.pool.execute(
+            "UPDATE relay_partitions p SET last_error = $4, last_error_at = now(), last_error_class = $5 "
+            "FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS x(relay_id, partition, epoch) "
+            "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch",
+            *_keys(leases),
+            error[:2000],
+            error_class,
+        )
 
     @_serialized
     async def advance_idle_cursors(self, writes: Sequence[CursorWrite]) -> None:
@@ -251,9 +275,7 @@ class FleetStore:
             "AS x(relay_id, partition, epoch, txid, row_id) "
             "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch "
             "AND p.lease_holder IS NOT NULL AND (p.cursor_txid, p.cursor_id) < (x.txid, x.row_id)",
-            [w.lease.relay_id for w in writes],
-            [w.lease.partition for w in writes],
-            [w.lease.epoch for w in writes],
+            *_keys(w.lease for w in writes),
             [w.txid for w in writes],
             [w.row_id for w in writes],
         )
@@ -269,9 +291,7 @@ class FleetStore:
             "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::float8[], $5::bigint[], $6::timestamptz[], "
             "$7::text[]) AS x(relay_id, partition, epoch, lag_s, pending, oldest_at, stall) "
             "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch",
-            [s.lease.relay_id for s in samples],
-            [s.lease.partition for s in samples],
-            [s.lease.epoch for s in samples],
+            *_keys(s.lease for s in samples),
             [s.lag_s for s in samples],
             [s.pending for s in samples],
             [s.oldest_at for s in samples],
@@ -287,9 +307,7 @@ class FleetStore:
             "FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS x(relay_id, partition, epoch) "
             "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch "
             "AND p.lease_holder IS NOT NULL RETURNING p.relay_id, p.partition",
-            [lease.relay_id for lease in leases],
-            [lease.partition for lease in leases],
-            [lease.epoch for lease in leases],
+            *_keys(leases),
             identity,
         )
         return {(r["relay_id"], r["partition"]) for r in rows}
