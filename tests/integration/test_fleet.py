@@ -9,6 +9,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,19 @@ async def until(condition: Callable[[], bool], timeout_s: float) -> float:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.05)
     return time.monotonic() - started
+
+
+async def receive_ids(queue: Any, count: int, *, timeout_s: float) -> list[str]:
+    """The message ids of up to ``count`` messages taken from ``queue`` within ``timeout_s``."""
+    received: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while len(received) < count and time.monotonic() < deadline:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            await asyncio.sleep(0.05)
+            continue
+        received.append(str(message.message_id))
+    return received
 
 
 async def test_workers_split_partitions_evenly_and_hand_over_at_once(
@@ -78,14 +92,7 @@ async def test_workers_split_partitions_evenly_and_hand_over_at_once(
     queue = await setup.channel.declare_queue("fleet-q", durable=True)
     await queue.purge()
     ids = [m for _, m in await write_ids(setup.dsn, *[("orders", f"k{i % 7}", f"m{i}".encode()) for i in range(200)])]
-    received: list[str] = []
-    deadline = time.monotonic() + 30
-    while len(received) < len(ids) and time.monotonic() < deadline:
-        message = await queue.get(no_ack=True, fail=False)
-        if message is None:
-            await asyncio.sleep(0.05)
-            continue
-        received.append(str(message.message_id))
+    received = await receive_ids(queue, len(ids), timeout_s=30)
     assert sorted(received) == sorted(str(i) for i in ids)
     assert owned(a, relay_id) >= 1, spread()
     assert (await setup.tenant.delete("/v1/relays/fleet")).status_code == 204
@@ -112,14 +119,7 @@ async def test_a_control_db_error_in_a_relays_first_read_does_not_stop_the_relay
     await queue.purge()
     await fleet.start()
     ids = [m for _, m in await write_ids(setup.dsn, *[("orders", f"k{i}", b"x") for i in range(5)])]
-    received: list[str] = []
-    deadline = time.monotonic() + 20
-    while len(received) < len(ids) and time.monotonic() < deadline:
-        message = await queue.get(no_ack=True, fail=False)
-        if message is None:
-            await asyncio.sleep(0.05)
-            continue
-        received.append(str(message.message_id))
+    received = await receive_ids(queue, len(ids), timeout_s=20)
     assert failures["left"] == 0, "the failure was never injected"
     assert sorted(received) == sorted(str(i) for i in ids)
     assert (await setup.tenant.delete("/v1/relays/blip")).status_code == 204
