@@ -1,7 +1,7 @@
 """Several real worker processes share the relays' partitions through leases.
 
-* Three workers relay 2,000 messages over 8 partitions: every committed message arrives once, in
-  per-key order, and more than one worker did the work.
+* Three workers spread 8 partitions among them, then relay 2,000 messages: every committed message
+  arrives once, in per-key order, and more than one worker did the work.
 * A worker frozen with SIGSTOP past its lease loses the partition to another worker; once it is
   continued it cannot move the cursor it lost (every cursor write is fenced by the lease epoch),
   and nothing is lost.
@@ -99,6 +99,13 @@ async def test_three_workers_share_partitions_without_duplicates(
             seen_holders.update(await holders(settings.database_url))
             await asyncio.sleep(0.2)
 
+    # the first worker up claims all 8; the others' shares come to them within two lease TTLs of
+    # joining. Write only once all three hold some (the whole drain takes under a second, shorter
+    # than the workers' start-up, so writing at once would often leave it all to the first).
+    deadline = time.monotonic() + 20 + 2 * settings.lease_ttl_s
+    while len(current := await holders(settings.database_url)) < 3:
+        assert time.monotonic() < deadline, f"partitions never spread over three workers: {current}"
+        await asyncio.sleep(0.2)
     watcher = asyncio.create_task(watch())
     committed, rolled_back = await write_messages(pg_dsn(app_db), seed=11, messages=2000, keys=200, writers=4)
     total = sum(len(v) for v in committed.values())
