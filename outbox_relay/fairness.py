@@ -28,6 +28,8 @@ __all__ = ["FairScheduler", "TargetLimits", "TokenBucket"]
 
 # A wait shorter than this is float rounding (earned vs reserved totals), not a reason to sleep again.
 _EPSILON_S = 1e-9
+SHARE_WINDOW_S = 1.0
+"""A tenant granted a slot within this long counts as active for :meth:`FairScheduler.shared`."""
 
 
 class _Queue:
@@ -103,6 +105,10 @@ class FairScheduler:
     A tenant's weight is the ``weight`` of its most recent queued ``slot()`` call; it takes effect from the
     tenant's next turn.
 
+    The scheduler also remembers the last two tenants it granted a slot, so :meth:`shared` can tell a
+    tenant in O(1) whether another one has been active lately (the caller then cuts its work into short
+    pieces: slots share batches in flight, but the event loop's turns are the CPU they share).
+
     There is no cap on one tenant's share: alone, a tenant may hold every slot (idle capacity helps nobody).
     Fairness acts on each freed slot, so once others queue, a monopolising tenant gives up slots as its
     batches finish: a newcomer waits at most for the next release plus one round, never for the noisy
@@ -110,12 +116,15 @@ class FairScheduler:
     lanes.
     """
 
-    __slots__ = ("_free", "_held", "_max", "_ring")
+    __slots__ = ("_clock", "_free", "_held", "_max", "_recent", "_ring")
 
-    def __init__(self, *, max_in_flight: int) -> None:
+    def __init__(self, *, max_in_flight: int, clock: Callable[[], float] = time.monotonic) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._max = max_in_flight
+        self._clock = clock
+        # The last tenant granted a slot and when, then the last one before it that was not that tenant.
+        self._recent: list[tuple[Hashable, float] | None] = [None, None]
         self._free = max_in_flight
         self._held: dict[Hashable, int] = {}
         # Tenants with someone waiting, in round order: the first is the one whose turn it is.
@@ -140,6 +149,18 @@ class FairScheduler:
         """``tenant``'s queued waiters (a waiter cancelled this instant counts until its task runs)."""
         queue = self._ring.get(tenant)
         return queue.live if queue is not None else 0
+
+    def shared(self, tenant: Hashable, *, within_s: float = SHARE_WINDOW_S) -> bool:
+        """Whether a tenant other than ``tenant`` was granted a slot within the last ``within_s``."""
+        latest, before = self._recent
+        other = latest if latest is None or latest[0] != tenant else before
+        return other is not None and self._clock() - other[1] <= within_s
+
+    def _granted(self, tenant: Hashable) -> None:
+        latest = self._recent[0]
+        if latest is not None and latest[0] != tenant:
+            self._recent[1] = latest
+        self._recent[0] = (tenant, self._clock())
 
     def snapshot(self) -> dict[Hashable, tuple[int, int]]:
         """Tenant -> (in flight, waiting), for every tenant with either; for status and metrics."""
@@ -174,6 +195,7 @@ class FairScheduler:
                 del ring[turn]  # its waiters were all cancelled (and will withdraw when they run)
                 continue
             self._held[turn] = self._held.get(turn, 0) + 1
+            self._granted(turn)
             if not queue.live:
                 del ring[turn]  # leaves the round, and its unused credit with it
             else:
@@ -198,6 +220,7 @@ class _Slot(contextlib.AbstractAsyncContextManager[None]):
         if scheduler._free:  # free slots imply nobody waits (_release hands slots over directly)
             scheduler._free -= 1
             scheduler._held[self._tenant] = scheduler._held.get(self._tenant, 0) + 1
+            scheduler._granted(self._tenant)
             return
         await scheduler._queue_up(self._tenant, self._weight)
 

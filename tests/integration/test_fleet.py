@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from outbox_relay.config import Settings
-from outbox_relay.fleet import FleetEngine
+from outbox_relay.engine import RelayRunner
+from outbox_relay.fleet import SHARED_MAX_ROWS, FleetEngine
 from outbox_relay.store.control import ControlStore
 from tests.fleet import Fleet
 from tests.integration.conftest import Setup, write_ids
@@ -123,3 +124,57 @@ async def test_a_control_db_error_in_a_relays_first_read_does_not_stop_the_relay
     assert failures["left"] == 0, "the failure was never injected"
     assert sorted(received) == sorted(str(i) for i in ids)
     assert (await setup.tenant.delete("/v1/relays/blip")).status_code == 204
+
+
+async def test_a_relay_publishes_in_short_rounds_while_another_tenant_is_active(
+    setup: Setup, store: ControlStore, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone, a relay's rounds take up to ``ROUND_MAX_MESSAGES``; while another tenant is granted
+    slots in the same worker, at most ``SHARED_MAX_ROWS`` (plus the one batch a round may start
+    with): the event loop's turns are the CPU the tenants share."""
+    body = {
+        "database": "app",
+        "target": "rabbit",
+        "partitions": 8,
+        "topic_mapping": {"*": "share-q"},
+        "policy": {"batch_size": 100},
+    }
+    assert (await setup.tenant.put("/v1/relays/share", body)).status_code == 201
+    queue = await setup.channel.declare_queue("share-q", durable=True)
+    await queue.purge()
+    sizes: list[int] = []
+    real = RelayRunner.publish_batches
+
+    async def recording(self: RelayRunner, publisher: Any, batches: list[Any]) -> Any:
+        sizes.append(sum(len(b.rows) for b in batches))
+        return await real(self, publisher, batches)
+
+    monkeypatch.setattr(RelayRunner, "publish_batches", recording)
+
+    async def drained(count: int) -> list[int]:
+        sizes.clear()
+        ids = [m for _, m in await write_ids(setup.dsn, *[("orders", f"k{i}", b"x") for i in range(count)])]
+        received = await receive_ids(queue, len(ids), timeout_s=30)
+        assert sorted(received) == sorted(str(i) for i in ids)
+        return list(sizes)
+
+    relay_id = await setup.relay_id(store, "share")
+    engine = await fleet.start()
+    await until(lambda: owned(engine, relay_id) == 8, 10)
+    alone = await drained(3000)
+    assert max(alone) > SHARED_MAX_ROWS + 100, alone
+
+    async def other_tenant() -> None:
+        while True:
+            async with engine.scheduler.slot("another tenant"):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+
+    other = asyncio.create_task(other_tenant())
+    try:
+        await asyncio.sleep(0.1)
+        shared = await drained(3000)
+    finally:
+        other.cancel()
+    assert max(shared) <= SHARED_MAX_ROWS + 100, shared
+    assert (await setup.tenant.delete("/v1/relays/share")).status_code == 204

@@ -244,6 +244,41 @@ async def test_idle_tenant_accumulates_no_credit() -> None:
     assert scheduler.snapshot() == {}
 
 
+async def test_shared_tells_a_tenant_whether_another_was_granted_lately() -> None:
+    clock = AutoClock()
+    scheduler = FairScheduler(max_in_flight=2, clock=lambda: clock.now)
+    assert not scheduler.shared("A")  # nobody yet
+    async with scheduler.slot("A"):
+        pass
+    assert not scheduler.shared("A") and scheduler.shared("B")
+    clock.now = 0.5
+    async with scheduler.slot("B"):  # uncontended grant
+        pass
+    assert scheduler.shared("A") and scheduler.shared("B") and scheduler.shared("C")
+    clock.now = 1.2  # A's grant is 1.2 s old, B's 0.7 s
+    assert not scheduler.shared("B") and scheduler.shared("A")
+    async with scheduler.slot("B"):  # B again: A stays the last other tenant
+        pass
+    assert not scheduler.shared("B")
+    clock.now = 2.1
+    assert scheduler.shared("A")  # B's last grant is 0.9 s old
+    clock.now = 2.3
+    assert not scheduler.shared("A")
+    blocker = await hold(scheduler, "A")
+    second = await hold(scheduler, "A")
+    waiter = asyncio.create_task(hold(scheduler, "C"))  # contended: granted when A releases
+    await settle()
+    clock.now = 5.0
+    await blocker.aclose()
+    await settle()
+    assert scheduler.shared("A")  # C's grant came through the queue, at 5.0
+    assert not scheduler.shared("C")  # A's last grant was at 2.3
+    clock.now = 6.5
+    assert not scheduler.shared("A")
+    await second.aclose()
+    await (await waiter).aclose()
+
+
 async def test_cancelled_waiter_leaves_queue_and_never_holds() -> None:
     scheduler = FairScheduler(max_in_flight=1)
     blocker = await hold(scheduler, "blocker")
