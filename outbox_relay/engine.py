@@ -376,7 +376,7 @@ class _Partition:
 
     @functools.cached_property
     def labels(self) -> dict[str, Any]:
-        """The metric labels, built once: the latency histogram takes them for every message."""
+        """The metric labels, built once (the same for every partition of a relay)."""
         return labels(self.plan.tenant_name, self.plan.relay_name, self.plan.target_name)
 
 
@@ -793,6 +793,9 @@ class RelayRunner:
         lost = {id(part) for (part, *_), ok in zip(writes, moved, strict=True) if not ok}
         out: list[_Partition] = []
         now = datetime.now(UTC)
+        # one latency observation per relay (label set) and call, its oldest message's: an upper
+        # bound for all of them (each record hashes the labels, the largest metric cost)
+        oldest_by_labels: dict[tuple[str, str, str], tuple[dict[str, Any], datetime]] = {}
         for batch, answer, sent, last, refused in settled:
             part = batch.part
             if id(part) in lost:
@@ -803,12 +806,12 @@ class RelayRunner:
                 part.published += sent
                 part.retry = None
                 if sent:
-                    metrics = instruments()
-                    metrics.add_sent(part.labels, sent)
-                    # one observation per batch, its oldest message's (an upper bound for the batch;
-                    # one record per message hashed the labels per message, the largest metric cost)
+                    instruments().add_sent(part.labels, sent)
                     oldest = min(r.created_at for r, m in zip(batch.rows, batch.messages, strict=True) if m is not None)
-                    metrics.latency.record(max(0.0, (now - oldest).total_seconds()), part.labels)
+                    key = (part.plan.tenant_name, part.plan.relay_name, part.plan.target_name)
+                    seen = oldest_by_labels.get(key)
+                    if seen is None or oldest < seen[1]:
+                        oldest_by_labels[key] = (part.labels, oldest)
             try:
                 if refused is not None:
                     await self._refused(part, *refused, error=str(answer.rejected), error_class="refused")
@@ -823,6 +826,8 @@ class RelayRunner:
                     await self._dead_letter(part, row, message, "too_large", error, [attempt])
             except LeaseLost:
                 out.append(part)
+        for metric_labels, oldest in oldest_by_labels.values():
+            instruments().latency.record(max(0.0, (now - oldest).total_seconds()), metric_labels)
         return out
 
     async def _advance_cursors(self, writes: list[tuple[_Partition, int, int, int]]) -> list[bool]:

@@ -79,6 +79,9 @@ ROUNDS_IN_FLIGHT = 4
 """Rounds of one relay publishing at once (over disjoint lanes)."""
 ROUND_MAX_MESSAGES = 1000
 """A round takes whole lane batches up to about this many messages; the other lanes go first next round."""
+BUSY_ROUND_MIN = 100
+"""While a relay has a round in flight, another one starts only with at least this many messages;
+fewer wait for a round to end (``_publish_round`` sets ``rows`` when it does)."""
 SHARED_MAX_ROWS = 200
 """Rows per read and messages per round of a relay while another tenant is active in this worker
 (:meth:`FairScheduler.shared`): the event loop is the CPU the tenants share, and a read or a round of
@@ -212,6 +215,8 @@ class RelayReader:
         """Set when lanes got rows (or a lane is stopping): the publisher looks for a round."""
         self.in_round: set[int] = set()
         """Partitions whose rows are being published right now."""
+        self.sending = 0
+        """Rounds publishing right now (not those backing off after a failure)."""
         self.round_done = asyncio.Event()
         self.failures = 0
         """Rounds that failed in a row (their backoff grows with it)."""
@@ -742,11 +747,11 @@ class FleetEngine:
 
     # --- publishing ------------------------------------------------------------------------------
 
-    def _round(self, reader: RelayReader) -> tuple[list[Lane], float | None]:
+    def _round(self, reader: RelayReader, min_size: int = 0) -> tuple[list[Lane], float | None]:
         """The lanes of the next round (rows buffered, not stopping, not waiting for a retry), from
-        where the last round stopped, up to ``ROUND_MAX_MESSAGES`` (``SHARED_MAX_ROWS`` while another tenant
-        is active); and, when none, how long until a
-        retry is due (None: nothing to wait for)."""
+        where the last round stopped, up to ``ROUND_MAX_MESSAGES`` (``SHARED_MAX_ROWS`` while
+        another tenant is active), none if they hold fewer than ``min_size`` messages; and, when
+        none, how long until a retry is due (None: nothing to wait for)."""
         now = datetime.now(UTC)
         lanes = list(reader.lanes.values())
         first = reader.next_first % len(lanes) if lanes else 0
@@ -770,6 +775,8 @@ class FleetEngine:
             size += min(len(lane.buffer), lane.part.relay.policy.batch_size)
         else:
             reader.next_first = first
+        if size < min_size:
+            return [], retry_in
         return chosen, retry_in
 
     async def _run_rounds(self, reader: RelayReader) -> None:
@@ -784,12 +791,14 @@ class FleetEngine:
             while not reader.stop.is_set():
                 lanes: list[Lane] = []
                 retry_in: float | None = None
+                # beside a round in flight, a few rows wait for it to end and go with the next rows
+                # in one round (a trickle otherwise splits into a round per read and lane)
                 if len(rounds) < ROUNDS_IN_FLIGHT:
-                    lanes, retry_in = self._round(reader)
+                    lanes, retry_in = self._round(reader, BUSY_ROUND_MIN if reader.sending else 0)
                 if not lanes:
                     reader.rows.clear()
                     if len(rounds) < ROUNDS_IN_FLIGHT:  # rows that came between the look and the clear
-                        lanes, retry_in = self._round(reader)
+                        lanes, retry_in = self._round(reader, BUSY_ROUND_MIN if reader.sending else 0)
                     if not lanes:
                         await wait_event(reader.rows, retry_in)  # a round that ends sets ``rows`` too
                         continue
@@ -808,6 +817,7 @@ class FleetEngine:
             for lane in lanes
         ]
         lost: list[_Partition] = []
+        reader.sending += 1
         try:
             size = sum(len(batch.rows) for batch in batches)
             # the target first: a throttled target must not hold worker slots other tenants could use
@@ -842,6 +852,7 @@ class FleetEngine:
             reader.failures += 1
             await self._back_off(reader, lanes, backoff_s(reader.failures, base_s=0.2, cap_s=10))
         finally:
+            reader.sending -= 1
             reader.in_round.difference_update(lane.partition for lane in lanes)
             reader.round_done.set()
             reader.rows.set()
@@ -859,8 +870,14 @@ class FleetEngine:
 
     async def _back_off(self, reader: RelayReader, lanes: list[Lane], delay: float) -> None:
         """Hold a failed round's lanes for ``delay`` (their rows are sent again after), less when the
-        relay or one of them stops."""
-        await wait_any([reader.stop, *(lane.part.stop for lane in lanes)], delay)
+        relay or one of them stops. Meanwhile it does not count as sending: other lanes' rows go on
+        in rounds of any size."""
+        reader.sending -= 1
+        reader.rows.set()
+        try:
+            await wait_any([reader.stop, *(lane.part.stop for lane in lanes)], delay)
+        finally:
+            reader.sending += 1
 
     async def _publisher(self, reader: RelayReader) -> Publisher:
         plan = reader.plan

@@ -105,8 +105,8 @@ class Instruments:
             "outbox_commit_to_ack_seconds",
             unit="s",
             description=(
-                "Per published batch: from its oldest message's insert time (the best known commit time) "
-                "to the broker's ack"
+                "Per relay and published round: from its oldest message's insert time (the best known "
+                "commit time) to the broker's ack"
             ),
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
         )

@@ -64,7 +64,7 @@ async def test_metrics_move_with_traffic_and_failures(
     assert counter_value("outbox_messages_retried", **labels) == 2
     assert counter_value("outbox_messages_dead", **labels) == 1
     latency = [p for p in metric_points("outbox_commit_to_ack_seconds") if p.attributes.get("relay") == "metered"]
-    # one observation per published batch (its oldest message), in seconds with buckets that resolve
+    # one observation per published round (its oldest message), in seconds with buckets that resolve
     # milliseconds: a relay that keeps up lands in the low buckets, not all in one
     assert latency and 1 <= latency[0].count <= 10 and latency[0].sum > 0
     assert list(latency[0].explicit_bounds) == LATENCY_BUCKETS_S
