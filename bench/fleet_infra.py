@@ -376,4 +376,4 @@ def outbox_relay_command(*args: str) -> list[str]:
     script = Path(sys.executable).with_name("outbox-relay")
     if script.exists():
         return [str(script), *args]
-    return [sys.executable, "-m", "outbox_relay.cli", *args]
+    return [sys.executable, "-m", "service.cli", *args]

@@ -191,9 +191,9 @@ class Scratch:
         self.on_close(f"arq keys of {queue}", lambda: forget_queue(redis_url, queue))
         log_path.parent.mkdir(parents=True, exist_ok=True)
         out = log_path.open("ab")
-        command = [sys.executable, "-m", "outbox_relay.cli", "worker"]
+        command = [sys.executable, "-m", "service.cli", "worker"]
         if profile_to is not None:
-            command = [sys.executable, "-m", "cProfile", "-o", str(profile_to), "-m", "outbox_relay.cli", "worker"]
+            command = [sys.executable, "-m", "cProfile", "-o", str(profile_to), "-m", "service.cli", "worker"]
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)  # noqa: ASYNC220
 
         async def stop() -> None:

@@ -52,7 +52,7 @@ class WorkerProcess:
         log = self.log_path.open("ab")
         self._log = log
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "outbox_relay.cli", "worker"],
+            [sys.executable, "-m", "service.cli", "worker"],
             env={**self.env, "OUTBOX_RELAY_WORKER_ID": self.name},
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from outbox_relay import cli
 from outbox_relay.cli_api import ApiClient, ApiError
+from service import cli
 from tests.conftest import LiveServer
 from tests.helpers import ADMIN_KEY
 
@@ -126,7 +126,7 @@ def test_client_follows_pages(live_api: LiveServer) -> None:
 def test_console_script(live_api: LiveServer) -> None:
     """The installed ``outbox-relay`` entry point has the ``api`` command."""
     script = Path(sys.executable).parent / "outbox-relay"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "outbox_relay.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
     proc = subprocess.run(
         [*command, "api", "--endpoint", live_api.url, "--api-key", ADMIN_KEY, "tenants", "list"],
         capture_output=True,

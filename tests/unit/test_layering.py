@@ -1,0 +1,58 @@
+"""The package layers: ``outbox_relay`` (the core: engine, stores, brokers, client) imports neither
+``service`` (the API and dashboard) nor ``workers`` (arq); ``workers`` does not import ``service``.
+Only the process entry point (``service.cli``) puts the API and a worker together.
+
+Read from the source (every ``import``, also inside functions), so a lazy import cannot hide."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FORBIDDEN = {
+    "outbox_relay": {"service", "workers"},
+    "workers": {"service"},
+}
+ENTRY_POINTS = {Path("service/cli.py")}
+
+
+def imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def violations(package: str) -> list[str]:
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        if relative in ENTRY_POINTS:
+            continue
+        bad = imported_packages(path) & FORBIDDEN[package]
+        if bad:
+            found.append(f"{relative} imports {', '.join(sorted(bad))}")
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_a_layer_imports_nothing_above_it(package: str) -> None:
+    assert violations(package) == []
+
+
+def test_the_check_sees_an_import_inside_a_function(tmp_path: Path) -> None:
+    source = tmp_path / "lazy.py"
+    source.write_text("def run():\n    from service.app import create_app\n    import workers.settings\n")
+    assert imported_packages(source) >= {"service", "workers"}
+
+
+def test_the_console_script_is_the_entry_point_outside_the_core() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'outbox-relay = "service.cli:main"' in text
