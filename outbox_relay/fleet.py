@@ -75,6 +75,10 @@ NOTIFIED_RETRY_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 """Re-polls after a wake-up that found nothing: the notified row is committed but a concurrent
 transaction still holds the horizon below it."""
 LAG_INTERVAL_S = 5.0
+OWNED_RECOUNT_S = 60.0
+"""The balance counts this worker's partitions in the control DB (one index entry read per
+partition) after anything changed (a relay or worker event, a claim or release, a lane that
+stopped) and at least this often; other ticks trust the lanes it runs."""
 ROUNDS_IN_FLIGHT = 4
 """Rounds of one relay publishing at once (over disjoint lanes)."""
 ROUND_MAX_MESSAGES = 1000
@@ -331,6 +335,8 @@ class FleetEngine:
         self.limits: dict[uuid.UUID, TargetLimits] = {}
         self.live_workers = 1
         self.tick = asyncio.Event()
+        self._recount = True
+        self._recount_at = 0.0
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._lag_task: asyncio.Task[None] | None = None
@@ -385,6 +391,7 @@ class FleetEngine:
                     await self._balance()
                     self.outages.up(CONTROL_DB)
                 except Exception as exc:
+                    self._recount = True  # it may have failed between a claim and its lanes
                     if not control_unavailable(exc):
                         log.exception("fleet tick failed")
                     else:
@@ -393,6 +400,8 @@ class FleetEngine:
                 if any_relay is not None:
                     waits.append(any_relay)
                 await wait_any(waits, interval)
+                if self.tick.is_set() or (any_relay is not None and any_relay.is_set()):
+                    self._recount = True  # a relay, a worker or a lane changed: count what we own
                 self.tick.clear()
                 if any_relay is not None:
                     any_relay.clear()
@@ -400,18 +409,23 @@ class FleetEngine:
     async def _balance(self) -> None:
         await self.fleet.reap(self.settings.lease_ttl_s)
         await self._drop_disabled()
-        view = await self.fleet.balance(self.key, self.settings.lease_ttl_s)
+        recount = self._recount or time.monotonic() >= self._recount_at
+        view = await self.fleet.balance(self.key, self.settings.lease_ttl_s, count_owned=recount)
+        if recount:
+            self._recount, self._recount_at = False, time.monotonic() + OWNED_RECOUNT_S
         self.live_workers = max(1, view.live_workers)
         share = view.share(self.key)
         owned = sum(len(r.lanes) for r in self.readers.values())
-        if view.owned > owned or owned > view.owned:
+        if view.owned is not None and view.owned != owned:
             await self._reconcile()  # a claim of an earlier tick, or a lane that stopped
             owned = sum(len(r.lanes) for r in self.readers.values())
         if owned > share:
+            self._recount = True  # the next tick checks what the release left
             await self._release(owned - share)
         elif owned < share and view.free > 0:
             claimed = await self.fleet.claim(self.key, share - owned)
             if claimed:
+                self._recount = True
                 log.info(
                     "claimed %d partitions (share %d of %d, %d workers)",
                     claimed,

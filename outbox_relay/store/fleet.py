@@ -60,7 +60,8 @@ class BalanceView:
     """Keys of the live workers, sorted."""
     total_partitions: int
     """Partitions of enabled relays."""
-    owned: int
+    owned: int | None
+    """Partitions this worker owns, or None when not counted (``balance(count_owned=False)``)."""
     free: int
     """Partitions of enabled relays that nobody owns."""
 
@@ -137,22 +138,26 @@ class FleetStore:
         )
         return int(freed or 0)
 
-    async def balance(self, key: str, ttl_s: float) -> BalanceView:
+    async def balance(self, key: str, ttl_s: float, *, count_owned: bool = True) -> BalanceView:
+        """Membership and the partitions to share. Counting this worker's own partitions reads one
+        index entry per partition it owns, so the engine asks for it only when something changed
+        (and now and then), not on every tick."""
         row = await self.pool.fetchrow(
             "SELECT (SELECT coalesce(array_agg(key ORDER BY key), '{}') FROM workers "
             "WHERE heartbeat_at >= now() - make_interval(secs => $2)) AS live, "
             "(SELECT coalesce(sum(partitions), 0) FROM relays WHERE enabled) AS total, "
-            "(SELECT count(*) FROM relay_partitions WHERE lease_holder = $1) AS owned, "
+            "(SELECT count(*) FROM relay_partitions WHERE lease_holder = $1 AND $3) AS owned, "
             "(SELECT count(*) FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
             " WHERE p.lease_holder IS NULL AND r.enabled) AS free",
             key,
             ttl_s,
+            count_owned,
         )
         assert row is not None
         return BalanceView(
             live=tuple(row["live"]),
             total_partitions=int(row["total"]),
-            owned=int(row["owned"]),
+            owned=int(row["owned"]) if count_owned else None,
             free=int(row["free"]),
         )
 
@@ -206,9 +211,11 @@ class FleetStore:
     @_serialized
     async def release_disabled(self, key: str) -> int:
         """Free this worker's partitions of relays that were disabled."""
+        # driven from the disabled relays (usually none), not from this worker's partitions (all of
+        # them, every tick): the primary key finds a disabled relay's partitions
         result = await self.pool.execute(
-            "UPDATE relay_partitions p SET lease_holder = NULL, lease_expires_at = NULL FROM relays r "
-            "WHERE r.id = p.relay_id AND NOT r.enabled AND p.lease_holder = $1",
+            "UPDATE relay_partitions p SET lease_holder = NULL, lease_expires_at = NULL "
+            "WHERE p.relay_id = ANY(ARRAY(SELECT id FROM relays WHERE NOT enabled)) AND p.lease_holder = $1",
             key,
         )
         return int(result.split()[-1])
