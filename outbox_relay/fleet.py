@@ -71,6 +71,12 @@ LANE_BUFFER_BATCHES = 4
 """A lane buffers up to this many batches of rows; beyond, the reader leaves its rows for later."""
 SCAN_MIN_ROWS = 500
 SCAN_MAX_ROWS = 1000
+WIDE_SCAN_ROWS_PER_LANE = 5
+WIDE_SCAN_MAX_ROWS = 5000
+"""A relay of many partitions reads up to ``WIDE_SCAN_ROWS_PER_LANE`` rows per lane that has room
+(at most this many): 1,000 rows over 1,024 lanes is one row per lane, and a round of one-row batches
+pays each lane's overhead per message (measured: 0.76x the rate of 16 partitions, 0.84x with this).
+A relay of few partitions keeps the 1,000-row reads (larger ones slowed its drain)."""
 NOTIFIED_RETRY_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 """Re-polls after a wake-up that found nothing: the notified row is committed but a concurrent
 transaction still holds the horizon below it."""
@@ -711,6 +717,7 @@ class FleetEngine:
             limit = SHARED_MAX_ROWS
         else:
             limit = max(SCAN_MIN_ROWS, min(SCAN_MAX_ROWS, policy.batch_size * len(accepting)))
+            limit = max(limit, min(WIDE_SCAN_MAX_ROWS, WIDE_SCAN_ROWS_PER_LANE * len(accepting)))
         start = min(lane.read_pos for lane in accepting)
         wanted = None if len(accepting) == reader.plan.partitions else sorted(lane.partition for lane in accepting)
         rows = await tenant_db.scan(
