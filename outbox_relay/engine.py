@@ -105,9 +105,45 @@ class _TenantDb:
     waiters: dict[asyncio.Event, tuple[int, int]] = field(default_factory=dict)
     """Each waiting partition's event, with its relay's (partitions, partition)."""
     watchers: dict[int, BucketCallback] = field(default_factory=dict)
+    hot: set[int] = field(default_factory=set)
+    """Watchers that read on their own, paced, as long as their reads find rows: when every
+    watcher is hot (and no partition waits), the LISTEN connection stops listening."""
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when ``watchers``, ``waiters`` or ``hot`` changed: the LISTEN task looks again."""
     listener: asyncio.Task[None] | None = None
     listening: bool = False
     """True while the LISTEN connection is up: polling can then be rare."""
+
+    def mute(self) -> bool:
+        """Whether nobody needs the notifications now."""
+        return bool(self.watchers) and not self.waiters and self.hot.issuperset(self.watchers)
+
+
+class Watch:
+    """A watcher of a database's inserts (:meth:`TenantConnections.watch`): ``hot(True)`` while its
+    reads keep finding rows and it reads on its own; calling it stops watching."""
+
+    __slots__ = ("_entry", "_token")
+
+    def __init__(self, entry: _TenantDb | None, token: int) -> None:
+        self._entry, self._token = entry, token
+
+    def hot(self, hot: bool) -> None:
+        entry = self._entry
+        if entry is None or (self._token in entry.hot) == hot:
+            return
+        if hot:
+            entry.hot.add(self._token)
+        else:
+            entry.hot.discard(self._token)
+        entry.changed.set()
+
+    def __call__(self) -> None:
+        entry = self._entry
+        if entry is not None:
+            entry.watchers.pop(self._token, None)
+            entry.hot.discard(self._token)
+            entry.changed.set()
 
 
 class TenantConnections:
@@ -169,21 +205,23 @@ class TenantConnections:
         entry = self._dbs.get(database_id)
         if entry is not None:
             entry.waiters[event] = (partitions, partition)
+            entry.changed.set()
         try:
             yield event
         finally:
             if entry is not None:
                 entry.waiters.pop(event, None)
 
-    def watch(self, database_id: uuid.UUID, callback: BucketCallback) -> Callable[[], None]:
+    def watch(self, database_id: uuid.UUID, callback: BucketCallback) -> Watch:
         """Call ``callback`` with the buckets of every committed insert into the database (after
-        :meth:`pool` opened it); returns the function that stops watching."""
+        :meth:`pool` opened it), and with None when the LISTEN connection (re)starts listening;
+        returns the :class:`Watch` (call it to stop watching)."""
         entry = self._dbs.get(database_id)
-        if entry is None:
-            return lambda: None
         token = next(self._watch_ids)
-        entry.watchers[token] = callback
-        return lambda: entry.watchers.pop(token, None) and None
+        if entry is not None:
+            entry.watchers[token] = callback
+            entry.changed.set()
+        return Watch(entry, token)
 
     async def release(self, database_id: uuid.UUID) -> None:
         """This worker no longer reads the database: close its LISTEN connection, and its pool once
@@ -216,10 +254,27 @@ class TenantConnections:
             try:
                 await conn.add_listener(channel, wake)
                 entry.listening = True
+                muted = False
                 wake()  # catch what was inserted while we were not listening
                 newest = await conn.fetchrow(newest_sql(db.schema), timeout=self.timeout_s)
+                probe_at = time.monotonic() + LISTEN_PROBE_S
                 while not conn.is_closed():  # a closed socket shows at once; a silent one at the probe
-                    await asyncio.sleep(LISTEN_PROBE_S)
+                    await wait_event(entry.changed, max(0.0, probe_at - time.monotonic()))
+                    entry.changed.clear()
+                    if entry.mute() != muted:
+                        # every reader of the database reads on its own while its reads find rows (a
+                        # notification per commit would only wake it sooner than its pace); once one
+                        # wants them again, LISTEN, then wake them all: what was committed in between
+                        # is read after the LISTEN took effect
+                        muted = not muted
+                        if muted:
+                            await conn.remove_listener(channel, wake)
+                        else:
+                            await conn.add_listener(channel, wake)
+                            wake()
+                    if time.monotonic() < probe_at:
+                        continue
+                    probe_at = time.monotonic() + LISTEN_PROBE_S
                     # the probe is also the safety net of the wake-ups: a row committed since the last
                     # probe wakes every reader of the database (one index probe per database, instead
                     # of each relay polling its outbox)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -294,3 +296,54 @@ async def test_notify_wakes_only_the_partitions_that_read_the_written_buckets(se
             await asyncio.wait_for(other.wait(), timeout=5)
     finally:
         await tenants.close()
+
+
+async def test_the_listen_connection_stops_listening_while_every_watcher_reads_on_its_own(setup: Setup) -> None:
+    """A relay whose reads keep finding rows reads at its pace without notifications: once every
+    watcher of the database says it is hot, the LISTEN connection unlistens (no wake-up per commit);
+    when one cools down, it listens again and wakes every watcher (what was committed in between is
+    read after the LISTEN took effect)."""
+    tenants = TenantConnections(policy=AddressPolicy(allow_private=True), timeout_s=2)
+    database_id = uuid.uuid4()
+    calls: list[list[int] | None] = []
+    try:
+        await tenants.pool(database_id, datetime.now(UTC), Database(dsn=setup.dsn), None)
+        watch = tenants.watch(database_id, calls.append)
+        await asyncio.sleep(0.5)  # the LISTEN connection is up and its start-up wake is spent
+        calls.clear()
+        await write(setup.dsn, ("t", "k1", b"x"))
+        await until_true(lambda: bool(calls), 5)
+        assert calls[-1] is not None, "an insert names its buckets"
+
+        watch.hot(True)
+        await asyncio.sleep(0.3)
+        calls.clear()
+        for i in range(3):
+            await write(setup.dsn, ("t", f"k{i}", b"x"))
+        await asyncio.sleep(0.5)
+        assert calls == [], "notified while every watcher reads on its own"
+
+        watch.hot(False)
+        await until_true(lambda: None in calls, 5)  # listening again: everyone re-reads
+        calls.clear()
+        await write(setup.dsn, ("t", "k9", b"x"))
+        await until_true(lambda: any(c is not None for c in calls), 5)
+
+        # one hot watcher beside one that is not: the notifications go on
+        other: list[list[int] | None] = []
+        second = tenants.watch(database_id, other.append)
+        watch.hot(True)
+        await asyncio.sleep(0.3)
+        calls.clear()
+        await write(setup.dsn, ("t", "k10", b"x"))
+        await until_true(lambda: any(c is not None for c in other), 5)
+        second()
+    finally:
+        await tenants.close()
+
+
+async def until_true(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)

@@ -11,8 +11,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import asyncpg
 import pytest
 
+from outbox_relay.client import add
 from outbox_relay.config import Settings
 from outbox_relay.engine import RelayRunner
 from outbox_relay.fleet import SHARED_MAX_ROWS, FleetEngine
@@ -178,3 +180,40 @@ async def test_a_relay_publishes_in_short_rounds_while_another_tenant_is_active(
         other.cancel()
     assert max(shared) <= SHARED_MAX_ROWS + 100, shared
     assert (await setup.tenant.delete("/v1/relays/share")).status_code == 204
+
+
+async def test_a_relay_that_read_on_its_own_hears_the_next_commit_after_a_pause(
+    setup: Setup, store: ControlStore, fleet: Fleet
+) -> None:
+    """A steady stream makes the relay read at its pace without notifications (its database's
+    LISTEN connection unlistens); after the stream stops, the first empty read turns listening back
+    on, so a message after a pause arrives at once, not at the next safety poll."""
+    body = {"database": "app", "target": "rabbit", "partitions": 4, "topic_mapping": {"*": "hot-q"}}
+    assert (await setup.tenant.put("/v1/relays/hot", body)).status_code == 201
+    relay_id = await setup.relay_id(store, "hot")
+    queue = await setup.channel.declare_queue("hot-q", durable=True)
+    await queue.purge()
+    engine = await fleet.start()
+    await until(lambda: owned(engine, relay_id) == 4, 10)
+    reader = engine.readers[relay_id]
+    ids: list[uuid.UUID] = []
+    was_hot = False
+    conn = await asyncpg.connect(setup.dsn)
+    try:
+        for i in range(500):  # one commit a millisecond or so, for about half a second
+            ids.append(await add(conn, "orders", f"k{i}", b"x"))
+            was_hot = was_hot or reader.hot
+    finally:
+        await conn.close()
+    received = await receive_ids(queue, len(ids), timeout_s=20)
+    assert sorted(received) == sorted(str(i) for i in ids)
+    assert was_hot, "the relay never read on its own"
+    await until(lambda: not reader.hot, 5)
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    last = [m for _, m in await write_ids(setup.dsn, ("orders", "after-pause", b"x"))]
+    assert await receive_ids(queue, 1, timeout_s=20) == [str(last[0])]
+    waited = time.monotonic() - started
+    # not at the next safety poll (minutes) or LISTEN probe (15 s)
+    assert waited < 2.0, f"the message after the pause took {waited:.2f} s"
+    assert (await setup.tenant.delete("/v1/relays/hot")).status_code == 204
