@@ -33,6 +33,8 @@ from terraform_provider_outboxrelay.resources import (
     TenantResource,
 )
 
+pytestmark = pytest.mark.e2e
+
 
 def attrs(resource: Any) -> dict[str, Any]:
     return {a.name: a for a in resource.get_schema().attributes}

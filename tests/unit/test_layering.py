@@ -56,3 +56,13 @@ def test_the_check_sees_an_import_inside_a_function(tmp_path: Path) -> None:
 def test_the_console_script_is_the_entry_point_outside_the_core() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     assert 'outbox-relay = "service.cli:main"' in text
+
+
+def test_every_end_to_end_module_carries_the_e2e_marker() -> None:
+    """``make test-fast`` deselects ``e2e``: a module under tests/e2e without it runs there."""
+    unmarked = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "tests" / "e2e").glob("test_*.py"))
+        if "pytest.mark.e2e" not in path.read_text()
+    ]
+    assert unmarked == []
