@@ -12,15 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
 
+from outbox_relay.brokers.base import OutgoingMessage
 from outbox_relay.domain import Target
 
 OnMessage = Callable[[bytes, float], None]
 """Called with a message's payload and ``time.perf_counter()`` when it arrived."""
+PlainSend = Callable[[list[OutgoingMessage]], Awaitable[None]]
+"""Publish a batch with the broker's client library as a user would write it, acknowledged."""
 
 
 class Kit(Protocol):
@@ -35,6 +38,10 @@ class Kit(Protocol):
     async def count(self, destination: str) -> int: ...
 
     async def consume(self, destination: str, on_message: OnMessage, stop: asyncio.Event) -> None: ...
+
+    def plain(self) -> contextlib.AbstractAsyncContextManager[PlainSend]:
+        """The plain library's publish (no adapter, no database): the ceiling a relay works under."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -80,6 +87,27 @@ class RedisKit:
                         on_message(fields[b"payload"], now)
         finally:
             await reader.aclose()
+
+    @contextlib.asynccontextmanager
+    async def plain(self) -> AsyncIterator[PlainSend]:
+        """redis-py, one pipeline of XADDs per batch (no transaction)."""
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(self.url)
+
+        async def send(batch: list[OutgoingMessage]) -> None:
+            pipe = client.pipeline(transaction=False)
+            for m in batch:
+                fields: dict[Any, Any] = {"payload": m.payload, "outbox-id": m.dedupe_id}
+                if m.key is not None:
+                    fields["key"] = m.key
+                pipe.xadd(m.destination, fields)
+            await pipe.execute()
+
+        try:
+            yield send
+        finally:
+            await client.aclose()
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -138,6 +166,38 @@ class RabbitMQKit:
             await stop.wait()
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
+        finally:
+            await connection.close()
+
+    @contextlib.asynccontextmanager
+    async def plain(self) -> AsyncIterator[PlainSend]:
+        """aio-pika with publisher confirms: every message persistent and mandatory, a batch is one
+        ``gather`` of publishes (each waits for its confirm)."""
+        import aio_pika
+
+        connection = await aio_pika.connect(self.admin_url)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = channel.default_exchange
+
+            async def send(batch: list[OutgoingMessage]) -> None:
+                await asyncio.gather(
+                    *(
+                        exchange.publish(
+                            aio_pika.Message(
+                                m.payload,
+                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                message_id=m.dedupe_id,
+                                headers=dict(m.headers),
+                            ),
+                            routing_key=m.destination,
+                            mandatory=True,
+                        )
+                        for m in batch
+                    )
+                )
+
+            yield send
         finally:
             await connection.close()
 
@@ -223,6 +283,26 @@ class KafkaKit:
                         on_message(record.value, now)
         finally:
             await consumer.stop()
+
+    @contextlib.asynccontextmanager
+    async def plain(self) -> AsyncIterator[PlainSend]:
+        """aiokafka, ``acks=all``: a batch is sent, then every delivery awaited."""
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=False)
+        await producer.start()
+
+        async def send(batch: list[OutgoingMessage]) -> None:
+            deliveries = [
+                await producer.send(m.destination, m.payload, key=m.key.encode() if m.key is not None else None)
+                for m in batch
+            ]
+            await asyncio.gather(*deliveries)
+
+        try:
+            yield send
+        finally:
+            await producer.stop()
 
     async def close(self) -> None:
         for task in self._counters.values():

@@ -1,4 +1,5 @@
-"""Messages/s relayed by one worker process, beside the broker's raw rate and a naive relay; plus
+"""Messages/s relayed by one worker process, beside the broker's plain-library ceiling, the
+adapter's own rate, a hand-written batched poller and a naive relay; the worker's CPU per message;
 commit-to-receive latency at a steady write rate.
 
 Usage: ``.venv/bin/python bench/relay_bench.py [--messages N] [--brokers redis,rabbitmq,kafka]``
@@ -9,8 +10,13 @@ Prints a table, writes it as JSON to ``bench/results/latest.json``; never fails 
 
 Per broker, over the same ``--messages`` messages (``--keys`` keys, ~200-byte JSON payloads):
 
+plain  the broker's client library as a user would call it (redis-py pipelined XADD; aio-pika
+       with publisher confirms, a ``gather`` per batch; aiokafka ``acks=all``), 500 messages a
+       round trip, no database: the broker's ceiling from Python.
 raw    ``publish_batch`` of the broker adapter in batches of ``--batch-size``, no database: the
        ceiling the relay works under.
+poller a hand-written batched outbox poller with the plain library: select 500 unpublished rows
+       ``FOR UPDATE SKIP LOCKED``, publish them, mark them, commit; until none is left.
 relay  the messages are pre-loaded into a fresh tenant outbox; one ``outbox-relay worker`` process
        (default settings) relays them; timed from the relay being enabled (``PUT`` with
        ``enabled: true``) until the broker holds them all (read back from the broker).
@@ -105,6 +111,14 @@ INSERT INTO naive.outbox (topic, key, payload, headers)
     SELECT topic, key, payload, headers FROM {SCHEMA}.outbox ORDER BY id;
 ANALYZE naive.outbox;
 """
+POLLER_SCHEMA_SQL = NAIVE_SCHEMA_SQL.replace("naive", "poller")
+POLLER_BATCH = 500
+PLAIN_BATCH = 500
+POLLER_NEXT_SQL = (
+    "SELECT id, topic, key, payload, headers::text AS headers, created_at FROM poller.outbox "
+    "WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+)
+POLLER_DONE_SQL = "UPDATE poller.outbox SET published_at = now() WHERE id = ANY($1::bigint[])"
 NAIVE_NEXT_SQL = (
     "SELECT id, topic, key, payload, headers::text AS headers, created_at FROM naive.outbox "
     "WHERE published_at IS NULL ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
@@ -177,6 +191,41 @@ async def measure_raw(kit: Kit, messages: list[OutgoingMessage], batch_size: int
                 raise RuntimeError(f"raw publish refused: {result}")
         elapsed = time.perf_counter() - started
     return {"messages": len(messages), "seconds": round(elapsed, 3), "msgs_per_s": round(len(messages) / elapsed)}
+
+
+async def measure_plain(kit: Kit, messages: list[OutgoingMessage]) -> dict[str, Any]:
+    async with kit.plain() as send:
+        started = time.perf_counter()
+        for i in range(0, len(messages), PLAIN_BATCH):
+            await send(messages[i : i + PLAIN_BATCH])
+        elapsed = time.perf_counter() - started
+    return {
+        "messages": len(messages),
+        "batch": PLAIN_BATCH,
+        "seconds": round(elapsed, 3),
+        "msgs_per_s": round(len(messages) / elapsed),
+    }
+
+
+async def measure_poller(kit: Kit, dsn: str, destination: str, n: int) -> dict[str, Any]:
+    """The loop a user writes by hand: a batch of rows locked, published, marked, committed."""
+    conn = await asyncpg.connect(dsn)
+    done = 0
+    try:
+        async with kit.plain() as send:
+            started = time.perf_counter()
+            while done < n:
+                async with conn.transaction():
+                    records = await conn.fetch(POLLER_NEXT_SQL, POLLER_BATCH)
+                    if not records:
+                        break
+                    await send(outgoing([row_of(r) for r in records], destination, "poller"))
+                    await conn.execute(POLLER_DONE_SQL, [r["id"] for r in records])
+                done += len(records)
+            elapsed = time.perf_counter() - started
+    finally:
+        await conn.close()
+    return {"messages": done, "batch": POLLER_BATCH, "seconds": round(elapsed, 3), "msgs_per_s": round(done / elapsed)}
 
 
 async def wait_for_count(
@@ -385,13 +434,14 @@ async def bench_broker(kit: Kit, scratch: Scratch, api: Api, args: argparse.Name
     await api.call("PUT", f"/v1/databases/{database}", {"dsn": dsn})
     await api.call("POST", f"/v1/databases/{database}/provision")
     await api.call("PUT", f"/v1/targets/{kit.name}", kit.target_body)
-    destinations = {p: kit.destination(p) for p in ("raw", "relay", "naive", "latency")}
+    destinations = {p: kit.destination(p) for p in ("plain", "raw", "poller", "relay", "naive", "latency")}
     await kit.prepare(list(destinations.values()))
 
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(PRELOAD_SQL.format(messages=int(args.messages), keys=int(args.keys)))
         await conn.execute(NAIVE_SCHEMA_SQL)
+        await conn.execute(POLLER_SCHEMA_SQL)
         await conn.execute(f"ANALYZE {SCHEMA}.outbox")
         rows = [row_of(r) for r in await conn.fetch(ROWS_SQL)]
     finally:
@@ -411,7 +461,9 @@ async def bench_broker(kit: Kit, scratch: Scratch, api: Api, args: argparse.Name
 
     rate = "{0[msgs_per_s]} msg/s".format
     log(f"{kit.name}: {n} messages pre-loaded")
+    await phase("plain", measure_plain(kit, outgoing(rows, destinations["plain"], "plain")), rate)
     await phase("raw", measure_raw(kit, outgoing(rows, destinations["raw"], "raw"), args.batch_size), rate)
+    await phase("poller", measure_poller(kit, dsn, destinations["poller"], n), rate)
     await phase("relay", measure_relay(kit, api, database, destinations["relay"], n, args), rate)
     await phase("naive", measure_naive(kit, dsn, destinations["naive"], n, args.naive_seconds), rate)
     if args.latency_seconds > 0:
@@ -420,9 +472,13 @@ async def bench_broker(kit: Kit, scratch: Scratch, api: Api, args: argparse.Name
             measure_latency(kit, api, database, dsn, destinations["latency"], args),
             "p50 {0[p50_ms]} ms, p99 {0[p99_ms]} ms at {0[write_rate_msgs_per_s]} msg/s written".format,
         )
-    raw, relay, naive = (result[k].get("msgs_per_s") for k in ("raw", "relay", "naive"))
+    phases = ("plain", "raw", "poller", "relay", "naive")
+    plain, raw, poller, relay, naive = (result[k].get("msgs_per_s") for k in phases)
+    steady = result["relay"].get("steady_msgs_per_s")
     result["relay_over_raw"] = round(relay / raw, 3) if relay and raw else None
     result["relay_over_naive"] = round(relay / naive, 1) if relay and naive else None
+    result["relay_over_poller"] = round(relay / poller, 2) if relay and poller else None
+    result["steady_over_plain"] = round(steady / plain, 2) if steady and plain else None
     return result
 
 
@@ -512,7 +568,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
-    head = ("broker", "raw msg/s", "relay msg/s", "naive msg/s", "relay/raw", "relay/naive", "p50 ms", "p99 ms")
+    head = (
+        "broker",
+        "plain msg/s",
+        "raw msg/s",
+        "poller msg/s",
+        "relay msg/s",
+        "relay steady",
+        "naive msg/s",
+        "steady/plain",
+        "relay/poller",
+        "worker us/msg",
+        "p50 ms",
+        "p99 ms",
+    )
     lines = [head]
     for r in report["results"]:
         latency = r.get("latency", {})
@@ -520,14 +589,21 @@ def table(report: dict[str, Any]) -> str:
         def cell(value: Any, fmt: str = "{}") -> str:
             return "-" if value is None else fmt.format(value)
 
+        def rate(phase: str, key: str = "msgs_per_s", r: dict[str, Any] = r) -> str:
+            return "error" if "error" in r.get(phase, {}) else cell(r.get(phase, {}).get(key))
+
         lines.append(
             (
                 r["broker"],
-                cell(r["raw"].get("msgs_per_s"), "{}") if "error" not in r["raw"] else "error",
-                cell(r["relay"].get("msgs_per_s")) if "error" not in r["relay"] else "error",
-                cell(r["naive"].get("msgs_per_s")) if "error" not in r["naive"] else "error",
-                cell(r["relay_over_raw"], "{:.2f}"),
-                cell(r["relay_over_naive"], "{:.1f}"),
+                rate("plain"),
+                rate("raw"),
+                rate("poller"),
+                rate("relay"),
+                rate("relay", "steady_msgs_per_s"),
+                rate("naive"),
+                cell(r.get("steady_over_plain"), "{:.2f}"),
+                cell(r.get("relay_over_poller"), "{:.2f}"),
+                rate("relay", "worker_cpu_us_per_msg"),
                 cell(latency.get("p50_ms")) if "error" not in latency else "error",
                 cell(latency.get("p99_ms")) if "error" not in latency else "error",
             )
@@ -561,7 +637,7 @@ def caveats(report: dict[str, Any]) -> list[str]:
                 f"{r['broker']} latency: the writers reached only {latency['write_rate_msgs_per_s']} of {rate:g} msg/s "
                 f"(up to {latency['writer_max_behind_ms'] / 1000:.1f} s behind: the machine was saturated)"
             )
-        for phase in ("raw", "relay", "naive", "latency"):
+        for phase in ("plain", "raw", "poller", "relay", "naive", "latency"):
             if "error" in r.get(phase, {}):
                 notes.append(f"{r['broker']} {phase}: {r[phase]['error']}")
     return [f"  * {note}" for note in notes]
