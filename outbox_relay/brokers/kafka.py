@@ -34,9 +34,10 @@ verifies the broker's name). A broker whose address the policy refuses is never 
 sees it as a broker it cannot reach, and the batch fails as :class:`TargetUnavailable` naming the
 refusal.
 
-Every wait is bounded by ``timeout_ms``: ``start()``, each ``send()`` (metadata look-up), each
-acknowledgement after the previous one, and ``stop()`` (aiokafka's ``stop()`` waits for pending
-batches forever when the brokers are gone: aio-libs/aiokafka#1101).
+Every wait is bounded by ``timeout_ms``: ``start()``, the batch's ``send()`` calls (metadata look-ups;
+twice ``timeout_ms`` for all of them), each acknowledgement after the previous one, and ``stop()``
+(aiokafka's ``stop()`` waits for pending batches forever when the brokers are gone:
+aio-libs/aiokafka#1101).
 """
 
 from __future__ import annotations
@@ -193,27 +194,28 @@ class KafkaPublisher:
         futures: list[asyncio.Future[Any]] = []
         send_error: BaseException | None = None
         try:
-            for message in messages:
-                try:
-                    # aiokafka gives up on metadata after request_timeout_ms; this is a backstop.
-                    async with asyncio.timeout(2 * self._timeout_s):
+            try:
+                # aiokafka gives up on metadata after request_timeout_ms; this is a backstop, one for
+                # the batch (a timer armed and cancelled per message was a noticeable part of its cost)
+                async with asyncio.timeout(2 * self._timeout_s):
+                    for message in messages:
                         future = await producer.send(
                             message.destination,
                             message.payload,
                             key=None if message.key is None else message.key.encode(),
                             headers=_headers(message),
                         )
-                except (kafka_errors.KafkaError, TimeoutError) as exc:
-                    send_error = exc
-                    break
-                future.add_done_callback(_retrieve)
-                futures.append(future)
+                        future.add_done_callback(_retrieve)
+                        futures.append(future)
+            except (kafka_errors.KafkaError, TimeoutError) as exc:
+                send_error = exc
             for index, future in enumerate(futures):
-                done, _ = await asyncio.wait((future,), timeout=self._timeout_s)
-                if not done:
-                    raise TargetUnavailable(
-                        f"Kafka at {self._where}: no ack within {self._timeout_s:g}s{_refusal_note(producer)}"
-                    )
+                if not future.done():  # acks come per produce request: most are in by now
+                    done, _ = await asyncio.wait((future,), timeout=self._timeout_s)
+                    if not done:
+                        raise TargetUnavailable(
+                            f"Kafka at {self._where}: no ack within {self._timeout_s:g}s{_refusal_note(producer)}"
+                        )
                 error = future.exception()
                 if error is not None:
                     rejection = self._rejection_or_raise(error, index, producer)
