@@ -54,9 +54,12 @@ from typing import Any, Self
 import aio_pika
 import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, DeliveryMode
+from aiormq.abc import ChannelFrame
 from aiormq.connection import DEFAULT_PORTS, TransportFactory
+from pamqp import commands as spec
 from pamqp import frame as amqp_frame
 from pamqp import header as amqp_header
+from pamqp.header import ContentHeader
 from yarl import URL
 
 from outbox_relay.brokers.base import OutgoingMessage, PublishResult
@@ -196,38 +199,88 @@ class RabbitMQPublisher:
         Returns the index of the first message not confirmed and why (``None`` when all were); when
         the broker closed the channel over one of these publishes, the why is that close. Waits at
         most ``timeout_ms`` for each next confirm, so a slow but progressing batch is not cut.
+
+        The publishes go as aiormq frames, all of the batch in one write under the channel's lock,
+        each with its confirmation registered as ``Channel.basic_publish`` registers it (delivery
+        tag, confirmation future, message id for a ``basic.return``): the broker's acks, multiple
+        or not, nacks, returns and a channel close resolve them through aiormq's own handlers.
+        ``basic_publish`` itself costs a task, a lock turn, a write and a drain per message
+        (aio-pika's ``gather`` of publishes kept 0.59 of what the broker takes).
         """
         if start >= stop:
             return stop, None
-        exchange = await self._ensure_exchange()
-        tasks = [
-            asyncio.ensure_future(
-                exchange.publish(
-                    self._amqp_message(message),
-                    routing_key=message.destination,
-                    mandatory=self._mandatory,
-                )
-            )
-            for message in messages[start:stop]
-        ]
+        await self._ensure_exchange()
+        assert self._channel is not None
+        channel = await self._channel.get_underlay_channel()
+        confirmations: list[asyncio.Future[Any]] = []
         try:
-            for offset, task in enumerate(tasks):
-                done, _ = await asyncio.wait((task,), timeout=self._timeout_s)
-                if not done:
-                    return start + offset, TimeoutError(f"no publisher confirm within {self._timeout_s:g}s")
+            async with asyncio.timeout(self._timeout_s):
+                await self._write(channel, messages[start:stop], confirmations)
+        except Exception as exc:  # the channel or connection closed, or the write did not drain in time
+            close = next((e for e in _errors(confirmations) if isinstance(e, _REFUSING_CLOSES)), None)
+            return start, close or exc
+        try:
+            for offset, confirmation in enumerate(confirmations):
+                if not confirmation.done():
+                    done, _ = await asyncio.wait((confirmation,), timeout=self._timeout_s)
+                    if not done:
+                        return start + offset, TimeoutError(f"no publisher confirm within {self._timeout_s:g}s")
                 error: BaseException | None
-                if task.cancelled():
+                if confirmation.cancelled():
                     error = aiormq.exceptions.ChannelInvalidStateError("publish cancelled: the channel closed")
                 else:
-                    error = task.exception()
+                    error = confirmation.exception()
                 if error is not None:
-                    close = next((e for e in _errors(tasks) if isinstance(e, _REFUSING_CLOSES)), None)
+                    close = next((e for e in _errors(confirmations) if isinstance(e, _REFUSING_CLOSES)), None)
                     return start + offset, close or error
             return stop, None
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for confirmation in confirmations:
+                if not confirmation.done():
+                    confirmation.cancel()
+
+    async def _write(
+        self, channel: Any, messages: Sequence[OutgoingMessage], confirmations: list[asyncio.Future[Any]]
+    ) -> None:
+        """Write the publishes of ``messages`` in one frame sequence, registering a confirmation for
+        each in ``confirmations`` (in order). Nothing is registered for a write that did not happen."""
+        async with channel.lock:
+            if channel.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+            frames: list[Any] = []
+            first_tag = channel.delivery_tag + 1
+            for message in messages:
+                amqp = self._amqp_message(message)
+                channel.delivery_tag += 1
+                tag = channel.delivery_tag
+                confirmation = channel.create_future()
+                channel.confirmations[tag] = confirmation
+                channel.message_id_delivery_tag[message.dedupe_id] = tag
+                confirmation.add_done_callback(_forget_message_id(channel, message.dedupe_id, tag))
+                confirmations.append(confirmation)
+                frames.append(
+                    spec.Basic.Publish(
+                        exchange=self._exchange_name, routing_key=message.destination, mandatory=self._mandatory
+                    )
+                )
+                frames.append(ContentHeader(properties=amqp.properties, body_size=len(amqp.body)))
+                frames.extend(channel._split_body(amqp.body))
+            drain = channel.create_future()
+            try:
+                await channel.write_queue.put(
+                    ChannelFrame.marshall(frames=frames, channel_number=channel.number, drain_future=drain)
+                )
+            except BaseException:
+                # not written: the broker has not seen these publishes; give their tags back
+                channel.delivery_tag = first_tag - 1
+                for tag in range(first_tag, first_tag + len(messages)):
+                    channel.confirmations.pop(tag, None)
+                for confirmation in confirmations:
+                    confirmation.cancel()
+                confirmations.clear()
+                drain.cancel()
+                raise
+            await drain
 
     async def _rejection_or_raise(self, error: BaseException, index: int) -> MessageRejected:
         """Map a publish failure to the message's rejection, or raise TargetUnavailable.
@@ -396,6 +449,17 @@ def _unsendable(message: OutgoingMessage, amqp: aio_pika.Message, frame_max: int
     if frame_max and size > frame_max:
         return f"headers take {size} bytes, more than one AMQP frame carries (frame_max {frame_max})"
     return None
+
+
+def _forget_message_id(channel: Any, message_id: str, tag: int) -> Any:
+    """A done callback: drop the message id -> delivery tag entry once its publish is settled (as
+    ``Channel.basic_publish`` does), unless a later publish of the same id took it over."""
+
+    def forget(_: asyncio.Future[Any]) -> None:
+        if channel.message_id_delivery_tag.get(message_id) == tag:
+            channel.message_id_delivery_tag.pop(message_id)
+
+    return forget
 
 
 def _errors(tasks: Sequence[asyncio.Future[Any]]) -> list[BaseException]:
