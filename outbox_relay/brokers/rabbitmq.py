@@ -59,7 +59,7 @@ from aiormq.connection import DEFAULT_PORTS, TransportFactory
 from pamqp import commands as spec
 from pamqp import frame as amqp_frame
 from pamqp import header as amqp_header
-from pamqp.header import ContentHeader
+from pamqp.constants import FRAME_BODY, FRAME_END_CHAR, FRAME_HEADER
 from yarl import URL
 
 from outbox_relay.brokers.base import OutgoingMessage, PublishResult
@@ -71,6 +71,8 @@ KEY_HEADER = "outbox-key"
 MAX_ROUTING_KEY_BYTES = 255  # shortstr
 MAX_HEADER_NAME_BYTES = 128  # field-table names; pamqp truncates longer ones
 
+_FRAME_START = struct.Struct(">BHI")  # frame type, channel, payload size
+_FRAME_OVERHEAD = _FRAME_START.size + len(FRAME_END_CHAR)
 # Channel closes that blame what was published rather than the broker's health.
 _REFUSING_CLOSES = (
     aiormq.exceptions.ChannelNotFoundEntity,  # 404: the exchange does not exist
@@ -170,8 +172,8 @@ class RabbitMQPublisher:
     async def _publish(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
         total = len(messages)
         await self._ensure_exchange()  # connected, so frame_max is known
-        sendable, refusal = self._sendable_prefix(messages)
-        index, error = await self._send(messages, 0, sendable)
+        sendable, refusal, encoded = self._sendable_prefix(messages)
+        index, error = await self._send(messages, encoded, 0, sendable)
         if error is None:
             if refusal is None:
                 return PublishResult(acked=total)
@@ -184,7 +186,7 @@ class RabbitMQPublisher:
         # connection (this one may be about to be closed by the broker: see the module docstring).
         await self._drop_connection()
         for i in range(index, sendable):
-            _, error = await self._send(messages, i, i + 1)
+            _, error = await self._send(messages, encoded, i, i + 1)
             if error is not None:
                 return PublishResult(acked=i, rejected=await self._rejection_or_raise(error, i))
         if refusal is None:
@@ -192,9 +194,10 @@ class RabbitMQPublisher:
         return PublishResult(acked=sendable, rejected=MessageRejected(refusal, index=sendable))
 
     async def _send(
-        self, messages: Sequence[OutgoingMessage], start: int, stop: int
+        self, messages: Sequence[OutgoingMessage], encoded: Sequence[bytes], start: int, stop: int
     ) -> tuple[int, BaseException | None]:
-        """Publish ``messages[start:stop]`` pipelined and wait for their confirms in order.
+        """Publish ``messages[start:stop]`` (their content headers ``encoded``) pipelined and wait for
+        their confirms in order.
 
         Returns the index of the first message not confirmed and why (``None`` when all were); when
         the broker closed the channel over one of these publishes, the why is that close. Waits at
@@ -215,7 +218,7 @@ class RabbitMQPublisher:
         confirmations: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(self._timeout_s):
-                await self._write(channel, messages[start:stop], confirmations)
+                await self._write(channel, messages[start:stop], encoded[start:stop], confirmations)
         except Exception as exc:  # the channel or connection closed, or the write did not drain in time
             close = next((e for e in _errors(confirmations) if isinstance(e, _REFUSING_CLOSES)), None)
             return start, close or exc
@@ -240,17 +243,22 @@ class RabbitMQPublisher:
                     confirmation.cancel()
 
     async def _write(
-        self, channel: Any, messages: Sequence[OutgoingMessage], confirmations: list[asyncio.Future[Any]]
+        self,
+        channel: Any,
+        messages: Sequence[OutgoingMessage],
+        encoded: Sequence[bytes],
+        confirmations: list[asyncio.Future[Any]],
     ) -> None:
         """Write the publishes of ``messages`` in one frame sequence, registering a confirmation for
         each in ``confirmations`` (in order). Nothing is registered for a write that did not happen."""
         async with channel.lock:
             if channel.is_closed:
                 raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-            frames: list[Any] = []
+            number, chunk = channel.number, channel.max_content_size
+            parts: list[bytes] = []
+            publish_frames: dict[str, bytes] = {}  # one marshalled basic.publish per routing key
             first_tag = channel.delivery_tag + 1
-            for message in messages:
-                amqp = self._amqp_message(message)
+            for message, header in zip(messages, encoded, strict=True):
                 channel.delivery_tag += 1
                 tag = channel.delivery_tag
                 confirmation = channel.create_future()
@@ -258,17 +266,21 @@ class RabbitMQPublisher:
                 channel.message_id_delivery_tag[message.dedupe_id] = tag
                 confirmation.add_done_callback(_forget_message_id(channel, message.dedupe_id, tag))
                 confirmations.append(confirmation)
-                frames.append(
-                    spec.Basic.Publish(
+                publish = publish_frames.get(message.destination)
+                if publish is None:
+                    method = spec.Basic.Publish(
                         exchange=self._exchange_name, routing_key=message.destination, mandatory=self._mandatory
                     )
-                )
-                frames.append(ContentHeader(properties=amqp.properties, body_size=len(amqp.body)))
-                frames.extend(channel._split_body(amqp.body))
+                    publish = publish_frames[message.destination] = amqp_frame.marshal(method, number)
+                parts.append(publish)
+                parts.append(_frame(FRAME_HEADER, number, header))
+                body = message.payload
+                for offset in range(0, len(body), chunk):
+                    parts.append(_frame(FRAME_BODY, number, body[offset : offset + chunk]))
             drain = channel.create_future()
             try:
                 await channel.write_queue.put(
-                    ChannelFrame.marshall(frames=frames, channel_number=channel.number, drain_future=drain)
+                    ChannelFrame(payload=b"".join(parts), should_close=False, drain_future=drain)
                 )
             except BaseException:
                 # not written: the broker has not seen these publishes; give their tags back
@@ -304,14 +316,17 @@ class RabbitMQPublisher:
         await self._drop_channel()
         return rejection
 
-    def _sendable_prefix(self, messages: Sequence[OutgoingMessage]) -> tuple[int, str | None]:
-        """How many messages from the start AMQP can carry, and why the next one cannot."""
+    def _sendable_prefix(self, messages: Sequence[OutgoingMessage]) -> tuple[int, str | None, list[bytes]]:
+        """How many messages from the start AMQP can carry, why the next one cannot, and the
+        content header (properties) of each that can, encoded once for the check and the write."""
         frame_max = self._frame_max()
+        encoded: list[bytes] = []
         for index, message in enumerate(messages):
-            reason = _unsendable(message, self._amqp_message(message), frame_max)
-            if reason is not None:
-                return index, reason
-        return len(messages), None
+            header, reason = _content_header(message, frame_max)
+            if header is None:
+                return index, reason, encoded
+            encoded.append(header)
+        return len(messages), None, encoded
 
     def _frame_max(self) -> int:
         transport = self._connection.transport if self._connection is not None else None
@@ -381,18 +396,6 @@ class RabbitMQPublisher:
     def _safe_url(self) -> str:
         return str(self._url.with_password(None))
 
-    @staticmethod
-    def _amqp_message(message: OutgoingMessage) -> aio_pika.Message:
-        headers: dict[str, aio_pika.abc.FieldValue] = dict(message.headers)
-        if message.key is not None:
-            headers[KEY_HEADER] = message.key
-        return aio_pika.Message(
-            message.payload,
-            headers=headers,
-            message_id=message.dedupe_id,
-            delivery_mode=DeliveryMode.PERSISTENT,
-        )
-
 
 class GuardedTransport(TransportFactory):
     """aiormq's transport factory, dialling only addresses the address policy checked just now.
@@ -435,20 +438,42 @@ class _GuardedConnection(aio_pika.Connection):
         self.kwargs["transport_factory"] = transport_factory
 
 
-def _unsendable(message: OutgoingMessage, amqp: aio_pika.Message, frame_max: int) -> str | None:
-    """Why AMQP cannot carry ``message`` as it is, or None."""
+def _properties(message: OutgoingMessage) -> spec.Basic.Properties:
+    """The AMQP properties of ``message`` (what ``aio_pika.Message`` set for it before: persistent,
+    ``message_id``, the headers with the key in ``outbox-key``, priority 0, an empty cluster id)."""
+    headers: dict[str, Any] = dict(message.headers)
+    if message.key is not None:
+        headers[KEY_HEADER] = message.key
+    return spec.Basic.Properties(
+        headers=headers,
+        delivery_mode=int(DeliveryMode.PERSISTENT),
+        priority=0,
+        message_id=message.dedupe_id,
+        cluster_id="",
+    )
+
+
+def _content_header(message: OutgoingMessage, frame_max: int) -> tuple[bytes | None, str | None]:
+    """``message``'s content header frame payload, or None and why AMQP cannot carry the message."""
     if len(message.destination.encode()) > MAX_ROUTING_KEY_BYTES:
-        return f"routing key longer than {MAX_ROUTING_KEY_BYTES} bytes (UTF-8)"
-    for name in amqp.headers:
+        return None, f"routing key longer than {MAX_ROUTING_KEY_BYTES} bytes (UTF-8)"
+    properties = _properties(message)
+    for name in properties.headers or {}:
         if len(name.encode()) > MAX_HEADER_NAME_BYTES:
-            return f"header name {name[:40]!r}... longer than AMQP's {MAX_HEADER_NAME_BYTES} bytes (UTF-8)"
+            return None, f"header name {name[:40]!r}... longer than AMQP's {MAX_HEADER_NAME_BYTES} bytes (UTF-8)"
     try:
-        size = len(amqp_frame.marshal(amqp_header.ContentHeader(0, len(amqp.body), amqp.properties), 1))
+        payload = amqp_header.ContentHeader(0, len(message.payload), properties).marshal()
     except (TypeError, ValueError, struct.error) as exc:
-        return f"headers cannot be encoded in AMQP: {exc}"
+        return None, f"headers cannot be encoded in AMQP: {exc}"
+    size = len(payload) + _FRAME_OVERHEAD
     if frame_max and size > frame_max:
-        return f"headers take {size} bytes, more than one AMQP frame carries (frame_max {frame_max})"
-    return None
+        return None, f"headers take {size} bytes, more than one AMQP frame carries (frame_max {frame_max})"
+    return payload, None
+
+
+def _frame(frame_type: int, channel: int, payload: bytes) -> bytes:
+    """One AMQP frame (pamqp's ``frame._marshal``)."""
+    return _FRAME_START.pack(frame_type, channel, len(payload)) + payload + FRAME_END_CHAR
 
 
 def _forget_message_id(channel: Any, message_id: str, tag: int) -> Any:
