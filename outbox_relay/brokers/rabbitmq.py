@@ -1,4 +1,4 @@
-"""RabbitMQ adapter: aio-pika with publisher confirms.
+"""RabbitMQ adapter: aio-pika's connection and confirm-mode channel; the publishes as aiormq frames.
 
 Each message is published persistent (delivery mode 2) to the target's exchange ('' is the default
 exchange) with ``routing_key = message.destination``, ``message_id = message.dedupe_id``, the
@@ -14,8 +14,12 @@ by ``message_id`` alone, so two batches in flight carrying the same outbox id (t
 to one target) could be confused. Serial batches are still pipelined inside, so the cost is one
 round trip per batch; the wait for the lock is bounded by ``timeout_ms`` like every other wait.
 
-A batch is pipelined: every publish is written to the channel in batch order before any confirm is
-awaited (aiormq serialises writes under a FIFO lock, so the order on the wire is the batch order).
+A batch is pipelined: all its publishes are written to the channel in batch order, in one write
+under the channel's lock, before any confirm is awaited; each registers its confirmation with aiormq
+the way ``Channel.basic_publish`` does (delivery tag, future, message id), so aiormq's handlers settle
+acks (also ``multiple``), nacks, returns and a channel close. This relies on aiormq 7.2's channel
+internals (``lock``, ``delivery_tag``, ``confirmations``, ``message_id_delivery_tag``,
+``write_queue``), pinned by the lock file; the contract suite covers every answer.
 How the broker's answers map onto the seam's contract:
 
 * ``basic.ack`` → acknowledged.
