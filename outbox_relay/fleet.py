@@ -137,8 +137,9 @@ class CursorWriter:
     same event-loop turn as the first (``delay_s`` 0), and all that come while a flush is running go
     in the next one. (A 5 ms wait for more writes, as before, held every round that long: the
     relay's rate rose from 49,764 to 66,968 msg/s to Redis without it.) A write resolves to whether
-    it moved the cursor (False: the partition was taken over). A control DB that cannot be reached is retried while ownership is
-    known to hold (nobody can claim a partition while the control DB is down)."""
+    it moved the cursor (False: the partition was taken over). A control DB that cannot be reached
+    is retried while ownership is known to hold (nobody can claim a partition while the control DB
+    is down)."""
 
     def __init__(self, fleet: FleetStore, *, lease_until: Callable[[], float], delay_s: float = 0.0) -> None:
         self.fleet = fleet
