@@ -86,8 +86,91 @@ _REFUSING_CLOSES = (
 )
 
 
+LINKS = 2
+"""Connections (each with one confirm-mode channel) a publisher spreads concurrent batches over.
+One batch at a time per connection (see the module docstring); a second lets a batch be written
+while the one before waits for its confirms. Measured with 4 batches of 1,000 in flight on one
+publisher: 15,000 -> 16,600 msg/s; the relay (relay_bench, 100k messages) 10,956 -> 11,499 msg/s.
+Neither side is busy (RabbitMQ 0.36 of a core, the client 0.39): persistent confirms wait for the
+broker's disk writes, so what helps is more in flight."""
+
+
 class RabbitMQPublisher:
-    """Publishes batches to one RabbitMQ exchange; see the module docstring for the mapping."""
+    """Publishes batches to one RabbitMQ exchange over up to ``links`` connections; see the module
+    docstring for the mapping. A batch goes to a connection with nothing to do, or else queues
+    behind the one with the fewest batches; each connection keeps the one-batch-at-a-time rule,
+    so a refusal that closes a channel, or a reconnect, touches only its own batch."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        policy: AddressPolicy,
+        password: str | None = None,
+        exchange: str = "",
+        mandatory: bool = True,
+        timeout_ms: int = 10_000,
+        connection_name: str = "outbox-relay",
+        links: int = LINKS,
+    ) -> None:
+        if links < 1:
+            raise ValueError(f"links must be at least 1, got {links}")
+        self._links = [
+            _Link(
+                url=url,
+                policy=policy,
+                password=password,
+                exchange=exchange,
+                mandatory=mandatory,
+                timeout_ms=timeout_ms,
+                connection_name=connection_name if i == 0 else f"{connection_name}-{i + 1}",
+            )
+            for i in range(links)
+        ]
+        self._queued = [0] * links
+
+    @classmethod
+    def from_target(cls, target: RabbitMQTarget, *, password: str | None, policy: AddressPolicy) -> Self:
+        return cls(
+            url=target.url,
+            policy=policy,
+            password=password,
+            exchange=target.exchange,
+            mandatory=target.mandatory,
+            timeout_ms=target.timeout_ms,
+        )
+
+    async def connect(self) -> None:
+        """Open the first connection and its channel now (the others open when first needed);
+        raise :class:`TargetUnavailable` when the broker cannot be reached."""
+        await self._links[0].connect()
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
+        if not messages:
+            return PublishResult(acked=0)
+        index = next((i for i, queued in enumerate(self._queued) if not queued), None)
+        if index is None:
+            index = min(range(len(self._links)), key=self._queued.__getitem__)
+        self._queued[index] += 1
+        try:
+            return await self._links[index].publish_batch(messages)
+        finally:
+            self._queued[index] -= 1
+
+    async def close(self) -> None:
+        """Close every connection; safe to call more than once."""
+        for link in self._links:
+            await link.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class _Link:
+    """One connection and its confirm-mode channel, one batch at a time (the module docstring)."""
 
     def __init__(
         self,
@@ -122,17 +205,6 @@ class RabbitMQPublisher:
         self._turn = asyncio.Lock()
         self._closed = False
 
-    @classmethod
-    def from_target(cls, target: RabbitMQTarget, *, password: str | None, policy: AddressPolicy) -> Self:
-        return cls(
-            url=target.url,
-            policy=policy,
-            password=password,
-            exchange=target.exchange,
-            mandatory=target.mandatory,
-            timeout_ms=target.timeout_ms,
-        )
-
     async def connect(self) -> None:
         """Open the connection and the confirm-mode channel now; raise :class:`TargetUnavailable`
         when the broker cannot be reached."""
@@ -149,12 +221,6 @@ class RabbitMQPublisher:
         """Close the connection; safe to call more than once."""
         self._closed = True
         await self._drop_connection()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # --- internals ---------------------------------------------------------------------------------
 
