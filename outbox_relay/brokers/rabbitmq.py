@@ -4,15 +4,16 @@ Each message is published persistent (delivery mode 2) to the target's exchange 
 exchange) with ``routing_key = message.destination``, ``message_id = message.dedupe_id``, the
 message's headers copied into the AMQP headers and the key in the header ``outbox-key``.
 
-One batch at a time: ``publish_batch`` holds a lock for the whole batch, so concurrent callers (the
-worker shares one publisher between the partitions it runs) take turns on the one connection and
-channel. Why not a channel per concurrent batch: a publish the broker refuses by closing the channel
-(403, 404, 406) makes aiormq write the publishes queued behind it after its ``channel.close-ok``, and
-RabbitMQ then closes the whole *connection* (504 ``CHANNEL_ERROR - expected 'channel.open'``), which
-would fail every other batch in flight on it; aiormq also pairs a ``basic.return`` with its publish
-by ``message_id`` alone, so two batches in flight carrying the same outbox id (two databases relaying
-to one target) could be confused. Serial batches are still pipelined inside, so the cost is one
-round trip per batch; the wait for the lock is bounded by ``timeout_ms`` like every other wait.
+One batch at a time per connection: a publisher has ``LINKS`` (2) connections with one channel each,
+and each holds a lock for its whole batch, so concurrent callers (the worker shares one publisher
+between the partitions it runs) spread over them and take turns on each. Why not a channel per
+concurrent batch: a publish the broker refuses by closing the channel (403, 404, 406) makes aiormq
+write the publishes queued behind it after its ``channel.close-ok``, and RabbitMQ then closes the
+whole *connection* (504 ``CHANNEL_ERROR - expected 'channel.open'``), which would fail every other
+batch in flight on it; aiormq also pairs a ``basic.return`` with its publish by ``message_id``
+alone, so two batches in flight carrying the same outbox id (two databases relaying to one target)
+could be confused. Serial batches are still pipelined inside, so the cost is one round trip per
+batch; the wait for the lock is bounded by ``timeout_ms`` like every other wait.
 
 A batch is pipelined: all its publishes are written to the channel in batch order, in one write
 under the channel's lock, before any confirm is awaited; each registers its confirmation with aiormq
