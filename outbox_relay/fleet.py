@@ -619,6 +619,8 @@ class FleetEngine:
                 await asyncio.sleep(early)
             reader.wake.clear()
             if reader.stop.is_set() or not reader.lanes:
+                busy_reads = 0
+                reader.set_hot(False)  # no lanes: wait for a wake-up, not the pace
                 continue
             read_at = time.monotonic()
             try:
