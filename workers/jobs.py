@@ -12,14 +12,26 @@ from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Database
 from outbox_relay.engine import TenantConnections
 from outbox_relay.maintenance import RelayCursors, maintain
-from outbox_relay.store.control import ControlStore
+from outbox_relay.store.control import ControlStore, control_unavailable
 
 log = logging.getLogger("outbox_relay.workers")
 
 
 async def maintain_outboxes(ctx: dict[str, Any]) -> int:
     """Create partitions ahead and drop passed ones in the tenant databases a relay reads: each about
-    every ``maintenance_interval_s`` (partitions are made a week ahead), a share of them a minute."""
+    every ``maintenance_interval_s`` (partitions are made a week ahead), a share of them a minute.
+    A control DB that goes away meanwhile ends this run with one warning (the next run, a minute
+    later, picks up what is still due), not with a failed job and its traceback."""
+    try:
+        return await _maintain_outboxes(ctx)
+    except Exception as exc:
+        if not control_unavailable(exc):
+            raise
+        log.warning("outbox maintenance stopped: the control DB is unavailable (%s: %s)", type(exc).__name__, exc)
+        return 0
+
+
+async def _maintain_outboxes(ctx: dict[str, Any]) -> int:
     store: ControlStore = ctx["store"]
     tenants: TenantConnections = ctx["tenants"]
     secrets: SecretBox = ctx["secrets"]
