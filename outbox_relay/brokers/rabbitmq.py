@@ -54,6 +54,7 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Self
 
 import aio_pika
@@ -114,19 +115,27 @@ class RabbitMQPublisher:
         connection_name: str = "outbox-relay",
         links: int = LINKS,
     ) -> None:
+        """``url`` is ``amqp[s]://user@host:port/vhost`` without the password; ``password`` is set
+        into it as a URL component (so any character is safe); ``policy`` checks every address the
+        host has, at each connect. Nothing connects before :meth:`connect` or the first batch."""
+        if timeout_ms <= 0:
+            raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
         if links < 1:
             raise ValueError(f"links must be at least 1, got {links}")
+        parsed = URL(url)
+        if parsed.scheme not in ("amqp", "amqps"):
+            raise ValueError(f"url must be amqp:// or amqps://, got scheme {parsed.scheme!r}")
+        if password is not None:
+            parsed = parsed.with_password(password)
+        options = _LinkOptions(
+            url=parsed,
+            exchange=exchange,
+            mandatory=mandatory,
+            timeout_s=timeout_ms / 1000,
+            transport=GuardedTransport(policy),
+        )
         self._links = [
-            _Link(
-                url=url,
-                policy=policy,
-                password=password,
-                exchange=exchange,
-                mandatory=mandatory,
-                timeout_ms=timeout_ms,
-                connection_name=connection_name if i == 0 else f"{connection_name}-{i + 1}",
-            )
-            for i in range(links)
+            _Link(options, connection_name if i == 0 else f"{connection_name}-{i + 1}") for i in range(links)
         ]
         self._queued = [0] * links
 
@@ -149,9 +158,7 @@ class RabbitMQPublisher:
     async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
         if not messages:
             return PublishResult(acked=0)
-        index = next((i for i, queued in enumerate(self._queued) if not queued), None)
-        if index is None:
-            index = min(range(len(self._links)), key=self._queued.__getitem__)
+        index = min(range(len(self._links)), key=self._queued.__getitem__)  # the first idle one, if any
         self._queued[index] += 1
         try:
             return await self._links[index].publish_batch(messages)
@@ -170,36 +177,28 @@ class RabbitMQPublisher:
         await self.close()
 
 
+@dataclass(frozen=True, slots=True)
+class _LinkOptions:
+    """What every connection of a publisher shares (checked once, by :class:`RabbitMQPublisher`)."""
+
+    url: URL
+    """With the password set."""
+    exchange: str
+    mandatory: bool
+    timeout_s: float
+    transport: GuardedTransport
+
+
 class _Link:
     """One connection and its confirm-mode channel, one batch at a time (the module docstring)."""
 
-    def __init__(
-        self,
-        *,
-        url: str,
-        policy: AddressPolicy,
-        password: str | None = None,
-        exchange: str = "",
-        mandatory: bool = True,
-        timeout_ms: int = 10_000,
-        connection_name: str = "outbox-relay",
-    ) -> None:
-        """``url`` is ``amqp[s]://user@host:port/vhost`` without the password; ``password`` is set
-        into it as a URL component (so any character is safe); ``policy`` checks every address the
-        host has, at each connect. Nothing connects before :meth:`connect` or the first batch."""
-        if timeout_ms <= 0:
-            raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
-        parsed = URL(url)
-        if parsed.scheme not in ("amqp", "amqps"):
-            raise ValueError(f"url must be amqp:// or amqps://, got scheme {parsed.scheme!r}")
-        if password is not None:
-            parsed = parsed.with_password(password)
-        self._url = parsed
-        self._exchange_name = exchange
-        self._mandatory = mandatory
-        self._timeout_s = timeout_ms / 1000
+    def __init__(self, options: _LinkOptions, connection_name: str) -> None:
+        self._url = options.url
+        self._exchange_name = options.exchange
+        self._mandatory = options.mandatory
+        self._timeout_s = options.timeout_s
+        self._transport = options.transport
         self._connection_name = connection_name
-        self._transport = GuardedTransport(policy)
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
