@@ -848,9 +848,9 @@ class RelayRunner:
         lost = {id(part) for (part, *_), ok in zip(writes, moved, strict=True) if not ok}
         out: list[_Partition] = []
         now = datetime.now(UTC)
-        # one latency observation per relay (label set) and call, its oldest message's: an upper
+        # one latency observation per relay and call, its oldest message's: an upper
         # bound for all of them (each record hashes the labels, the largest metric cost)
-        oldest_by_labels: dict[tuple[str, str, str], tuple[dict[str, Any], datetime]] = {}
+        oldest_by_relay: dict[uuid.UUID, tuple[dict[str, Any], datetime]] = {}
         for batch, answer, sent, last, refused in settled:
             part = batch.part
             if id(part) in lost:
@@ -863,10 +863,9 @@ class RelayRunner:
                 if sent:
                     instruments().add_sent(part.labels, sent)
                     oldest = min(r.created_at for r, m in zip(batch.rows, batch.messages, strict=True) if m is not None)
-                    key = (part.plan.tenant_name, part.plan.relay_name, part.plan.target_name)
-                    seen = oldest_by_labels.get(key)
+                    seen = oldest_by_relay.get(part.plan.relay_id)
                     if seen is None or oldest < seen[1]:
-                        oldest_by_labels[key] = (part.labels, oldest)
+                        oldest_by_relay[part.plan.relay_id] = (part.labels, oldest)
             try:
                 if refused is not None:
                     await self._refused(part, *refused, error=str(answer.rejected), error_class="refused")
@@ -881,7 +880,7 @@ class RelayRunner:
                     await self._dead_letter(part, row, message, "too_large", error, [attempt])
             except LeaseLost:
                 out.append(part)
-        for metric_labels, oldest in oldest_by_labels.values():
+        for metric_labels, oldest in oldest_by_relay.values():
             instruments().latency.record(max(0.0, (now - oldest).total_seconds()), metric_labels)
         return out
 

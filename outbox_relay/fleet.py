@@ -247,7 +247,8 @@ class RelayReader:
         self.quiet = False
         """Nothing read, buffered or waiting since the last lag sample reported every lane at zero:
         the sampler skips the relay (an idle fleet costs no Python per partition)."""
-        self._unwatch: Watch | None = None
+        self._inserts: Watch | None = None
+        """This relay's watch of its database's inserts (opened with the first read)."""
         self.hot = False
         """Reading on its own at ``READ_PACE_S`` while its reads find rows (``HOT_READS`` in a row came
         as early as the pace allows and found rows); no notification needed until one finds none."""
@@ -277,8 +278,8 @@ class RelayReader:
         """Whether this relay reads on its own at the pace (its reads keep finding rows): when every
         relay of the database does, its LISTEN connection stops listening."""
         self.hot = hot
-        if self._unwatch is not None:
-            self._unwatch.hot(hot)
+        if self._inserts is not None:
+            self._inserts.hot(hot)
 
     def on_insert(self, buckets: list[int] | None) -> None:
         partitions = self.plan.partitions
@@ -315,8 +316,8 @@ class RelayReader:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        if self._unwatch is not None:
-            self._unwatch()
+        if self._inserts is not None:
+            self._inserts()
 
 
 class FleetEngine:
@@ -627,8 +628,8 @@ class FleetEngine:
                 pool = await self.tenants.pool(
                     plan.database_id, plan.database_version, reader.database, reader.database_password
                 )
-                if reader._unwatch is None:
-                    reader._unwatch = self.tenants.watch(plan.database_id, reader.on_insert)
+                if reader._inserts is None:
+                    reader._inserts = self.tenants.watch(plan.database_id, reader.on_insert)
                 unchecked = [lane for lane in reader.lanes.values() if lane.partition not in checked]
                 if unchecked:
                     await self._check_identity(reader, pool, unchecked)
@@ -795,11 +796,12 @@ class FleetEngine:
 
     # --- publishing ------------------------------------------------------------------------------
 
-    def _round(self, reader: RelayReader, min_size: int = 0) -> tuple[list[Lane], float | None]:
+    def _round(self, reader: RelayReader) -> tuple[list[Lane], float | None]:
         """The lanes of the next round (rows buffered, not stopping, not waiting for a retry), from
         where the last round stopped, up to ``ROUND_MAX_MESSAGES`` (``SHARED_MAX_ROWS`` while
-        another tenant is active), none if they hold fewer than ``min_size`` messages; and, when
-        none, how long until a retry is due (None: nothing to wait for)."""
+        another tenant is active), none if they hold fewer than ``BUSY_ROUND_MIN`` messages while a
+        round is sending (a trickle would otherwise split into a round per read and lane); and,
+        when none, how long until a retry is due (None: nothing to wait for)."""
         now = datetime.now(UTC)
         lanes = list(reader.lanes.values())
         first = reader.next_first % len(lanes) if lanes else 0
@@ -823,7 +825,7 @@ class FleetEngine:
             size += min(len(lane.buffer), lane.part.relay.policy.batch_size)
         else:
             reader.next_first = first
-        if size < min_size:
+        if reader.sending and size < BUSY_ROUND_MIN:
             return [], retry_in
         return chosen, retry_in
 
@@ -839,14 +841,12 @@ class FleetEngine:
             while not reader.stop.is_set():
                 lanes: list[Lane] = []
                 retry_in: float | None = None
-                # beside a round in flight, a few rows wait for it to end and go with the next rows
-                # in one round (a trickle otherwise splits into a round per read and lane)
                 if len(rounds) < ROUNDS_IN_FLIGHT:
-                    lanes, retry_in = self._round(reader, BUSY_ROUND_MIN if reader.sending else 0)
+                    lanes, retry_in = self._round(reader)
                 if not lanes:
                     reader.rows.clear()
                     if len(rounds) < ROUNDS_IN_FLIGHT:  # rows that came between the look and the clear
-                        lanes, retry_in = self._round(reader, BUSY_ROUND_MIN if reader.sending else 0)
+                        lanes, retry_in = self._round(reader)
                     if not lanes:
                         await wait_event(reader.rows, retry_in)  # a round that ends sets ``rows`` too
                         continue
