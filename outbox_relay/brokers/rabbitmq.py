@@ -290,8 +290,7 @@ class _Link:
             async with asyncio.timeout(self._timeout_s):
                 await self._write(channel, messages[start:stop], encoded[start:stop], confirmations)
         except Exception as exc:  # the channel or connection closed, or the write did not drain in time
-            close = next((e for e in _errors(confirmations) if isinstance(e, _REFUSING_CLOSES)), None)
-            return start, close or exc
+            return start, _refusing_close(confirmations) or exc
         try:
             for offset, confirmation in enumerate(confirmations):
                 if not confirmation.done():
@@ -304,8 +303,7 @@ class _Link:
                 else:
                     error = confirmation.exception()
                 if error is not None:
-                    close = next((e for e in _errors(confirmations) if isinstance(e, _REFUSING_CLOSES)), None)
-                    return start + offset, close or error
+                    return start + offset, _refusing_close(confirmations) or error
             return stop, None
         finally:
             for confirmation in confirmations:
@@ -557,8 +555,17 @@ def _forget_message_id(channel: Any, message_id: str, tag: int) -> Any:
     return forget
 
 
-def _errors(tasks: Sequence[asyncio.Future[Any]]) -> list[BaseException]:
-    return [error for task in tasks if task.done() and not task.cancelled() and (error := task.exception())]
+def _refusing_close(confirmations: Sequence[asyncio.Future[Any]]) -> BaseException | None:
+    """The channel close that blames what was published, if one of ``confirmations`` failed with it."""
+    return next(
+        (
+            error
+            for confirmation in confirmations
+            if confirmation.done() and not confirmation.cancelled()
+            if isinstance(error := confirmation.exception(), _REFUSING_CLOSES)
+        ),
+        None,
+    )
 
 
 def _reply_text(error: aiormq.exceptions.PublishError) -> str:
