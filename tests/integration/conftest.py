@@ -3,7 +3,9 @@ a RelayRunner driven one slice at a time, and helpers to write and read."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -124,3 +126,13 @@ async def partition_row(store: ControlStore, relay_id: uuid.UUID, partition: int
     )
     assert row is not None
     return dict(row)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float) -> float:
+    """Poll ``condition`` until it holds (the seconds it took), failing after ``timeout_s``."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -23,7 +21,7 @@ from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
 from tests.brokers import RabbitMQAccount, free_port
 from tests.conftest import pg_dsn
-from tests.integration.conftest import FAST_RETRY, Setup, partition_row, run_until, write, write_ids
+from tests.integration.conftest import FAST_RETRY, Setup, partition_row, run_until, until, write, write_ids
 
 
 async def test_refused_message_is_retried_then_dead_lettered(
@@ -312,7 +310,7 @@ async def test_the_listen_connection_stops_listening_while_every_watcher_reads_o
         await asyncio.sleep(0.5)  # the LISTEN connection is up and its start-up wake is spent
         calls.clear()
         await write(setup.dsn, ("t", "k1", b"x"))
-        await until_true(lambda: bool(calls), 5)
+        await until(lambda: bool(calls), 5)
         assert calls[-1] is not None, "an insert names its buckets"
 
         watch.hot(True)
@@ -324,10 +322,10 @@ async def test_the_listen_connection_stops_listening_while_every_watcher_reads_o
         assert calls == [], "notified while every watcher reads on its own"
 
         watch.hot(False)
-        await until_true(lambda: None in calls, 5)  # listening again: everyone re-reads
+        await until(lambda: None in calls, 5)  # listening again: everyone re-reads
         calls.clear()
         await write(setup.dsn, ("t", "k9", b"x"))
-        await until_true(lambda: any(c is not None for c in calls), 5)
+        await until(lambda: any(c is not None for c in calls), 5)
 
         # one hot watcher beside one that is not: the notifications go on
         other: list[list[int] | None] = []
@@ -336,14 +334,7 @@ async def test_the_listen_connection_stops_listening_while_every_watcher_reads_o
         await asyncio.sleep(0.3)
         calls.clear()
         await write(setup.dsn, ("t", "k10", b"x"))
-        await until_true(lambda: any(c is not None for c in other), 5)
+        await until(lambda: any(c is not None for c in other), 5)
         second()
     finally:
         await tenants.close()
-
-
-async def until_true(condition: Callable[[], bool], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)

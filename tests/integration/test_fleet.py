@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -20,7 +20,7 @@ from outbox_relay.engine import RelayRunner
 from outbox_relay.fleet import SHARED_MAX_ROWS, FleetEngine
 from outbox_relay.store.control import ControlStore
 from tests.fleet import Fleet
-from tests.integration.conftest import Setup, write_ids
+from tests.integration.conftest import Setup, until, write_ids
 
 
 @pytest.fixture
@@ -33,15 +33,6 @@ async def fleet(settings: Settings) -> AsyncIterator[Fleet]:
 def owned(engine: FleetEngine, relay_id: uuid.UUID) -> int:
     reader = engine.readers.get(relay_id)
     return len(reader.lanes) if reader else 0
-
-
-async def until(condition: Callable[[], bool], timeout_s: float) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 async def receive_ids(queue: Any, count: int, *, timeout_s: float) -> list[str]:
