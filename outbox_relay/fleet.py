@@ -445,17 +445,17 @@ class FleetEngine:
             self._recount = True  # the next tick checks what the release left
             await self._release(owned - share)
         elif owned < share and view.free > 0:
-            claimed = await self.fleet.claim(self.key, share - owned)
-            if claimed:
+            leases = await self.fleet.claim(self.key, share - owned)
+            if leases:
                 self._recount = True
                 log.info(
                     "claimed %d partitions (share %d of %d, %d workers)",
-                    claimed,
+                    len(leases),
                     share,
                     view.total_partitions,
                     view.live_workers,
                 )
-                await self._reconcile()
+                await self._adopt(leases)  # the claim returned them: no second read of what we own
 
     async def _drop_disabled(self) -> None:
         for reader in list(self.readers.values()):
@@ -511,6 +511,14 @@ class FleetEngine:
                 await reader.stop_lanes(lost)
             if not reader.lanes:
                 await self._close_reader(reader, release=False)
+        await self._adopt(leases)
+
+    async def _adopt(self, leases: list[Lease]) -> None:
+        """Read and publish from ``leases`` (partitions this worker owns): lanes of running readers,
+        or a reader of their relay opened."""
+        by_relay: dict[uuid.UUID, list[Lease]] = {}
+        for lease in leases:
+            by_relay.setdefault(lease.relay_id, []).append(lease)
         for relay_id, relay_leases in by_relay.items():
             existing = self.readers.get(relay_id)
             if existing is not None:

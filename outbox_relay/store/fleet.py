@@ -162,24 +162,25 @@ class FleetStore:
         )
 
     @_serialized
-    async def claim(self, key: str, limit: int) -> int:
+    async def claim(self, key: str, limit: int) -> list[Lease]:
         """Take up to ``limit`` free partitions of enabled relays (compare-and-set, bumping each
         epoch), lowest partition numbers of every relay first: a relay's partitions spread over the
-        workers, so one busy relay is published by all of them, not by whichever claimed it."""
+        workers, so one busy relay is published by all of them, not by whichever claimed it. Returns
+        the leases taken (no second read of what this worker owns)."""
         if limit <= 0:
-            return 0
-        claimed = await self.pool.fetchval(
+            return []
+        rows = await self.pool.fetch(
             "WITH picked AS (SELECT p.relay_id, p.partition FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
             "WHERE p.lease_holder IS NULL AND r.enabled ORDER BY p.partition, p.relay_id LIMIT $2 "
-            "FOR UPDATE OF p SKIP LOCKED), "
-            "taken AS (UPDATE relay_partitions p SET lease_holder = $1, lease_epoch = p.lease_epoch + 1, "
+            "FOR UPDATE OF p SKIP LOCKED) "
+            "UPDATE relay_partitions p SET lease_holder = $1, lease_epoch = p.lease_epoch + 1, "
             "lease_expires_at = NULL, updated_at = now() FROM picked "
             "WHERE p.relay_id = picked.relay_id AND p.partition = picked.partition AND p.lease_holder IS NULL "
-            "RETURNING 1) SELECT count(*) FROM taken",
+            f"RETURNING {_OWNED_COLUMNS}",
             key,
             limit,
         )
-        return int(claimed or 0)
+        return [lease_of(r, relay_id=r["relay_id"], partition=r["partition"], holder=r["lease_holder"]) for r in rows]
 
     async def owned(self, key: str) -> list[Lease]:
         rows = await self.pool.fetch(
