@@ -180,7 +180,8 @@ class FleetStore:
             key,
             limit,
         )
-        return [lease_of(r, relay_id=r["relay_id"], partition=r["partition"], holder=r["lease_holder"]) for r in rows]
+        leases = [lease_of(r, relay_id=r["relay_id"], partition=r["partition"], holder=r["lease_holder"]) for r in rows]
+        return sorted(leases, key=lambda lease: (lease.relay_id, lease.partition))  # the order of owned()
 
     async def owned(self, key: str) -> list[Lease]:
         rows = await self.pool.fetch(
