@@ -102,6 +102,11 @@ _OWNED_COLUMNS = (
 )
 
 
+def _owned_leases(rows: Iterable[Any]) -> list[Lease]:
+    """Leases from rows of ``_OWNED_COLUMNS``."""
+    return [lease_of(r, relay_id=r["relay_id"], partition=r["partition"], holder=r["lease_holder"]) for r in rows]
+
+
 class FleetStore:
     """The fleet's statements. A worker's writes to its own partitions (cursors, lag, identities,
     claims and releases) go one at a time (``_writes``): two batched updates of overlapping rows in
@@ -180,8 +185,7 @@ class FleetStore:
             key,
             limit,
         )
-        leases = [lease_of(r, relay_id=r["relay_id"], partition=r["partition"], holder=r["lease_holder"]) for r in rows]
-        return sorted(leases, key=lambda lease: (lease.relay_id, lease.partition))  # the order of owned()
+        return sorted(_owned_leases(rows), key=lambda lease: (lease.relay_id, lease.partition))  # owned()'s order
 
     async def owned(self, key: str) -> list[Lease]:
         rows = await self.pool.fetch(
@@ -189,7 +193,7 @@ class FleetStore:
             "WHERE p.lease_holder = $1 ORDER BY p.relay_id, p.partition",
             key,
         )
-        return [lease_of(r, relay_id=r["relay_id"], partition=r["partition"], holder=r["lease_holder"]) for r in rows]
+        return _owned_leases(rows)
 
     @_serialized
     async def release(self, key: str, partitions: Iterable[tuple[uuid.UUID, int]]) -> int:
