@@ -1710,6 +1710,8 @@ async def run(args: argparse.Namespace, selected: list[str]) -> dict[str, Any]:
             max_connections=args.max_connections,
             shared_buffers=args.shared_buffers,
             statements=args.statements,
+            explain_ms=args.explain_ms,
+            keep_log=RESULTS_DIR / f"fleet-{run_id}-postgresql.log" if args.explain_ms is not None else None,
         )
         await pg.wait_ready()
         queue_redis, target_redis = PrivateRedis("queue"), PrivateRedis("target")
@@ -1802,6 +1804,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--shared-buffers", default="256MB", help="the cluster's shared_buffers (256MB)")
     parser.add_argument(
         "--statements", action="store_true", help="load pg_stat_statements; windows list the costliest statements"
+    )
+    parser.add_argument(
+        "--explain-ms",
+        type=int,
+        default=None,
+        help="log the analysed plan of every statement slower than this (auto_explain; slows every statement): "
+        "bench/results/fleet-RUN-postgresql.log",
     )
     parser.add_argument("--ownership-sql", default=OWNERSHIP_SQL, help="control-DB query: rows (worker id, partitions)")
     parser.add_argument(

@@ -175,6 +175,8 @@ class PrivatePostgres:
     name: str
     port: int
     data_dir: Path = field(init=False)
+    keep_log: Path | None = field(init=False, default=None)
+    """Where the server's log is copied before the cluster is dropped (``start(keep_log=...)``)."""
 
     def __post_init__(self) -> None:
         self.data_dir = Path(f"/var/lib/postgresql/{PG_VERSION}/{self.name}")
@@ -182,7 +184,18 @@ class PrivatePostgres:
     def dsn(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
-    def start(self, teardown: Teardown, *, max_connections: int, shared_buffers: str, statements: bool) -> None:
+    def start(
+        self,
+        teardown: Teardown,
+        *,
+        max_connections: int,
+        shared_buffers: str,
+        statements: bool,
+        explain_ms: int | None = None,
+        keep_log: Path | None = None,
+    ) -> None:
+        """``explain_ms``: auto_explain logs the plan (analysed, with buffers) of every statement that
+        took longer; the cluster's log is copied to ``keep_log`` before the cluster goes."""
         options = {
             "max_connections": str(max_connections),
             "shared_buffers": f"'{shared_buffers}'",
@@ -192,6 +205,12 @@ class PrivatePostgres:
         if statements:
             options["shared_preload_libraries"] = "'pg_stat_statements'"
             options["pg_stat_statements.track"] = "'top'"
+        if explain_ms is not None:
+            options["session_preload_libraries"] = "'auto_explain'"
+            options["auto_explain.log_min_duration"] = f"'{explain_ms}ms'"
+            options["auto_explain.log_analyze"] = "on"
+            options["auto_explain.log_buffers"] = "on"
+        self.keep_log = keep_log
         teardown.add(f"PostgreSQL cluster {self.name}", self.drop)
         _run(["pg_createcluster", PG_VERSION, self.name, "--port", str(self.port), "--start-conf", "manual"])
         conf = Path(f"/etc/postgresql/{PG_VERSION}/{self.name}")
@@ -202,6 +221,9 @@ class PrivatePostgres:
 
     def drop(self) -> None:
         """Stop and remove the cluster (data directory, configuration, log), if it exists."""
+        server_log = Path(f"/var/log/postgresql/postgresql-{PG_VERSION}-{self.name}.log")
+        if self.keep_log is not None and server_log.exists():
+            shutil.copyfile(server_log, self.keep_log)
         listed = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True, timeout=30).stdout
         if any(line.split()[:2] == [PG_VERSION, self.name] for line in listed.splitlines() if line.strip()):
             subprocess.run(["pg_dropcluster", "--stop", PG_VERSION, self.name], capture_output=True, timeout=180)
