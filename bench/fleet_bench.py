@@ -600,14 +600,25 @@ def figures(a: dict[str, Any], b: dict[str, Any], names: dict[int, str]) -> dict
 class Deliveries:
     """Commit times of the messages the bench wrote (by probe id) and arrival times on the broker
     (by probe id and relay: one message reaches every relay of its database). One process, one
-    clock (``time.perf_counter``)."""
+    clock (``time.perf_counter``) for commit -> seen by the bench's reader; and, beside it, commit
+    (``time.time()``) -> the broker's own stamp of the entry (the ms part of the id Redis gave it
+    at its ``XADD *``; ms resolution, the same machine's clock): the time the broker had it, not
+    when this process, competing for the same two cores, got round to reading it."""
 
     def __init__(self) -> None:
         self.committed: dict[str, float] = {}
+        self.committed_wall: dict[str, float] = {}
         self.received: dict[tuple[str, str], float] = {}
+        self.stamped_ms: dict[tuple[str, str], int] = {}
         self.duplicates = 0
 
-    def on_entry(self, fields: dict[bytes, bytes], at: float) -> None:
+    def commit(self, probe: str, at: float | None = None) -> None:
+        """Record ``probe`` committed now (or at perf_counter ``at``, taken just before)."""
+        now = time.perf_counter()
+        self.committed[probe] = now if at is None else at
+        self.committed_wall[probe] = time.time() - (0.0 if at is None else now - at)
+
+    def on_entry(self, fields: dict[bytes, bytes], at: float, entry_id: bytes | str) -> None:
         try:
             probe = str(json.loads(fields[b"payload"])["p"])
         except (KeyError, ValueError, TypeError):
@@ -617,6 +628,16 @@ class Deliveries:
             self.duplicates += 1
         else:
             self.received[key] = at
+            text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            self.stamped_ms[key] = int(text.split("-")[0])
+
+    def broker_latency_ms(self, probe: str, relay: str) -> float:
+        """Commit -> the broker's stamp (see the class); ``inf`` if it never arrived."""
+        stamped = self.stamped_ms.get((probe, relay))
+        committed = self.committed_wall.get(probe)
+        if stamped is None or committed is None:
+            return math.inf
+        return max(0.0, stamped - committed * 1000)
 
     def latency_ms(self, probe: str, relay: str) -> float:
         at = self.received.get((probe, relay))
@@ -642,7 +663,9 @@ class StreamWatch:
     """Reads streams of the target Redis from their start (``XREAD BLOCK``) and hands every entry,
     with the time it arrived, to ``on_entry``."""
 
-    def __init__(self, url: str, streams: list[str], on_entry: Callable[[dict[bytes, bytes], float], None]) -> None:
+    def __init__(
+        self, url: str, streams: list[str], on_entry: Callable[[dict[bytes, bytes], float, bytes | str], None]
+    ) -> None:
         self.url, self.streams, self.on_entry = url, streams, on_entry
         self._task: asyncio.Task[None] | None = None
 
@@ -656,7 +679,7 @@ class StreamWatch:
                 for stream, entries in reply or []:
                     for entry_id, fields in entries:
                         last[stream.decode() if isinstance(stream, bytes) else stream] = entry_id
-                        self.on_entry(fields, now)
+                        self.on_entry(fields, now, entry_id)
         finally:
             await client.aclose()
 
@@ -701,7 +724,7 @@ async def write_at_rate(
                 behind = max(behind, -delay)
             probe = f"{tag}{seq}"
             await add(conns[w], topic, f"key-{seq % 1000:04d}", {"p": probe, "note": PAYLOAD_NOTE})
-            deliveries.committed[probe] = time.perf_counter()
+            deliveries.commit(probe)
             written += 1
 
     await asyncio.gather(*(writer(w) for w in range(len(conns))))
@@ -847,7 +870,7 @@ async def first_messages(env: CaseEnv, fleet: list[FleetDb], *, prefix: str, sam
             for i, conn in enumerate(conns):
                 probe = f"first-{i}"
                 await add(conn, topic, random.choice(keys), {"p": probe, "note": PAYLOAD_NOTE})
-                deliveries.committed[probe] = time.perf_counter()
+                deliveries.commit(probe)
                 await asyncio.sleep(0.5)
             expected = [(f"first-{i}", relay) for i, db in enumerate(chosen) for relay in db.relays]
             await deliveries.wait(expected, bench.args.delivery_timeout_s, watch)
@@ -892,7 +915,7 @@ async def probe_every_partition(env: CaseEnv, fleet: list[FleetDb], *, prefix: s
                     )
                 now = time.perf_counter()
                 for p in range(PARTITIONS):
-                    deliveries.committed[f"{db.index}:{p}"] = now
+                    deliveries.commit(f"{db.index}:{p}", now)
             finally:
                 await conn.close()
 
@@ -1094,6 +1117,7 @@ async def latency_phase(
     return {
         **written,
         "latency": latency_summary([deliveries.latency_ms(p, relay) for p in deliveries.committed]),
+        "broker_latency": latency_summary([deliveries.broker_latency_ms(p, relay) for p in deliveries.committed]),
         "duplicates": deliveries.duplicates,
         "cpu": f,
     }
@@ -1106,7 +1130,7 @@ async def warm_up_relay(env: CaseEnv, dsn: str, relay: str, stream: str) -> floa
     try:
         async with StreamWatch(env.bench.target_redis.url(), [stream], deliveries.on_entry) as watch:
             await add(conn, "lat", "warm-up", {"p": "warm-up"})
-            deliveries.committed["warm-up"] = time.perf_counter()
+            deliveries.commit("warm-up")
             await deliveries.wait([("warm-up", relay)], env.bench.args.delivery_timeout_s, watch)
     finally:
         await conn.close()
@@ -1302,7 +1326,7 @@ async def case_scaleout(bench: Bench) -> dict[str, Any]:
                         )
                     now = time.perf_counter()
                     for p in range(PARTITIONS):
-                        deliveries.committed[f"leave:{r}:{p}"] = now
+                        deliveries.commit(f"leave:{r}:{p}", now)
             finally:
                 for conn in conns.values():
                     await conn.close()
@@ -1595,6 +1619,9 @@ def render(case: str, results: dict[str, Any], args: argparse.Namespace) -> tupl
             f"Q alone {lat(alone)}; while N drains {lat(during)} ({rel}x p99); "
             f"N delivered {r['noisy_delivered_during']:,} meanwhile ({rate(r['noisy_rate_during'])})"
         )
+        stamped = [r[phase].get("broker_latency") for phase in ("alone", "during")]
+        if all(stamped):
+            text += f"; by the broker's stamps: alone {lat(stamped[0])}, during {lat(stamped[1])}"
         if not r["noisy_still_draining_at_end"]:
             text += " (N finished before the window ended)"
         return text, d99 is not None and a99 is not None and d99 <= 2 * a99
