@@ -10,7 +10,7 @@ import hashlib
 import json
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -630,7 +630,14 @@ class ControlStore:
         return [(r["relay_id"], r["partition"], r["lease_epoch"]) for r in rows]
 
     async def relay_plan(self, relay_id: uuid.UUID) -> RelayPlan | None:
-        row = await self.pool.fetchrow(
+        return (await self.relay_plans([relay_id])).get(relay_id)
+
+    async def relay_plans(self, relay_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, RelayPlan]:
+        """The plans of the relays that exist among ``relay_ids``, in one query (a worker that
+        claims the partitions of a thousand relays at start reads their plans at once)."""
+        if not relay_ids:
+            return {}
+        rows = await self.pool.fetch(
             "SELECT r.id AS relay_id, t.id AS tenant_id, t.name AS tenant_name, r.name AS relay_name, "
             "g.name AS target_name, r.spec::text AS relay_spec, "
             "r.updated_at AS relay_version, r.enabled, r.partitions, "
@@ -639,17 +646,18 @@ class ControlStore:
             "g.id AS target_id, g.spec::text AS target_spec, g.secret AS target_secret, "
             "g.updated_at AS target_version "
             "FROM relays r JOIN tenants t ON t.id = r.tenant_id JOIN databases d ON d.id = r.database_id "
-            "JOIN targets g ON g.id = r.target_id WHERE r.id = $1",
-            relay_id,
+            "JOIN targets g ON g.id = r.target_id WHERE r.id = ANY($1::uuid[])",
+            list(relay_ids),
         )
-        if row is None:
-            return None
-        values = dict(row)
-        for k in ("relay_spec", "database_spec", "target_spec"):
-            values[k] = values[k].encode()
-        for k in ("database_secret", "target_secret"):
-            values[k] = bytes(values[k]) if values[k] is not None else None
-        return RelayPlan(**values)
+        plans: dict[uuid.UUID, RelayPlan] = {}
+        for row in rows:
+            values = dict(row)
+            for k in ("relay_spec", "database_spec", "target_spec"):
+                values[k] = values[k].encode()
+            for k in ("database_secret", "target_secret"):
+                values[k] = bytes(values[k]) if values[k] is not None else None
+            plans[row["relay_id"]] = RelayPlan(**values)
+        return plans
 
     async def acquire_lease(self, relay_id: uuid.UUID, partition: int, holder: str, ttl_s: float) -> Lease | None:
         """Compare-and-set: take the partition if its lease is free or expired; bumps the epoch."""

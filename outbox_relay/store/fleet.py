@@ -319,15 +319,20 @@ class FleetStore:
         )
 
     @_serialized
-    async def set_identities(self, leases: Sequence[Lease], identity: str) -> set[tuple[uuid.UUID, int]]:
-        if not leases:
+    async def set_identities(self, writes: Sequence[tuple[Lease, str]]) -> set[tuple[uuid.UUID, int]]:
+        """Record each lease's tenant-database identity (first seen), fenced by its epoch, in one
+        statement for every relay given; returns the partitions it was written for."""
+        if not writes:
             return set()
+        relays, parts, epochs = _keys(lease for lease, _ in writes)
         rows = await self.pool.fetch(
-            "UPDATE relay_partitions p SET system_identifier = $4 "
-            "FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS x(relay_id, partition, epoch) "
+            "UPDATE relay_partitions p SET system_identifier = x.identity "
+            "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::text[]) AS x(relay_id, partition, epoch, identity) "
             "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch "
             "AND p.lease_holder IS NOT NULL RETURNING p.relay_id, p.partition",
-            *_keys(leases),
-            identity,
+            relays,
+            parts,
+            epochs,
+            [identity for _, identity in writes],
         )
         return {(r["relay_id"], r["partition"]) for r in rows}
