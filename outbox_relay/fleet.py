@@ -889,12 +889,21 @@ class FleetEngine:
                         await wait_event(reader.rows, retry_in)  # a round that ends sets ``rows`` too
                         continue
                 reader.in_round.update(lane.partition for lane in lanes)
-                task = asyncio.create_task(self._publish_round(reader, lanes), name="round")
-                rounds.add(task)
-                task.add_done_callback(rounds.discard)
+                rounds.add(asyncio.create_task(self._round_in_flight(reader, lanes, rounds), name="round"))
         finally:
             for task in list(rounds):
                 task.cancel()
+
+    async def _round_in_flight(self, reader: RelayReader, lanes: list[Lane], rounds: set[asyncio.Task[None]]) -> None:
+        """A round, counted in ``rounds`` until it ends: it leaves the set before it wakes the
+        publisher. (Left by the task's done callback, it was still counted when ``rows.set()`` woke
+        the publisher, which, with every slot taken, cleared ``rows`` and waited for a wake-up that
+        never came: the relay's buffered rows stayed unpublished.)"""
+        try:
+            await self._publish_round(reader, lanes)
+        finally:
+            rounds.discard(asyncio.current_task())
+            reader.rows.set()
 
     async def _publish_round(self, reader: RelayReader, lanes: list[Lane]) -> None:
         plan = reader.plan

@@ -1,0 +1,75 @@
+"""FleetEngine._run_rounds with a stub engine: when every round slot is taken and one round ends,
+the rows still buffered go in a new round. The round's own ``rows.set()`` wakes the publisher
+before the round's task is done; a publisher that counted rounds in flight by the tasks' done
+callbacks still saw every slot taken, cleared ``rows`` and waited for a wake-up that never came
+(test_fleet's short-rounds test stalled at 1,794-1,800 of 3,000 messages, 1 run in 3)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from outbox_relay.fleet import ROUNDS_IN_FLIGHT, FleetEngine
+
+
+@dataclass
+class StubLane:
+    partition: int
+
+
+@dataclass
+class StubReader:
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    rows: asyncio.Event = field(default_factory=asyncio.Event)
+    in_round: set[int] = field(default_factory=set)
+    failures: int = 0
+
+
+class StubEngine:
+    """Hands out one single-lane round per buffered partition; each round waits for its gate. The
+    round's bookkeeping is the engine's own."""
+
+    _round_in_flight = FleetEngine._round_in_flight
+
+    def __init__(self, partitions: int) -> None:
+        self.waiting = list(range(partitions))
+        self.gates = {p: asyncio.Event() for p in range(partitions)}
+        self.started: list[int] = []
+
+    def _round(self, reader: StubReader) -> tuple[list[StubLane], float | None]:
+        free = [p for p in self.waiting if p not in reader.in_round]
+        if not free:
+            return [], None
+        self.waiting.remove(free[0])
+        return [StubLane(free[0])], None
+
+    async def _publish_round(self, reader: StubReader, lanes: list[StubLane]) -> None:
+        (lane,) = lanes
+        self.started.append(lane.partition)
+        try:
+            await self.gates[lane.partition].wait()
+        finally:  # as FleetEngine._publish_round ends
+            reader.in_round.discard(lane.partition)
+            reader.rows.set()
+
+
+async def test_a_round_that_ends_while_every_slot_is_taken_lets_the_next_one_start() -> None:
+    engine, reader = StubEngine(ROUNDS_IN_FLIGHT + 1), StubReader()
+    run_rounds: Any = FleetEngine._run_rounds
+    publisher = asyncio.create_task(run_rounds(engine, reader))
+    try:
+        reader.rows.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert engine.started == list(range(ROUNDS_IN_FLIGHT))  # every slot taken, one lane waits
+        engine.gates[0].set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert engine.started == list(range(ROUNDS_IN_FLIGHT + 1))
+    finally:
+        reader.stop.set()
+        for gate in engine.gates.values():
+            gate.set()
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
