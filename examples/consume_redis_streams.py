@@ -56,6 +56,14 @@ async def create_group(redis: Redis) -> bool:
         await asyncio.sleep(0.5)
 
 
+async def delete_group(redis: Redis) -> None:
+    try:
+        await redis.xgroup_destroy(STREAM, GROUP)
+    except ResponseError as exc:
+        if "requires the key to exist" not in str(exc):  # else the stream, and the group, were deleted
+            raise
+
+
 async def consume(pool: asyncpg.Pool, redis: Redis, stop_after: int | None = None) -> None:
     # ">" reads entries never delivered to the group; after a crash, first re-read this consumer's
     # pending ones ("0") or take over others' (XAUTOCLAIM): the inbox skips what was handled.
@@ -81,7 +89,7 @@ async def main() -> None:
             await consume(pool, redis, stop_after=COUNT)
         finally:
             if created:  # a service keeps its group: it remembers what was read and acknowledged
-                await redis.xgroup_destroy(STREAM, GROUP)
+                await delete_group(redis)
 
 
 if __name__ == "__main__":
