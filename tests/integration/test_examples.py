@@ -5,14 +5,10 @@ process relayed from the ``shop`` outbox, and leave no consumer group or queue b
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import re
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -29,7 +25,7 @@ from outbox_relay.client import add, schema_sql
 from outbox_relay.config import Settings
 from tests.brokers import RabbitMQAccount, RedisAccount, TansuBroker
 from tests.conftest import RUN_ID, DatabaseFactory, pg_dsn
-from tests.helpers import TenantClient, admin, make_tenant
+from tests.helpers import TenantClient, admin, example, make_tenant, run_example
 from tests.workers import WorkerPool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,43 +44,6 @@ async def shop_dsn(databases: DatabaseFactory) -> str:
     finally:
         await conn.close()
     return dsn
-
-
-@dataclass
-class Example:
-    process: asyncio.subprocess.Process
-    output: str = ""
-    """Its standard output after the ``example`` block (what the test had not read itself)."""
-
-
-@contextlib.asynccontextmanager
-async def example(name: str, **env: str) -> AsyncIterator[Example]:
-    """``examples/<name>`` running with ``env``; when the block ends, waits for it to exit (killed after
-    60 s), checks it exited 0 and sets ``output``."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(EXAMPLES / name),
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    running = Example(process)
-    try:
-        yield running
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, f"{name} failed:\n{stderr.decode()}"
-    running.output = stdout.decode()
-
-
-async def run_example(name: str, **env: str) -> str:
-    async with example(name, **env) as running:
-        pass
-    return running.output
 
 
 @pytest.mark.parametrize("name", WRITERS)
