@@ -71,7 +71,7 @@ def consumer_relay_scripts(rabbitmq: RabbitMQAccount, tansu: TansuBroker) -> tup
     )
 
 
-async def run_bash(script: str) -> str:
+async def run_bash(script: str, *, succeeds: bool = True) -> str:
     process = await asyncio.create_subprocess_exec(
         "bash", "-eu", "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT
     )
@@ -82,7 +82,10 @@ async def run_bash(script: str) -> str:
             process.kill()
             await process.wait()
     text = output.decode(errors="replace")
-    assert process.returncode == 0, f"the quick start failed ({process.returncode}):\n{text}"
+    if succeeds:
+        assert process.returncode == 0, f"the quick start failed ({process.returncode}):\n{text}"
+    else:
+        assert process.returncode != 0, f"the quick start did not fail:\n{text}"
     return text
 
 
@@ -105,6 +108,14 @@ async def quick_start(live_api: LiveServer, worker_pool: WorkerPool) -> AsyncIte
             await redis.delete(f"{NAME}:orders")
         finally:
             await redis.aclose()
+
+
+async def test_the_quick_start_shows_an_error_answer(live_api: LiveServer) -> None:
+    """A wrong admin key: the first request's problem detail is printed, and the script stops there."""
+    script = quick_start_script(live_api.url).replace(ADMIN_KEY, "not-the-admin-key")
+    out = await run_bash(script, succeeds=False)
+    assert '"status":401' in out and "curl: (22)" in out, out
+    assert "DROP DATABASE" not in out, out
 
 
 def relayed_id(out: str) -> str:
