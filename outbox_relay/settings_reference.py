@@ -21,8 +21,20 @@ PROCESS_VARIABLES: tuple[tuple[str, str, str], ...] = (
         "`migrations/` of the checkout",
         "Where `outbox-relay migrate` finds the control DB's migrations.",
     ),
+    (
+        "ENDPOINT",
+        "`http://127.0.0.1:8080`",
+        "The API that `outbox-relay api` talks to (or `--endpoint`); not read by the service.",
+    ),
+    (
+        "API_KEY",
+        "unset",
+        "The key `outbox-relay api` sends, a tenant's or the admin key (or `--api-key`); not read by the service.",
+    ),
 )
-"""Variables read by the process entry points rather than :class:`Settings`."""
+"""Variables read by the process entry points (``service/cli.py``, ``outbox_relay/store/migrate.py``,
+``outbox_relay/cli_api.py``) rather than :class:`Settings`; ``tests/unit/test_settings_reference.py``
+finds every ``OUTBOX_RELAY_*`` name the code reads and fails when one is missing here."""
 
 HEADER = """# Configuration
 
@@ -31,6 +43,38 @@ Every setting is an environment variable, read once at start-up (`Settings.from_
 variable. Lists are comma-separated; booleans are `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`.
 Durations carry their unit in the name. This page is written from `Settings` itself
 (`make docs`); a test fails when the two differ.
+
+The ones a deployment sets: `DATABASE_URL` (control DB), `REDIS_URL`, `ADMIN_API_KEY`,
+`SECRET_KEYS` (comma-separated Fernet keys; the first encrypts, all decrypt: rotate by prepending;
+`outbox-relay generate-key` makes one), and the per-tenant quota defaults `QUOTA_*`.
+
+## Every variable
+"""
+
+FOOTER = """
+`LOG_LEVEL`, `MIGRATIONS_DIR`, `ENDPOINT` and `API_KEY` are read by the process entry points rather
+than `Settings`: the log level by `service/cli.py`, the migrations directory by
+`outbox_relay/store/migrate.py`, the endpoint and the key by the `outbox-relay api` commands
+(`outbox_relay/cli_api.py`).
+
+## Outbound addresses
+
+Every connection to a tenant's database or broker, and to every broker a Kafka cluster advertises
+(`outbox_relay/netguard.py`), resolves the host once, checks every address (link-local,
+metadata and unspecified addresses always refused; private and loopback ones unless
+`ALLOW_PRIVATE_NETWORKS`; `DENIED_NETWORKS` always; IPv6 forms carrying an IPv4 address by that address)
+and dials a checked IP, so a DNS answer that changes cannot steer it. TLS still verifies the host name:
+a DSN's `sslmode=verify-full` checks it against `sslrootcert` or the system trust store, and `rediss://`
+checks it unless the URL says `ssl_check_hostname=false`.
+
+## The commands
+
+```sh
+outbox-relay migrate   # apply control DB migrations
+outbox-relay serve     # the API
+outbox-relay worker    # one worker; run as many as you like
+outbox-relay dev       # both, on local defaults (what `make run` runs)
+```
 """
 
 
@@ -75,7 +119,7 @@ def reference() -> str:
         lines.append(f"| `{PREFIX}{f.name.upper()}` | {_default(f)} | {_one_line(docs.get(f.name, ''))} |")
     for name, default, text in PROCESS_VARIABLES:
         lines.append(f"| `{PREFIX}{name}` | {default} | {_one_line(text)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + FOOTER
 
 
 if __name__ == "__main__":

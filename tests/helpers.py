@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import os
+import sys
 import threading
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from litestar.testing import AsyncTestClient
@@ -14,6 +21,8 @@ from outbox_relay.netguard import AddressPolicy
 if TYPE_CHECKING:
     from outbox_relay.config import Settings
 
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 ADMIN_KEY = "test-admin-key"
 LOCAL = AddressPolicy(allow_private=True)
 """The address policy of tests whose brokers and databases are on loopback."""
@@ -79,3 +88,40 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+@dataclass
+class Example:
+    process: asyncio.subprocess.Process
+    output: str = ""
+    """Its standard output after the ``example`` block (what the test had not read itself)."""
+
+
+@contextlib.asynccontextmanager
+async def example(name: str, **env: str) -> AsyncIterator[Example]:
+    """``examples/<name>`` running with ``env``; when the block ends, waits for it to exit (killed after
+    60 s), checks it exited 0 and sets ``output``."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / name),
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    running = Example(process)
+    try:
+        yield running
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, f"{name} failed:\n{stderr.decode()}"
+    running.output = stdout.decode()
+
+
+async def run_example(name: str, **env: str) -> str:
+    async with example(name, **env) as running:
+        pass
+    return running.output

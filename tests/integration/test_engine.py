@@ -1,8 +1,9 @@
 """The relay engine against real PostgreSQL and RabbitMQ, one slice at a time (no arq in between).
 
-Covers the failure classes of DESIGN: a message the broker refuses is retried holding only its
-partition and then dead-lettered; an unreachable broker or tenant database pauses the partition and
-charges nothing; a restored or failed-over tenant database is detected and nothing is skipped.
+Covers the failure classes of docs/architecture.md (Delivery): a message the broker refuses is retried
+holding only its partition and then dead-lettered; an unreachable broker or tenant database pauses the
+partition and charges nothing; a restored or failed-over tenant database is detected and nothing is
+skipped.
 """
 
 from __future__ import annotations
