@@ -66,5 +66,11 @@ openapi: install
 docs: install
 	$(BIN)/python -m outbox_relay.settings_reference > docs/configuration.md
 
+# The sdist and the wheel, in dist/ (docs/install.md): uv build, the PEP 517 front end the lock pins,
+# builds the sdist and then the wheel from it, so the wheel holds only what the sdist carries
+.PHONY: dist
+dist: $(BIN)/uv
+	$(BIN)/uv build --clear --out-dir dist --python $(BIN)/python
+
 clean:
 	rm -rf $(VENV) .venv-ci .pytest_cache test-output

@@ -18,8 +18,9 @@ PROCESS_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("LOG_LEVEL", "INFO", "The log level of `outbox-relay serve`, `worker` and `dev` (Python's level names)."),
     (
         "MIGRATIONS_DIR",
-        "`migrations/` of the checkout",
-        "Where `outbox-relay migrate` finds the control DB's migrations.",
+        "the package's own",
+        "Where `outbox-relay migrate` finds the control DB's migrations; unset, the ones shipped in the package "
+        "(`outbox_relay/store/migrations/`).",
     ),
     (
         "ENDPOINT",

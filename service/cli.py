@@ -21,9 +21,12 @@ from pathlib import Path
 
 from outbox_relay import cli_api
 from outbox_relay.config import Settings
-from outbox_relay.crypto import generate_key
 from outbox_relay.errors import ConfigError
 
+SERVER_EXTRA_HINT = "needs the server's dependencies: pip install 'outbox-relay[server]'"
+"""What a command other than ``api`` says in an install without the ``server`` extra (the tenant-side
+package, msgspec only), where ``outbox-relay api`` works: it and this module import only the standard
+library and msgspec until a command needs more."""
 DEV_ADMIN_KEY = "dev-admin-key"
 DEV_STATE_DIR = Path(".outbox-relay")
 WORKER_GC_THRESHOLD = (50_000, 20, 20)
@@ -38,6 +41,8 @@ that drain ran at 23,335 msg/s against 19,107 (16 partitions 25,897 against 24,4
 
 def dev_settings() -> Settings:
     """Local defaults: a persisted secret key, a known admin key, loopback targets allowed."""
+    from outbox_relay.crypto import generate_key
+
     overrides: dict[str, object] = {}
     if not os.environ.get("OUTBOX_RELAY_SECRET_KEYS"):
         key_file = DEV_STATE_DIR / "secret.key"
@@ -128,10 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("OUTBOX_RELAY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    if args.command == "generate-key":
-        print(generate_key())
-        return 0
     try:
+        if args.command == "generate-key":
+            from outbox_relay.crypto import generate_key
+
+            print(generate_key())
+            return 0
         settings = dev_settings() if args.command == "dev" else Settings.from_env()
         if getattr(args, "port", None):
             settings = dataclasses.replace(settings, port=args.port)
@@ -157,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_serve(settings, with_worker=True))
     except ConfigError as exc:
         print(f"outbox-relay: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        print(f"outbox-relay {args.command}: {SERVER_EXTRA_HINT} ({exc})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

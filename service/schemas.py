@@ -62,6 +62,41 @@ def our_structs(names: set[str]) -> dict[str, type[msgspec.Struct]]:
     return found
 
 
+def _json_type(value: object) -> str:
+    if isinstance(value, bool):  # before int: a bool is an int
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if value is None:
+        return "null"
+    raise ValueError(f"an enum value of no JSON scalar type: {value!r}")
+
+
+def single_type_enums(node: Any) -> Any:
+    """Every ``enum`` whose values are of several JSON types (msgspec writes ``Literal["all", 1]`` as
+    ``{"enum": [1, "all"]}``) as an ``anyOf`` of one typed enum per type. The same values are valid; code
+    generators give an enum one type, and openapi-python-client drops a schema with a mixed one (and with
+    it every operation that uses it: ``KafkaTarget``, so ``PUT /v1/targets/{name}``)."""
+    if isinstance(node, list):
+        return [single_type_enums(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: single_type_enums(v) for k, v in node.items()}
+    values = node.get("enum")
+    if isinstance(values, list):
+        by_type: dict[str, list[Any]] = {}
+        for value in values:
+            by_type.setdefault(_json_type(value), []).append(value)
+        if len(by_type) > 1:
+            del node["enum"]
+            node["anyOf"] = [{"type": kind, "enum": same} for kind, same in by_type.items()]
+    return node
+
+
 def use_msgspec_schemas(openapi: OpenAPI) -> None:
     """Replace litestar's schema of each of our structs by msgspec's."""
     components = openapi.components.schemas
@@ -71,4 +106,4 @@ def use_msgspec_schemas(openapi: OpenAPI) -> None:
     _, generated = msgspec.json.schema_components(wanted, ref_template=REF_TEMPLATE)
     for name, doc in generated.items():
         doc.pop("title", None)
-        components[name] = schema_from_dict(doc)  # type: ignore[assignment]
+        components[name] = schema_from_dict(single_type_enums(doc))  # type: ignore[assignment]

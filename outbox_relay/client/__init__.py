@@ -1,6 +1,6 @@
 """Tenant-side client: write outbox messages in your own transaction; receive them once.
 
-Needs only ``msgspec`` (``pip install outbox-relay[client]``), none of the service's dependencies,
+Needs only ``msgspec`` (``pip install outbox-relay``, no extra), none of the service's dependencies,
 and works over the PostgreSQL driver you already use: asyncpg, psycopg 3 (sync and async) or a
 SQLAlchemy session (sync and async). On an asynchronous connection the functions return awaitables::
 

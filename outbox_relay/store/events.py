@@ -1,9 +1,9 @@
 """Configuration changes as they commit: one LISTEN connection to the control DB per worker.
 
 The control DB notifies ``outbox_relay_config`` with ``relays:<id>``, ``databases:<id>`` or
-``targets:<id>`` when such a row changes (``migrations/0005_change_notifications.sql``). A running
-relay subscribes to the keys of its plan and re-reads the plan when one fires, so a disabled relay
-stops within a second instead of at the end of its slice. Notifications can be lost while the
+``targets:<id>`` when such a row changes (``store/migrations/0005_change_notifications.sql``). A
+running relay subscribes to the keys of its plan and re-reads the plan when one fires, so a disabled
+relay stops within a second instead of at the end of its slice. Notifications can be lost while the
 connection is down, so every (re)connect fires every subscription: a spurious wake-up costs one
 plan read, a missed one would leave a disabled relay running.
 """

@@ -2,6 +2,9 @@
 
 Plain versioned SQL rather than a migration framework: the control DB has one owner (this
 service), migrations only go forward, and every file runs in its own transaction.
+
+The files are package data (``outbox_relay/store/migrations/``), so an installed wheel migrates as
+the checkout does; ``OUTBOX_RELAY_MIGRATIONS_DIR`` points elsewhere (a test's own set, a hotfix).
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ LOCK_KEY = 0x6F75_7462_6F78  # "outbox"
 _FILE_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+"""The migrations shipped with this package (next to this module in a checkout and in a wheel)."""
+
+
 def migrations_dir() -> Path:
     override = os.environ.get("OUTBOX_RELAY_MIGRATIONS_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "migrations"
+    return MIGRATIONS
 
 
 def discover(directory: Path | None = None) -> list[tuple[int, str, Path]]:

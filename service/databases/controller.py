@@ -153,7 +153,9 @@ class DatabaseController(Controller):
         "/{name:str}/schema.sql",
         operation_id="getDatabaseSchemaSql",
         summary="The SQL that installs the outbox (apply it yourself instead of provisioning)",
-        media_type="application/sql",
+        # text/plain rather than application/sql (RFC 6922): clients generated from the spec read text/*
+        # as a string, and openapi-python-client drops a response of a media type it does not know
+        media_type="text/plain",
     )
     async def schema_sql(self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]) -> str:
         row = await services.store.get_resource("databases", tenant.id, name)
