@@ -114,7 +114,9 @@ async def _serve(settings: Settings, sock: socket.socket, *, with_worker: bool) 
 
     from service.app import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port))
+    # log_config=None: uvicorn's loggers go through ours (one format, and QUIET_LOGGERS holds)
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    server = uvicorn.Server(config)
     if not with_worker:  # dev prints its banner; uvicorn names no URL for a socket it did not bind
         logging.getLogger("outbox_relay.api").info("serving the API on http://%s:%s", settings.host, settings.port)
     tasks = [asyncio.create_task(server.serve(sockets=[sock]))]
@@ -147,6 +149,27 @@ async def _run_worker(settings: Settings) -> None:
         await worker.close()  # type: ignore[attr-defined]
 
 
+QUIET_LOGGERS = {
+    "arq": "a line as each job starts and ends (the outbox maintenance cron's every minute included), its "
+    "start-up, and a health line whenever its counters move",
+    "uvicorn.error": "its start-up and shutdown steps (errors still show: they are warnings or worse)",
+}
+"""Loggers held at WARNING unless ``OUTBOX_RELAY_LOG_LEVEL=DEBUG``: what they say at INFO is how the
+machinery runs, not something that happened; under ``make run`` it buried the lines that matter. What
+happens is logged by this code, a line each: a dead-letter replay's outcome, a dropped outbox
+partition, partitions claimed or given back, an outage and its end, and (uvicorn's access log) each
+request to the API."""
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("OUTBOX_RELAY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="outbox-relay", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "api":
         return cli_api.run(args)
-    logging.basicConfig(
-        level=os.environ.get("OUTBOX_RELAY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging()
 
     if args.command == "generate-key":
         print(generate_key())
