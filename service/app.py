@@ -15,6 +15,7 @@ import msgspec
 from litestar import Litestar, Router, get
 from litestar.datastructures import MutableScopeHeaders
 from litestar.di import Provide
+from litestar.logging import LoggingConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import (
     Components,
@@ -257,6 +258,10 @@ def create_app(settings: Settings | None = None, *, store: ControlStore | None =
         openapi_config=openapi_config(),
         template_config=ui_template_config(),
         debug=False,
+        # litestar's default configures the root logger (its own format, level INFO) when the app is
+        # built, overriding the process's: OUTBOX_RELAY_LOG_LEVEL and service/cli.py's quiet loggers
+        # stopped holding the moment `serve` or `dev` created the app
+        logging_config=LoggingConfig(configure_root_logger=False),
         before_send=[fix_allow_header],
         plugins=[
             OpenTelemetryPlugin(

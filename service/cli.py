@@ -13,9 +13,11 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import gc
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -79,13 +81,50 @@ def _worker(settings: Settings, *, handle_signals: bool) -> object:
     return worker
 
 
-async def _serve(settings: Settings, *, with_worker: bool) -> None:
+def _listen(settings: Settings, command: str) -> socket.socket:
+    """The API's socket, bound before anything else starts: a port that is taken ends the command at
+    once with what to do, not after the migrations, a banner naming the URL, and uvicorn's bare
+    ``[Errno 98] address already in use``. uvicorn then serves on this socket."""
+    host, port = settings.host, settings.port
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc} (set OUTBOX_RELAY_HOST and OUTBOX_RELAY_PORT)"
+            ) from exc
+        free = _free_port_after(host, port)
+        again = f"OUTBOX_RELAY_PORT={free} make run (or outbox-relay dev --port {free})"
+        if command != "dev":
+            again = f"OUTBOX_RELAY_PORT={free} outbox-relay {command} (or --port {free})"
+        raise ConfigError(
+            f"port {port} on {host} is already in use (another `make run`?). "
+            f"Stop what listens there, or use another port: {again}"
+        ) from exc
+
+
+def _free_port_after(host: str, port: int) -> int:
+    """The first port after ``port`` that can be bound now, to suggest (the next one if none of 20 is)."""
+    for candidate in range(port + 1, min(port + 21, 65536)):
+        try:
+            socket.create_server((host, candidate), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+        except OSError:
+            continue
+        return candidate
+    return port + 1
+
+
+async def _serve(settings: Settings, sock: socket.socket, *, with_worker: bool) -> None:
     import uvicorn
 
     from service.app import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port))
-    tasks = [asyncio.create_task(server.serve())]
+    # log_config=None: uvicorn's loggers go through ours (one format, and QUIET_LOGGERS holds)
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    server = uvicorn.Server(config)
+    if not with_worker:  # dev prints its banner; uvicorn names no URL for a socket it did not bind
+        logging.getLogger("outbox_relay.api").info("serving the API on http://%s:%s", settings.host, settings.port)
+    tasks = [asyncio.create_task(server.serve(sockets=[sock]))]
     worker = None
     if with_worker:
         worker = _worker(settings, handle_signals=False)
@@ -115,13 +154,40 @@ async def _run_worker(settings: Settings) -> None:
         await worker.close()  # type: ignore[attr-defined]
 
 
+QUIET_LOGGERS = {
+    "arq": "a line as each job starts and ends (the outbox maintenance cron's every minute included), its "
+    "start-up, and a health line whenever its counters move",
+    "uvicorn.error": "its start-up and shutdown steps (errors still show: they are warnings or worse)",
+}
+"""Loggers held at WARNING unless ``OUTBOX_RELAY_LOG_LEVEL=DEBUG``: what they say at INFO is how the
+machinery runs, not something that happened; under ``make run`` it buried the lines that matter. What
+happens is logged by this code, a line each: a dead-letter replay's outcome, a dropped outbox
+partition, partitions claimed or given back, an outage and its end, and (uvicorn's access log) each
+request to the API."""
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("OUTBOX_RELAY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="outbox-relay", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    dev = sub.add_parser("dev", help="API + worker in one process, local defaults")
-    dev.add_argument("--port", type=int, default=None)
+    port_help = "the API's port (default: OUTBOX_RELAY_PORT, else 8080)"
+    dev = sub.add_parser(
+        "dev",
+        help="API + worker in one process, local defaults",
+        description="The API and one worker in one process, with a development secret key (.outbox-relay/) and "
+        f"the admin key {DEV_ADMIN_KEY}; all OUTBOX_RELAY_* settings apply (`make run` runs this).",
+    )
+    dev.add_argument("--port", type=int, default=None, help=port_help)
     serve = sub.add_parser("serve", help="run the API")
-    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--port", type=int, default=None, help=port_help)
     sub.add_parser("worker", help="run one worker")
     sub.add_parser("migrate", help="apply control DB migrations")
     sub.add_parser("generate-key", help="print a new secret key")
@@ -129,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "api":
         return cli_api.run(args)
-    logging.basicConfig(
-        level=os.environ.get("OUTBOX_RELAY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging()
 
     try:
         if args.command == "generate-key":
@@ -153,15 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "worker":
             asyncio.run(_run_worker(settings))
         elif args.command == "serve":
-            asyncio.run(_serve(settings, with_worker=False))
+            asyncio.run(_serve(settings, _listen(settings, "serve"), with_worker=False))
         elif args.command == "dev":
+            sock = _listen(settings, "dev")
             asyncio.run(_migrate(settings, create=True))
             print(
                 f"Outbox Relay on http://{settings.host}:{settings.port}  (docs: /docs)\n"
                 f"admin API key: {settings.admin_api_key}",
                 file=sys.stderr,
             )
-            asyncio.run(_serve(settings, with_worker=True))
+            asyncio.run(_serve(settings, sock, with_worker=True))
     except ConfigError as exc:
         print(f"outbox-relay: {exc}", file=sys.stderr)
         return 2

