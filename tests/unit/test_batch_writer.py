@@ -50,7 +50,7 @@ async def test_writes_submitted_while_a_statement_runs_go_in_the_next_one() -> N
     statement = Statement(hold=hold)
     w = writer(statement)
     first = w.submit(1)
-    while not statement.calls:  # until the first statement runs (held)
+    while not statement.calls:  # noqa: ASYNC110 (until the first statement runs, held)
         await asyncio.sleep(0)
     later = [w.submit(2), w.submit(3)]
     hold.set()
