@@ -78,7 +78,8 @@ def clone(tmp_path: Path) -> Iterator[Path]:
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without this test run's venv, Terraform or Outbox Relay settings: a new shell."""
     venv_bin = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin")
-    drop = ("TF_", PREFIX, "VIRTUAL_ENV", "MAKE", "MFLAGS", "PYTHONPATH", "UV_")
+    # VENV, PYTHON: `make test VENV=.venv-ci` (CI) exports its command-line variables to every recipe
+    drop = ("TF_", PREFIX, "VIRTUAL_ENV", "VENV", "PYTHON", "MAKE", "MFLAGS", "UV_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     path = [p for p in env.get("PATH", "/usr/bin:/bin").split(":") if p and Path(p) != Path(venv_bin)]
     path = [p for p in path if not p.startswith(str(REPO))]

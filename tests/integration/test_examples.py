@@ -117,7 +117,8 @@ async def test_redis_streams_consumer_example(
 ) -> None:
     """It reads the relay's entries from the start of the stream, in a group it deletes at the end: a
     second run reads the same entry again and the inbox skips it."""
-    stream = f"{redis_account.prefix}shop:orders"
+    # a stream of its own: the quick start's tests relay to the run's shop:orders too
+    stream = f"{redis_account.prefix}examples:{uuid.uuid4().hex[:8]}:orders"
     target = {"kind": "redis_streams", "url": redis_account.url, "password": redis_account.password}
     await relay_topic(relaying, "to-redis", target, "orders-redis", stream)
     order_id, message_id = await write_order(shop_dsn, "orders-redis")
