@@ -159,7 +159,7 @@ def test_operator_config_cycle(toolchain: Toolchain, live_api: LiveServer, admin
     tf.run("init")
     out = tf.run("apply", "-auto-approve")
     assert "Apply complete! Resources: 2 added" in out
-    assert admin.get(f"/v1/tenants/{tenant}")["display_name"] == "Acme Inc."
+    assert admin.get(f"/v1/tenants/{tenant}")["display_name"] == "Globex Corporation"
     key = tf.run("output", "-raw", "api_key").strip()
     as_tenant = ApiClient(endpoint=live_api.url, api_key=key)
     assert list(as_tenant.list("/v1/relays/")) == []  # the key works

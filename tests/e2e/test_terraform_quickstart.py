@@ -128,5 +128,5 @@ def test_the_documented_commands_reach_terraform_apply(clone: Path, quickstart_a
     assert (clone / "deploy/terraform/example/operator/.terraform.lock.hcl").exists()
 
     admin = ApiClient(endpoint=quickstart_api.url, api_key=DEV_ADMIN_KEY)
-    assert admin.get("/v1/tenants/acme")["display_name"] == "Acme Inc."
-    assert [k["description"] for k in admin.get("/v1/tenants/acme/api-keys")] == ["terraform"]
+    assert admin.get("/v1/tenants/globex")["display_name"] == "Globex Corporation"
+    assert [k["description"] for k in admin.get("/v1/tenants/globex/api-keys")] == ["terraform"]

@@ -16,14 +16,15 @@ terraform {
 
 provider "outboxrelay" {}
 
+# not the README quick start's "acme": the two can run one after the other on one `make run`
 variable "tenant" {
   type    = string
-  default = "acme"
+  default = "globex"
 }
 
 resource "outboxrelay_tenant" "this" {
   name         = var.tenant
-  display_name = "Acme Inc."
+  display_name = "Globex Corporation"
 }
 
 resource "outboxrelay_tenant_api_key" "ci" {
