@@ -596,6 +596,7 @@ class FleetEngine:
                 await self._lag_task
         await self._drop_all()
         await self.cursors.close()
+        await self.identities.close()  # a first read's identity write in flight: done before we leave
         with contextlib.suppress(Exception):
             await self.fleet.deregister(self.key)
 
