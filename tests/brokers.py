@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +44,18 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def end_process(
+    process: subprocess.Popen[Any], sig: int = signal.SIGTERM, *, timeout_s: float, kill_wait_s: float = 5
+) -> None:
+    """Send ``sig`` and wait up to ``timeout_s`` for the process to end; one still running then is killed."""
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=kill_wait_s)
 
 
 # --- Kafka (Tansu) -----------------------------------------------------------------------------------
@@ -103,12 +116,7 @@ class TansuBroker:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        end_process(process, timeout_s=3)
 
     def restart(self) -> None:
         self.stop()

@@ -15,6 +15,7 @@ import pytest
 from arq.worker import Worker
 
 from outbox_relay.config import PREFIX, Settings
+from tests.brokers import end_process
 
 OUTPUT_DIR = Path(os.environ.get("OUTBOX_RELAY_TEST_OUTPUT", "test-output"))
 
@@ -72,12 +73,7 @@ class WorkerProcess:
             return
         if process.poll() is None:
             process.send_signal(signal.SIGCONT)  # in case a test left it stopped
-            process.terminate()
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+            end_process(process, timeout_s=timeout_s)
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
 

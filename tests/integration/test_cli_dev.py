@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from outbox_relay.config import Settings
-from tests.brokers import free_port
+from tests.brokers import end_process, free_port
 from tests.conftest import RUN_ID, DatabaseFactory, pg_dsn
 from tests.workers import OUTPUT_DIR, worker_env
 
@@ -113,12 +113,7 @@ def idle_dev(settings: Settings, databases: DatabaseFactory, tmp_path: Path) -> 
     try:
         yield lines, port
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        end_process(proc, signal.SIGINT, timeout_s=30, kill_wait_s=10)
         log = OUTPUT_DIR / "cli-dev" / "idle-dev.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("\n".join(lines.lines) + "\n")
