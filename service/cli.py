@@ -87,7 +87,7 @@ def _listen(settings: Settings, command: str) -> socket.socket:
     ``[Errno 98] address already in use``. uvicorn then serves on this socket."""
     host, port = settings.host, settings.port
     try:
-        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        return _bind(host, port)
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise ConfigError(
@@ -103,11 +103,15 @@ def _listen(settings: Settings, command: str) -> socket.socket:
         ) from exc
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
 def _free_port_after(host: str, port: int) -> int:
     """The first port after ``port`` that can be bound now, to suggest (the next one if none of 20 is)."""
     for candidate in range(port + 1, min(port + 21, 65536)):
         try:
-            socket.create_server((host, candidate), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+            _bind(host, candidate).close()
         except OSError:
             continue
         return candidate
