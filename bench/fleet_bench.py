@@ -597,6 +597,11 @@ def figures(a: dict[str, Any], b: dict[str, Any], names: dict[int, str]) -> dict
 # --- traffic and deliveries --------------------------------------------------------------------------
 
 
+def entry_ms(entry_id: bytes | str) -> int:
+    """The ms timestamp part of a Redis stream entry id (``<ms>-<seq>``, given by ``XADD *``)."""
+    return int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
+
+
 class Deliveries:
     """Commit times of the messages the bench wrote (by probe id) and arrival times on the broker
     (by probe id and relay: one message reaches every relay of its database). One process, one
@@ -628,8 +633,7 @@ class Deliveries:
             self.duplicates += 1
         else:
             self.received[key] = at
-            text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            self.stamped_ms[key] = int(text.split("-")[0])
+            self.stamped_ms[key] = entry_ms(entry_id)
 
     def broker_latency_ms(self, probe: str, relay: str) -> float:
         """Commit -> the broker's stamp (see the class); ``inf`` if it never arrived."""
@@ -799,11 +803,7 @@ async def entry_times(bench: Bench, stream: str) -> tuple[int, int]:
     first = await bench.target.xrange(stream, count=1)
     last = await bench.target.xrevrange(stream, count=1)
 
-    def ms(entries: Any) -> int:
-        entry_id = entries[0][0]
-        return int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
-
-    return ms(first), ms(last)
+    return entry_ms(first[0][0]), entry_ms(last[0][0])
 
 
 async def preload(dsn: str, rows: int, rows_per_tx: int) -> float:
