@@ -50,7 +50,8 @@ from service.schemas import use_msgspec_schemas
 from service.targets.controller import TargetController
 from service.tenants.controller import TenantController
 from service.throttle import AuthThrottle
-from service.ui.controller import UIController, ui_static_files, ui_template_config
+from service.ui.controller import UIController
+from service.ui.responses import ui_static_files, ui_template_config
 
 
 def route_template_details(scope: Scope) -> tuple[str, dict[str, str]]:
