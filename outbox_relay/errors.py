@@ -9,6 +9,8 @@ OutboxRelayError
 │   ├── TargetUnavailable  the broker cannot be reached: pause, charge no attempt
 │   └── MessageRejected    the broker refused this message: charge an attempt
 ├── TenantDatabaseError    the tenant database cannot be reached or queried
+├── ProvisionFailed        the outbox could not be installed into a tenant database
+├── InUse                  a resource a relay still uses cannot be deleted
 ├── QuotaExceeded          creating this would take a tenant past one of its quotas
 ├── OutOfBounds            a setting beyond what the service allows (the operator's bounds)
 └── ClientError            bad input to the client library, refused before any SQL
@@ -68,6 +70,14 @@ class MessageRejected(PublishError):
 
 class TenantDatabaseError(OutboxRelayError):
     """The tenant's database refused the connection or the query."""
+
+
+class ProvisionFailed(OutboxRelayError):
+    """Installing the outbox into a tenant database failed; the message says why, for the tenant."""
+
+
+class InUse(OutboxRelayError):
+    """A database or target cannot be deleted while a relay still refers to it."""
 
 
 class QuotaExceeded(OutboxRelayError):

@@ -14,14 +14,25 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import asyncpg
 
 from outbox_relay.config import QUOTAS
-from outbox_relay.errors import OutOfBounds, QuotaExceeded
+from outbox_relay.errors import InUse, OutOfBounds, QuotaExceeded
 
 ResourceTable = Literal["databases", "targets", "relays"]
+RESOURCE_TABLES: frozenset[str] = frozenset(get_args(ResourceTable))
+
+
+def _table(table: str) -> str:
+    """``table`` for interpolation into SQL, once it is known to be one of the resource tables (the
+    type says so to mypy; this says so at run time, for a caller that passed a string through)."""
+    if table not in RESOURCE_TABLES:
+        raise ValueError(f"not a resource table: {table!r}")
+    return table
+
+
 KEY_PREFIX = "orly_"
 
 HELD_BY_LEASE = "relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL"
@@ -441,14 +452,14 @@ class ControlStore:
         async with self.transaction() as conn:
             limit = (await self._limits(conn, tenant_id, quotas, table))[table]
             exists = await conn.fetchval(
-                f"SELECT true FROM {table} WHERE tenant_id = $1 AND name = $2", tenant_id, name
+                f"SELECT true FROM {_table(table)} WHERE tenant_id = $1 AND name = $2", tenant_id, name
             )
             if not exists:
-                used = await conn.fetchval(f"SELECT count(*) FROM {table} WHERE tenant_id = $1", tenant_id)
+                used = await conn.fetchval(f"SELECT count(*) FROM {_table(table)} WHERE tenant_id = $1", tenant_id)
                 if used + 1 > limit:
                     raise QuotaExceeded(quota=table, limit=limit, used=used)
             row = await conn.fetchrow(
-                f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({placeholders}) "
+                f"INSERT INTO {_table(table)} ({', '.join(cols)}) VALUES ({placeholders}) "
                 f"ON CONFLICT (tenant_id, name) DO UPDATE SET {', '.join(updates)}, updated_at = now() "
                 "RETURNING id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, "
                 "created_at, updated_at, (xmax = 0) AS inserted",
@@ -544,18 +555,19 @@ class ControlStore:
             return _resource(row), True
 
     async def delete_resource(self, table: ResourceTable, tenant_id: uuid.UUID, name: str) -> bool:
-        """Delete; raises asyncpg.ForeignKeyViolationError while a relay still uses it."""
-        return (
-            await self.pool.fetchval(
-                f"DELETE FROM {table} WHERE tenant_id = $1 AND name = $2 RETURNING true", tenant_id, name
+        """Delete; raises :class:`InUse` while a relay still uses it."""
+        try:
+            deleted = await self.pool.fetchval(
+                f"DELETE FROM {_table(table)} WHERE tenant_id = $1 AND name = $2 RETURNING true", tenant_id, name
             )
-            is True
-        )
+        except asyncpg.ForeignKeyViolationError:
+            raise InUse(f"{table[:-1]} {name!r} is used by a relay; delete it first") from None
+        return deleted is True
 
     async def relays_using(self, table: ResourceTable, tenant_id: uuid.UUID, name: str) -> list[str]:
         column = {"databases": "database_id", "targets": "target_id"}[table]
         rows = await self.pool.fetch(
-            f"SELECT r.name FROM relays r JOIN {table} x ON x.id = r.{column} "
+            f"SELECT r.name FROM relays r JOIN {_table(table)} x ON x.id = r.{column} "
             "WHERE x.tenant_id = $1 AND x.name = $2 ORDER BY r.name",
             tenant_id,
             name,
@@ -564,7 +576,7 @@ class ControlStore:
 
     async def get_secret(self, table: ResourceTable, tenant_id: uuid.UUID, name: str) -> bytes | None:
         value = await self.pool.fetchval(
-            f"SELECT secret FROM {table} WHERE tenant_id = $1 AND name = $2", tenant_id, name
+            f"SELECT secret FROM {_table(table)} WHERE tenant_id = $1 AND name = $2", tenant_id, name
         )
         return bytes(value) if value is not None else None
 
@@ -1049,7 +1061,8 @@ class ControlStore:
 
 def _select(table: ResourceTable) -> str:
     return (
-        f"SELECT id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, created_at, updated_at FROM {table}"
+        "SELECT id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, created_at, updated_at "
+        f"FROM {_table(table)}"
         if table != "relays"
         else "SELECT id, name, spec::text AS spec, false AS has_secret, created_at, updated_at FROM relays"
     )

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from outbox_relay.domain import Database
-from outbox_relay.errors import AddressNotAllowed, TenantDatabaseError
+from outbox_relay.errors import AddressNotAllowed, ProvisionFailed, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy, Endpoint, NameBoundSSLContext, hosts_of
 from outbox_relay.tenant import sql
 
@@ -277,6 +277,23 @@ async def provision(
                 raise
             await asyncio.sleep(0.2 * attempt)
     raise AssertionError("unreachable")
+
+
+async def provision_for_tenant(conn: asyncpg.Connection, schema: str) -> int:
+    """:func:`provision`, its failures told as :class:`ProvisionFailed` for the tenant (the API's
+    422 ``provision-failed``) rather than as the driver's errors."""
+    try:
+        return await provision(conn, schema)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise ProvisionFailed(f"the database user may not create the outbox: {exc}") from None
+    except asyncpg.LockNotAvailableError:
+        tries = f"{PROVISION_ATTEMPTS} tries of {PROVISION_LOCK_TIMEOUT_MS / 1000:g} s"
+        raise ProvisionFailed(
+            f"other transactions held the outbox table throughout ({tries}: provision gives way rather than "
+            "keep writers waiting); nothing was changed, try again"
+        ) from None
+    except asyncpg.PostgresError as exc:
+        raise ProvisionFailed(f"provisioning failed: {describe(exc)}") from None
 
 
 async def read_layout(conn: asyncpg.Connection | asyncpg.Pool, schema: str) -> OutboxLayout:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import asyncpg
 import msgspec
 from litestar import Controller, Response, delete, get, post, put
 from litestar.di import Provide
@@ -12,7 +11,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from outbox_relay.domain import Database
-from outbox_relay.errors import InvalidSpec
+from outbox_relay.errors import InUse, InvalidSpec, ProvisionFailed
 from outbox_relay.specs import check_database
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import schema_sql
@@ -105,8 +104,8 @@ class DatabaseController(Controller):
         try:
             if await services.store.delete_resource("databases", tenant.id, name):
                 await services.store.audit(tenant.id, "tenant", "delete", f"databases/{name}")
-        except asyncpg.ForeignKeyViolationError:
-            raise Problem(409, f"database {name!r} is used by a relay; delete it first", slug="in-use") from None
+        except InUse as exc:
+            raise Problem(409, str(exc), slug="in-use") from None
 
     @post(
         "/{name:str}/provision",
@@ -131,19 +130,9 @@ class DatabaseController(Controller):
             db, password, policy=services.policy, timeout_s=services.settings.connect_timeout_s
         )
         try:
-            version = await tenant_db.provision(conn, db.schema)
-        except asyncpg.InsufficientPrivilegeError as exc:
-            raise Problem(422, f"the database user may not create the outbox: {exc}", slug="provision-failed") from None
-        except asyncpg.LockNotAvailableError:
-            tries = f"{tenant_db.PROVISION_ATTEMPTS} tries of {tenant_db.PROVISION_LOCK_TIMEOUT_MS / 1000:g} s"
-            raise Problem(
-                422,
-                f"other transactions held the outbox table throughout ({tries}: provision gives way rather than "
-                "keep writers waiting); nothing was changed, try again",
-                slug="provision-failed",
-            ) from None
-        except asyncpg.PostgresError as exc:
-            raise Problem(422, f"provisioning failed: {tenant_db.describe(exc)}", slug="provision-failed") from None
+            version = await tenant_db.provision_for_tenant(conn, db.schema)
+        except ProvisionFailed as exc:
+            raise Problem(422, str(exc), slug="provision-failed") from None
         finally:
             await conn.close()
         await services.store.audit(tenant.id, "tenant", "provision", f"databases/{name}")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import asyncpg
 from litestar import Controller, Response, delete, get, put
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from outbox_relay.domain import Target
-from outbox_relay.errors import InvalidSpec
+from outbox_relay.errors import InUse, InvalidSpec
 from outbox_relay.netguard import check_target
 from outbox_relay.specs import check_target as check_target_spec
 from service.deps import ServicesDep, TenantDep, authenticate_tenant, decode_cursor, encode_cursor, provide_tenant
@@ -102,5 +101,5 @@ class TargetController(Controller):
         try:
             if await services.store.delete_resource("targets", tenant.id, name):
                 await services.store.audit(tenant.id, "tenant", "delete", f"targets/{name}")
-        except asyncpg.ForeignKeyViolationError:
-            raise Problem(409, f"target {name!r} is used by a relay; delete it first", slug="in-use") from None
+        except InUse as exc:
+            raise Problem(409, str(exc), slug="in-use") from None
