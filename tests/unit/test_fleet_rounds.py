@@ -10,7 +10,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from outbox_relay.fleet import ROUNDS_IN_FLIGHT, FleetEngine
+from outbox_relay.fleet import ROUNDS_IN_FLIGHT, SHARED_ROUNDS_IN_FLIGHT, FleetEngine
 
 
 @dataclass
@@ -19,7 +19,23 @@ class StubLane:
 
 
 @dataclass
+class StubPlan:
+    tenant_name: str = "t"
+
+
+@dataclass
+class StubScheduler:
+    """``shared``: whether another tenant is active in the worker (as FairScheduler.shared answers)."""
+
+    is_shared: bool = False
+
+    def shared(self, tenant: str) -> bool:
+        return self.is_shared
+
+
+@dataclass
 class StubReader:
+    plan: StubPlan = field(default_factory=StubPlan)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     rows: asyncio.Event = field(default_factory=asyncio.Event)
     in_round: set[int] = field(default_factory=set)
@@ -32,7 +48,8 @@ class StubEngine:
 
     _round_in_flight = FleetEngine._round_in_flight
 
-    def __init__(self, partitions: int) -> None:
+    def __init__(self, partitions: int, *, shared: bool = False) -> None:
+        self.scheduler = StubScheduler(shared)
         self.waiting = list(range(partitions))
         self.gates = {p: asyncio.Event() for p in range(partitions)}
         self.started: list[int] = []
@@ -63,6 +80,30 @@ async def test_a_round_that_ends_while_every_slot_is_taken_lets_the_next_one_sta
         for _ in range(20):
             await asyncio.sleep(0)
         assert engine.started == list(range(ROUNDS_IN_FLIGHT))  # every slot taken, one lane waits
+        engine.gates[0].set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert engine.started == list(range(ROUNDS_IN_FLIGHT + 1))
+    finally:
+        reader.stop.set()
+        for gate in engine.gates.values():
+            gate.set()
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
+
+
+async def test_a_relay_sharing_the_worker_with_another_tenant_has_one_round_in_flight() -> None:
+    """Beside another tenant a relay's rounds go one at a time (four joined into one group publish
+    held the loop for milliseconds); once alone again it fills every slot."""
+    engine, reader = StubEngine(ROUNDS_IN_FLIGHT + 1, shared=True), StubReader()
+    run_rounds: Any = FleetEngine._run_rounds
+    publisher = asyncio.create_task(run_rounds(engine, reader))
+    try:
+        reader.rows.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert engine.started == list(range(SHARED_ROUNDS_IN_FLIGHT))
+        engine.scheduler.is_shared = False
         engine.gates[0].set()
         for _ in range(20):
             await asyncio.sleep(0)
