@@ -17,12 +17,11 @@ import dataclasses
 import functools
 import itertools
 import logging
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -35,6 +34,7 @@ from outbox_relay.brokers.base import OutgoingMessage, Publisher, PublishResult
 from outbox_relay.brokers.grouped import GroupPublisher, split
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
+from outbox_relay.delivery import DeadLetterNow, DeliveryPolicy, Settled, backoff_s, settle
 from outbox_relay.domain import Database, Relay, Target, route
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy
@@ -64,11 +64,6 @@ STALL_AFTER_S = 5.0
 MAX_LINKS = 64
 
 PublisherFactory = Callable[[Target, str | None], Awaitable[Publisher]]
-
-
-def backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    return random.uniform(0, min(cap_s, base_s * (2 ** min(attempt, 30))))
 
 
 # --- tenant database connections and wake-ups --------------------------------------------------
@@ -430,6 +425,11 @@ class _Partition:
     """``(txid, id)`` of the backlog rows last polled, to count how many the cursor has passed."""
 
     @functools.cached_property
+    def delivery(self) -> DeliveryPolicy:
+        """The relay's delivery policy (retries, dead letters, size limit), built once."""
+        return DeliveryPolicy(self.relay.policy)
+
+    @functools.cached_property
     def labels(self) -> dict[str, Any]:
         """The metric labels, built once (the same for every partition of a relay)."""
         return labels(self.plan.tenant_name, self.plan.relay_name, self.plan.target_name)
@@ -780,19 +780,16 @@ class RelayRunner:
 
     def prepare(self, part: _Partition, rows: list[tenant_db.OutboxRow]) -> OutboxBatch:
         """The messages of a partition's next batch, cut before an over-size payload."""
-        policy = part.relay.policy
         if part.retry is not None:
             # while a refused message is retried, send it alone: the messages behind it (its key's
             # later ones among them) must not overtake it again and again
             rows = rows[:1]
         messages = build_messages(part.relay, part.plan.relay_name, rows)
         too_big: tuple[tenant_db.OutboxRow, OutgoingMessage | None] | None = None
-        for index, message in enumerate(messages):
-            if message is not None and len(message.payload) > policy.max_payload_bytes:
-                # publish what comes before it, then dead-letter it without retrying
-                too_big = (rows[index], message)
-                rows, messages = rows[:index], messages[:index]
-                break
+        cut = part.delivery.cut_oversize(messages)
+        if cut is not None:  # publish what comes before it, then dead-letter it without retrying
+            too_big = (rows[cut], messages[cut])
+            rows, messages = rows[:cut], messages[:cut]
         return OutboxBatch(part, rows, messages, [m for m in messages if m is not None], too_big)
 
     async def publish_batches(self, publisher: Publisher, batches: list[OutboxBatch]) -> list[_Partition]:
@@ -823,26 +820,16 @@ class RelayRunner:
                     if batch.sendable:
                         instruments().failed.add(len(batch.sendable), batch.part.labels)
                 raise
-        settled: list[tuple[OutboxBatch, PublishResult, int, tenant_db.OutboxRow | None, Any]] = []
+        settled: list[tuple[OutboxBatch, PublishResult, Settled[tenant_db.OutboxRow, OutgoingMessage]]] = []
         writes: list[tuple[_Partition, int, int, int]] = []
         answers = split(result, [len(batch.sendable) for batch in batches])
         for batch, split_answer in zip(batches, answers, strict=True):
             answer = split_answer or PublishResult(acked=0)  # None: after the refusal, sent again
-            sent = 0
-            last: tenant_db.OutboxRow | None = None
-            refused: tuple[tenant_db.OutboxRow, OutgoingMessage] | None = None
-            for row, message in zip(batch.rows, batch.messages, strict=True):
-                if message is not None:
-                    if sent >= answer.acked:
-                        refused = (row, message) if answer.rejected is not None else None
-                        break
-                    sent += 1
-                else:
-                    batch.part.skipped += 1
-                last = row
-            settled.append((batch, answer, sent, last, refused))
-            if last is not None:
-                writes.append((batch.part, last.txid, last.id, sent))
+            outcome = settle(batch.rows, batch.messages, answer)
+            batch.part.skipped += outcome.skipped
+            settled.append((batch, answer, outcome))
+            if outcome.last is not None:
+                writes.append((batch.part, outcome.last.txid, outcome.last.id, outcome.sent))
         with tracer.start_as_current_span("cursor.commit") if tracing else contextlib.nullcontext():
             moved = await self._advance_cursors(writes) if writes else []
         lost = {id(part) for (part, *_), ok in zip(writes, moved, strict=True) if not ok}
@@ -851,8 +838,8 @@ class RelayRunner:
         # one latency observation per relay and call, its oldest message's: an upper
         # bound for all of them (each record hashes the labels, the largest metric cost)
         oldest_by_relay: dict[uuid.UUID, tuple[dict[str, Any], datetime]] = {}
-        for batch, answer, sent, last, refused in settled:
-            part = batch.part
+        for batch, answer, outcome in settled:
+            part, sent, last = batch.part, outcome.sent, outcome.last
             if id(part) in lost:
                 out.append(part)
                 continue
@@ -867,15 +854,11 @@ class RelayRunner:
                     if seen is None or oldest < seen[1]:
                         oldest_by_relay[part.plan.relay_id] = (part.labels, oldest)
             try:
-                if refused is not None:
-                    await self._refused(part, *refused, error=str(answer.rejected), error_class="refused")
+                if outcome.refused is not None:
+                    await self._refused(part, *outcome.refused, error=str(answer.rejected), error_class="refused")
                 elif batch.too_big is not None and answer.acked == len(batch.sendable):
                     row, message = batch.too_big
-                    policy = part.relay.policy
-                    error = (
-                        f"payload is {len(row.payload)} bytes, "
-                        f"over the relay's max_payload_bytes ({policy.max_payload_bytes})"
-                    )
+                    error = part.delivery.oversize_error(len(row.payload))
                     attempt = {"at": datetime.now(UTC).isoformat(), "error": error}
                     await self._dead_letter(part, row, message, "too_large", error, [attempt])
             except LeaseLost:
@@ -891,22 +874,16 @@ class RelayRunner:
     async def _refused(
         self, part: _Partition, row: tenant_db.OutboxRow, message: OutgoingMessage, *, error: str, error_class: str
     ) -> None:
-        """Charge an attempt to a refused message; dead-letter it once it has used its budget."""
-        policy = part.relay.policy
-        prior = part.retry if part.retry is not None and part.retry.outbox_id == row.id else None
-        attempts = (prior.attempts if prior else 0) + 1
-        errors = [*(prior.errors if prior else []), {"at": datetime.now(UTC).isoformat(), "error": error}][-50:]
+        """Charge an attempt to a refused message (:meth:`DeliveryPolicy.decide`): record its retry,
+        or dead-letter it once it has used its budget."""
+        decision = part.delivery.decide(part.retry, row.id, error, datetime.now(UTC))
         instruments().failed.add(1, part.labels)
-        if attempts >= policy.max_attempts:
-            await self._dead_letter(part, row, message, error_class, error, errors)
+        if isinstance(decision, DeadLetterNow):
+            await self._dead_letter(part, row, message, error_class, error, decision.attempts)
             return
         instruments().retried.add(1, part.labels)
-        delay = backoff_s(attempts, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000)
-        retry = RetryState(
-            outbox_id=row.id, attempts=attempts, errors=errors, next_at=datetime.now(UTC) + timedelta(seconds=delay)
-        )
-        reason = f"outbox message {row.id} refused (attempt {attempts} of {policy.max_attempts}): {error}"
-        if not await self._fenced(part, lambda: self.store.record_retry(part.lease, retry, reason)):
+        retry = decision.state
+        if not await self._fenced(part, lambda: self.store.record_retry(part.lease, retry, decision.reason)):
             raise LeaseLost()
         part.retry = retry
 

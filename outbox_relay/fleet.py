@@ -43,6 +43,7 @@ import msgspec
 
 from outbox_relay.brokers.base import Publisher
 from outbox_relay.config import Settings
+from outbox_relay.delivery import backoff_s
 from outbox_relay.domain import Database, Target
 from outbox_relay.engine import (
     STALL_AFTER_S,
@@ -50,7 +51,6 @@ from outbox_relay.engine import (
     RelayRunner,
     Watch,
     _Partition,
-    backoff_s,
     horizon_stall,
     plan_change,
     plan_keys,

@@ -11,8 +11,9 @@ import pytest
 from outbox_relay.client import ClientError, check_message, encode_payload
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox, generate_key
+from outbox_relay.delivery import backoff_s
 from outbox_relay.domain import KafkaTarget, RabbitMQTarget, Relay, route
-from outbox_relay.engine import backoff_s, build_messages
+from outbox_relay.engine import build_messages
 from outbox_relay.errors import AddressNotAllowed, ConfigError, OutboxRelayError
 from outbox_relay.netguard import AddressPolicy, hosts_of, target_endpoints
 from outbox_relay.tenant.db import OutboxRow
