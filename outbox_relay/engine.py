@@ -833,6 +833,16 @@ class RelayRunner:
         with tracer.start_as_current_span("cursor.commit") if tracing else contextlib.nullcontext():
             moved = await self._advance_cursors(writes) if writes else []
         lost = {id(part) for (part, *_), ok in zip(writes, moved, strict=True) if not ok}
+        return await self._apply_outcomes(settled, lost)
+
+    async def _apply_outcomes(
+        self,
+        settled: list[tuple[OutboxBatch, PublishResult, Settled[tenant_db.OutboxRow, OutgoingMessage]]],
+        lost: set[int],
+    ) -> list[_Partition]:
+        """After the cursor writes of :meth:`publish_batches`: move each partition's cursor in
+        memory, count what was sent, charge a refusal or dead-letter an over-size payload; returns
+        the partitions whose lease was lost (``lost`` holds those whose cursor write was fenced off)."""
         out: list[_Partition] = []
         now = datetime.now(UTC)
         # one latency observation per relay and call, its oldest message's: an upper
