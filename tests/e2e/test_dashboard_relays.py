@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
@@ -31,8 +32,9 @@ from service.ui.forms import duration
 from service.ui.relays import CAUSE_LABELS
 from service.ui.responses import ui_template_config
 from tests.brokers import RabbitMQAccount, free_port
-from tests.conftest import DatabaseFactory, LiveServer, pg_dsn
+from tests.conftest import RUN_ID, DatabaseFactory, LiveServer, pg_dsn
 from tests.e2e.test_dashboard import CHROMIUM_ARGS, SHOTS, sign_in, ui_login
+from tests.faults import PgCluster
 from tests.helpers import ADMIN_KEY, TenantClient, make_tenant
 from tests.integration.conftest import write
 from tests.workers import WorkerPool
@@ -56,16 +58,18 @@ async def enabled(t: TenantClient, relay: str) -> bool:
     return value
 
 
-async def status_until(t: TenantClient, relay: str, kind: str, worker_pool: WorkerPool) -> dict[str, Any]:
-    """The relay's status once its cause is ``kind``, its partitions owned and its backlog sampled
-    (the worker needs a few slices to get there)."""
+async def status_until(
+    t: TenantClient, relay: str, kind: str, worker_pool: WorkerPool, *, sampled: bool = True
+) -> dict[str, Any]:
+    """The relay's status once its cause is ``kind``, its partitions owned and (``sampled``) its
+    backlog sampled (the worker needs a few slices to get there)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
     s: dict[str, Any] = {}
     while loop.time() < deadline:
         s = (await t.get(f"/v1/relays/{relay}/status")).json()
         owned = all(p["lease_holder"] for p in s["partitions"])
-        if (s.get("cause") or {}).get("kind") == kind and owned and s["pending"] >= 1:
+        if (s.get("cause") or {}).get("kind") == kind and owned and (s["pending"] >= 1 or not sampled):
             return s
         await asyncio.sleep(0.2)
     raise AssertionError(f"relay {relay} never showed {kind}: {s}\n{worker_pool.logs()}")
@@ -207,6 +211,84 @@ async def test_relays_page_shows_the_stall_and_pauses_and_resumes(
         worker.stop()
     for name in ("orders", "billing"):  # later tests' workers need not run these
         assert (await t.delete(f"/v1/relays/{name}")).status_code == 204
+
+
+async def test_relays_page_shows_a_long_running_transaction(
+    client: AsyncTestClient[Any],
+    rabbitmq: RabbitMQAccount,
+    worker_pool: WorkerPool,
+    server: LiveServer,
+    page: Page,
+) -> None:
+    """A transaction held open in the tenant database stalls the relay (a real worker sees it); the
+    page names its pid, age and database. The tenant database lives in a PostgreSQL cluster of this
+    test's own: the xmin horizon is server-wide, and holding the shared server's would stall every
+    other relay on it."""
+    cluster = PgCluster(f"orly_dash_{RUN_ID}").create()
+    try:
+        admin_conn = await asyncpg.connect(cluster.dsn())
+        await admin_conn.execute("CREATE DATABASE held_app")
+        await admin_conn.close()
+        dsn = cluster.dsn("held_app")
+        t = await make_tenant(client, "ui-held")
+        assert (await t.put("/v1/databases/app", {"dsn": dsn})).status_code == 201
+        assert (await t.post("/v1/databases/app/provision")).status_code == 200
+        rabbit = {"kind": "rabbitmq", "url": rabbitmq.url, "password": rabbitmq.password, "timeout_ms": 2000}
+        assert (await t.put("/v1/targets/rabbit", rabbit)).status_code == 201
+        amqp = await aio_pika.connect(rabbitmq.admin_url)
+        channel = await amqp.channel()
+        await channel.declare_queue("ui-held-q", durable=True)
+        body = {"database": "app", "target": "rabbit", "partitions": 1, "topic_mapping": {"*": "ui-held-q"}}
+        assert (await t.put("/v1/relays/ledger", {**body, "policy": {"poll_interval_ms": 50}})).status_code == 201
+        await write(dsn, ("entries", "e-1", b"before"))
+        worker_pool.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while (await t.get("/v1/relays/ledger/status")).json()["published"] < 1:
+            assert loop.time() < deadline, worker_pool.logs()
+            await asyncio.sleep(0.2)
+
+        holder = await asyncpg.connect(dsn)
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.fetchval("SELECT pg_current_xact_id()")  # takes a transaction id, as any write would
+            await write(dsn, ("entries", "e-2", b"behind the horizon"))
+            # (the backlog sample counts only rows below the horizon: the one waiting behind it is not in it)
+            s = await status_until(t, "ledger", "long_running_transaction", worker_pool, sampled=False)
+            assert s["state"] == "stalled" and s["cause"]["pid"] == holder.get_server_pid()
+
+            await sign_in(page, server.url, t.key)
+            await page.goto(f"{server.url}/ui/relays/ledger")
+            card = page.locator("#relay-ledger")
+            await expect(card.locator("[data-field=state]")).to_have_text("stalled")
+            cause = card.locator("[data-cause=long_running_transaction]")
+            await expect(cause).to_contain_text("Long-running transaction")
+            await expect(cause.locator("[data-field=pid]")).to_have_text(str(holder.get_server_pid()))
+            await expect(cause.locator("[data-field=database]")).to_have_text("held_app")
+            await expect(cause.locator("[data-field=age]")).to_have_text(re.compile(r"^\d+ (s|min)"))
+            await expect(cause.locator(".cause-detail")).to_contain_text("holds the server-wide xmin horizon")
+            await expect(cause).to_contain_text(f"pg_terminate_backend({holder.get_server_pid()})")
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(SHOTS / "12-relay-long-transaction.png"), full_page=True)
+            await tx.rollback()
+        finally:
+            await holder.close()
+
+        # the transaction ended: the relay moves on, and the page says so
+        deadline = loop.time() + 60
+        while (await t.get("/v1/relays/ledger/status")).json()["published"] < 2:
+            assert loop.time() < deadline, worker_pool.logs()
+            await asyncio.sleep(0.2)
+        await page.reload()
+        await expect(card.locator("[data-cause]")).to_have_count(0)
+        await expect(card.locator("[data-field=published]")).to_have_text("2")
+        worker_pool.stop_all()
+        assert (await t.delete("/v1/relays/ledger")).status_code == 204
+        await amqp.close()
+    finally:
+        worker_pool.stop_all()
+        cluster.drop()
 
 
 async def two_tenants_with_a_relay_each(client: AsyncTestClient[Any]) -> tuple[TenantClient, TenantClient]:
