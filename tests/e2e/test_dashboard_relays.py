@@ -164,6 +164,8 @@ async def test_relays_page_shows_the_stall_and_pauses_and_resumes(
         assert "unroutable" in billing["cause"]["detail"]
         await expect(billing_card.locator(".cause-detail")).to_contain_text(f"outbox message {outbox_id} refused")
         await expect(billing_card.locator(".cause-detail")).to_contain_text("unroutable")
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(SHOTS / "09-relays.png"), full_page=True)
 
         # --- the stalled relay's own page: cause, its detail, the partition's owner
         await page.get_by_role("link", name="orders", exact=True).click()
@@ -182,7 +184,6 @@ async def test_relays_page_shows_the_stall_and_pauses_and_resumes(
         assert TARGET_PASSWORD not in await page.content()
         STALLED_SHOT.parent.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=str(STALLED_SHOT), full_page=True)
-        SHOTS.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=str(SHOTS / "10-relay-stalled.png"), full_page=True)
 
         # --- pause (it asks first), read back through the API, resume
