@@ -8,13 +8,14 @@ dashboard's marked ``via: ui``); a refusal is a :class:`~service.problems.Proble
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import msgspec
 
 from outbox_relay.domain import Relay
 from outbox_relay.errors import OutOfBounds
-from outbox_relay.store.control import ResourceRow, TenantRow
+from outbox_relay.store.control import RelayChanged, ResourceRow, TenantRow
 from service.deps import Services
 from service.problems import Problem
 from service.relays.status import RelayStatus, relay_status
@@ -29,8 +30,10 @@ async def put_relay(
     *,
     actor: str = "tenant",
     detail: dict[str, Any] | None = None,
+    expect_updated_at: datetime | None = None,
 ) -> tuple[ResourceRow, bool]:
-    """Create or replace a relay: (the stored row, whether it was created)."""
+    """Create or replace a relay: (the stored row, whether it was created). With
+    ``expect_updated_at``, only the version read then (409 ``conflict`` when it changed since)."""
     if data.policy.backoff_base_ms > data.policy.backoff_max_ms:
         raise Problem(422, "policy.backoff_base_ms must not exceed policy.backoff_max_ms", slug="invalid-relay")
     settings = services.settings
@@ -51,7 +54,10 @@ async def put_relay(
             enabled=data.enabled,
             quotas=settings.quota_defaults(),
             max_partitions=settings.max_relay_partitions,
+            expect_updated_at=expect_updated_at,
         )
+    except RelayChanged as exc:
+        raise Problem(409, f"{exc}; nothing was written, try again", slug="conflict") from None
     except LookupError as exc:
         raise Problem(422, str(exc.args[0]), slug="unknown-reference") from None
     except ValueError as exc:
@@ -77,7 +83,9 @@ async def set_enabled(services: Services, tenant: TenantRow, name: str, enabled:
     if relay.enabled == enabled:
         return False
     changed = msgspec.structs.replace(relay, enabled=enabled)
-    await put_relay(services, tenant, name, changed, actor=actor, detail={"via": via, "enabled": enabled})
+    detail = {"via": via, "enabled": enabled}
+    # only the version read here: a change written in between (say an API PUT) is never undone
+    await put_relay(services, tenant, name, changed, actor=actor, detail=detail, expect_updated_at=row.updated_at)
     return True
 
 

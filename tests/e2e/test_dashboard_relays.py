@@ -396,6 +396,41 @@ async def test_relays_pause_goes_through_the_apis_checks(client: AsyncTestClient
     assert (await t.delete("/v1/relays/fast")).status_code == 204
 
 
+async def test_relays_pause_never_undoes_a_change_written_meanwhile(
+    client: AsyncTestClient[Any], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pausing writes the relay read back with ``enabled`` changed: a PUT landing between the read
+    and the write (here: right after the read) is kept, and the pause is refused, not applied over it."""
+    t = await make_tenant(client, "ui-rel-race")
+    assert (await t.put("/v1/databases/app", {"dsn": pg_dsn("postgres")})).status_code == 201
+    assert (await t.put("/v1/targets/q", {"kind": "redis_streams", "url": "redis://127.0.0.1:1/0"})).status_code == 201
+    body = {"database": "app", "target": "q", "partitions": 1, "topic_mapping": {"*": "before"}}
+    assert (await t.put("/v1/relays/raced", body)).status_code == 201
+    app = create_app(settings)
+    async with AsyncTestClient(app=app) as browser:
+        await ui_login(browser, t.key)
+        csrf = csrf_of((await browser.get("/ui/relays/raced")).text)
+        store = app.state.services.store
+        read = store.get_resource
+
+        async def read_then_someone_writes(table: Any, tenant_id: Any, name: str) -> Any:
+            row = await read(table, tenant_id, name)
+            r = await client.put(
+                f"/v1/relays/{name}", json={**body, "topic_mapping": {"*": "after"}}, headers=t.headers
+            )
+            assert r.status_code == 200, r.text
+            return row
+
+        monkeypatch.setattr(store, "get_resource", read_then_someone_writes)
+        r = await browser.post("/ui/relays/raced/pause", data={"csrf": csrf})
+        monkeypatch.undo()
+        assert r.status_code == 200
+        assert "Not paused: relay &#39;raced&#39; was changed meanwhile; nothing was written, try again" in r.text
+    relay = (await t.get("/v1/relays/raced")).json()
+    assert relay["topic_mapping"] == {"*": "after"} and relay["enabled"] is True
+    assert (await t.delete("/v1/relays/raced")).status_code == 204
+
+
 async def test_relays_page_for_the_admin_key(settings: Settings) -> None:
     async with AsyncTestClient(app=create_app(settings)) as browser:
         await ui_login(browser, ADMIN_KEY)
