@@ -51,6 +51,7 @@ from service.targets.controller import TargetController
 from service.tenants.controller import TenantController
 from service.throttle import AuthThrottle
 from service.ui.controller import UIController
+from service.ui.relays import UIRelaysController
 from service.ui.responses import ui_static_files, ui_template_config
 
 
@@ -248,6 +249,7 @@ def create_app(settings: Settings | None = None, *, store: ControlStore | None =
             StatusController,
             DeadLetterController,
             UIController,
+            UIRelaysController,
             ui_static_files,
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},

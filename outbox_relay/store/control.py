@@ -62,6 +62,11 @@ def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+class RelayChanged(Exception):
+    """A relay written back after a read (``put_relay(expect_updated_at=...)``) was changed or deleted
+    in between: nothing was written."""
+
+
 @dataclass(frozen=True, slots=True)
 class TenantRow:
     id: uuid.UUID
@@ -479,11 +484,14 @@ class ControlStore:
         enabled: bool,
         quotas: Mapping[str, int],
         max_partitions: int = 1024,
+        expect_updated_at: datetime | None = None,
     ) -> tuple[ResourceRow, bool]:
         """Create or replace a relay. Raises LookupError (missing database/target), ValueError (a
         change to a field fixed at creation) or, creating, QuotaExceeded (the tenant's ``relays`` or
         ``partitions`` quota) and OutOfBounds (more than ``max_partitions``; a relay made before the
-        bound was lowered keeps its partitions and can still be updated)."""
+        bound was lowered keeps its partitions and can still be updated). With ``expect_updated_at``
+        (a read-modify-write of a relay read before) only that version is replaced: RelayChanged
+        when the relay was written since, or deleted."""
         async with self.transaction() as conn:
             limits = await self._limits(conn, tenant_id, quotas, "relays", "partitions")
             db_id = await conn.fetchval(
@@ -497,10 +505,13 @@ class ControlStore:
             if target_id is None:
                 raise LookupError(f"target {target!r} does not exist")
             existing = await conn.fetchrow(
-                "SELECT id, database_id, partitions FROM relays WHERE tenant_id = $1 AND name = $2 FOR UPDATE",
+                "SELECT id, database_id, partitions, updated_at FROM relays "
+                "WHERE tenant_id = $1 AND name = $2 FOR UPDATE",
                 tenant_id,
                 name,
             )
+            if expect_updated_at is not None and (existing is None or existing["updated_at"] != expect_updated_at):
+                raise RelayChanged(f"relay {name!r} was {'deleted' if existing is None else 'changed'} meanwhile")
             if existing is not None:
                 if existing["partitions"] != partitions:
                     raise ValueError(

@@ -11,9 +11,9 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from outbox_relay.domain import Relay
-from outbox_relay.errors import OutOfBounds
 from service.deps import ServicesDep, TenantDep, authenticate_tenant, decode_cursor, encode_cursor, provide_tenant
 from service.problems import Problem
+from service.relays.service import put_relay as put_relay_spec
 from service.relays.status import RelayStatus, relay_status
 from service.resources import (
     CURSOR_PARAM,
@@ -21,7 +21,6 @@ from service.resources import (
     NAME_PARAM,
     Page,
     read_back,
-    spec_json,
 )
 
 
@@ -66,32 +65,7 @@ class RelayController(Controller):
     async def put_relay(
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Relay]
     ) -> Response[Relay]:
-        if data.policy.backoff_base_ms > data.policy.backoff_max_ms:
-            raise Problem(422, "policy.backoff_base_ms must not exceed policy.backoff_max_ms", slug="invalid-relay")
-        settings = services.settings
-        if data.policy.poll_interval_ms < settings.min_poll_interval_ms:
-            raise OutOfBounds(
-                f"policy.poll_interval_ms: at least {settings.min_poll_interval_ms} ms on this service",
-                field="policy.poll_interval_ms",
-                limit=settings.min_poll_interval_ms,
-            )
-        try:
-            row, created = await services.store.put_relay(
-                tenant.id,
-                name,
-                spec_json(data),
-                database=data.database,
-                target=data.target,
-                partitions=data.partitions,
-                enabled=data.enabled,
-                quotas=settings.quota_defaults(),
-                max_partitions=settings.max_relay_partitions,
-            )
-        except LookupError as exc:
-            raise Problem(422, str(exc.args[0]), slug="unknown-reference") from None
-        except ValueError as exc:
-            raise Problem(409, str(exc), slug="immutable-field") from None
-        await services.store.audit(tenant.id, "tenant", "create" if created else "put", f"relays/{name}")
+        row, created = await put_relay_spec(services, tenant, name, data)
         return Response(read_back(Relay, row), status_code=201 if created else 200)
 
     @delete("/{name:str}", operation_id="deleteRelay", summary="Delete a relay (idempotent)")

@@ -32,6 +32,25 @@ def num(value: int) -> str:
     return f"{value:,}"
 
 
+def duration(seconds: float | None) -> str:
+    """An age for people: ``850 ms``, ``42 s``, ``3 min 5 s``, ``2 h 7 min``, ``3 d 4 h``."""
+    if seconds is None:
+        return ""
+    if seconds < 1:
+        return f"{max(seconds, 0) * 1000:.0f} ms"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
 def parse_time(value: str | None) -> datetime | None:
     """ISO 8601; without a zone it is UTC."""
     if not value or not value.strip():

@@ -19,7 +19,7 @@ from litestar.template.config import TemplateConfig
 
 from service.deps import Services
 from service.ui.auth import SignInRequired, User, services_of
-from service.ui.forms import iso, num, utc
+from service.ui.forms import duration, iso, num, utc
 from service.ui.session import (
     FLASH_COOKIE,
     SESSION_COOKIE,
@@ -43,7 +43,7 @@ SECURITY_HEADERS = {
 
 
 def _filters(engine: JinjaTemplateEngine) -> None:
-    engine.engine.filters.update(iso=iso, utc=utc, num=num)
+    engine.engine.filters.update(iso=iso, utc=utc, num=num, duration=duration)
 
 
 def ui_template_config() -> TemplateConfig[JinjaTemplateEngine]:
