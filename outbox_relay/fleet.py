@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import time
@@ -818,7 +817,7 @@ class FleetEngine:
             fence = lane.part.restore
             if fence is not None and row.id <= fence.max_id and row.created_at <= fence.max_created_at:
                 # a restored backlog that was resent (or skipped) on its own: the cursor only passes it
-                row = dataclasses.replace(row, fenced=True, payload=b"")
+                row = msgspec.structs.replace(row, fenced=True, payload=b"")
             lane.buffer.append(row)
             lane.read_pos = position
             reader.rows.set()

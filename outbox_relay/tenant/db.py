@@ -19,6 +19,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
+import msgspec
 
 from outbox_relay.domain import Database
 from outbox_relay.errors import AddressNotAllowed, ProvisionFailed, TenantDatabaseError
@@ -28,8 +29,10 @@ from outbox_relay.tenant import sql
 APPLICATION_NAME = "outbox-relay"
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
+class OutboxRow(msgspec.Struct, frozen=True):
+    """One outbox row as the relay reads it (a Struct: built per row read, it costs a tenth of a
+    frozen dataclass's keyword ``__init__``)."""
+
     txid: int
     id: int
     topic: str
@@ -308,30 +311,30 @@ async def read_layout(conn: asyncpg.Connection | asyncpg.Pool, schema: str) -> O
     return OutboxLayout(version=int(row["version"]), namespace=uuid.UUID(namespace) if namespace else None)
 
 
-def _rows(records: list[asyncpg.Record], layout: OutboxLayout | None) -> list[OutboxRow]:
+_ROW_COLUMNS = ("txid", "id", "topic", "key", "payload", "headers", "created_at", "message_id", "fenced")
+"""The columns of every outbox read, in this order (after the ones a read puts first, ``first``)."""
+
+
+def _rows(records: list[asyncpg.Record], layout: OutboxLayout | None, *, first: int = 0) -> list[OutboxRow]:
+    """Rows from an outbox read's records: unpacked by position (checked once per read against
+    ``_ROW_COLUMNS``), a row read per microsecond or so less than nine lookups by name."""
+    if not records:
+        return []
+    names = tuple(records[0].keys())[first:]
+    if names != _ROW_COLUMNS:
+        raise RuntimeError(f"an outbox read returned the columns {names}, not {_ROW_COLUMNS}")
     namespace = layout.namespace if layout is not None and layout.has_message_ids else None
-    out = []
-    for r in records:
-        message_id = r["message_id"]
+    out: list[OutboxRow] = []
+    append = out.append
+    for record in records:
+        txid, row_id, topic, key, payload, headers, created_at, message_id, fenced = record[first:]
         if message_id is not None:
             text = str(message_id)
         elif namespace is not None:
-            text = derived_message_id(namespace, r["txid"], r["id"])
+            text = derived_message_id(namespace, txid, row_id)
         else:
             text = ""
-        out.append(
-            OutboxRow(
-                txid=r["txid"],
-                id=r["id"],
-                topic=r["topic"],
-                key=r["key"],
-                payload=bytes(r["payload"]),
-                headers=r["headers"],
-                created_at=r["created_at"],
-                message_id=text,
-                fenced=r["fenced"],
-            )
-        )
+        append(OutboxRow(txid, row_id, topic, key, payload, headers, created_at, text, fenced))
     return out
 
 
@@ -450,7 +453,7 @@ async def scan(
         records = await conn.fetch(sql.scan_sql(schema, version), after[0], after[1], partitions, wanted, limit)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
-    return list(zip((r["part"] for r in records), _rows(records, layout), strict=True))
+    return list(zip((r[0] for r in records), _rows(records, layout, first=1), strict=True))
 
 
 async def next_row_at(conn: asyncpg.Connection | asyncpg.Pool, schema: str, after: tuple[int, int]) -> datetime | None:
