@@ -58,13 +58,14 @@ _SERVER_STATE_ERRORS = (redis_errors.OutOfMemoryError, redis_errors.ReadOnlyErro
 _SERVER_STATE_PREFIXES = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")
 
 
-def entry_fields(message: OutgoingMessage) -> dict[str | bytes, bytes | str]:
-    """The stream entry written for ``message`` (the layout in the module docstring)."""
-    fields: dict[str | bytes, bytes | str] = {PAYLOAD_FIELD: message.payload, ID_FIELD: message.dedupe_id}
+def entry_fields(message: OutgoingMessage) -> list[str | bytes]:
+    """The field/value pairs of the stream entry written for ``message`` (the layout in the module
+    docstring), flat as XADD takes them."""
+    fields: list[str | bytes] = [PAYLOAD_FIELD, message.payload, ID_FIELD, message.dedupe_id]
     if message.key is not None:
-        fields[KEY_FIELD] = message.key
+        fields += (KEY_FIELD, message.key)
     for name, value in message.headers.items():
-        fields[HEADER_PREFIX + name] = value
+        fields += (HEADER_PREFIX + name, value)
     return fields
 
 
@@ -155,7 +156,8 @@ class RedisStreamsPublisher:
         # (redis-py closes the connection on any BaseException mid-reply), so nothing stale is read.
         self._timeout_s = timeout_ms / 1000
         options.update(socket_timeout=None, socket_connect_timeout=self._timeout_s)
-        self._redis = Redis.from_pool(ConnectionPool(**options))
+        self._pool = ConnectionPool(**options)
+        self._redis = Redis.from_pool(self._pool)
         self._maxlen = maxlen
         self._where = f"{options.get('host', options.get('path', '?'))}:{options.get('port', '')}"
         self._closed = False
@@ -177,14 +179,17 @@ class RedisStreamsPublisher:
             raise RuntimeError("publisher is closed")
         if not messages:
             return PublishResult(acked=0)
-        pipe = self._redis.pipeline(transaction=False)
-        for message in messages:
-            pipe.xadd(message.destination, entry_fields(message), maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
+        # XADDs packed by hiredis and written at once, their replies read in order: what redis-py's
+        # pipeline does, without its per-command stack, argument checks, option dicts and response
+        # callbacks (a sixth of a relayed message's CPU in a drain's profile)
+        trim: tuple[str, ...] = ("MAXLEN", "~", str(self._maxlen)) if self._maxlen is not None else ()
+        pack = hiredis.pack_command
+        packed = [pack(("XADD", m.destination, *trim, "*", *entry_fields(m))) for m in messages]  # type: ignore[arg-type]  # the stub types a 1-tuple
         try:
             async with asyncio.timeout(self._timeout_s):
-                replies = await pipe.execute(raise_on_error=False)
+                replies = await self._send(packed)
         except (redis_errors.RedisError, OSError) as exc:  # TimeoutError is an OSError
-            # per-command refusals come back as replies; what is raised failed the whole pipeline
+            # per-command refusals come back as replies; what is raised failed the whole batch
             # (connection, timeout, or the connection's own set-up such as AUTH or SELECT)
             raise TargetUnavailable(f"Redis at {self._where}: {exc!r}") from exc
         for index, reply in enumerate(replies):
@@ -195,6 +200,28 @@ class RedisStreamsPublisher:
             if isinstance(reply, Exception):  # not an answer to this command: nothing is known
                 raise TargetUnavailable(f"Redis at {self._where}: {reply!r}") from reply
         return PublishResult(acked=len(messages))
+
+    async def _send(self, packed: list[bytes]) -> list[Any]:
+        """Write the packed commands on one pooled connection and read one reply each (a refusal
+        as its ResponseError). Anything else raised leaves the connection closed: no reply of this
+        batch is read by the next."""
+        pool = self._pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            replies: list[Any] = []
+            for _ in packed:
+                try:
+                    replies.append(await conn.read_response())
+                except redis_errors.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
     async def close(self) -> None:
         """Close the connections; safe to call more than once."""
