@@ -74,8 +74,13 @@ class PartitionStatus(msgspec.Struct, kw_only=True):
     """``txid:id`` of the last published outbox row."""
     published: int
     pending: int | None
-    """Rows after the cursor when a worker last looked (capped at 100,000); null: not looked yet."""
+    """Rows the owning worker had read and not yet published when it last sampled (a bounded count:
+    rows still in the outbox behind them are not counted, ``lag_s`` covers those); null: not sampled."""
     oldest_pending_at: datetime | None
+    """Commit time of the oldest row waiting after the cursor, read or not, as last sampled."""
+    lag_s: float | None
+    """Age in seconds of that row when last sampled (one index lookup of the next row after the
+    cursor); 0: nothing waited; null: not sampled yet."""
     lease_holder: str | None
     lease_epoch: int
     lease_expires_at: datetime | None
@@ -195,7 +200,7 @@ def partition_cause(p: dict[str, Any], now: datetime) -> Cause | None:
             database=where,
         )
     expires = p["lease_expires_at"]
-    waiting = (p["pending_estimate"] or 0) > 0
+    waiting = _waits(p)
     if waiting and p["lease_holder"] is not None and expires is not None and now - expires > LEASE_GRACE:
         return Cause(
             kind="lease_lost",
@@ -203,6 +208,12 @@ def partition_cause(p: dict[str, Any], now: datetime) -> Cause | None:
             partition=part,
         )
     return None
+
+
+def _waits(p: dict[str, Any]) -> bool:
+    """Whether a partition had rows waiting when last sampled: read and not yet published, or
+    still in the outbox (a lag without a count, e.g. behind a long-running transaction)."""
+    return (p["pending_estimate"] or 0) > 0 or (p["lag_s"] or 0) > 0
 
 
 def relay_status(name: str, enabled: bool, parts: list[dict[str, Any]], now: datetime | None = None) -> RelayStatus:
@@ -215,7 +226,8 @@ def relay_status(name: str, enabled: bool, parts: list[dict[str, Any]], now: dat
                 cursor=f"{p['cursor_txid']}:{p['cursor_id']}",
                 published=p["published_count"],
                 pending=p["pending_estimate"],
-                oldest_pending_at=p["oldest_pending_at"],
+                oldest_pending_at=p["oldest_pending_at"] if _waits(p) else None,
+                lag_s=p["lag_s"],
                 lease_holder=p["lease_holder"],
                 lease_epoch=p["lease_epoch"],
                 lease_expires_at=p["lease_expires_at"],
@@ -239,7 +251,7 @@ def relay_status(name: str, enabled: bool, parts: list[dict[str, Any]], now: dat
     causes = sorted((s.cause for s in statuses if s.cause), key=lambda c: _SEVERITY[c.kind])
     cause = causes[0] if causes else None
     pending = sum(s.pending or 0 for s in statuses)
-    oldest = [s.oldest_pending_at for s in statuses if s.oldest_pending_at and (s.pending or 0) > 0]
+    oldest = [s.oldest_pending_at for s in statuses if s.oldest_pending_at is not None]
     published_at = [s.last_published_at for s in statuses if s.last_published_at]
     last_published = max(published_at) if published_at else None
     state: State
@@ -252,7 +264,7 @@ def relay_status(name: str, enabled: bool, parts: list[dict[str, Any]], now: dat
     elif last_published is not None and now - last_published < RECENT:
         state = "running"
     else:
-        state = "idle" if pending == 0 else "running"
+        state = "idle" if pending == 0 and not oldest else "running"
     return RelayStatus(
         relay=name,
         enabled=enabled,

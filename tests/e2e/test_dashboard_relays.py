@@ -258,6 +258,8 @@ async def test_relays_page_shows_a_long_running_transaction(
             # (the backlog sample counts only rows below the horizon: the one waiting behind it is not in it)
             s = await status_until(t, "ledger", "long_running_transaction", worker_pool, sampled=False)
             assert s["state"] == "stalled" and s["cause"]["pid"] == holder.get_server_pid()
+            # the row behind the horizon is not counted, but its lag is sampled (it was shown as none)
+            assert s["partitions"][0]["lag_s"] > 0 and s["oldest_pending_age_s"] is not None, s
 
             await sign_in(page, server.url, t.key)
             await page.goto(f"{server.url}/ui/relays/ledger")
@@ -270,6 +272,7 @@ async def test_relays_page_shows_a_long_running_transaction(
             await expect(cause.locator("[data-field=age]")).to_have_text(re.compile(r"^\d+ (s|min)"))
             await expect(cause.locator(".cause-detail")).to_contain_text("holds the server-wide xmin horizon")
             await expect(cause).to_contain_text(f"pg_terminate_backend({holder.get_server_pid()})")
+            await expect(card.locator("[data-field=lag]")).to_contain_text("oldest waiting for")
             SHOTS.mkdir(parents=True, exist_ok=True)
             await page.screenshot(path=str(SHOTS / "12-relay-long-transaction.png"), full_page=True)
             await tx.rollback()
@@ -453,6 +456,7 @@ def test_a_long_running_transaction_renders_with_pid_age_and_database() -> None:
         "published_count": 7,
         "pending_estimate": 2,
         "oldest_pending_at": now - timedelta(seconds=75),
+        "lag_s": 75.0,
         "lease_holder": "worker-9",
         "lease_epoch": 5,
         "lease_expires_at": now + timedelta(seconds=5),

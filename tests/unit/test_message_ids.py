@@ -61,6 +61,7 @@ def partition(n: int, **restore: object) -> dict[str, object]:
         "published_count": 0,
         "pending_estimate": 0,
         "oldest_pending_at": None,
+        "lag_s": None,
         "lease_holder": None,
         "lease_epoch": 1,
         "lease_expires_at": None,
