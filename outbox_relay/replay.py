@@ -42,7 +42,10 @@ from outbox_relay.brokers.factory import open_publisher
 from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Relay, Target, route
 from outbox_relay.engine import PublisherCache, PublisherFactory
-from outbox_relay.errors import AddressNotAllowed, OutboxRelayError, TargetUnavailable
+from outbox_relay.errors import AddressNotAllowed, NotFound, OutboxRelayError, TargetUnavailable
+from outbox_relay.errors import ReplayConflict as ReplayConflict
+from outbox_relay.errors import ReplayError as ReplayError
+from outbox_relay.errors import ReplayRefused as ReplayRefused
 from outbox_relay.netguard import AddressPolicy, check_target
 from outbox_relay.specs import check_target as check_target_spec
 from outbox_relay.store.dead_letters import DeadLetterStore, Letter, RelayRoute, TargetRow
@@ -52,27 +55,6 @@ DEAD_LETTER_HEADER = "outbox-dead-letter-id"
 CHUNK = 100
 REPLAY_JOB = "replay_dead_letters"
 """The arq function name of a bulk replay job (``workers.replay``)."""
-
-
-class ReplayError(OutboxRelayError):
-    """A dead letter could not be replayed."""
-
-
-class ReplayRefused(ReplayError):
-    """Nothing was attempted: the replay has nowhere valid to go (``error_class`` says why:
-    ``unroutable``, ``too_large`` or ``not_allowed``)."""
-
-    def __init__(self, message: str, *, error_class: str = "unroutable") -> None:
-        super().__init__(message)
-        self.error_class = error_class
-
-
-class ReplayConflict(ReplayError):
-    """The letter is not dead (any more): being replayed, replayed or discarded."""
-
-    def __init__(self, message: str, *, status: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,11 +236,11 @@ class Replayer:
         target_name: str | None = None,
         destination: str | None = None,
     ) -> ReplayOutcome:
-        """Replay one letter now. LookupError if it does not exist (for this tenant),
+        """Replay one letter now. NotFound if it does not exist (for this tenant),
         ReplayConflict if it is not dead, ReplayRefused if it has nowhere to go."""
         letter = await self.letters.get(letter_id, tenant_id)
         if letter is None:
-            raise LookupError(f"dead letter {letter_id} not found")
+            raise NotFound(f"dead letter {letter_id} not found")
         if letter.status != "dead" and letter.status != "replaying":
             raise ReplayConflict(f"dead letter {letter_id} is {letter.status}, not dead", status=letter.status)
         target_route = await self.route_for(letter, target_name=target_name, destination=destination)

@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 import asyncpg
 
 from outbox_relay.config import QUOTAS
-from outbox_relay.errors import InUse, OutOfBounds, QuotaExceeded
+from outbox_relay.errors import ImmutableField, InUse, NotFound, OutOfBounds, QuotaExceeded, UnknownReference
 
 ResourceTable = Literal["databases", "targets", "relays"]
 RESOURCE_TABLES: frozenset[str] = frozenset(get_args(ResourceTable))
@@ -313,7 +313,7 @@ class ControlStore:
             tenant_id,
         )
         if row is None:
-            raise LookupError("the tenant does not exist")
+            raise NotFound("the tenant does not exist")
         return {n: row[f"quota_{n}"] if row[f"quota_{n}"] is not None else defaults[n] for n in names}
 
     async def get_tenant(self, name: str) -> TenantRow | None:
@@ -480,8 +480,8 @@ class ControlStore:
         quotas: Mapping[str, int],
         max_partitions: int = 1024,
     ) -> tuple[ResourceRow, bool]:
-        """Create or replace a relay. Raises LookupError (missing database/target), ValueError (a
-        change to a field fixed at creation) or, creating, QuotaExceeded (the tenant's ``relays`` or
+        """Create or replace a relay. Raises UnknownReference (missing database/target), ImmutableField
+        (a change to a field fixed at creation) or, creating, QuotaExceeded (the tenant's ``relays`` or
         ``partitions`` quota) and OutOfBounds (more than ``max_partitions``; a relay made before the
         bound was lowered keeps its partitions and can still be updated)."""
         async with self.transaction() as conn:
@@ -490,12 +490,12 @@ class ControlStore:
                 "SELECT id FROM databases WHERE tenant_id = $1 AND name = $2", tenant_id, database
             )
             if db_id is None:
-                raise LookupError(f"database {database!r} does not exist")
+                raise UnknownReference(f"database {database!r} does not exist")
             target_id = await conn.fetchval(
                 "SELECT id FROM targets WHERE tenant_id = $1 AND name = $2", tenant_id, target
             )
             if target_id is None:
-                raise LookupError(f"target {target!r} does not exist")
+                raise UnknownReference(f"target {target!r} does not exist")
             existing = await conn.fetchrow(
                 "SELECT id, database_id, partitions FROM relays WHERE tenant_id = $1 AND name = $2 FOR UPDATE",
                 tenant_id,
@@ -503,11 +503,11 @@ class ControlStore:
             )
             if existing is not None:
                 if existing["partitions"] != partitions:
-                    raise ValueError(
+                    raise ImmutableField(
                         f"partitions is fixed at creation ({existing['partitions']}); create a new relay to change it"
                     )
                 if existing["database_id"] != db_id:
-                    raise ValueError("database is fixed at creation; create a new relay to read another database")
+                    raise ImmutableField("database is fixed at creation; create a new relay to read another database")
                 row = await conn.fetchrow(
                     "UPDATE relays SET target_id = $2, enabled = $3, spec = $4::jsonb, updated_at = now() "
                     "WHERE id = $1 RETURNING id, name, spec::text AS spec, false AS has_secret, "

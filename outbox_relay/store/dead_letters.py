@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 
+from outbox_relay.errors import InvalidRequest
 from outbox_relay.store.control import TenantRow, hash_key
 
 STATUSES = ("dead", "replaying", "replayed", "discarded")
@@ -71,7 +72,7 @@ class LetterFilter:
     def __post_init__(self) -> None:
         unknown = set(self.statuses) - set(STATUSES)
         if unknown:
-            raise ValueError(f"unknown dead-letter status {sorted(unknown)}; use {', '.join(STATUSES)}")
+            raise InvalidRequest(f"unknown dead-letter status {sorted(unknown)}; use {', '.join(STATUSES)}")
 
     def where(self, params: list[Any]) -> str:
         """The WHERE clause (over alias ``d``), appending its values to ``params``."""

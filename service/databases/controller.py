@@ -11,7 +11,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from outbox_relay.domain import Database
-from outbox_relay.errors import InUse, InvalidSpec, ProvisionFailed
+from outbox_relay.errors import InvalidSpec
 from outbox_relay.specs import check_database
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import schema_sql
@@ -101,11 +101,8 @@ class DatabaseController(Controller):
         users = await services.store.relays_using("databases", tenant.id, name)
         if users:
             raise Problem(409, f"database {name!r} is used by relays {users}; delete them first", slug="in-use")
-        try:
-            if await services.store.delete_resource("databases", tenant.id, name):
-                await services.store.audit(tenant.id, "tenant", "delete", f"databases/{name}")
-        except InUse as exc:
-            raise Problem(409, str(exc), slug="in-use") from None
+        if await services.store.delete_resource("databases", tenant.id, name):  # InUse: 409 in-use
+            await services.store.audit(tenant.id, "tenant", "delete", f"databases/{name}")
 
     @post(
         "/{name:str}/provision",
@@ -130,9 +127,7 @@ class DatabaseController(Controller):
             db, password, policy=services.policy, timeout_s=services.settings.connect_timeout_s
         )
         try:
-            version = await tenant_db.provision_for_tenant(conn, db.schema)
-        except ProvisionFailed as exc:
-            raise Problem(422, str(exc), slug="provision-failed") from None
+            version = await tenant_db.provision_for_tenant(conn, db.schema)  # ProvisionFailed: 422
         finally:
             await conn.close()
         await services.store.audit(tenant.id, "tenant", "provision", f"databases/{name}")

@@ -75,22 +75,17 @@ class RelayController(Controller):
                 field="policy.poll_interval_ms",
                 limit=settings.min_poll_interval_ms,
             )
-        try:
-            row, created = await services.store.put_relay(
-                tenant.id,
-                name,
-                spec_json(data),
-                database=data.database,
-                target=data.target,
-                partitions=data.partitions,
-                enabled=data.enabled,
-                quotas=settings.quota_defaults(),
-                max_partitions=settings.max_relay_partitions,
-            )
-        except LookupError as exc:
-            raise Problem(422, str(exc.args[0]), slug="unknown-reference") from None
-        except ValueError as exc:
-            raise Problem(409, str(exc), slug="immutable-field") from None
+        row, created = await services.store.put_relay(
+            tenant.id,
+            name,
+            spec_json(data),
+            database=data.database,
+            target=data.target,
+            partitions=data.partitions,
+            enabled=data.enabled,
+            quotas=settings.quota_defaults(),
+            max_partitions=settings.max_relay_partitions,
+        )
         await services.store.audit(tenant.id, "tenant", "create" if created else "put", f"relays/{name}")
         return Response(read_back(Relay, row), status_code=201 if created else 200)
 

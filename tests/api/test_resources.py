@@ -103,10 +103,12 @@ async def test_relay_roundtrip_and_fixed_fields(tenant: TenantClient) -> None:
     assert got["policy"]["batch_size"] == 50 and got["policy"]["max_attempts"] == 10
     r = await tenant.put("/v1/relays/r", {**body, "partitions": 8})
     assert r.status_code == 409 and "partitions" in r.json()["detail"]
+    assert r.json()["type"] == "urn:outbox-relay:problem:immutable-field"
     r = await tenant.put("/v1/relays/r", {**body, "database": "d2"})
-    assert r.status_code == 409
+    assert r.status_code == 409 and r.json()["type"] == "urn:outbox-relay:problem:immutable-field"
     r = await tenant.put("/v1/relays/r", {**body, "target": "missing"})
-    assert r.status_code == 422 and "missing" in r.json()["detail"]
+    assert r.status_code == 422 and r.json()["detail"] == "target 'missing' does not exist"
+    assert r.json()["type"] == "urn:outbox-relay:problem:unknown-reference"
     status = (await tenant.get("/v1/relays/r/status")).json()
     assert [p["partition"] for p in status["partitions"]] == [0, 1, 2, 3]
 
