@@ -37,6 +37,7 @@ from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import Database, Relay, Target, route
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
+from outbox_relay.errors import LeaseLost as LeaseLost
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.specs import usable_database, usable_target
 from outbox_relay.store.control import (
@@ -458,10 +459,6 @@ class SliceResult:
     published: int = 0
     skipped: int = 0
     dead: int = 0
-
-
-class LeaseLost(Exception):
-    pass
 
 
 async def horizon_stall(pool: asyncpg.Pool) -> dict[str, Any] | None:
