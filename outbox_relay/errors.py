@@ -32,7 +32,7 @@ OutboxRelayError
 ├── ApiError               the API answered the CLI with an error status (outbox_relay.cli_api)
 ├── ApiUnreachable         the CLI got no HTTP answer at all (outbox_relay.cli_api)
 │
-│   Defined in service/, because they need litestar (this module imports nothing):
+│   Defined in service/, because they need litestar (this module imports only outbox_relay.domain):
 ├── Problem                an HTTP error with a problem type, raised by handlers (service.problems;
 │                          also litestar's HTTPException)
 └── SignInRequired         the dashboard has no valid session: redirect to sign-in (service.ui.auth)
@@ -44,6 +44,8 @@ that moved here (``outbox_relay.replay``, ``outbox_relay.client``, ``outbox_rela
 """
 
 from __future__ import annotations
+
+from outbox_relay.domain import ErrorClass
 
 
 class OutboxRelayError(Exception):
@@ -175,9 +177,9 @@ class ReplayError(OutboxRelayError):
 
 class ReplayRefused(ReplayError):
     """Nothing was attempted: the replay has nowhere valid to go (``error_class`` says why:
-    ``unroutable``, ``too_large`` or ``not_allowed``)."""
+    ``unroutable``, ``too_large`` or ``not_allowed``; the API's problem type is ``replay-<error class>``)."""
 
-    def __init__(self, message: str, *, error_class: str = "unroutable") -> None:
+    def __init__(self, message: str, *, error_class: ErrorClass = ErrorClass.UNROUTABLE) -> None:
         super().__init__(message)
         self.error_class = error_class
 

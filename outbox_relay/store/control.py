@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args
 import asyncpg
 
 from outbox_relay.config import QUOTAS
+from outbox_relay.domain import PartitionErrorClass
 from outbox_relay.errors import ImmutableField, InUse, NotFound, OutOfBounds, QuotaExceeded, UnknownReference
 
 ResourceTable = Literal["databases", "targets", "relays"]
@@ -736,7 +737,7 @@ class ControlStore:
             is True
         )
 
-    async def record_error(self, lease: Lease, error: str, error_class: str = "error") -> None:
+    async def record_error(self, lease: Lease, error: str, error_class: str = PartitionErrorClass.ERROR) -> None:
         await self.pool.execute(
             "UPDATE relay_partitions SET last_error = $4, last_error_at = now(), last_error_class = $5 "
             "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3",

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 from arq.connections import RedisSettings, create_pool
 
+from outbox_relay.domain import JobStatus, LetterStatus
 from outbox_relay.errors import Conflict as Conflict
 from outbox_relay.errors import InvalidRequest, NotFound
 from outbox_relay.errors import NotAllowed as NotAllowed
@@ -238,7 +239,9 @@ class DeadLetters:
             return None
         return await self.store.tenant_id(tenant) or NO_TENANT
 
-    async def letter_filter(self, f: DeadLetterFilter, *, statuses: tuple[str, ...] = ("dead",)) -> LetterFilter:
+    async def letter_filter(
+        self, f: DeadLetterFilter, *, statuses: tuple[str, ...] = (LetterStatus.DEAD,)
+    ) -> LetterFilter:
         return LetterFilter(
             tenant_id=await self.scope(f.tenant),
             statuses=statuses,
@@ -360,12 +363,12 @@ class DeadLetters:
             },
         )
         if row.total == 0:
-            return await self.store.finish_job(row.id, status="done") or row
+            return await self.store.finish_job(row.id, status=JobStatus.DONE) or row
         try:
             await enqueue_replay(self.services, row.id)
         except Exception as exc:
             log.warning("could not queue replay job %s: %s", row.id, exc)
-            await self.store.finish_job(row.id, status="failed", error=f"could not queue the job: {exc}")
+            await self.store.finish_job(row.id, status=JobStatus.FAILED, error=f"could not queue the job: {exc}")
             raise QueueUnavailable("the job queue (Redis) is unavailable; nothing was replayed") from None
         return row
 

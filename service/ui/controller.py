@@ -23,7 +23,7 @@ from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from litestar.response import Redirect, Template
 
-from outbox_relay.domain import NAME_RE
+from outbox_relay.domain import NAME_RE, ErrorClass
 from outbox_relay.store.dead_letters import STATUSES, LetterFilter
 from service.dead_letters import service as ops_mod
 from service.dead_letters.schemas import MAX_IDS
@@ -63,7 +63,7 @@ from service.ui.session import (
 )
 
 PAGE_SIZES = (25, 50, 100, 200)
-KNOWN_ERROR_CLASSES = ("refused", "too_large", "unavailable", "unroutable", "not_allowed")
+KNOWN_ERROR_CLASSES = tuple(ErrorClass)
 
 
 # --- pages -------------------------------------------------------------------------------------------
