@@ -35,7 +35,7 @@ from outbox_relay.brokers.base import OutgoingMessage, Publisher, PublishResult
 from outbox_relay.brokers.grouped import GroupPublisher, split
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
-from outbox_relay.domain import Database, Relay, Target, route
+from outbox_relay.domain import CauseKind, Database, ErrorClass, PartitionErrorClass, Relay, SliceOutcome, Target, route
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.errors import LeaseLost as LeaseLost
 from outbox_relay.netguard import AddressPolicy
@@ -468,7 +468,7 @@ async def horizon_stall(pool: asyncpg.Pool) -> dict[str, Any] | None:
     if blocker is None or blocker["age_s"] is None or blocker["age_s"] < STALL_AFTER_S:
         return None
     return {
-        "cause": "long_running_transaction",
+        "cause": CauseKind.LONG_RUNNING_TRANSACTION,
         "pid": blocker["pid"],
         "age_s": round(float(blocker["age_s"]), 1),
         "state": blocker["state"],
@@ -593,10 +593,10 @@ class RelayRunner:
     async def run_slice(self, relay_id: uuid.UUID, partition: int, holder: str) -> SliceResult:
         plan = await self.store.relay_plan(relay_id)
         if plan is None or not plan.enabled:
-            return SliceResult("gone")
+            return SliceResult(SliceOutcome.GONE)
         lease = await self.store.acquire_lease(relay_id, partition, holder, self.settings.lease_ttl_s)
         if lease is None:
-            return SliceResult("busy")
+            return SliceResult(SliceOutcome.BUSY)
         metric_labels = labels(plan.tenant_name, plan.relay_name, plan.target_name)
         instruments().lease_acquired.add(1, metric_labels)
         instruments().leases_held.add(1, metric_labels)
@@ -614,11 +614,11 @@ class RelayRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
             instruments().lease_lost.add(1, metric_labels)
-            return SliceResult("lost")
+            return SliceResult(SliceOutcome.LOST)
         except LeaseLost:
             log.warning("lease lost: relay %s partition %s (a cursor write was fenced)", relay_id, partition)
             instruments().lease_lost.add(1, metric_labels)
-            return SliceResult("lost")
+            return SliceResult(SliceOutcome.LOST)
         finally:
             instruments().leases_held.add(-1, metric_labels)
             keeper.cancel()
@@ -671,7 +671,9 @@ class RelayRunner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
         if part.stop.is_set():
-            return SliceResult("changed", published=result.published, skipped=result.skipped, dead=result.dead)
+            return SliceResult(
+                SliceOutcome.CHANGED, published=result.published, skipped=result.skipped, dead=result.dead
+            )
         return result
 
     async def _watch_plan(self, part: _Partition, changed: asyncio.Event) -> None:
@@ -765,10 +767,10 @@ class RelayRunner:
                 # the publisher stays cached: it is shared with this worker's other partitions of
                 # the target, and every adapter reconnects by itself on its next batch (the contract
                 # suite's outage-then-recovery case); closing it would fail their batches in flight
-                await pause(f"target unavailable: {exc}", "target_unavailable")
+                await pause(f"target unavailable: {exc}", PartitionErrorClass.TARGET_UNAVAILABLE)
             except (TenantDatabaseError, AddressNotAllowed) as exc:
-                await pause(str(exc), "database_unavailable")
-        return SliceResult("ran", published=part.published, skipped=part.skipped, dead=part.dead)
+                await pause(str(exc), PartitionErrorClass.DATABASE_UNAVAILABLE)
+        return SliceResult(SliceOutcome.RAN, published=part.published, skipped=part.skipped, dead=part.dead)
 
     async def _publish(self, publisher: Publisher, part: _Partition, rows: list[tenant_db.OutboxRow]) -> None:
         """Publish one polled batch; move the cursor over what the broker took; charge refusals."""
@@ -865,7 +867,7 @@ class RelayRunner:
                         oldest_by_relay[part.plan.relay_id] = (part.labels, oldest)
             try:
                 if refused is not None:
-                    await self._refused(part, *refused, error=str(answer.rejected), error_class="refused")
+                    await self._refused(part, *refused, error=str(answer.rejected), error_class=ErrorClass.REFUSED)
                 elif batch.too_big is not None and answer.acked == len(batch.sendable):
                     row, message = batch.too_big
                     policy = part.relay.policy
@@ -874,7 +876,7 @@ class RelayRunner:
                         f"over the relay's max_payload_bytes ({policy.max_payload_bytes})"
                     )
                     attempt = {"at": datetime.now(UTC).isoformat(), "error": error}
-                    await self._dead_letter(part, row, message, "too_large", error, [attempt])
+                    await self._dead_letter(part, row, message, ErrorClass.TOO_LARGE, error, [attempt])
             except LeaseLost:
                 out.append(part)
         for metric_labels, oldest in oldest_by_relay.values():

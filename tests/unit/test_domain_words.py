@@ -3,6 +3,7 @@ spelling the distinctive ones as bare strings."""
 
 from __future__ import annotations
 
+import ast
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, get_args
@@ -10,6 +11,7 @@ from typing import Any, get_args
 import msgspec
 import pytest
 
+from outbox_relay import domain
 from outbox_relay.domain import (
     CauseKind,
     CauseKindName,
@@ -85,3 +87,35 @@ def test_the_synonyms_are_documented_where_they_are_defined() -> None:
         '#   ErrorClass.UNAVAILABLE                  "unavailable"',
     ):
         assert line in source
+
+
+# the words no other value shares: outside domain.py a bare string of one is a synonym in the making
+DISTINCTIVE = {
+    m.value
+    for m in (*PartitionErrorClass, *CauseKind, ErrorClass.TOO_LARGE, ErrorClass.UNROUTABLE, ErrorClass.NOT_ALLOWED)
+    if m.value not in ("refused", "error")
+}
+
+
+def bare_words(path: Path, root: Path = ROOT) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        f"{path.relative_to(root)}:{node.lineno}: {node.value!r}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in DISTINCTIVE
+    ]
+
+
+def test_no_module_spells_a_domain_word_as_a_bare_string() -> None:
+    found = []
+    for package in ("outbox_relay", "service", "workers"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path != Path(domain.__file__):
+                found += bare_words(path)
+    assert found == []
+
+
+def test_the_check_finds_a_bare_word(tmp_path: Path) -> None:
+    source = tmp_path / "x.py"
+    source.write_text('kind = "target_unreachable"\nother = "target unreachable"\n')
+    assert bare_words(source, tmp_path) == ["x.py:1: 'target_unreachable'"]
