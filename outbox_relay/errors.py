@@ -4,7 +4,9 @@ OutboxRelayError
 ├── ConfigError            settings that cannot work (raised at start-up)
 ├── AddressNotAllowed      a tenant-named host resolves into a denied network
 ├── InvalidSpec            a resource spec the relay must not use (a DSN parameter outside the
-│                          allow-list, a port out of range ...; also a ValueError)
+│   │                      allow-list, a port out of range ...; also a ValueError)
+│   ├── InvalidDatabaseSpec  a database's (outbox_relay.specs.check_database)
+│   └── InvalidTargetSpec    a target's (outbox_relay.specs.check_target)
 ├── InvalidRequest         input the schema could not check (a pagination cursor the service did
 │                          not issue ...; also a ValueError)
 ├── PublishError           raised by broker adapters (outbox_relay.brokers)
@@ -72,6 +74,14 @@ class InvalidSpec(OutboxRelayError, ValueError):
         super().__init__(f"invalid {field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class InvalidDatabaseSpec(InvalidSpec):
+    """A database spec the relay refuses (the API's ``invalid-dsn``)."""
+
+
+class InvalidTargetSpec(InvalidSpec):
+    """A target spec the relay refuses (the API's ``invalid-target``)."""
 
 
 class InvalidRequest(OutboxRelayError, ValueError):

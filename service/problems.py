@@ -16,8 +16,10 @@ from outbox_relay.errors import (
     Conflict,
     ImmutableField,
     InUse,
+    InvalidDatabaseSpec,
     InvalidRequest,
     InvalidSpec,
+    InvalidTargetSpec,
     NotAllowed,
     NotFound,
     OutboxRelayError,
@@ -88,12 +90,6 @@ def _validation_detail(errors: list[Any] | None) -> str | None:
     return None
 
 
-def spec_problem(exc: InvalidSpec, *, slug: str = "invalid-spec") -> Problem:
-    """A spec the relay refuses (:mod:`outbox_relay.specs`): 422 naming the field and, in
-    ``errors``, the field as a validation error's ``key``."""
-    return Problem(422, str(exc), slug=slug, errors=_spec_errors(exc))
-
-
 def _spec_errors(exc: InvalidSpec) -> list[dict[str, str]]:
     return [{"message": exc.reason, "key": exc.field, "source": "body"}]
 
@@ -117,7 +113,10 @@ class ProblemType:
 
 PROBLEMS: dict[type[OutboxRelayError], ProblemType] = {
     AddressNotAllowed: ProblemType(422, "address-not-allowed"),
+    # a refused spec names its field, also as a validation error's key (``errors``)
     InvalidSpec: ProblemType(422, "invalid-spec", extra=lambda exc: {"errors": _spec_errors(exc)}),
+    InvalidDatabaseSpec: ProblemType(422, "invalid-dsn", extra=lambda exc: {"errors": _spec_errors(exc)}),
+    InvalidTargetSpec: ProblemType(422, "invalid-target", extra=lambda exc: {"errors": _spec_errors(exc)}),
     InvalidRequest: ProblemType(400, "invalid-request"),
     TenantDatabaseError: ProblemType(502, "database-unreachable"),
     ProvisionFailed: ProblemType(422, "provision-failed"),

@@ -139,6 +139,28 @@ async def test_bad_input_is_4xx_problem(tenant: TenantClient) -> None:
     assert r.status_code == 400
 
 
+async def test_a_refused_spec_names_its_problem_type_and_field(tenant: TenantClient) -> None:
+    cases = [
+        ("/v1/databases/d", {"dsn": "postgresql://u:pw@127.0.0.1/x"}, "invalid-dsn", "dsn"),
+        ("/v1/targets/q", {"kind": "rabbitmq", "url": "http://h"}, "invalid-target", "url"),
+        (
+            "/v1/targets/q",
+            {"kind": "kafka", "bootstrap_servers": ["h:99999"]},
+            "invalid-target",
+            "bootstrap_servers[0]",
+        ),
+    ]
+    for path, body, slug, field in cases:
+        r = await tenant.put(path, body)
+        assert r.status_code == 422, (path, r.text)
+        problem = r.json()
+        assert problem["type"] == f"urn:outbox-relay:problem:{slug}", problem
+        assert problem["title"] == "Unprocessable Entity" and problem["detail"].startswith(f"invalid {field}")
+        assert [(e["key"], e["source"]) for e in problem["errors"]] == [(field, "body")]
+    r = await tenant.put("/v1/targets/m", {"kind": "redis_streams", "url": "redis://169.254.169.254:6379/0"})
+    assert r.json()["type"] == "urn:outbox-relay:problem:address-not-allowed"
+
+
 async def test_address_policy_refuses_metadata(tenant: TenantClient) -> None:
     r = await tenant.put("/v1/targets/m", {"kind": "redis_streams", "url": "redis://169.254.169.254:6379/0"})
     assert r.status_code == 422 and "denied" in r.json()["detail"]
