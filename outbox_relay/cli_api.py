@@ -28,24 +28,13 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from outbox_relay.errors import OutboxRelayError
+from outbox_relay.errors import ApiError as ApiError
+from outbox_relay.errors import ApiUnreachable as ApiUnreachable
 
 ENDPOINT_ENV = "OUTBOX_RELAY_ENDPOINT"
 API_KEY_ENV = "OUTBOX_RELAY_API_KEY"
 DEFAULT_ENDPOINT = "http://127.0.0.1:8080"
 RESOURCES = ("databases", "targets", "relays")
-
-
-class ApiError(OutboxRelayError):
-    """The API answered with an error status; ``detail`` is the problem's detail when it sent one."""
-
-    def __init__(self, status: int, detail: str, *, method: str = "", path: str = "") -> None:
-        super().__init__(f"{method} {path}: {status} {detail}".strip())
-        self.status, self.detail, self.method, self.path = status, detail, method, path
-
-
-class ApiUnreachable(OutboxRelayError):
-    """No HTTP answer at all (connection refused, timeout, bad endpoint)."""
 
 
 class ApiClient:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Literal
 
 import msgspec
@@ -50,6 +51,112 @@ MAX_STREAM_MAXLEN = 2**63 - 1
 """``XADD ... MAXLEN`` takes a signed 64-bit integer; Redis refuses every larger value."""
 # Checked by outbox_relay.specs rather than by these types (a stored spec over a cap still decodes,
 # reads back and can be fixed; it is just not used), and documented in the schema all the same.
+
+
+# --- domain words: the strings the relay stores and reports, one type each -----------------------------
+# Each value is stored in the control DB or visible in the API (or both): a value never changes. The
+# three words for "the broker cannot be reached" are kept where each is stored and seen:
+#
+#   PartitionErrorClass.TARGET_UNAVAILABLE  "target_unavailable"  the engine, relay_partitions.last_error_class
+#                                                                   (the status's partitions[].last_error_class)
+#   CauseKind.TARGET_UNREACHABLE            "target_unreachable"  the status's cause.kind, derived from the above
+#   ErrorClass.UNAVAILABLE                  "unavailable"         a dead letter whose replay found no broker
+#
+# Literals (``...Name``) stand beside an enum where a msgspec schema names the values: the API document
+# inlines a Literal's values (an enum would add a named component); tests/unit/test_domain_words.py checks
+# that each Literal lists exactly its enum's values.
+
+
+class ErrorClass(StrEnum):
+    """Why a dead letter is dead (``dead_letters.error_class``, the API's ``error_class``).
+
+    ``refused`` and ``too_large`` are written by the engine; a replay that fails writes ``refused``
+    or ``unavailable`` (the broker could not be reached: the engine's ``target_unavailable``, the
+    status's ``target_unreachable``), one refused before it starts ``unroutable``, ``too_large`` or
+    ``not_allowed``. A stored value outside the set still reads (the API's field is a string)."""
+
+    REFUSED = "refused"
+    """The broker refused the message (``max_attempts`` times, or on a replay)."""
+    TOO_LARGE = "too_large"
+    """Over the relay's ``max_payload_bytes``."""
+    UNAVAILABLE = "unavailable"
+    """A replay found the target unreachable (``PartitionErrorClass.TARGET_UNAVAILABLE`` elsewhere)."""
+    UNROUTABLE = "unroutable"
+    """A replay had nowhere to go: no such target, the relay gone, no destination."""
+    NOT_ALLOWED = "not_allowed"
+    """A replay's target is unusable: an address the policy denies, a spec refused."""
+
+
+class PartitionErrorClass(StrEnum):
+    """The class of a partition's last error (``relay_partitions.last_error_class``, the status's
+    ``partitions[].last_error_class``), written by the workers."""
+
+    TARGET_UNAVAILABLE = "target_unavailable"
+    """The target could not be reached: the status reports it as ``CauseKind.TARGET_UNREACHABLE``."""
+    DATABASE_UNAVAILABLE = "database_unavailable"
+    """The tenant database could not be reached: ``CauseKind.DATABASE_UNREACHABLE`` in the status."""
+    REFUSED = "refused"
+    """The broker refused a message, which is being retried."""
+    ERROR = "error"
+    """Anything else."""
+
+
+class CauseKind(StrEnum):
+    """Why a relay is failing or stalled (the status's ``cause.kind``), worst first."""
+
+    TARGET_UNREACHABLE = "target_unreachable"
+    """From ``PartitionErrorClass.TARGET_UNAVAILABLE``: the wire words differ, and both stay."""
+    DATABASE_UNREACHABLE = "database_unreachable"
+    """From ``PartitionErrorClass.DATABASE_UNAVAILABLE``."""
+    POISON_MESSAGE = "poison_message"
+    LONG_RUNNING_TRANSACTION = "long_running_transaction"
+    LEASE_LOST = "lease_lost"
+
+
+CauseKindName = Literal[
+    "target_unreachable", "database_unreachable", "long_running_transaction", "poison_message", "lease_lost"
+]
+"""CauseKind's values in the order the API document has always listed them."""
+
+
+class SliceOutcome(StrEnum):
+    """How one partition slice of the engine ended (``engine.SliceResult.outcome``)."""
+
+    RAN = "ran"
+    BUSY = "busy"
+    """Another holder has the lease."""
+    GONE = "gone"
+    """The relay was deleted or disabled."""
+    LOST = "lost"
+    """The lease was taken over mid-slice."""
+    CHANGED = "changed"
+    """The relay was disabled, deleted or edited mid-slice."""
+
+
+class LetterStatus(StrEnum):
+    """A dead letter's state (``dead_letters.status``, the API's ``status``)."""
+
+    DEAD = "dead"
+    """Needs attention: listed, replayable, discardable."""
+    REPLAYING = "replaying"
+    """Claimed by a replay (one that died holding it is claimable again after a while)."""
+    REPLAYED = "replayed"
+    DISCARDED = "discarded"
+
+
+LetterStatusName = Literal["dead", "replaying", "replayed", "discarded"]
+
+
+class JobStatus(StrEnum):
+    """A bulk replay job's state (``dead_letter_jobs.status``, the API's ``status``)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+JobStatusName = Literal["queued", "running", "done", "failed"]
 
 
 class Resource(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

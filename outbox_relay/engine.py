@@ -35,8 +35,9 @@ from outbox_relay.brokers.grouped import GroupPublisher, split
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.delivery import DeadLetterNow, DeliveryPolicy, Settled, backoff_s, settle
-from outbox_relay.domain import Database, Relay, Target, route
+from outbox_relay.domain import CauseKind, Database, ErrorClass, PartitionErrorClass, Relay, SliceOutcome, Target, route
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
+from outbox_relay.errors import LeaseLost as LeaseLost
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.specs import usable_database, usable_target
 from outbox_relay.store.control import (
@@ -460,10 +461,6 @@ class SliceResult:
     dead: int = 0
 
 
-class LeaseLost(Exception):
-    pass
-
-
 async def horizon_stall(pool: asyncpg.Pool) -> dict[str, Any] | None:
     """The transaction holding the xmin horizon back, as the status's stall cause, when it has been
     open for ``STALL_AFTER_S`` or more; None otherwise."""
@@ -471,7 +468,7 @@ async def horizon_stall(pool: asyncpg.Pool) -> dict[str, Any] | None:
     if blocker is None or blocker["age_s"] is None or blocker["age_s"] < STALL_AFTER_S:
         return None
     return {
-        "cause": "long_running_transaction",
+        "cause": CauseKind.LONG_RUNNING_TRANSACTION,
         "pid": blocker["pid"],
         "age_s": round(float(blocker["age_s"]), 1),
         "state": blocker["state"],
@@ -596,10 +593,10 @@ class RelayRunner:
     async def run_slice(self, relay_id: uuid.UUID, partition: int, holder: str) -> SliceResult:
         plan = await self.store.relay_plan(relay_id)
         if plan is None or not plan.enabled:
-            return SliceResult("gone")
+            return SliceResult(SliceOutcome.GONE)
         lease = await self.store.acquire_lease(relay_id, partition, holder, self.settings.lease_ttl_s)
         if lease is None:
-            return SliceResult("busy")
+            return SliceResult(SliceOutcome.BUSY)
         metric_labels = labels(plan.tenant_name, plan.relay_name, plan.target_name)
         instruments().lease_acquired.add(1, metric_labels)
         instruments().leases_held.add(1, metric_labels)
@@ -617,11 +614,11 @@ class RelayRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
             instruments().lease_lost.add(1, metric_labels)
-            return SliceResult("lost")
+            return SliceResult(SliceOutcome.LOST)
         except LeaseLost:
             log.warning("lease lost: relay %s partition %s (a cursor write was fenced)", relay_id, partition)
             instruments().lease_lost.add(1, metric_labels)
-            return SliceResult("lost")
+            return SliceResult(SliceOutcome.LOST)
         finally:
             instruments().leases_held.add(-1, metric_labels)
             keeper.cancel()
@@ -674,7 +671,9 @@ class RelayRunner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
         if part.stop.is_set():
-            return SliceResult("changed", published=result.published, skipped=result.skipped, dead=result.dead)
+            return SliceResult(
+                SliceOutcome.CHANGED, published=result.published, skipped=result.skipped, dead=result.dead
+            )
         return result
 
     async def _watch_plan(self, part: _Partition, changed: asyncio.Event) -> None:
@@ -768,10 +767,10 @@ class RelayRunner:
                 # the publisher stays cached: it is shared with this worker's other partitions of
                 # the target, and every adapter reconnects by itself on its next batch (the contract
                 # suite's outage-then-recovery case); closing it would fail their batches in flight
-                await pause(f"target unavailable: {exc}", "target_unavailable")
+                await pause(f"target unavailable: {exc}", PartitionErrorClass.TARGET_UNAVAILABLE)
             except (TenantDatabaseError, AddressNotAllowed) as exc:
-                await pause(str(exc), "database_unavailable")
-        return SliceResult("ran", published=part.published, skipped=part.skipped, dead=part.dead)
+                await pause(str(exc), PartitionErrorClass.DATABASE_UNAVAILABLE)
+        return SliceResult(SliceOutcome.RAN, published=part.published, skipped=part.skipped, dead=part.dead)
 
     async def _publish(self, publisher: Publisher, part: _Partition, rows: list[tenant_db.OutboxRow]) -> None:
         """Publish one polled batch; move the cursor over what the broker took; charge refusals."""
@@ -865,12 +864,14 @@ class RelayRunner:
                         oldest_by_relay[part.plan.relay_id] = (part.labels, oldest)
             try:
                 if outcome.refused is not None:
-                    await self._refused(part, *outcome.refused, error=str(answer.rejected), error_class="refused")
+                    await self._refused(
+                        part, *outcome.refused, error=str(answer.rejected), error_class=ErrorClass.REFUSED
+                    )
                 elif batch.too_big is not None and answer.acked == len(batch.sendable):
                     row, message = batch.too_big
                     error = part.delivery.oversize_error(len(row.payload))
                     attempt = {"at": datetime.now(UTC).isoformat(), "error": error}
-                    await self._dead_letter(part, row, message, "too_large", error, [attempt])
+                    await self._dead_letter(part, row, message, ErrorClass.TOO_LARGE, error, [attempt])
             except LeaseLost:
                 out.append(part)
         for metric_labels, oldest in oldest_by_relay.values():

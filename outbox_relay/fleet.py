@@ -43,7 +43,7 @@ import msgspec
 from outbox_relay.brokers.base import Publisher
 from outbox_relay.config import Settings
 from outbox_relay.delivery import backoff_s
-from outbox_relay.domain import Database, Target
+from outbox_relay.domain import Database, PartitionErrorClass, Target
 from outbox_relay.engine import (
     STALL_AFTER_S,
     LeaseLost,
@@ -696,7 +696,9 @@ class FleetEngine:
                 self.outages.down(reader.database_outage, exc)
                 for lane in reader.lanes.values():
                     with contextlib.suppress(Exception):
-                        await self.store.record_error(lane.part.lease, str(exc), "database_unavailable")
+                        await self.store.record_error(
+                            lane.part.lease, str(exc), PartitionErrorClass.DATABASE_UNAVAILABLE
+                        )
                     break
                 await wait_any([reader.stop], backoff_s(failures, base_s=0.5, cap_s=30))
                 reader.wake.set()
@@ -933,7 +935,9 @@ class FleetEngine:
             self.outages.down(reader.target_outage, exc)
             with contextlib.suppress(Exception):
                 await self.fleet.record_errors(
-                    [lane.part.lease for lane in lanes], f"target unavailable: {exc}", "target_unavailable"
+                    [lane.part.lease for lane in lanes],
+                    f"target unavailable: {exc}",
+                    PartitionErrorClass.TARGET_UNAVAILABLE,
                 )
             policy = lanes[0].part.relay.policy
             await self._back_off(
@@ -944,7 +948,9 @@ class FleetEngine:
         except (TenantDatabaseError, AddressNotAllowed) as exc:
             reader.failures += 1
             with contextlib.suppress(Exception):
-                await self.fleet.record_errors([lane.part.lease for lane in lanes], str(exc), "database_unavailable")
+                await self.fleet.record_errors(
+                    [lane.part.lease for lane in lanes], str(exc), PartitionErrorClass.DATABASE_UNAVAILABLE
+                )
             await self._back_off(reader, lanes, backoff_s(reader.failures, base_s=0.5, cap_s=30))
         except Exception as exc:
             if control_unavailable(exc):

@@ -40,9 +40,12 @@ import msgspec
 from outbox_relay.brokers.base import OutgoingMessage, Publisher
 from outbox_relay.brokers.factory import open_publisher
 from outbox_relay.crypto import SecretBox
-from outbox_relay.domain import Relay, Target, route
+from outbox_relay.domain import ErrorClass, LetterStatus, Relay, Target, route
 from outbox_relay.engine import PublisherCache, PublisherFactory
-from outbox_relay.errors import AddressNotAllowed, OutboxRelayError, TargetUnavailable
+from outbox_relay.errors import AddressNotAllowed, NotFound, OutboxRelayError, TargetUnavailable
+from outbox_relay.errors import ReplayConflict as ReplayConflict
+from outbox_relay.errors import ReplayError as ReplayError
+from outbox_relay.errors import ReplayRefused as ReplayRefused
 from outbox_relay.netguard import AddressPolicy, check_target
 from outbox_relay.specs import check_target as check_target_spec
 from outbox_relay.store.dead_letters import DeadLetterStore, Letter, RelayRoute, TargetRow
@@ -52,27 +55,6 @@ DEAD_LETTER_HEADER = "outbox-dead-letter-id"
 CHUNK = 100
 REPLAY_JOB = "replay_dead_letters"
 """The arq function name of a bulk replay job (``workers.replay``)."""
-
-
-class ReplayError(OutboxRelayError):
-    """A dead letter could not be replayed."""
-
-
-class ReplayRefused(ReplayError):
-    """Nothing was attempted: the replay has nowhere valid to go (``error_class`` says why:
-    ``unroutable``, ``too_large`` or ``not_allowed``)."""
-
-    def __init__(self, message: str, *, error_class: str = "unroutable") -> None:
-        super().__init__(message)
-        self.error_class = error_class
-
-
-class ReplayConflict(ReplayError):
-    """The letter is not dead (any more): being replayed, replayed or discarded."""
-
-    def __init__(self, message: str, *, status: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +182,7 @@ class Replayer:
             raise ReplayRefused(
                 f"payload is {len(letter.payload)} bytes, over relay {letter.relay_name!r}'s max_payload_bytes "
                 f"({relay.policy.max_payload_bytes}): raise it to replay this letter",
-                error_class="too_large",
+                error_class=ErrorClass.TOO_LARGE,
             )
         try:
             target: Target = msgspec.json.decode(target_row.spec, type=Target)
@@ -208,11 +190,11 @@ class Replayer:
             password = self.secrets.decrypt(target_row.secret) if target_row.secret else None
         except (msgspec.ValidationError, OutboxRelayError) as exc:
             raise ReplayRefused(
-                f"target {target_row.name!r} cannot be used: {exc}", error_class="not_allowed"
+                f"target {target_row.name!r} cannot be used: {exc}", error_class=ErrorClass.NOT_ALLOWED
             ) from None
         refusal = await self._check(target_row, target)
         if refusal is not None:
-            raise ReplayRefused(refusal, error_class="not_allowed")
+            raise ReplayRefused(refusal, error_class=ErrorClass.NOT_ALLOWED)
         return Route(
             target_id=target_row.id,
             target_name=target_row.name,
@@ -254,12 +236,12 @@ class Replayer:
         target_name: str | None = None,
         destination: str | None = None,
     ) -> ReplayOutcome:
-        """Replay one letter now. LookupError if it does not exist (for this tenant),
+        """Replay one letter now. NotFound if it does not exist (for this tenant),
         ReplayConflict if it is not dead, ReplayRefused if it has nowhere to go."""
         letter = await self.letters.get(letter_id, tenant_id)
         if letter is None:
-            raise LookupError(f"dead letter {letter_id} not found")
-        if letter.status != "dead" and letter.status != "replaying":
+            raise NotFound(f"dead letter {letter_id} not found")
+        if letter.status != LetterStatus.DEAD and letter.status != LetterStatus.REPLAYING:
             raise ReplayConflict(f"dead letter {letter_id} is {letter.status}, not dead", status=letter.status)
         target_route = await self.route_for(letter, target_name=target_name, destination=destination)
         token = new_token(actor)
@@ -268,7 +250,8 @@ class Replayer:
             now = await self.letters.get(letter_id, tenant_id)
             status = now.status if now else "gone"
             raise ReplayConflict(
-                f"dead letter {letter_id} is {'being replayed' if status == 'replaying' else status}", status=status
+                f"dead letter {letter_id} is {'being replayed' if status == LetterStatus.REPLAYING else status}",
+                status=status,
             )
         try:
             outcomes, _ = await self._publish(target_route, [(claimed, target_route.destination)], token, actor)
@@ -378,7 +361,9 @@ class Replayer:
                 if result.rejected is not None and index < len(items):
                     letter, dest = items[index]
                     where = (target_route.target_name, dest)
-                    outcomes.append(await self._failed(letter, token, actor, where, "refused", str(result.rejected)))
+                    outcomes.append(
+                        await self._failed(letter, token, actor, where, ErrorClass.REFUSED, str(result.rejected))
+                    )
                     index += 1  # what followed the refused one is sent again: at least once
                     if index < len(items):
                         # on a fresh connection: aiormq 7.2.4's channel reader dies (InvalidStateError)
@@ -393,12 +378,12 @@ class Replayer:
             error = f"target {target_route.target_name!r} unavailable: {exc}"
             for letter, dest in items[index:]:
                 where = (target_route.target_name, dest)
-                outcomes.append(await self._failed(letter, token, actor, where, "unavailable", error))
+                outcomes.append(await self._failed(letter, token, actor, where, ErrorClass.UNAVAILABLE, error))
             return outcomes, error
         for letter, dest in items[index:]:
             where = (target_route.target_name, dest)
             error = "the broker neither acknowledged nor refused the message"
-            outcomes.append(await self._failed(letter, token, actor, where, "refused", error))
+            outcomes.append(await self._failed(letter, token, actor, where, ErrorClass.REFUSED, error))
         return outcomes, None
 
     async def _drop_publisher(self, target_route: Route) -> None:

@@ -32,7 +32,13 @@ from outbox_relay.domain import (
     RedisStreamsTarget,
     Target,
 )
-from outbox_relay.errors import InvalidSpec, TargetUnavailable, TenantDatabaseError
+from outbox_relay.errors import (
+    InvalidDatabaseSpec,
+    InvalidSpec,
+    InvalidTargetSpec,
+    TargetUnavailable,
+    TenantDatabaseError,
+)
 
 MAX_AMQP_SHORTSTR_BYTES = 255
 """AMQP names (the exchange) are short strings: at most 255 bytes of UTF-8."""
@@ -121,7 +127,11 @@ def check_spec(spec: Database | Target) -> None:
 
 
 def check_database(db: Database) -> None:
-    check_dsn(db.dsn)
+    """InvalidDatabaseSpec naming the field at fault."""
+    try:
+        check_dsn(db.dsn)
+    except InvalidSpec as exc:
+        raise InvalidDatabaseSpec(exc.field, exc.reason) from None
 
 
 def usable_database(db: Database) -> None:
@@ -144,6 +154,14 @@ def usable_target(target: Target) -> None:
 
 
 def check_target(target: Target) -> None:
+    """InvalidTargetSpec naming the field at fault."""
+    try:
+        _check_target(target)
+    except InvalidSpec as exc:
+        raise InvalidTargetSpec(exc.field, exc.reason) from None
+
+
+def _check_target(target: Target) -> None:
     if isinstance(target, RabbitMQTarget):
         check_amqp_url(target.url)
         if len(target.exchange.encode()) > MAX_AMQP_SHORTSTR_BYTES:

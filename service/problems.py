@@ -3,31 +3,60 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from outbox_relay.errors import AddressNotAllowed, InvalidSpec, OutOfBounds, QuotaExceeded, TenantDatabaseError
+from outbox_relay.errors import (
+    AddressNotAllowed,
+    Conflict,
+    ImmutableField,
+    InUse,
+    InvalidDatabaseSpec,
+    InvalidRequest,
+    InvalidSpec,
+    InvalidTargetSpec,
+    NotAllowed,
+    NotFound,
+    OutboxRelayError,
+    OutOfBounds,
+    ProvisionFailed,
+    QueueUnavailable,
+    QuotaExceeded,
+    RelayChanged,
+    ReplayConflict,
+    ReplayRefused,
+    TenantDatabaseError,
+    TooMany,
+    UnknownReference,
+)
 
 log = logging.getLogger("outbox_relay.api")
 MEDIA_TYPE = "application/problem+json"
 
 
-class Problem(HTTPException):
-    """An HTTP error with a problem type slug (``type`` becomes ``urn:outbox-relay:problem:<slug>``)."""
+class Problem(HTTPException, OutboxRelayError):
+    """An HTTP error with a problem type slug (``type`` becomes ``urn:outbox-relay:problem:<slug>``).
+
+    In the project's tree (:mod:`outbox_relay.errors`) but defined here, as it is litestar's
+    HTTPException too: :func:`http_exception_handler` answers it."""
 
     def __init__(self, status_code: int, detail: str, *, slug: str | None = None, **extra: Any) -> None:
         super().__init__(detail=detail, status_code=status_code, extra=extra or None)
         self.slug = slug
 
 
-def problem_response(status: int, detail: str, *, slug: str | None = None, **extra: Any) -> Response[Any]:
+def problem_response(
+    status: int, detail: str, *, slug: str | None = None, title: str | None = None, **extra: Any
+) -> Response[Any]:
     phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
     body: dict[str, Any] = {
         "type": f"urn:outbox-relay:problem:{slug}" if slug else "about:blank",
-        "title": phrase,
+        "title": title or phrase,
         "status": status,
         "detail": detail,
     }
@@ -62,34 +91,72 @@ def _validation_detail(errors: list[Any] | None) -> str | None:
     return None
 
 
-def spec_problem(exc: InvalidSpec, *, slug: str = "invalid-spec") -> Problem:
-    """A spec the relay refuses (:mod:`outbox_relay.specs`): 422 naming the field and, in
-    ``errors``, the field as a validation error's ``key``."""
-    return Problem(422, str(exc), slug=slug, errors=[{"message": exc.reason, "key": exc.field, "source": "body"}])
+def _spec_errors(exc: InvalidSpec) -> list[dict[str, str]]:
+    return [{"message": exc.reason, "key": exc.field, "source": "body"}]
 
 
-def spec_handler(request: Request[Any, Any, Any], exc: InvalidSpec) -> Response[Any]:
-    return http_exception_handler(request, spec_problem(exc))
+@dataclass(frozen=True, slots=True)
+class ProblemType:
+    """How the API answers one exception class: ``status``, the problem type's ``slug`` (a string, or a
+    function of the exception for a type chosen at run time), the ``title`` (None: the status's HTTP
+    phrase) and the ``extra`` members of the body drawn from the exception. The detail is ``str(exc)``."""
+
+    status: int
+    slug: str | Callable[[Any], str]
+    title: str | None = None
+    extra: Callable[[Any], dict[str, Any]] | None = None
+
+    def response(self, exc: Exception) -> Response[Any]:
+        slug = self.slug(exc) if callable(self.slug) else self.slug
+        extra = self.extra(exc) if self.extra is not None else {}
+        return problem_response(self.status, str(exc), slug=slug, title=self.title, **extra)
 
 
-def address_handler(request: Request[Any, Any, Any], exc: AddressNotAllowed) -> Response[Any]:
-    return problem_response(422, str(exc), slug="address-not-allowed")
+PROBLEMS: dict[type[OutboxRelayError], ProblemType] = {
+    AddressNotAllowed: ProblemType(422, "address-not-allowed"),
+    # a refused spec names its field, also as a validation error's key (``errors``)
+    InvalidSpec: ProblemType(422, "invalid-spec", extra=lambda exc: {"errors": _spec_errors(exc)}),
+    InvalidDatabaseSpec: ProblemType(422, "invalid-dsn", extra=lambda exc: {"errors": _spec_errors(exc)}),
+    InvalidTargetSpec: ProblemType(422, "invalid-target", extra=lambda exc: {"errors": _spec_errors(exc)}),
+    InvalidRequest: ProblemType(400, "invalid-request"),
+    TenantDatabaseError: ProblemType(502, "database-unreachable"),
+    ProvisionFailed: ProblemType(422, "provision-failed"),
+    InUse: ProblemType(409, "in-use"),
+    # 409: the request is sound, but the tenant's current use leaves no room for it (deleting
+    # something, or a higher quota from the operator, makes the same request succeed)
+    QuotaExceeded: ProblemType(
+        409,
+        "quota-exceeded",
+        extra=lambda exc: {"quota": exc.quota, "limit": exc.limit, "used": exc.used, "requested": exc.requested},
+    ),
+    OutOfBounds: ProblemType(422, "out-of-bounds", extra=lambda exc: {"field": exc.field, "limit": exc.limit}),
+    UnknownReference: ProblemType(422, "unknown-reference"),
+    ImmutableField: ProblemType(409, "immutable-field"),
+    RelayChanged: ProblemType(409, "conflict"),
+    NotFound: ProblemType(404, "not-found"),
+    NotAllowed: ProblemType(403, "forbidden"),
+    Conflict: ProblemType(409, "conflict"),
+    ReplayConflict: ProblemType(409, "conflict"),
+    ReplayRefused: ProblemType(422, lambda exc: f"replay-{exc.error_class.replace('_', '-')}"),
+    TooMany: ProblemType(422, "too-many"),
+    QueueUnavailable: ProblemType(503, "queue-unavailable"),
+}
+"""Exception class -> the API's answer. Every class of :mod:`outbox_relay.errors` a request can raise is
+here; one the table lacks is an internal error (500, logged). A subclass answers as its nearest listed
+ancestor."""
 
 
-def tenant_db_handler(request: Request[Any, Any, Any], exc: TenantDatabaseError) -> Response[Any]:
-    return problem_response(502, str(exc), slug="database-unreachable")
+def problem_type(exc: BaseException) -> ProblemType | None:
+    """The table's entry for ``exc``: its class's, else its nearest listed ancestor's."""
+    return next((PROBLEMS[cls] for cls in type(exc).__mro__ if cls in PROBLEMS), None)
 
 
-def quota_handler(request: Request[Any, Any, Any], exc: QuotaExceeded) -> Response[Any]:
-    """409: the request is sound, but the tenant's current use leaves no room for it (deleting
-    something, or a higher quota from the operator, makes the same request succeed)."""
-    return problem_response(
-        409, str(exc), slug="quota-exceeded", quota=exc.quota, limit=exc.limit, used=exc.used, requested=exc.requested
-    )
-
-
-def bounds_handler(request: Request[Any, Any, Any], exc: OutOfBounds) -> Response[Any]:
-    return problem_response(422, str(exc), slug="out-of-bounds", field=exc.field, limit=exc.limit)
+def problem_handler(request: Request[Any, Any, Any], exc: OutboxRelayError) -> Response[Any]:
+    """The exception handler of every class in :data:`PROBLEMS`."""
+    entry = problem_type(exc)
+    if entry is None:  # pragma: no cover - registered for the table's classes only
+        return internal_error_handler(request, exc)
+    return entry.response(exc)
 
 
 def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -99,10 +166,6 @@ def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     HTTPException: http_exception_handler,
-    AddressNotAllowed: address_handler,
-    InvalidSpec: spec_handler,
-    TenantDatabaseError: tenant_db_handler,
-    QuotaExceeded: quota_handler,
-    OutOfBounds: bounds_handler,
+    **dict.fromkeys(PROBLEMS, problem_handler),
     Exception: internal_error_handler,
 }

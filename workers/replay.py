@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from outbox_relay.crypto import SecretBox
+from outbox_relay.domain import JobStatus
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.replay import JobCounts, Replayer
 from outbox_relay.store.control import ControlStore
@@ -48,10 +49,10 @@ async def replay_dead_letters(ctx: dict[str, Any], job_id: str) -> str:
     except Exception as exc:
         # never fail the arq job (max_tries=1 and keep_result=0): the row says what happened
         log.exception("replay job %s failed", job_id)
-        await letters.finish_job(job.id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        await letters.finish_job(job.id, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         await store.audit(job.tenant_id, job.actor, "replay-failed", f"dead-letter-jobs/{job.id}", "{}")
-        return "failed"
-    status = "failed" if counts.stopped else "done"
+        return JobStatus.FAILED
+    status = JobStatus.FAILED if counts.stopped else JobStatus.DONE
     await letters.finish_job(job.id, status=status, error=counts.stopped)
     detail = {
         "total": job.total,

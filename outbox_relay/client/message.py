@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from outbox_relay.errors import OutboxRelayError
+from outbox_relay.errors import ClientError as ClientError
 
 MAX_TOPIC_LENGTH = 249
 """The outbox table's ``CHECK`` (and Kafka's topic-name limit)."""
@@ -21,10 +21,6 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 """The default ``max_payload_bytes`` of :func:`add` and :func:`add_many`: 1 MiB, the relay's default."""
 RESERVED_HEADER_PREFIX = "outbox-"
 """The relay sets ``outbox-id``, ``outbox-topic``, ``outbox-relay`` (and ``outbox-key`` on AMQP)."""
-
-
-class ClientError(OutboxRelayError, ValueError):
-    """Bad input, refused before touching the database (or a connection the client cannot use)."""
 
 
 class Message(NamedTuple):

@@ -19,7 +19,16 @@ from typing import Any, Literal, get_args
 import asyncpg
 
 from outbox_relay.config import QUOTAS
-from outbox_relay.errors import InUse, OutOfBounds, QuotaExceeded
+from outbox_relay.domain import PartitionErrorClass
+from outbox_relay.errors import (
+    ImmutableField,
+    InUse,
+    NotFound,
+    OutOfBounds,
+    QuotaExceeded,
+    RelayChanged,
+    UnknownReference,
+)
 
 ResourceTable = Literal["databases", "targets", "relays"]
 RESOURCE_TABLES: frozenset[str] = frozenset(get_args(ResourceTable))
@@ -60,11 +69,6 @@ def control_unavailable(exc: BaseException) -> bool:
 def hash_key(key: str) -> bytes:
     """API keys are 256-bit random tokens: a plain SHA-256 is the right hash (no stretching needed)."""
     return hashlib.sha256(key.encode()).digest()
-
-
-class RelayChanged(Exception):
-    """A relay written back after a read (``put_relay(expect_updated_at=...)``) was changed or deleted
-    in between: nothing was written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +322,7 @@ class ControlStore:
             tenant_id,
         )
         if row is None:
-            raise LookupError("the tenant does not exist")
+            raise NotFound("the tenant does not exist")
         return {n: row[f"quota_{n}"] if row[f"quota_{n}"] is not None else defaults[n] for n in names}
 
     async def get_tenant(self, name: str) -> TenantRow | None:
@@ -486,8 +490,8 @@ class ControlStore:
         max_partitions: int = 1024,
         expect_updated_at: datetime | None = None,
     ) -> tuple[ResourceRow, bool]:
-        """Create or replace a relay. Raises LookupError (missing database/target), ValueError (a
-        change to a field fixed at creation) or, creating, QuotaExceeded (the tenant's ``relays`` or
+        """Create or replace a relay. Raises UnknownReference (missing database/target), ImmutableField
+        (a change to a field fixed at creation) or, creating, QuotaExceeded (the tenant's ``relays`` or
         ``partitions`` quota) and OutOfBounds (more than ``max_partitions``; a relay made before the
         bound was lowered keeps its partitions and can still be updated). With ``expect_updated_at``
         (a read-modify-write of a relay read before) only that version is replaced: RelayChanged
@@ -498,12 +502,12 @@ class ControlStore:
                 "SELECT id FROM databases WHERE tenant_id = $1 AND name = $2", tenant_id, database
             )
             if db_id is None:
-                raise LookupError(f"database {database!r} does not exist")
+                raise UnknownReference(f"database {database!r} does not exist")
             target_id = await conn.fetchval(
                 "SELECT id FROM targets WHERE tenant_id = $1 AND name = $2", tenant_id, target
             )
             if target_id is None:
-                raise LookupError(f"target {target!r} does not exist")
+                raise UnknownReference(f"target {target!r} does not exist")
             existing = await conn.fetchrow(
                 "SELECT id, database_id, partitions, updated_at FROM relays "
                 "WHERE tenant_id = $1 AND name = $2 FOR UPDATE",
@@ -511,14 +515,17 @@ class ControlStore:
                 name,
             )
             if expect_updated_at is not None and (existing is None or existing["updated_at"] != expect_updated_at):
-                raise RelayChanged(f"relay {name!r} was {'deleted' if existing is None else 'changed'} meanwhile")
+                raise RelayChanged(
+                    f"relay {name!r} was {'deleted' if existing is None else 'changed'} meanwhile; "
+                    "nothing was written, try again"
+                )
             if existing is not None:
                 if existing["partitions"] != partitions:
-                    raise ValueError(
+                    raise ImmutableField(
                         f"partitions is fixed at creation ({existing['partitions']}); create a new relay to change it"
                     )
                 if existing["database_id"] != db_id:
-                    raise ValueError("database is fixed at creation; create a new relay to read another database")
+                    raise ImmutableField("database is fixed at creation; create a new relay to read another database")
                 row = await conn.fetchrow(
                     "UPDATE relays SET target_id = $2, enabled = $3, spec = $4::jsonb, updated_at = now() "
                     "WHERE id = $1 RETURNING id, name, spec::text AS spec, false AS has_secret, "
@@ -747,7 +754,7 @@ class ControlStore:
             is True
         )
 
-    async def record_error(self, lease: Lease, error: str, error_class: str = "error") -> None:
+    async def record_error(self, lease: Lease, error: str, error_class: str = PartitionErrorClass.ERROR) -> None:
         await self.pool.execute(
             "UPDATE relay_partitions SET last_error = $4, last_error_at = now(), last_error_class = $5 "
             "WHERE relay_id = $1 AND partition = $2 AND lease_epoch = $3",

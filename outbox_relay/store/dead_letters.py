@@ -21,9 +21,11 @@ from typing import Any
 
 import asyncpg
 
+from outbox_relay.domain import JobStatus, LetterStatus
+from outbox_relay.errors import InvalidRequest
 from outbox_relay.store.control import TenantRow, hash_key
 
-STATUSES = ("dead", "replaying", "replayed", "discarded")
+STATUSES = tuple(LetterStatus)
 STALE_CLAIM_S = 600.0
 MAX_JOB_LETTERS = 100_000
 PREVIEW_BYTES = 160
@@ -58,7 +60,7 @@ class LetterFilter:
 
     tenant_id: uuid.UUID | None
     """``None``: every tenant (admin only)."""
-    statuses: tuple[str, ...] = ("dead",)
+    statuses: tuple[str, ...] = (LetterStatus.DEAD,)
     """Empty: any status."""
     relay: str | None = None
     target: str | None = None
@@ -71,7 +73,7 @@ class LetterFilter:
     def __post_init__(self) -> None:
         unknown = set(self.statuses) - set(STATUSES)
         if unknown:
-            raise ValueError(f"unknown dead-letter status {sorted(unknown)}; use {', '.join(STATUSES)}")
+            raise InvalidRequest(f"unknown dead-letter status {sorted(unknown)}; use {', '.join(STATUSES)}")
 
     def where(self, params: list[Any]) -> str:
         """The WHERE clause (over alias ``d``), appending its values to ``params``."""
@@ -117,7 +119,7 @@ class LetterSummary:
     error_class: str
     last_error: str
     attempt_count: int
-    status: str
+    status: LetterStatus
     replay_count: int
     payload_size: int
     payload_head: bytes
@@ -147,7 +149,7 @@ class Letter:
     error_class: str
     last_error: str
     attempts: list[dict[str, Any]]
-    status: str
+    status: LetterStatus
     replay_count: int
     claimed_by: str | None
     claimed_at: datetime | None
@@ -205,7 +207,7 @@ class JobRow:
     tenant_id: uuid.UUID | None
     tenant_name: str | None
     actor: str
-    status: str
+    status: JobStatus
     filter: dict[str, Any] | None
     target_name: str | None
     destination: str | None
@@ -279,7 +281,7 @@ class DeadLetterStore:
         params.append(limit)
         sql += f" ORDER BY d.created_at DESC, d.id LIMIT ${len(params)}"
         rows = await self.pool.fetch(sql, *params)
-        return [LetterSummary(**dict(r)) for r in rows]
+        return [LetterSummary(**{**dict(r), "status": LetterStatus(r["status"])}) for r in rows]
 
     async def counts(self, where: LetterFilter) -> Counts:
         params: list[Any] = []
@@ -402,7 +404,7 @@ class DeadLetterStore:
         return [r["id"] for r in rows]
 
     async def discard_matching(self, where: LetterFilter) -> int:
-        if where.statuses != ("dead",):
+        if where.statuses != (LetterStatus.DEAD,):
             raise ValueError("only dead letters can be discarded")
         params: list[Any] = []
         result = await self.pool.execute(
@@ -517,7 +519,7 @@ class DeadLetterStore:
             skipped,
         )
 
-    async def finish_job(self, job_id: uuid.UUID, *, status: str, error: str | None = None) -> JobRow | None:
+    async def finish_job(self, job_id: uuid.UUID, *, status: JobStatus, error: str | None = None) -> JobRow | None:
         row = await self.pool.fetchrow(
             "WITH j AS (UPDATE dead_letter_jobs SET status = $2, error = $3, finished_at = now(), updated_at = now() "
             "WHERE id = $1 RETURNING *) "
@@ -534,10 +536,12 @@ def _letter(row: Any) -> Letter:
     values["payload"] = bytes(values["payload"])
     values["headers"] = json.loads(values["headers"])
     values["attempts"] = json.loads(values["attempts"])
+    values["status"] = LetterStatus(values["status"])  # the column's CHECK allows exactly these
     return Letter(**values)
 
 
 def _job(row: Any) -> JobRow:
     values = {k: row[k] for k in JobRow.__dataclass_fields__}
     values["filter"] = json.loads(values["filter"]) if values["filter"] is not None else None
+    values["status"] = JobStatus(values["status"])  # the column's CHECK allows exactly these
     return JobRow(**values)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from outbox_relay.domain import PartitionErrorClass
 from outbox_relay.store.control import Lease, lease_of
 
 T = TypeVar("T")
@@ -268,7 +269,9 @@ class FleetStore:
         return {(r["relay_id"], r["partition"]) for r in rows}
 
     @_serialized
-    async def record_errors(self, leases: Sequence[Lease], error: str, error_class: str = "error") -> None:
+    async def record_errors(
+        self, leases: Sequence[Lease], error: str, error_class: str = PartitionErrorClass.ERROR
+    ) -> None:
         """The last error of many partitions (of any relays) in one fenced statement, serialised with
         the other batch writes like them (two multi-row updates of ``relay_partitions`` taking row locks
         in different orders deadlock)."""

@@ -11,12 +11,11 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from outbox_relay.domain import Database
-from outbox_relay.errors import InUse, InvalidSpec, ProvisionFailed
 from outbox_relay.specs import check_database
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import schema_sql
 from service.deps import ServicesDep, TenantDep, authenticate_tenant, decode_cursor, encode_cursor, provide_tenant
-from service.problems import Problem, spec_problem
+from service.problems import Problem
 from service.resources import (
     CURSOR_PARAM,
     LIMIT_PARAM,
@@ -76,10 +75,7 @@ class DatabaseController(Controller):
     async def put_database(
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Database]
     ) -> Response[Database]:
-        try:
-            check_database(data)
-        except InvalidSpec as exc:
-            raise spec_problem(exc, slug="invalid-dsn") from None
+        check_database(data)  # InvalidDatabaseSpec: 422 invalid-dsn
         await tenant_db.check_address(data.dsn, services.policy)
         row, created = await services.store.put_database(
             tenant.id,
@@ -101,11 +97,8 @@ class DatabaseController(Controller):
         users = await services.store.relays_using("databases", tenant.id, name)
         if users:
             raise Problem(409, f"database {name!r} is used by relays {users}; delete them first", slug="in-use")
-        try:
-            if await services.store.delete_resource("databases", tenant.id, name):
-                await services.store.audit(tenant.id, "tenant", "delete", f"databases/{name}")
-        except InUse as exc:
-            raise Problem(409, str(exc), slug="in-use") from None
+        if await services.store.delete_resource("databases", tenant.id, name):  # InUse: 409 in-use
+            await services.store.audit(tenant.id, "tenant", "delete", f"databases/{name}")
 
     @post(
         "/{name:str}/provision",
@@ -120,19 +113,14 @@ class DatabaseController(Controller):
         if row is None:
             raise Problem(404, f"database {name!r} not found", slug="not-found")
         db = msgspec.json.decode(row.spec, type=Database)
-        try:
-            check_database(db)  # stored before a check existed: never handed to asyncpg
-        except InvalidSpec as exc:
-            raise spec_problem(exc, slug="invalid-dsn") from None
+        check_database(db)  # stored before a check existed: never handed to asyncpg
         secret = await services.store.get_secret("databases", tenant.id, name)
         password = services.secrets.decrypt(secret) if secret else None
         conn = await tenant_db.connect(
             db, password, policy=services.policy, timeout_s=services.settings.connect_timeout_s
         )
         try:
-            version = await tenant_db.provision_for_tenant(conn, db.schema)
-        except ProvisionFailed as exc:
-            raise Problem(422, str(exc), slug="provision-failed") from None
+            version = await tenant_db.provision_for_tenant(conn, db.schema)  # ProvisionFailed: 422
         finally:
             await conn.close()
         await services.store.audit(tenant.id, "tenant", "provision", f"databases/{name}")

@@ -2,6 +2,8 @@
 
 A tenant API key sees its own tenant's letters; the admin key sees every tenant's (``tenant``
 narrows it to one). Every change is written to the audit log: who, what, which filter, how many.
+What the operations raise (NotFound, Conflict, ReplayRefused ...) is answered by the app's one table,
+``service.problems.PROBLEMS``: the handlers here do not catch it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, FromPath, JSONBody, Parameter
 
-from outbox_relay.replay import ReplayConflict, ReplayRefused
 from outbox_relay.store.dead_letters import STATUSES, LetterFilter
 from service.dead_letters.schemas import (
     DeadLetter,
@@ -32,11 +33,7 @@ from service.dead_letters.schemas import (
 )
 from service.dead_letters.service import (
     Caller,
-    Conflict,
     DeadLetters,
-    NotAllowed,
-    QueueUnavailable,
-    TooMany,
     caller_for_key,
     counts,
     full,
@@ -70,23 +67,6 @@ def _ops(services: ServicesDep, caller: Caller) -> DeadLetters:
 def _bulk(ids: list[uuid.UUID] | None, f: DeadLetterFilter | None) -> None:
     if (ids is None) == (f is None):
         raise Problem(422, "give either `ids` or `filter`", slug="invalid-selection")
-
-
-def _problem(exc: Exception) -> Problem:
-    """The API's answer to what the shared operations raise."""
-    if isinstance(exc, LookupError):
-        return Problem(404, str(exc.args[0]), slug="not-found")
-    if isinstance(exc, ReplayConflict | Conflict):
-        return Problem(409, str(exc), slug="conflict")
-    if isinstance(exc, NotAllowed):
-        return Problem(403, str(exc), slug="forbidden")
-    if isinstance(exc, ReplayRefused):
-        return Problem(422, str(exc), slug=f"replay-{exc.error_class.replace('_', '-')}")
-    if isinstance(exc, TooMany):
-        return Problem(422, str(exc), slug="too-many")
-    if isinstance(exc, QueueUnavailable):
-        return Problem(503, str(exc), slug="queue-unavailable")
-    raise exc
 
 
 class DeadLetterController(Controller):
@@ -134,13 +114,8 @@ class DeadLetterController(Controller):
             since=since,
             until=until,
         )
-        try:
-            where: LetterFilter = await ops.letter_filter(f, statuses=STATUSES if status == "any" else (status,))
-            rows, next_cursor, totals = await ops.page(where, cursor=cursor, limit=limit, with_counts=cursor is None)
-        except ValueError as exc:
-            raise Problem(400, str(exc), slug="invalid-request") from None
-        except NotAllowed as exc:
-            raise _problem(exc) from None
+        where: LetterFilter = await ops.letter_filter(f, statuses=STATUSES if status == "any" else (status,))
+        rows, next_cursor, totals = await ops.page(where, cursor=cursor, limit=limit, with_counts=cursor is None)
         return DeadLetterPage(
             items=[summary(r) for r in rows],
             next_cursor=next_cursor,
@@ -155,10 +130,7 @@ class DeadLetterController(Controller):
     async def get_dead_letter(
         self, caller: CallerDep, services: ServicesDep, letter_id: FromPath[uuid.UUID]
     ) -> DeadLetter:
-        try:
-            letter, exists = await _ops(services, caller).get(letter_id)
-        except LookupError as exc:
-            raise _problem(exc) from None
+        letter, exists = await _ops(services, caller).get(letter_id)
         return full(letter, relay_exists=exists)
 
     @post(
@@ -188,11 +160,8 @@ class DeadLetterController(Controller):
     ) -> DeadLetter:
         ops = _ops(services, caller)
         body = data or ReplayRequest()
-        try:
-            outcome = await ops.replay(letter_id, target=body.target, destination=body.destination)
-            letter, exists = await ops.get(letter_id)
-        except (LookupError, ReplayConflict, ReplayRefused) as exc:
-            raise _problem(exc) from None
+        outcome = await ops.replay(letter_id, target=body.target, destination=body.destination)
+        letter, exists = await ops.get(letter_id)
         if not outcome.replayed:
             raise Problem(
                 502,
@@ -214,11 +183,8 @@ class DeadLetterController(Controller):
         self, caller: CallerDep, services: ServicesDep, letter_id: FromPath[uuid.UUID]
     ) -> DeadLetter:
         ops = _ops(services, caller)
-        try:
-            await ops.discard(letter_id)
-            letter, exists = await ops.get(letter_id)
-        except (LookupError, Conflict) as exc:
-            raise _problem(exc) from None
+        await ops.discard(letter_id)
+        letter, exists = await ops.get(letter_id)
         return full(letter, relay_exists=exists)
 
     @post(
@@ -231,10 +197,7 @@ class DeadLetterController(Controller):
         self, caller: CallerDep, services: ServicesDep, data: JSONBody[DiscardRequest]
     ) -> DiscardResult:
         _bulk(data.ids, data.filter)
-        try:
-            discarded = await _ops(services, caller).discard_many(data.ids, data.filter)
-        except NotAllowed as exc:
-            raise _problem(exc) from None
+        discarded = await _ops(services, caller).discard_many(data.ids, data.filter)
         return DiscardResult(discarded=discarded)
 
     @post(
@@ -257,12 +220,9 @@ class DeadLetterController(Controller):
         self, caller: CallerDep, services: ServicesDep, data: JSONBody[ReplayJobRequest]
     ) -> ReplayJob:
         _bulk(data.ids, data.filter)
-        try:
-            row = await _ops(services, caller).start_job(
-                data.ids, data.filter, target=data.target, destination=data.destination
-            )
-        except (NotAllowed, TooMany, QueueUnavailable) as exc:
-            raise _problem(exc) from None
+        row = await _ops(services, caller).start_job(
+            data.ids, data.filter, target=data.target, destination=data.destination
+        )
         return job(row)
 
     @get("/replay-jobs", operation_id="listReplayJobs", summary="Recent replay jobs, newest first")
@@ -273,8 +233,5 @@ class DeadLetterController(Controller):
 
     @get("/replay-jobs/{job_id:uuid}", operation_id="getReplayJob", summary="A replay job's progress")
     async def get_replay_job(self, caller: CallerDep, services: ServicesDep, job_id: FromPath[uuid.UUID]) -> ReplayJob:
-        try:
-            row = await _ops(services, caller).get_job(job_id)
-        except LookupError as exc:
-            raise _problem(exc) from None
+        row = await _ops(services, caller).get_job(job_id)
         return job(row)

@@ -9,11 +9,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from outbox_relay.domain import Destination, Name
+from outbox_relay.domain import Destination, JobStatusName, LetterStatusName, Name
 
-Status = Literal["dead", "replaying", "replayed", "discarded"]
-JobStatus = Literal["queued", "running", "done", "failed"]
-ErrorClass = Annotated[
+Status = LetterStatusName
+JobStatus = JobStatusName
+ErrorClass = Annotated[  # the values: outbox_relay.domain.ErrorClass (a string here: any stored value reads)
     str,
     Meta(
         pattern=r"^[a-z_]{1,64}$",

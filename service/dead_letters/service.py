@@ -1,10 +1,10 @@
 """What the dead-letter API and the dashboard both do: scope, list, replay, discard, audit.
 
 Callers are a tenant API key (its own tenant's letters) or the admin key (every tenant's, or one
-tenant's with ``tenant``). Errors are raised as plain exceptions -- LookupError (not found),
-:class:`~outbox_relay.replay.ReplayConflict`, :class:`~outbox_relay.replay.ReplayRefused`,
-:class:`Conflict`, :class:`NotAllowed`, :class:`TooMany`, :class:`QueueUnavailable` -- and each front end shows them
-its own way (problem details, or a message in the page).
+tenant's with ``tenant``). Errors are raised as the classes of :mod:`outbox_relay.errors` -- NotFound,
+ReplayConflict, ReplayRefused, Conflict, NotAllowed, TooMany, QueueUnavailable, InvalidRequest -- and each
+front end shows them its own way, from one table each: problem details (``service.problems.PROBLEMS``) or
+a message in the page (``service.ui.responses.UI_REFUSALS``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ from typing import Any
 import msgspec
 from arq.connections import RedisSettings, create_pool
 
+from outbox_relay.domain import JobStatus, LetterStatus
+from outbox_relay.errors import Conflict as Conflict
+from outbox_relay.errors import InvalidRequest, NotFound
+from outbox_relay.errors import NotAllowed as NotAllowed
+from outbox_relay.errors import QueueUnavailable as QueueUnavailable
+from outbox_relay.errors import TooMany as TooMany
 from outbox_relay.replay import REPLAY_JOB, Replayer, ReplayOutcome, replay_job_id
 from outbox_relay.store.control import TenantRow, hash_key
 from outbox_relay.store.dead_letters import (
@@ -49,22 +55,6 @@ from service.deps import Services
 log = logging.getLogger("outbox_relay.api")
 NO_TENANT = uuid.UUID(int=0)
 """Scope of an admin filter naming a tenant that does not exist: matches nothing."""
-
-
-class NotAllowed(Exception):
-    """A tenant key asked for another tenant's letters."""
-
-
-class Conflict(Exception):
-    """The letter is not in a state the action applies to."""
-
-
-class TooMany(Exception):
-    """A bulk action over more letters than one job takes."""
-
-
-class QueueUnavailable(Exception):
-    """The job could not be queued (Redis)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +100,7 @@ def encode_cursor(row: LetterSummary) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """ValueError for anything this service did not issue."""
+    """InvalidRequest (a ValueError) for anything this service did not issue."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, _, letter_id = raw.partition("|")
@@ -119,7 +109,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
             raise ValueError("naive time")
         return when, uuid.UUID(letter_id)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ValueError("invalid pagination cursor") from None
+        raise InvalidRequest("invalid pagination cursor") from None
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -249,7 +239,9 @@ class DeadLetters:
             return None
         return await self.store.tenant_id(tenant) or NO_TENANT
 
-    async def letter_filter(self, f: DeadLetterFilter, *, statuses: tuple[str, ...] = ("dead",)) -> LetterFilter:
+    async def letter_filter(
+        self, f: DeadLetterFilter, *, statuses: tuple[str, ...] = (LetterStatus.DEAD,)
+    ) -> LetterFilter:
         return LetterFilter(
             tenant_id=await self.scope(f.tenant),
             statuses=statuses,
@@ -272,10 +264,10 @@ class DeadLetters:
         return rows[:limit], next_cursor, totals
 
     async def get(self, letter_id: uuid.UUID) -> tuple[Letter, bool]:
-        """The letter and whether its relay still exists; LookupError if not found."""
+        """The letter and whether its relay still exists; NotFound if not found."""
         letter = await self.store.get(letter_id, self._tenant_id)
         if letter is None:
-            raise LookupError(f"dead letter {letter_id} not found")
+            raise NotFound(f"dead letter {letter_id} not found")
         exists = letter.relay_id is not None and await self.store.relay_route(letter.relay_id) is not None
         return letter, exists
 
@@ -303,11 +295,11 @@ class DeadLetters:
         return outcome
 
     async def discard(self, letter_id: uuid.UUID) -> Letter:
-        """LookupError if not found; Conflict if it is not dead."""
+        """NotFound if not found; Conflict if it is not dead."""
         done = await self.store.discard([letter_id], self._tenant_id)
         letter = await self.store.get(letter_id, self._tenant_id)
         if letter is None:
-            raise LookupError(f"dead letter {letter_id} not found")
+            raise NotFound(f"dead letter {letter_id} not found")
         if not done:
             raise Conflict(f"dead letter {letter_id} is {letter.status}; only dead letters can be discarded")
         await self._audit(letter.tenant_id, "discard", f"dead-letters/{letter_id}", {})
@@ -371,19 +363,19 @@ class DeadLetters:
             },
         )
         if row.total == 0:
-            return await self.store.finish_job(row.id, status="done") or row
+            return await self.store.finish_job(row.id, status=JobStatus.DONE) or row
         try:
             await enqueue_replay(self.services, row.id)
         except Exception as exc:
             log.warning("could not queue replay job %s: %s", row.id, exc)
-            await self.store.finish_job(row.id, status="failed", error=f"could not queue the job: {exc}")
+            await self.store.finish_job(row.id, status=JobStatus.FAILED, error=f"could not queue the job: {exc}")
             raise QueueUnavailable("the job queue (Redis) is unavailable; nothing was replayed") from None
         return row
 
     async def get_job(self, job_id: uuid.UUID) -> JobRow:
         row = await self.store.get_job(job_id, self._tenant_id)
         if row is None:
-            raise LookupError(f"replay job {job_id} not found")
+            raise NotFound(f"replay job {job_id} not found")
         return row
 
     async def jobs(self, limit: int) -> list[JobRow]:

@@ -14,8 +14,8 @@ from typing import Any
 import msgspec
 
 from outbox_relay.domain import Relay
-from outbox_relay.errors import OutOfBounds
-from outbox_relay.store.control import RelayChanged, ResourceRow, TenantRow
+from outbox_relay.errors import NotFound, OutOfBounds
+from outbox_relay.store.control import ResourceRow, TenantRow
 from service.deps import Services
 from service.problems import Problem
 from service.relays.status import RelayStatus, relay_status
@@ -43,25 +43,18 @@ async def put_relay(
             field="policy.poll_interval_ms",
             limit=settings.min_poll_interval_ms,
         )
-    try:
-        row, created = await services.store.put_relay(
-            tenant.id,
-            name,
-            spec_json(data),
-            database=data.database,
-            target=data.target,
-            partitions=data.partitions,
-            enabled=data.enabled,
-            quotas=settings.quota_defaults(),
-            max_partitions=settings.max_relay_partitions,
-            expect_updated_at=expect_updated_at,
-        )
-    except RelayChanged as exc:
-        raise Problem(409, f"{exc}; nothing was written, try again", slug="conflict") from None
-    except LookupError as exc:
-        raise Problem(422, str(exc.args[0]), slug="unknown-reference") from None
-    except ValueError as exc:
-        raise Problem(409, str(exc), slug="immutable-field") from None
+    row, created = await services.store.put_relay(
+        tenant.id,
+        name,
+        spec_json(data),
+        database=data.database,
+        target=data.target,
+        partitions=data.partitions,
+        enabled=data.enabled,
+        quotas=settings.quota_defaults(),
+        max_partitions=settings.max_relay_partitions,
+        expect_updated_at=expect_updated_at,
+    )  # UnknownReference, ImmutableField, RelayChanged: answered by service.problems.PROBLEMS
     await services.store.audit(
         tenant.id,
         actor,
@@ -75,10 +68,10 @@ async def put_relay(
 async def set_enabled(services: Services, tenant: TenantRow, name: str, enabled: bool, *, actor: str, via: str) -> bool:
     """Pause (``enabled=False``) or resume a relay of ``tenant``: its stored spec written back through
     :func:`put_relay` with only ``enabled`` changed. False when it already was so (nothing written);
-    LookupError when the tenant has no such relay."""
+    NotFound when the tenant has no such relay."""
     row = await services.store.get_resource("relays", tenant.id, name)
     if row is None:
-        raise LookupError(f"relay {name!r} not found")
+        raise NotFound(f"relay {name!r} not found")
     relay = msgspec.json.decode(row.spec, type=Relay)
     if relay.enabled == enabled:
         return False

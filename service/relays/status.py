@@ -20,16 +20,16 @@ from typing import Any, Literal
 
 import msgspec
 
+from outbox_relay.domain import CauseKind, CauseKindName, PartitionErrorClass
+
 State = Literal["paused", "failing", "stalled", "running", "idle"]
-CauseKind = Literal[
-    "target_unreachable", "database_unreachable", "long_running_transaction", "poison_message", "lease_lost"
-]
 RECENT = timedelta(seconds=60)
 LEASE_GRACE = timedelta(seconds=30)
 
 
 class Cause(msgspec.Struct, kw_only=True, omit_defaults=True):
-    kind: CauseKind
+    kind: CauseKindName
+    """A :class:`~outbox_relay.domain.CauseKind`."""
     detail: str
     partition: int
     outbox_id: int | None = None
@@ -154,13 +154,8 @@ def relay_restore(parts: list[RestoreStatus]) -> RestoreStatus | None:
     )
 
 
-_SEVERITY: dict[str, int] = {
-    "target_unreachable": 0,
-    "database_unreachable": 1,
-    "poison_message": 2,
-    "long_running_transaction": 3,
-    "lease_lost": 4,
-}
+_SEVERITY: dict[str, int] = {kind: rank for rank, kind in enumerate(CauseKind)}
+"""CauseKind lists the kinds worst first."""
 
 
 def partition_cause(p: dict[str, Any], now: datetime) -> Cause | None:
@@ -171,27 +166,27 @@ def partition_cause(p: dict[str, Any], now: datetime) -> Cause | None:
         and now - error_at < RECENT
         and (p["last_published_at"] is None or p["last_published_at"] <= error_at)
     )
-    if recent_error and p["last_error_class"] == "target_unavailable":
-        return Cause(kind="target_unreachable", detail=p["last_error"], partition=part)
-    if recent_error and p["last_error_class"] == "database_unavailable":
-        return Cause(kind="database_unreachable", detail=p["last_error"], partition=part)
+    if recent_error and p["last_error_class"] == PartitionErrorClass.TARGET_UNAVAILABLE:
+        return Cause(kind=CauseKind.TARGET_UNREACHABLE.value, detail=p["last_error"], partition=part)
+    if recent_error and p["last_error_class"] == PartitionErrorClass.DATABASE_UNAVAILABLE:
+        return Cause(kind=CauseKind.DATABASE_UNREACHABLE.value, detail=p["last_error"], partition=part)
     if p["retry_outbox_id"] is not None:
         return Cause(
-            kind="poison_message",
+            kind=CauseKind.POISON_MESSAGE.value,
             detail=p["last_error"] or "a refused message is being retried",
             partition=part,
             outbox_id=p["retry_outbox_id"],
             attempts=p["retry_attempts"],
         )
     stall = msgspec.json.decode(p["stall"]) if p["stall"] else None
-    if stall and stall.get("cause") == "long_running_transaction":
+    if stall and stall.get("cause") == CauseKind.LONG_RUNNING_TRANSACTION:
         age = stall.get("age_s")
         where = stall.get("database")
         held = f"a transaction open for {age:.0f} s" if age is not None else "a long-running transaction"
         if where:
             held += f" in database {where!r}"
         return Cause(
-            kind="long_running_transaction",
+            kind=CauseKind.LONG_RUNNING_TRANSACTION.value,
             detail=f"{held} holds the server-wide xmin horizon; rows committed after it began are "
             "published once it ends",
             partition=part,
@@ -203,7 +198,7 @@ def partition_cause(p: dict[str, Any], now: datetime) -> Cause | None:
     waiting = _waits(p)
     if waiting and p["lease_holder"] is not None and expires is not None and now - expires > LEASE_GRACE:
         return Cause(
-            kind="lease_lost",
+            kind=CauseKind.LEASE_LOST.value,
             detail=f"the lease of {p['lease_holder']} expired at {expires.isoformat()} and no worker took it over",
             partition=part,
         )
@@ -257,7 +252,7 @@ def relay_status(name: str, enabled: bool, parts: list[dict[str, Any]], now: dat
     state: State
     if not enabled:
         state = "paused"
-    elif cause is not None and cause.kind in ("target_unreachable", "database_unreachable"):
+    elif cause is not None and cause.kind in (CauseKind.TARGET_UNREACHABLE, CauseKind.DATABASE_UNREACHABLE):
         state = "failing"
     elif cause is not None:
         state = "stalled"

@@ -10,11 +10,10 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from outbox_relay.domain import Target
-from outbox_relay.errors import InUse, InvalidSpec
 from outbox_relay.netguard import check_target
 from outbox_relay.specs import check_target as check_target_spec
 from service.deps import ServicesDep, TenantDep, authenticate_tenant, decode_cursor, encode_cursor, provide_tenant
-from service.problems import Problem, spec_problem
+from service.problems import Problem
 from service.resources import (
     CURSOR_PARAM,
     LIMIT_PARAM,
@@ -68,10 +67,7 @@ class TargetController(Controller):
     async def put_target(
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Target]
     ) -> Response[Target]:
-        try:
-            check_target_spec(data)
-        except InvalidSpec as exc:
-            raise spec_problem(exc, slug="invalid-target") from None
+        check_target_spec(data)  # InvalidTargetSpec: 422 invalid-target
         try:
             await check_target(services.policy, data)
         except ValueError as exc:
@@ -98,8 +94,5 @@ class TargetController(Controller):
         users = await services.store.relays_using("targets", tenant.id, name)
         if users:
             raise Problem(409, f"target {name!r} is used by relays {users}; delete them first", slug="in-use")
-        try:
-            if await services.store.delete_resource("targets", tenant.id, name):
-                await services.store.audit(tenant.id, "tenant", "delete", f"targets/{name}")
-        except InUse as exc:
-            raise Problem(409, str(exc), slug="in-use") from None
+        if await services.store.delete_resource("targets", tenant.id, name):  # InUse: 409 in-use
+            await services.store.audit(tenant.id, "tenant", "delete", f"targets/{name}")

@@ -8,14 +8,17 @@ from typing import Any
 from litestar import Request
 from litestar.di import NamedDependency
 
+from outbox_relay.errors import OutboxRelayError
 from service.dead_letters import service as ops_mod
 from service.dead_letters.service import Caller
 from service.deps import Services, ServicesDep
 from service.ui.session import Session, read_session
 
 
-class SignInRequired(Exception):
-    """No valid session: the page sends the browser to the sign-in form."""
+class SignInRequired(OutboxRelayError):
+    """No valid session: the page sends the browser to the sign-in form (``responses.signin_redirect``).
+
+    The dashboard's own branch of the tree in :mod:`outbox_relay.errors`: only the dashboard raises it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,19 +23,17 @@ from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from litestar.response import Redirect, Template
 
-from outbox_relay.domain import NAME_RE
-from outbox_relay.replay import ReplayConflict, ReplayRefused
+from outbox_relay.domain import NAME_RE, ErrorClass
 from outbox_relay.store.dead_letters import STATUSES, LetterFilter
 from service.dead_letters import service as ops_mod
 from service.dead_letters.schemas import MAX_IDS
-from service.dead_letters.service import Conflict, NotAllowed, QueueUnavailable, TooMany
+from service.dead_letters.service import NotAllowed
 from service.deps import ServicesDep, client_of, throttled
 from service.ui.auth import SignInRequired, UserDep, provide_user
 from service.ui.forms import (
     checked_form,
     describe,
     filter_params,
-    message_of,
     ops_for,
     parse_filter,
     parse_ids,
@@ -44,9 +42,11 @@ from service.ui.forms import (
 )
 from service.ui.responses import (
     SECURITY_HEADERS,
+    UI_REFUSALS,
     http_error,
     internal_error,
     login_form,
+    on_refusal,
     page,
     redirect,
     safe_back,
@@ -63,7 +63,7 @@ from service.ui.session import (
 )
 
 PAGE_SIZES = (25, 50, 100, 200)
-KNOWN_ERROR_CLASSES = ("refused", "too_large", "unavailable", "unroutable", "not_allowed")
+KNOWN_ERROR_CLASSES = tuple(ErrorClass)
 
 
 # --- pages -------------------------------------------------------------------------------------------
@@ -76,6 +76,7 @@ class UIController(Controller):
     exception_handlers = {
         SignInRequired: signin_redirect,
         HTTPException: http_error,
+        **UI_REFUSALS,
         Exception: internal_error,
     }
 
@@ -198,10 +199,7 @@ class UIController(Controller):
         self, request: Request[Any, Any, Any], user: UserDep, services: ServicesDep, letter_id: FromPath[uuid.UUID]
     ) -> Template:
         ops = ops_for(services, user)
-        try:
-            letter, exists = await ops.get(letter_id)
-        except LookupError as exc:
-            raise HTTPException(status_code=404, detail=message_of(exc)) from None
+        letter, exists = await ops.get(letter_id)
         back = safe_back(request.query_params.get("back"))
         context = {
             "letter": ops_mod.full(letter, relay_exists=exists),
@@ -213,10 +211,7 @@ class UIController(Controller):
 
     @get("/dead-letters/{letter_id:uuid}/payload")
     async def payload(self, user: UserDep, services: ServicesDep, letter_id: FromPath[uuid.UUID]) -> Response[bytes]:
-        try:
-            letter, _ = await ops_for(services, user).get(letter_id)
-        except LookupError as exc:
-            raise HTTPException(status_code=404, detail=message_of(exc)) from None
+        letter, _ = await ops_for(services, user).get(letter_id)
         return Response(
             letter.payload,
             media_type="application/octet-stream",
@@ -233,10 +228,8 @@ class UIController(Controller):
         destination = (form.get("destination") or "").strip() or None
         if target is not None and not NAME_RE.match(target):
             return redirect(request, back, ("error", f"{target!r} is not a target name"))
-        try:
-            outcome = await ops_for(services, user).replay(letter_id, target=target, destination=destination)
-        except (LookupError, ReplayConflict, ReplayRefused) as exc:
-            return redirect(request, back, ("error", f"Not replayed: {message_of(exc)}"))
+        on_refusal(request, back, "Not replayed: ")
+        outcome = await ops_for(services, user).replay(letter_id, target=target, destination=destination)
         if outcome.replayed:
             text = (
                 f"Replayed dead letter {str(letter_id)[:8]} to target {outcome.target_name!r} "
@@ -252,10 +245,8 @@ class UIController(Controller):
     ) -> Redirect:
         form = await checked_form(request, user)
         back = safe_back(form.get("back"), f"/ui/dead-letters/{letter_id}")
-        try:
-            await ops_for(services, user).discard(letter_id)
-        except (LookupError, Conflict) as exc:
-            return redirect(request, back, ("error", f"Not discarded: {message_of(exc)}"))
+        on_refusal(request, back, "Not discarded: ")
+        await ops_for(services, user).discard(letter_id)
         return redirect(request, back, ("notice", f"Discarded dead letter {str(letter_id)[:8]}."))
 
     @post("/dead-letters/confirm", status_code=200)
@@ -280,10 +271,8 @@ class UIController(Controller):
                 return redirect(request, back, ("error", f"Select at most {MAX_IDS:,} dead letters at once."))
             count = len(ids)
         else:
-            try:
-                count = (await ops.store.counts(await ops.letter_filter(f))).total
-            except NotAllowed as exc:
-                return redirect(request, back, ("error", str(exc)))
+            on_refusal(request, back)
+            count = (await ops.store.counts(await ops.letter_filter(f))).total
         context = {
             "action": action,
             "scope": scope,
@@ -310,17 +299,15 @@ class UIController(Controller):
             return redirect(request, back, ("error", "Select at least one dead letter first."))
         selection = None if scope == "selected" else f
         ops = ops_for(services, user)
-        try:
-            if action == "discard":
-                count = await ops.discard_many(ids, selection)
-                return redirect(request, back, ("notice", f"Discarded {count:,} dead letter{'s' * (count != 1)}."))
-            target = (form.get("target") or "").strip() or None
-            destination = (form.get("destination") or "").strip() or None
-            if target is not None and not NAME_RE.match(target):
-                return redirect(request, back, ("error", f"{target!r} is not a target name"))
-            job = await ops.start_job(ids, selection, target=target, destination=destination)
-        except (NotAllowed, TooMany, QueueUnavailable) as exc:
-            return redirect(request, back, ("error", str(exc)))
+        on_refusal(request, back)
+        if action == "discard":
+            count = await ops.discard_many(ids, selection)
+            return redirect(request, back, ("notice", f"Discarded {count:,} dead letter{'s' * (count != 1)}."))
+        target = (form.get("target") or "").strip() or None
+        destination = (form.get("destination") or "").strip() or None
+        if target is not None and not NAME_RE.match(target):
+            return redirect(request, back, ("error", f"{target!r} is not a target name"))
+        job = await ops.start_job(ids, selection, target=target, destination=destination)
         return redirect(request, url_with(f"/ui/jobs/{job.id}", {"back": back}))
 
     @get("/jobs")
@@ -332,10 +319,7 @@ class UIController(Controller):
     async def job_page(
         self, request: Request[Any, Any, Any], user: UserDep, services: ServicesDep, job_id: FromPath[uuid.UUID]
     ) -> Template:
-        try:
-            row = await ops_for(services, user).get_job(job_id)
-        except LookupError as exc:
-            raise HTTPException(status_code=404, detail=message_of(exc)) from None
+        row = await ops_for(services, user).get_job(job_id)
         job = ops_mod.job(row)
         context = {
             "job": job,
@@ -346,8 +330,5 @@ class UIController(Controller):
 
     @get("/jobs/{job_id:uuid}/progress")
     async def job_progress(self, user: UserDep, services: ServicesDep, job_id: FromPath[uuid.UUID]) -> Response[bytes]:
-        try:
-            row = await ops_for(services, user).get_job(job_id)
-        except LookupError as exc:
-            raise HTTPException(status_code=404, detail=message_of(exc)) from None
+        row = await ops_for(services, user).get_job(job_id)
         return Response(msgspec.json.encode(ops_mod.job(row)), media_type="application/json", headers=SECURITY_HEADERS)

@@ -138,11 +138,5 @@ async def checked_form(request: Request[Any, Any, Any], user: User) -> Any:
     return form
 
 
-def message_of(exc: Exception) -> str:
-    if isinstance(exc, LookupError):
-        return str(exc.args[0])
-    return str(exc)
-
-
 async def target_names(services: ServicesDep, tenant_id: uuid.UUID) -> list[str]:
     return [r.name for r in await services.store.list_resources("targets", tenant_id, None, 500)]

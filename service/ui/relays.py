@@ -19,7 +19,7 @@ from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from litestar.response import Redirect, Template
 
-from outbox_relay.domain import NAME_RE
+from outbox_relay.domain import NAME_RE, CauseKind
 from outbox_relay.errors import OutboxRelayError
 from service.deps import ServicesDep
 from service.relays import service as relays_mod
@@ -29,11 +29,11 @@ from service.ui.responses import http_error, internal_error, page, redirect, saf
 
 ADMIN_NOTE = "Relays belong to tenants: sign in with a tenant's API key to see and pause its relays."
 CAUSE_LABELS = {
-    "target_unreachable": "Target unreachable",
-    "database_unreachable": "Tenant database unreachable",
-    "long_running_transaction": "Long-running transaction",
-    "poison_message": "Poison message",
-    "lease_lost": "Lease lost",
+    CauseKind.TARGET_UNREACHABLE: "Target unreachable",
+    CauseKind.DATABASE_UNREACHABLE: "Tenant database unreachable",
+    CauseKind.LONG_RUNNING_TRANSACTION: "Long-running transaction",
+    CauseKind.POISON_MESSAGE: "Poison message",
+    CauseKind.LEASE_LOST: "Lease lost",
 }
 
 

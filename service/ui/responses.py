@@ -1,5 +1,6 @@
 """The dashboard's responses: pages (jinja2 templates with the security headers), redirects with a
-flash, the sign-in redirect and form, and error pages (never a stack trace)."""
+flash, the sign-in redirect and form, error pages (never a stack trace), and what the operations raise
+(:data:`UI_REFUSALS`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
+from outbox_relay.errors import OutboxRelayError
 from service.deps import Services
+from service.problems import PROBLEMS, problem_type
 from service.ui.auth import SignInRequired, User, services_of
 from service.ui.forms import duration, iso, num, utc
 from service.ui.session import (
@@ -126,6 +129,34 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_page(request, 500, "Something went wrong on our side; the operator has the details in the log.")
+
+
+def on_refusal(request: Request[Any, Any, Any], back: str, prefix: str = "") -> None:
+    """Make what the operations raise from here on a redirect to ``back`` with the message (after
+    ``prefix``) as an error flash, instead of an error page: for an action, once it knows where it goes back."""
+    request.state[_REFUSAL] = (back, prefix)
+
+
+_REFUSAL = "ui_refusal"
+
+
+def refusal(request: Request[Any, Any, Any], exc: OutboxRelayError) -> Response[Any]:
+    """The dashboard's answer to an error of the table: in an action that called :func:`on_refusal`, a
+    redirect back with the message; elsewhere the error page with the API's status for it (404 for NotFound)."""
+    entry = problem_type(exc)
+    if entry is None:  # pragma: no cover - registered for the table's classes only
+        return internal_error(request, exc)
+    after = request.state.get(_REFUSAL)
+    if after is not None:
+        back, prefix = after
+        return redirect(request, back, ("error", f"{prefix}{exc}"))
+    return error_page(request, entry.status, str(exc))
+
+
+UI_REFUSALS: dict[Any, Any] = dict.fromkeys(PROBLEMS, refusal)
+"""The dashboard's exception handlers for every class the API's table answers (NotFound, Conflict,
+ReplayRefused, NotAllowed, TooMany, QueueUnavailable ...): all through :func:`refusal`, with the API's
+status, so the dashboard never answers with problem JSON and its handlers translate nothing by hand."""
 
 
 def error_page(request: Request[Any, Any, Any], status: int, detail: str) -> Response[Any]:

@@ -517,3 +517,75 @@ async def test_replay_job_request_validation(api: AsyncTestClient[Any]) -> None:
     r = await t.post("/v1/dead-letters/replay-jobs", {"filter": {"relay": "Not A Name"}})
     assert r.status_code == 400
     assert (await t.get(f"/v1/dead-letters/replay-jobs/{uuid.uuid4()}")).status_code == 404
+
+
+# --- how errors answer ---------------------------------------------------------------------------------
+
+
+def problem(r: Any, status: int, slug: str) -> str:
+    """Assert a problem-details answer and return its detail."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert (body["type"], body["status"]) == (f"urn:outbox-relay:problem:{slug}", status), body
+    assert body["title"] and body["detail"]
+    detail: str = body["detail"]
+    return detail
+
+
+async def test_each_error_of_the_operations_answers_with_its_problem_type(
+    api: AsyncTestClient[Any], pool: asyncpg.Pool, rabbitmq: RabbitMQAccount
+) -> None:
+    t = await make_tenant(api, "dlerr")
+    other = await make_tenant(api, "dlerr-other")
+    missing = uuid.uuid4()
+    r = await t.get(f"/v1/dead-letters/{missing}")
+    assert problem(r, 404, "not-found") == f"dead letter {missing} not found" and r.json()["title"] == "Not Found"
+    assert problem(await t.post(f"/v1/dead-letters/{missing}/replay"), 404, "not-found")
+    assert problem(await t.post(f"/v1/dead-letters/{missing}/discard"), 404, "not-found")
+    r = await t.get(f"/v1/dead-letters/replay-jobs/{missing}")
+    assert problem(r, 404, "not-found") == f"replay job {missing} not found"
+    r = await t.get(f"/v1/dead-letters?tenant={other.name}")
+    assert "only its own tenant" in problem(r, 403, "forbidden")
+    r = await t.post("/v1/dead-letters/discard", {"filter": {"tenant": other.name}})
+    assert problem(r, 403, "forbidden")
+    assert problem(await t.get("/v1/dead-letters?cursor=AAAA"), 400, "invalid-request") == "invalid pagination cursor"
+
+    (gone,) = await bury(pool, t.name, relay="deleted-relay")  # its relay is gone: nowhere to replay to
+    r = await t.post(f"/v1/dead-letters/{gone}/replay")
+    assert "no longer exists" in problem(r, 422, "replay-unroutable")
+    r = await t.post(f"/v1/dead-letters/{gone}/replay", {"target": "no-such-target"})
+    assert "does not exist" in problem(r, 422, "replay-unroutable")
+    await relay_setup(t, rabbitmq, {"*": "dl-err-q"})
+    big = await bury(pool, t.name, relay="rel", relay_uuid=await relay_id(pool, t.name, "rel"), payload=b"x" * 2048)
+    await t.put(
+        "/v1/relays/rel",
+        {
+            "database": "app",
+            "target": "rabbit",
+            "partitions": 1,
+            "topic_mapping": {"*": "dl-err-q"},
+            "enabled": False,
+            "policy": {"max_payload_bytes": 1024},
+        },
+    )
+    r = await t.post(f"/v1/dead-letters/{big[0]}/replay")
+    assert "max_payload_bytes" in problem(r, 422, "replay-too-large")
+
+    (done,) = await bury(pool, t.name, status="replayed")
+    assert "only dead letters" in problem(await t.post(f"/v1/dead-letters/{done}/discard"), 409, "conflict")
+    assert "not dead" in problem(await t.post(f"/v1/dead-letters/{done}/replay"), 409, "conflict")
+
+
+async def test_a_job_the_queue_cannot_take_is_503_queue_unavailable(dl_settings: Settings, pool: asyncpg.Pool) -> None:
+    down = dataclasses.replace(dl_settings, redis_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
+    async with AsyncTestClient(app=create_app(down)) as c:
+        t = await make_tenant(c, "dlq")
+        await bury(pool, t.name, 2)
+        r = await t.post("/v1/dead-letters/replay-jobs", {"filter": {}})
+        assert "unavailable" in problem(r, 503, "queue-unavailable")
+    tid = await tenant_id(pool, t.name)
+    failed = await pool.fetchval(
+        "SELECT count(*) FROM dead_letter_jobs WHERE tenant_id = $1 AND status = 'failed'", tid
+    )
+    assert failed == 1

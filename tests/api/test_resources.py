@@ -103,10 +103,12 @@ async def test_relay_roundtrip_and_fixed_fields(tenant: TenantClient) -> None:
     assert got["policy"]["batch_size"] == 50 and got["policy"]["max_attempts"] == 10
     r = await tenant.put("/v1/relays/r", {**body, "partitions": 8})
     assert r.status_code == 409 and "partitions" in r.json()["detail"]
+    assert r.json()["type"] == "urn:outbox-relay:problem:immutable-field"
     r = await tenant.put("/v1/relays/r", {**body, "database": "d2"})
-    assert r.status_code == 409
+    assert r.status_code == 409 and r.json()["type"] == "urn:outbox-relay:problem:immutable-field"
     r = await tenant.put("/v1/relays/r", {**body, "target": "missing"})
-    assert r.status_code == 422 and "missing" in r.json()["detail"]
+    assert r.status_code == 422 and r.json()["detail"] == "target 'missing' does not exist"
+    assert r.json()["type"] == "urn:outbox-relay:problem:unknown-reference"
     status = (await tenant.get("/v1/relays/r/status")).json()
     assert [p["partition"] for p in status["partitions"]] == [0, 1, 2, 3]
 
@@ -135,6 +137,28 @@ async def test_bad_input_is_4xx_problem(tenant: TenantClient) -> None:
         "/v1/databases/d", content=b"{not json", headers={**tenant.headers, "content-type": "application/json"}
     )
     assert r.status_code == 400
+
+
+async def test_a_refused_spec_names_its_problem_type_and_field(tenant: TenantClient) -> None:
+    cases = [
+        ("/v1/databases/d", {"dsn": "postgresql://u:pw@127.0.0.1/x"}, "invalid-dsn", "dsn"),
+        ("/v1/targets/q", {"kind": "rabbitmq", "url": "http://h"}, "invalid-target", "url"),
+        (
+            "/v1/targets/q",
+            {"kind": "kafka", "bootstrap_servers": ["h:99999"]},
+            "invalid-target",
+            "bootstrap_servers[0]",
+        ),
+    ]
+    for path, body, slug, field in cases:
+        r = await tenant.put(path, body)
+        assert r.status_code == 422, (path, r.text)
+        problem = r.json()
+        assert problem["type"] == f"urn:outbox-relay:problem:{slug}", problem
+        assert problem["title"] == "Unprocessable Entity" and problem["detail"].startswith(f"invalid {field}")
+        assert [(e["key"], e["source"]) for e in problem["errors"]] == [(field, "body")]
+    r = await tenant.put("/v1/targets/m", {"kind": "redis_streams", "url": "redis://169.254.169.254:6379/0"})
+    assert r.json()["type"] == "urn:outbox-relay:problem:address-not-allowed"
 
 
 async def test_address_policy_refuses_metadata(tenant: TenantClient) -> None:

@@ -476,6 +476,61 @@ async def test_dashboard_ignores_a_forged_flash(client: AsyncTestClient[Any], se
         assert "Unknown action." not in (await browser.get("/ui/dead-letters")).text
 
 
+async def test_dashboard_shows_what_the_operations_refuse(
+    client: AsyncTestClient[Any], settings: Settings, control_dsn: str
+) -> None:
+    """Without a browser: a refused action goes back with the reason as an error flash; a page of
+    something missing is the 404 error page saying what is missing (never problem JSON, never a 500)."""
+    t = await make_tenant(client, "ui-refused")
+    other = await make_tenant(client, "ui-refused-other")
+    conn = await asyncpg.connect(control_dsn)
+    try:
+        done = await conn.fetchval(
+            "INSERT INTO dead_letters (tenant_id, relay_name, target_name, partition, outbox_id, outbox_txid, topic, "
+            "payload, error_class, last_error, status) SELECT id, 'gone', 'rabbit', 0, 1, 1, 'orders', 'x'::bytea, "
+            "'refused', 'no', 'discarded' FROM tenants WHERE name = $1 RETURNING id",
+            t.name,
+        )
+    finally:
+        await conn.close()
+    missing = uuid.uuid4()
+    async with AsyncTestClient(app=create_app(settings)) as browser:
+        await ui_login(browser, t.key)
+        page = await browser.get("/ui/dead-letters")
+        csrf = re.findall(r'name="csrf" value="([^"]+)"', page.text)[0]
+
+        async def flash_after(path: str, data: dict[str, str], back: str) -> str:
+            r = await browser.post(path, data={"csrf": csrf, "back": back, **data}, follow_redirects=False)
+            assert r.status_code == 303 and r.headers["location"] == back, r.text
+            shown = await browser.get(back)
+            found = re.search(r'<div class="flash flash-error" role="alert">([^<]*)</div>', shown.text)
+            assert found is not None, shown.text
+            return found.group(1)
+
+        text = await flash_after(f"/ui/dead-letters/{missing}/replay", {}, "/ui/dead-letters")
+        assert text == f"Not replayed: dead letter {missing} not found"
+        text = await flash_after(f"/ui/dead-letters/{done}/replay", {}, "/ui/dead-letters?status=any")
+        assert text == f"Not replayed: dead letter {done} is discarded, not dead"
+        text = await flash_after(f"/ui/dead-letters/{done}/discard", {}, "/ui/dead-letters?status=any")
+        assert text == f"Not discarded: dead letter {done} is discarded; only dead letters can be discarded"
+        form = {"intent": "replay-matching", "tenant": other.name}
+        text = await flash_after("/ui/dead-letters/confirm", form, "/ui/jobs")
+        assert text == "a tenant API key sees only its own tenant&#39;s dead letters"
+        form = {"action": "discard", "scope": "matching", "tenant": other.name}
+        text = await flash_after("/ui/dead-letters/bulk", form, "/ui/jobs")
+        assert text == "a tenant API key sees only its own tenant&#39;s dead letters"
+
+        for path, what in [
+            (f"/ui/dead-letters/{missing}", f"dead letter {missing} not found"),
+            (f"/ui/dead-letters/{missing}/payload", f"dead letter {missing} not found"),
+            (f"/ui/jobs/{missing}", f"replay job {missing} not found"),
+            (f"/ui/jobs/{missing}/progress", f"replay job {missing} not found"),
+        ]:
+            r = await browser.get(path)
+            assert r.status_code == 404 and r.headers["content-type"].startswith("text/html"), (path, r.text)
+            assert f'<div class="flash flash-error" role="alert">{what}</div>' in r.text
+
+
 async def test_api_reference_renders_offline(server: LiveServer, page: Page) -> None:
     """/docs in a browser that may reach nothing but this service: the reference renders in full."""
     base = server.url
