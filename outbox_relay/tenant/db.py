@@ -20,12 +20,40 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
+from outbox_relay.config import TENANT_COMMAND_TIMEOUT_FLOOR_S, Settings
 from outbox_relay.domain import Database
 from outbox_relay.errors import AddressNotAllowed, ProvisionFailed, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy, Endpoint, NameBoundSSLContext, hosts_of
 from outbox_relay.tenant import sql
 
 APPLICATION_NAME = "outbox-relay"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Server-side bounds on the relay's own sessions on a tenant database, sent as startup
+    parameters of every connection :func:`dial` opens (so they also win over an ``ALTER ROLE`` or
+    ``ALTER DATABASE ... SET`` of the tenant's). The defaults are the settings' defaults."""
+
+    statement_timeout_ms: int = 60_000
+    idle_in_transaction_timeout_ms: int = 15_000
+
+    @classmethod
+    def of(cls, settings: Settings) -> SessionLimits:
+        return cls(
+            statement_timeout_ms=round(settings.tenant_statement_timeout_s * 1000),
+            idle_in_transaction_timeout_ms=round(settings.tenant_idle_in_transaction_timeout_s * 1000),
+        )
+
+    def server_settings(self) -> dict[str, str]:
+        return {
+            "application_name": APPLICATION_NAME,
+            "statement_timeout": str(self.statement_timeout_ms),
+            "idle_in_transaction_session_timeout": str(self.idle_in_transaction_timeout_ms),
+        }
+
+
+DEFAULT_SESSION = SessionLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,12 +189,15 @@ async def dial(
     timeout_s: float,
     connection_class: type[asyncpg.Connection] = asyncpg.Connection,
     record_class: type[asyncpg.Record] = asyncpg.Record,
+    session: SessionLimits = DEFAULT_SESSION,
 ) -> asyncpg.Connection:
     """One connection to the DSN's database, to an address the policy checked when it resolved the
     DSN's hosts just now; asyncpg is given only those IP addresses, so it resolves no name itself.
 
     ``timeout_s`` bounds the whole connect, the second ``allow``/``prefer`` attempt included (name
-    resolution has the policy's own bound). Raises AddressNotAllowed, or what asyncpg raises.
+    resolution has the policy's own bound). Every statement has the client-side bound
+    ``max(timeout_s, 30 s)`` and the server-side ``session`` bounds. Raises AddressNotAllowed, or
+    what asyncpg raises.
     """
     endpoints = await policy.resolve_all(hosts_of(urlsplit(dsn).netloc, 5432))
     attempts = tls_attempts(dsn, endpoints)
@@ -186,8 +217,8 @@ async def dial(
                 password=password,
                 ssl=tls,
                 timeout=remaining,
-                command_timeout=max(timeout_s, 30),
-                server_settings={"application_name": APPLICATION_NAME},
+                command_timeout=max(timeout_s, TENANT_COMMAND_TIMEOUT_FLOOR_S),
+                server_settings=session.server_settings(),
                 connection_class=connection_class,
                 record_class=record_class,
             )
@@ -197,10 +228,17 @@ async def dial(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-async def connect(db: Database, password: str | None, *, policy: AddressPolicy, timeout_s: float) -> asyncpg.Connection:
+async def connect(
+    db: Database,
+    password: str | None,
+    *,
+    policy: AddressPolicy,
+    timeout_s: float,
+    session: SessionLimits = DEFAULT_SESSION,
+) -> asyncpg.Connection:
     """One connection to the tenant DB (see :func:`dial`); TenantDatabaseError when that fails."""
     try:
-        return await dial(db.dsn, password, policy=policy, timeout_s=timeout_s)
+        return await dial(db.dsn, password, policy=policy, timeout_s=timeout_s, session=session)
     except AddressNotAllowed:
         raise
     except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -215,7 +253,13 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    db: Database, password: str | None, *, policy: AddressPolicy, timeout_s: float, max_size: int = 4
+    db: Database,
+    password: str | None,
+    *,
+    policy: AddressPolicy,
+    timeout_s: float,
+    max_size: int = 4,
+    session: SessionLimits = DEFAULT_SESSION,
 ) -> asyncpg.Pool:
     """A pool whose every connection is opened by :func:`dial`: a DNS answer that changes later is
     checked again when the pool opens its next connection, and cannot steer it past the policy."""
@@ -230,6 +274,7 @@ async def create_pool(
             timeout_s=timeout_s,
             connection_class=options.get("connection_class", asyncpg.Connection),
             record_class=options.get("record_class", asyncpg.Record),
+            session=session,
         )
 
     pool = asyncpg.create_pool(min_size=0, max_size=max_size, connect=open_connection, reset=_keep_session)
