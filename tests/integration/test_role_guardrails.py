@@ -1,5 +1,7 @@
-"""Registration guardrails on the real PostgreSQL: the relay's own sessions carry
-``statement_timeout`` and ``idle_in_transaction_session_timeout``."""
+"""Registration guardrails on the real PostgreSQL: provision checks the connecting role's privileges
+before it changes anything and names every missing one (with the statement that gives it); a role
+granted them provisions; a superuser or a role that owns unrelated tables gets a warning; the relay's
+own sessions carry ``statement_timeout`` and ``idle_in_transaction_session_timeout``."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from litestar.testing import AsyncTestClient
 
 from outbox_relay.config import Settings
 from outbox_relay.domain import Database
@@ -20,6 +23,7 @@ from outbox_relay.errors import ConfigError
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.tenant import db as tenant_db
 from tests.conftest import PG_HOST, PG_PORT, RUN_ID, pg_dsn
+from tests.helpers import TenantClient, make_tenant
 
 _names = itertools.count(1)
 POLICY = AddressPolicy(allow_private=True)
@@ -66,6 +70,123 @@ async def scratch() -> AsyncIterator[Scratch]:
         await conn.execute(f"DROP DATABASE IF EXISTS {made.database} WITH (FORCE)")
         await conn.execute(f"DROP ROLE IF EXISTS {made.role}")
         await conn.close()
+
+
+@pytest.fixture
+async def tenant(client: AsyncTestClient[Any]) -> TenantClient:
+    return await make_tenant(client, "guard")
+
+
+async def register(tenant: TenantClient, name: str, dsn: str) -> None:
+    r = await tenant.put(f"/v1/databases/{name}", {"dsn": dsn})
+    assert r.status_code == 201, r.text
+
+
+async def test_a_role_without_the_grants_gets_every_one_missing_then_provisions_once_granted(
+    tenant: TenantClient, scratch: Scratch
+) -> None:
+    # two things missing at once: CREATE on the database (PostgreSQL 15 grants it to nobody by default)
+    # and EXECUTE on a function maintenance calls, revoked from PUBLIC in this database only
+    await scratch.admin("REVOKE EXECUTE ON FUNCTION pg_catalog.pg_try_advisory_lock(bigint) FROM PUBLIC")
+    await register(tenant, "shop", scratch.role_dsn)
+
+    r = await tenant.post("/v1/databases/shop/provision")
+
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert problem["type"] == "urn:outbox-relay:problem:missing-privileges"
+    assert problem["missing"] == [
+        {
+            "privilege": "CREATE",
+            "object": f"database {scratch.database}",
+            "grant": f"GRANT CREATE ON DATABASE {scratch.database} TO {scratch.role}",
+        },
+        {
+            "privilege": "EXECUTE",
+            "object": "function pg_catalog.pg_try_advisory_lock(bigint)",
+            "grant": f"GRANT EXECUTE ON FUNCTION pg_catalog.pg_try_advisory_lock(bigint) TO {scratch.role}",
+        },
+    ]
+    assert f"role {scratch.role} lacks" in problem["detail"]
+    assert f"GRANT CREATE ON DATABASE {scratch.database} TO {scratch.role};" in problem["detail"]
+    # checked before anything changed: no schema was made
+    assert await scratch.as_role("SELECT to_regnamespace('outbox_relay') IS NULL") is True
+
+    await scratch.admin(*(m["grant"] for m in problem["missing"]))
+    r = await tenant.post("/v1/databases/shop/provision")
+
+    assert r.status_code == 200, r.text
+    assert r.json() == {"database": "shop", "schema": "outbox_relay", "version": 2, "warnings": []}
+    # the role owns its outbox, and reads it as the relay does
+    assert await scratch.as_role("SELECT count(*) FROM outbox_relay.outbox") == 0
+    assert await scratch.as_role("SELECT pg_try_advisory_lock(1)") is True
+
+
+async def test_an_outbox_of_another_owner_lists_every_object_and_the_grants_fix_it(
+    tenant: TenantClient, scratch: Scratch
+) -> None:
+    """Installed by the superuser, then registered with the relay's role: re-applying the schema
+    needs the owner, so every relay table, partition and function is named, and the statements
+    given are enough."""
+    conn = await asyncpg.connect(pg_dsn(scratch.database))
+    try:
+        await tenant_db.provision(conn, "shop_outbox")
+    finally:
+        await conn.close()
+    await register(tenant, "shop", scratch.role_dsn)
+    r = await tenant.put("/v1/databases/shop", {"dsn": scratch.role_dsn, "schema": "shop_outbox"})
+    assert r.status_code == 200, r.text
+
+    r = await tenant.post("/v1/databases/shop/provision")
+
+    assert r.status_code == 422, r.text
+    missing = r.json()["missing"]
+    by_kind = {(m["privilege"], m["object"]) for m in missing}
+    assert ("CREATE", f"database {scratch.database}") in by_kind
+    assert ("USAGE", "schema shop_outbox") in by_kind
+    assert ("CREATE", "schema shop_outbox") in by_kind
+    for table in ("outbox", "outbox_default", "outbox_meta"):
+        assert ("OWNER", f"table shop_outbox.{table}") in by_kind
+    assert ("OWNER", "function shop_outbox.outbox_notify()") in by_kind
+    assert ("OWNER", "function shop_outbox.outbox_ensure_partitions(days_ahead integer)") in by_kind
+    partitions = [m for m in missing if m["object"].startswith("table shop_outbox.outbox_2")]
+    assert len(partitions) == 8  # today and 7 days ahead
+    assert len(missing) == len(by_kind) == 3 + 3 + 2 + 8
+
+    await scratch.admin(*(m["grant"] for m in missing))
+    r = await tenant.post("/v1/databases/shop/provision")
+
+    assert r.status_code == 200, r.text
+    assert r.json()["warnings"] == []
+
+
+async def test_a_superuser_is_warned(tenant: TenantClient, scratch: Scratch) -> None:
+    await register(tenant, "shop", pg_dsn(scratch.database))
+
+    r = await tenant.post("/v1/databases/shop/provision")
+
+    assert r.status_code == 200, r.text
+    warnings = r.json()["warnings"]
+    assert [w["code"] for w in warnings] == ["superuser"]
+    assert "is a superuser" in warnings[0]["message"]
+
+
+async def test_a_role_that_owns_unrelated_tables_is_warned(tenant: TenantClient, scratch: Scratch) -> None:
+    await scratch.admin(
+        f"GRANT CREATE ON DATABASE {scratch.database} TO {scratch.role}",
+        f"CREATE SCHEMA app AUTHORIZATION {scratch.role}",
+        "CREATE TABLE app.orders (id int)",
+        f"ALTER TABLE app.orders OWNER TO {scratch.role}",
+        "CREATE TABLE public.customers (id int)",  # the superuser's: not the role's reach
+    )
+    await register(tenant, "shop", scratch.role_dsn)
+
+    r = await tenant.post("/v1/databases/shop/provision")
+
+    assert r.status_code == 200, r.text
+    warnings = r.json()["warnings"]
+    assert [w["code"] for w in warnings] == ["owns-unrelated-objects"]
+    assert "owns 1 table(s) or view(s) outside schema outbox_relay (app.orders)" in warnings[0]["message"]
 
 
 async def test_the_relays_sessions_carry_both_timeouts(scratch: Scratch) -> None:
