@@ -30,33 +30,6 @@ APPLICATION_NAME = "outbox-relay"
 
 
 @dataclass(frozen=True, slots=True)
-class SessionLimits:
-    """Server-side bounds on the relay's own sessions on a tenant database, sent as startup
-    parameters of every connection :func:`dial` opens (so they also win over an ``ALTER ROLE`` or
-    ``ALTER DATABASE ... SET`` of the tenant's). The defaults are the settings' defaults."""
-
-    statement_timeout_ms: int = 60_000
-    idle_in_transaction_timeout_ms: int = 15_000
-
-    @classmethod
-    def of(cls, settings: Settings) -> SessionLimits:
-        return cls(
-            statement_timeout_ms=round(settings.tenant_statement_timeout_s * 1000),
-            idle_in_transaction_timeout_ms=round(settings.tenant_idle_in_transaction_timeout_s * 1000),
-        )
-
-    def server_settings(self) -> dict[str, str]:
-        return {
-            "application_name": APPLICATION_NAME,
-            "statement_timeout": str(self.statement_timeout_ms),
-            "idle_in_transaction_session_timeout": str(self.idle_in_transaction_timeout_ms),
-        }
-
-
-DEFAULT_SESSION = SessionLimits()
-
-
-@dataclass(frozen=True, slots=True)
 class OutboxRow:
     txid: int
     id: int
@@ -179,6 +152,33 @@ def _try_next_mode(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
         return True
     return isinstance(exc, OSError) and not isinstance(exc, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Server-side bounds on the relay's own sessions on a tenant database, sent as startup
+    parameters of every connection :func:`dial` opens (so they also win over an ``ALTER ROLE`` or
+    ``ALTER DATABASE ... SET`` of the tenant's). The defaults are the settings' defaults."""
+
+    statement_timeout_ms: int = 60_000
+    idle_in_transaction_timeout_ms: int = 15_000
+
+    @classmethod
+    def of(cls, settings: Settings) -> SessionLimits:
+        return cls(
+            statement_timeout_ms=round(settings.tenant_statement_timeout_s * 1000),
+            idle_in_transaction_timeout_ms=round(settings.tenant_idle_in_transaction_timeout_s * 1000),
+        )
+
+    def server_settings(self) -> dict[str, str]:
+        return {
+            "application_name": APPLICATION_NAME,
+            "statement_timeout": str(self.statement_timeout_ms),
+            "idle_in_transaction_session_timeout": str(self.idle_in_transaction_timeout_ms),
+        }
+
+
+DEFAULT_SESSION = SessionLimits()
 
 
 async def dial(
