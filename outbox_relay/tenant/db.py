@@ -324,6 +324,7 @@ RELAY_FUNCTIONS = (
     "pg_catalog.pg_advisory_unlock(bigint)",
     "pg_catalog.hashtext(text)",  # the advisory lock keys
     "pg_catalog.gen_random_uuid()",  # the outbox's id namespace
+    "pg_catalog.to_regnamespace(text)",  # whether the schema is there
     "pg_catalog.to_regclass(text)",  # the version 2 upgrade, partitions made ahead
     "pg_catalog.pg_current_snapshot()",  # every read: the transaction horizon
     "pg_catalog.pg_snapshot_xmin(pg_snapshot)",
@@ -338,7 +339,7 @@ them belongs to PUBLIC unless someone revoked it; the functions the outbox's def
 _ROLE_SQL = """
 SELECT quote_ident(current_user) AS role, quote_ident(current_database()) AS database, quote_ident($1) AS schema,
        (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser,
-       has_database_privilege(current_database(), 'CREATE') AS database_create,
+       n.oid IS NOT NULL OR has_database_privilege(current_database(), 'CREATE') AS database_create,
        has_language_privilege('plpgsql', 'USAGE') AS plpgsql_usage,
        n.oid IS NOT NULL AS schema_exists,
        n.oid IS NULL OR has_schema_privilege(n.oid, 'CREATE') AS schema_create,
@@ -381,8 +382,8 @@ async def check_role(conn: asyncpg.Connection, schema: str) -> RoleCheck:
     """Read-only: which privileges the connecting role lacks to provision ``schema``'s outbox and to
     relay from it (every one, not only the first), and whether it reaches more than the relay needs.
 
-    Provisioning runs ``CREATE SCHEMA IF NOT EXISTS`` (PostgreSQL wants CREATE on the database even
-    when the schema exists), creates tables and plpgsql functions in the schema (CREATE on it) and
+    Provisioning creates the schema when it is missing (CREATE on the database), creates tables and
+    plpgsql functions in it (CREATE on the schema) and
     re-applies itself to what exists (which only the owner may: the relay's tables, partitions and
     functions must belong to the role, or to a role it inherits from). Relaying reads the outbox and
     ``outbox_meta`` (USAGE on the schema, SELECT), calls :data:`RELAY_FUNCTIONS`, and LISTENs (which
