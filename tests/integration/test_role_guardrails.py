@@ -202,8 +202,9 @@ async def test_a_role_that_owns_unrelated_tables_is_warned(tenant: TenantClient,
 
 
 async def test_the_relays_sessions_carry_both_timeouts(scratch: Scratch) -> None:
-    """Over the relay's own connections: one opened as the LISTEN connection and provision open them,
-    and the worker's pool; the relay's values win over the role's own defaults."""
+    """Over the relay's own connections: one from ``tenant_db.connect`` (what the LISTEN connection and
+    provision open) and the worker's pool (``TenantConnections``); the relay's values win over the
+    role's own defaults."""
     await scratch.admin(
         f"ALTER ROLE {scratch.role} IN DATABASE {scratch.database} SET statement_timeout = '1s'",
         f"ALTER ROLE {scratch.role} IN DATABASE {scratch.database} SET idle_in_transaction_session_timeout = 0",
