@@ -15,6 +15,9 @@ from outbox_relay.errors import ConfigError
 PREFIX = "OUTBOX_RELAY_"
 QUOTAS = ("relays", "databases", "targets", "partitions", "api_keys")
 """The per-tenant quotas: each has a default here (``quota_<name>``) and a per-tenant override."""
+TENANT_COMMAND_TIMEOUT_FLOOR_S = 30.0
+"""The relay waits this long (or ``connect_timeout_s``, if longer) for any one statement on a tenant
+database before it cancels it (asyncpg's ``command_timeout``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +62,16 @@ class Settings:
     """Connections a worker holds to the control DB: a pool of this size less one, plus one LISTEN."""
     tenant_pool_size: int = 2
     """Connections a worker holds per tenant server, database and credentials (plus one LISTEN)."""
+    tenant_statement_timeout_s: float = 60.0
+    """``statement_timeout`` of the relay's own sessions on tenant databases (pools, LISTEN, provision):
+    the server ends a statement of the relay that runs longer, even when the worker that sent it is
+    gone. At least 30 s and ``connect_timeout_s``: the relay itself gives up on a statement after that
+    long, so the server never cuts one the relay still waits for."""
+    tenant_idle_in_transaction_timeout_s: float = 15.0
+    """``idle_in_transaction_session_timeout`` of the relay's own sessions on tenant databases: a
+    transaction of the relay (provision, a partition drop under the outbox's exclusive lock) whose
+    worker stopped answering is ended after this long, so it never holds the tenant's writers back
+    for longer. The relay sends a transaction's statements back to back; at least 1 s."""
     host: str = "127.0.0.1"
     """The API's listen address (``outbox-relay serve``)."""
     port: int = 8080
@@ -113,6 +126,14 @@ class Settings:
             raise ConfigError("min_poll_interval_ms must be between 10 and 600000")
         if not 1 <= self.max_relay_partitions <= 1024:
             raise ConfigError("max_relay_partitions must be between 1 and 1024")
+        statement_floor_s = max(TENANT_COMMAND_TIMEOUT_FLOOR_S, self.connect_timeout_s)
+        if self.tenant_statement_timeout_s < statement_floor_s:
+            raise ConfigError(
+                f"tenant_statement_timeout_s must be at least {statement_floor_s:g} (30 s and connect_timeout_s: "
+                "the relay's own bound on a statement)"
+            )
+        if self.tenant_idle_in_transaction_timeout_s < 1:
+            raise ConfigError("tenant_idle_in_transaction_timeout_s must be at least 1")
         if self.auth_failure_limit < 0 or self.auth_failure_window_s <= 0:
             raise ConfigError("auth_failure_limit must not be negative and auth_failure_window_s must be positive")
 

@@ -151,10 +151,18 @@ class TenantConnections:
     closed when no database resource uses them any more (:meth:`release`): a worker holds
     connections only where it owns partitions."""
 
-    def __init__(self, *, policy: AddressPolicy, timeout_s: float, pool_size: int = 2) -> None:
+    def __init__(
+        self,
+        *,
+        policy: AddressPolicy,
+        timeout_s: float,
+        pool_size: int = 2,
+        session: tenant_db.SessionLimits = tenant_db.DEFAULT_SESSION,
+    ) -> None:
         self.policy = policy
         self.timeout_s = timeout_s
         self.pool_size = pool_size
+        self.session = session
         self._dbs: dict[uuid.UUID, _TenantDb] = {}
         self._servers: dict[tuple[str, str | None], _Server] = {}
         self._lock = asyncio.Lock()
@@ -176,7 +184,12 @@ class TenantConnections:
             if server is None:
                 try:
                     pool = await tenant_db.create_pool(
-                        db, password, policy=self.policy, timeout_s=self.timeout_s, max_size=self.pool_size
+                        db,
+                        password,
+                        policy=self.policy,
+                        timeout_s=self.timeout_s,
+                        max_size=self.pool_size,
+                        session=self.session,
                     )
                 except AddressNotAllowed:
                     raise
@@ -240,7 +253,9 @@ class TenantConnections:
 
         while True:
             try:
-                conn = await tenant_db.connect(db, password, policy=self.policy, timeout_s=self.timeout_s)
+                conn = await tenant_db.connect(
+                    db, password, policy=self.policy, timeout_s=self.timeout_s, session=self.session
+                )
             except Exception as exc:
                 log.debug("LISTEN connection failed: %s", exc)
                 attempt += 1

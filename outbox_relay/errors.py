@@ -14,6 +14,7 @@ OutboxRelayError
 │   └── MessageRejected    the broker refused this message: charge an attempt
 ├── TenantDatabaseError    the tenant database cannot be reached or queried
 ├── ProvisionFailed        the outbox could not be installed into a tenant database
+│   └── MissingPrivileges  the connecting role lacks privileges (all of them listed)
 ├── InUse                  a resource a relay still uses cannot be deleted
 ├── QuotaExceeded          creating this would take a tenant past one of its quotas
 ├── OutOfBounds            a setting beyond what the service allows (the operator's bounds)
@@ -118,6 +119,15 @@ class TenantDatabaseError(OutboxRelayError):
 
 class ProvisionFailed(OutboxRelayError):
     """Installing the outbox into a tenant database failed; the message says why, for the tenant."""
+
+
+class MissingPrivileges(ProvisionFailed):
+    """The tenant's database role lacks privileges the relay needs; found before anything changed.
+    ``missing`` has one entry per privilege: ``privilege``, ``object`` and ``grant`` (the SQL to run)."""
+
+    def __init__(self, message: str, *, missing: list[dict[str, str]]) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 class InUse(OutboxRelayError):

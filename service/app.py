@@ -199,6 +199,9 @@ def document_problems(openapi: OpenAPI) -> OpenAPI:
                 operation.security = []  # public probes
             responses = operation.responses or {}
             for code in sorted(codes):
+                declared = responses.get(str(code))
+                if isinstance(declared, OpenAPIResponse) and MEDIA_TYPE in (declared.content or {}):
+                    continue  # the operation's own problem schema (e.g. provision's missing privileges)
                 responses[str(code)] = OpenAPIResponse(
                     description=_PROBLEM_TEXT[code],
                     content={MEDIA_TYPE: OpenAPIMediaType(schema=ref)},

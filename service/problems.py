@@ -20,6 +20,7 @@ from outbox_relay.errors import (
     InvalidRequest,
     InvalidSpec,
     InvalidTargetSpec,
+    MissingPrivileges,
     NotAllowed,
     NotFound,
     OutboxRelayError,
@@ -121,6 +122,7 @@ PROBLEMS: dict[type[OutboxRelayError], ProblemType] = {
     InvalidRequest: ProblemType(400, "invalid-request"),
     TenantDatabaseError: ProblemType(502, "database-unreachable"),
     ProvisionFailed: ProblemType(422, "provision-failed"),
+    MissingPrivileges: ProblemType(422, "missing-privileges", extra=lambda exc: {"missing": exc.missing}),
     InUse: ProblemType(409, "in-use"),
     # 409: the request is sound, but the tenant's current use leaves no room for it (deleting
     # something, or a higher quota from the operator, makes the same request succeed)

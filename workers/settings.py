@@ -20,6 +20,7 @@ from outbox_relay.outages import CONTROL_DB, Outages
 from outbox_relay.store.control import ControlStore, control_unavailable
 from outbox_relay.store.events import ControlEvents
 from outbox_relay.store.fleet import FleetStore
+from outbox_relay.tenant.db import SessionLimits
 from workers.jobs import maintain_outboxes
 from workers.replay import replay_dead_letters
 
@@ -50,7 +51,10 @@ def worker_settings(settings: Settings | None = None, *, data_plane: bool = True
         events.start()
         policy = AddressPolicy(allow_private=settings.allow_private_networks, extra_denied=settings.denied_networks)
         tenants = TenantConnections(
-            policy=policy, timeout_s=settings.connect_timeout_s, pool_size=settings.tenant_pool_size
+            policy=policy,
+            timeout_s=settings.connect_timeout_s,
+            pool_size=settings.tenant_pool_size,
+            session=SessionLimits.of(settings),
         )
 
         async def factory(target: Target, password: str | None) -> Publisher:

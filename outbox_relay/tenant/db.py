@@ -21,8 +21,9 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import msgspec
 
+from outbox_relay.config import TENANT_COMMAND_TIMEOUT_FLOOR_S, Settings
 from outbox_relay.domain import Database
-from outbox_relay.errors import AddressNotAllowed, ProvisionFailed, TenantDatabaseError
+from outbox_relay.errors import AddressNotAllowed, MissingPrivileges, ProvisionFailed, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy, Endpoint, NameBoundSSLContext, hosts_of
 from outbox_relay.tenant import sql
 
@@ -156,6 +157,33 @@ def _try_next_mode(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, TimeoutError)
 
 
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Server-side bounds on the relay's own sessions on a tenant database, sent as startup
+    parameters of every connection :func:`dial` opens (so they also win over an ``ALTER ROLE`` or
+    ``ALTER DATABASE ... SET`` of the tenant's). The defaults are the settings' defaults."""
+
+    statement_timeout_ms: int = 60_000
+    idle_in_transaction_timeout_ms: int = 15_000
+
+    @classmethod
+    def of(cls, settings: Settings) -> SessionLimits:
+        return cls(
+            statement_timeout_ms=round(settings.tenant_statement_timeout_s * 1000),
+            idle_in_transaction_timeout_ms=round(settings.tenant_idle_in_transaction_timeout_s * 1000),
+        )
+
+    def server_settings(self) -> dict[str, str]:
+        return {
+            "application_name": APPLICATION_NAME,
+            "statement_timeout": str(self.statement_timeout_ms),
+            "idle_in_transaction_session_timeout": str(self.idle_in_transaction_timeout_ms),
+        }
+
+
+DEFAULT_SESSION = SessionLimits()
+
+
 async def dial(
     dsn: str,
     password: str | None,
@@ -164,12 +192,15 @@ async def dial(
     timeout_s: float,
     connection_class: type[asyncpg.Connection] = asyncpg.Connection,
     record_class: type[asyncpg.Record] = asyncpg.Record,
+    session: SessionLimits = DEFAULT_SESSION,
 ) -> asyncpg.Connection:
     """One connection to the DSN's database, to an address the policy checked when it resolved the
     DSN's hosts just now; asyncpg is given only those IP addresses, so it resolves no name itself.
 
     ``timeout_s`` bounds the whole connect, the second ``allow``/``prefer`` attempt included (name
-    resolution has the policy's own bound). Raises AddressNotAllowed, or what asyncpg raises.
+    resolution has the policy's own bound). Every statement has the client-side bound
+    ``max(timeout_s, 30 s)`` and the server-side ``session`` bounds. Raises AddressNotAllowed, or
+    what asyncpg raises.
     """
     endpoints = await policy.resolve_all(hosts_of(urlsplit(dsn).netloc, 5432))
     attempts = tls_attempts(dsn, endpoints)
@@ -189,8 +220,8 @@ async def dial(
                 password=password,
                 ssl=tls,
                 timeout=remaining,
-                command_timeout=max(timeout_s, 30),
-                server_settings={"application_name": APPLICATION_NAME},
+                command_timeout=max(timeout_s, TENANT_COMMAND_TIMEOUT_FLOOR_S),
+                server_settings=session.server_settings(),
                 connection_class=connection_class,
                 record_class=record_class,
             )
@@ -200,10 +231,17 @@ async def dial(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-async def connect(db: Database, password: str | None, *, policy: AddressPolicy, timeout_s: float) -> asyncpg.Connection:
+async def connect(
+    db: Database,
+    password: str | None,
+    *,
+    policy: AddressPolicy,
+    timeout_s: float,
+    session: SessionLimits = DEFAULT_SESSION,
+) -> asyncpg.Connection:
     """One connection to the tenant DB (see :func:`dial`); TenantDatabaseError when that fails."""
     try:
-        return await dial(db.dsn, password, policy=policy, timeout_s=timeout_s)
+        return await dial(db.dsn, password, policy=policy, timeout_s=timeout_s, session=session)
     except AddressNotAllowed:
         raise
     except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -218,7 +256,13 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    db: Database, password: str | None, *, policy: AddressPolicy, timeout_s: float, max_size: int = 4
+    db: Database,
+    password: str | None,
+    *,
+    policy: AddressPolicy,
+    timeout_s: float,
+    max_size: int = 4,
+    session: SessionLimits = DEFAULT_SESSION,
 ) -> asyncpg.Pool:
     """A pool whose every connection is opened by :func:`dial`: a DNS answer that changes later is
     checked again when the pool opens its next connection, and cannot steer it past the policy."""
@@ -233,6 +277,7 @@ async def create_pool(
             timeout_s=timeout_s,
             connection_class=options.get("connection_class", asyncpg.Connection),
             record_class=options.get("record_class", asyncpg.Record),
+            session=session,
         )
 
     pool = asyncpg.create_pool(min_size=0, max_size=max_size, connect=open_connection, reset=_keep_session)
@@ -247,6 +292,158 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class MissingGrant:
+    """A privilege the connecting role lacks: ``privilege`` on ``target`` (``database shop``, ``table
+    outbox_relay.outbox`` ...), and ``grant``, the statement that gives it (run by the object's owner
+    or a superuser). ``OWNER`` means the relay's own objects belong to another role."""
+
+    privilege: str
+    target: str
+    grant: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoleWarning:
+    code: Literal["superuser", "owns-unrelated-objects"]
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoleCheck:
+    """What :func:`check_role` found out about the connecting role, before anything was changed."""
+
+    role: str
+    database: str
+    missing: list[MissingGrant]
+    warnings: list[RoleWarning]
+
+
+RELAY_FUNCTIONS = (
+    "pg_catalog.pg_advisory_xact_lock(bigint)",  # provision
+    "pg_catalog.pg_try_advisory_lock(bigint)",  # maintenance
+    "pg_catalog.pg_advisory_unlock(bigint)",
+    "pg_catalog.hashtext(text)",  # the advisory lock keys
+    "pg_catalog.gen_random_uuid()",  # the outbox's id namespace
+    "pg_catalog.to_regnamespace(text)",  # whether the schema is there
+    "pg_catalog.to_regclass(text)",  # the version 2 upgrade, partitions made ahead
+    "pg_catalog.pg_current_snapshot()",  # every read: the transaction horizon
+    "pg_catalog.pg_snapshot_xmin(pg_snapshot)",
+    "pg_catalog.pg_snapshot_xmax(pg_snapshot)",  # a detected restore
+    "pg_catalog.clock_timestamp()",
+    "pg_catalog.to_jsonb(anyelement)",  # reading outbox_meta
+)
+"""The built-in functions the relay's own statements call (provision, reads, maintenance). EXECUTE on
+them belongs to PUBLIC unless someone revoked it; the functions the outbox's defaults and trigger call
+(``pg_notify``, ``pg_current_xact_id`` ...) run as the writer, not as the relay."""
+
+_ROLE_SQL = """
+SELECT quote_ident(current_user) AS role, quote_ident(current_database()) AS database, quote_ident($1) AS schema,
+       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser,
+       n.oid IS NOT NULL OR has_database_privilege(current_database(), 'CREATE') AS database_create,
+       has_language_privilege('plpgsql', 'USAGE') AS plpgsql_usage,
+       n.oid IS NOT NULL AS schema_exists,
+       n.oid IS NULL OR has_schema_privilege(n.oid, 'CREATE') AS schema_create,
+       n.oid IS NULL OR has_schema_privilege(n.oid, 'USAGE') AS schema_usage
+FROM (SELECT 1) AS one LEFT JOIN pg_namespace AS n ON n.nspname = $1
+"""
+
+_RELAY_OBJECTS_SQL = """
+SELECT 'TABLE' AS kind, quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS name, c.relname AS bare,
+       pg_has_role(c.relowner, 'USAGE') AS owned,
+       has_table_privilege(c.oid, 'SELECT') AS can_select,
+       has_table_privilege(c.oid, 'INSERT') AS can_insert,
+       has_table_privilege(c.oid, 'UPDATE') AS can_update
+FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')
+  AND (c.relname IN ('outbox', 'outbox_default', 'outbox_meta') OR c.relname ~ '^outbox_[0-9]{8}$')
+UNION ALL
+SELECT 'FUNCTION', quote_ident(n.nspname) || '.' || quote_ident(p.proname) || '('
+       || pg_get_function_identity_arguments(p.oid) || ')', p.proname,
+       pg_has_role(p.proowner, 'USAGE'), true, true, true
+FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+WHERE n.nspname = $1 AND p.proname IN ('outbox_notify', 'outbox_ensure_partitions')
+ORDER BY 1, 2
+"""
+
+_FUNCTIONS_SQL = "SELECT f FROM unnest($1::text[]) AS f WHERE NOT has_function_privilege(f, 'EXECUTE')"
+
+UNRELATED_SHOWN = 5
+_UNRELATED_SQL = f"""
+SELECT count(*) OVER () AS total, quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS name
+FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT c.relispartition AND n.nspname <> $1
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp_)'
+  AND pg_has_role(c.relowner, 'USAGE')
+ORDER BY 2 LIMIT {UNRELATED_SHOWN}
+"""
+
+
+async def check_role(conn: asyncpg.Connection, schema: str) -> RoleCheck:
+    """Read-only: which privileges the connecting role lacks to provision ``schema``'s outbox and to
+    relay from it (every one, not only the first), and whether it reaches more than the relay needs.
+
+    Provisioning creates the schema when it is missing (CREATE on the database), creates tables and
+    plpgsql functions in it (CREATE on the schema) and
+    re-applies itself to what exists (which only the owner may: the relay's tables, partitions and
+    functions must belong to the role, or to a role it inherits from). Relaying reads the outbox and
+    ``outbox_meta`` (USAGE on the schema, SELECT), calls :data:`RELAY_FUNCTIONS`, and LISTENs (which
+    needs no privilege); maintenance makes and drops partitions (ownership again).
+    """
+    sql.quote_ident(schema)  # refuses a name outside IDENT_PATTERN
+    head = await conn.fetchrow(_ROLE_SQL, schema)
+    assert head is not None
+    role, database, quoted = head["role"], head["database"], head["schema"]
+    missing: list[MissingGrant] = []
+    if not head["database_create"]:
+        missing.append(MissingGrant("CREATE", f"database {database}", f"GRANT CREATE ON DATABASE {database} TO {role}"))
+    if not head["plpgsql_usage"]:
+        missing.append(MissingGrant("USAGE", "language plpgsql", f"GRANT USAGE ON LANGUAGE plpgsql TO {role}"))
+    for privilege in ("USAGE", "CREATE"):
+        if not head[f"schema_{privilege.lower()}"]:
+            missing.append(
+                MissingGrant(privilege, f"schema {quoted}", f"GRANT {privilege} ON SCHEMA {quoted} TO {role}")
+            )
+    if head["schema_exists"]:
+        for obj in await conn.fetch(_RELAY_OBJECTS_SQL, schema):
+            kind, name = obj["kind"], obj["name"]
+            if not obj["owned"]:  # the new owner gets the old owner's privileges with it
+                missing.append(MissingGrant("OWNER", f"{kind.lower()} {name}", f"ALTER {kind} {name} OWNER TO {role}"))
+                continue
+            wanted = {"outbox": ("SELECT",), "outbox_meta": ("SELECT", "INSERT", "UPDATE")}.get(obj["bare"], ())
+            if kind == "TABLE":  # an owner may have revoked its own privileges
+                for privilege in wanted:
+                    if not obj[f"can_{privilege.lower()}"]:
+                        missing.append(
+                            MissingGrant(privilege, f"table {name}", f"GRANT {privilege} ON TABLE {name} TO {role}")
+                        )
+    for function in await conn.fetch(_FUNCTIONS_SQL, list(RELAY_FUNCTIONS)):
+        name = function["f"]
+        missing.append(MissingGrant("EXECUTE", f"function {name}", f"GRANT EXECUTE ON FUNCTION {name} TO {role}"))
+    warnings: list[RoleWarning] = []
+    if head["superuser"]:
+        warnings.append(
+            RoleWarning(
+                "superuser",
+                f"role {role} is a superuser: a leaked relay credential reaches every database of the server; "
+                "give the relay a role of its own with only the privileges it needs",
+            )
+        )
+    else:
+        unrelated = await conn.fetch(_UNRELATED_SQL, schema)
+        if unrelated:
+            total = int(unrelated[0]["total"])
+            names = ", ".join(r["name"] for r in unrelated) + (", ..." if total > len(unrelated) else "")
+            warnings.append(
+                RoleWarning(
+                    "owns-unrelated-objects",
+                    f"role {role} owns {total} table(s) or view(s) outside schema {quoted} ({names}): a leaked "
+                    "relay credential reaches them; give the relay a role of its own that owns only the outbox",
+                )
+            )
+    return RoleCheck(role=role, database=database, missing=missing, warnings=warnings)
 
 
 PROVISION_LOCK_TIMEOUT_MS = 2000
@@ -282,11 +479,30 @@ async def provision(
     raise AssertionError("unreachable")
 
 
-async def provision_for_tenant(conn: asyncpg.Connection, schema: str) -> int:
-    """:func:`provision`, its failures told as :class:`ProvisionFailed` for the tenant (the API's
-    422 ``provision-failed``) rather than as the driver's errors."""
+@dataclass(frozen=True, slots=True)
+class Provisioned:
+    version: int
+    warnings: list[RoleWarning]
+
+
+async def provision_for_tenant(conn: asyncpg.Connection, schema: str) -> Provisioned:
+    """:func:`check_role`, then :func:`provision`. Its failures are told as :class:`ProvisionFailed`
+    for the tenant (the API's 422 ``provision-failed``) rather than as the driver's errors; a role
+    lacking privileges gets :class:`MissingPrivileges` naming every one, and nothing is changed."""
     try:
-        return await provision(conn, schema)
+        check = await check_role(conn, schema)
+    except asyncpg.PostgresError as exc:
+        raise ProvisionFailed(f"reading the role's privileges failed: {describe(exc)}") from None
+    if check.missing:
+        raise MissingPrivileges(
+            f"role {check.role} lacks what the relay needs to provision and read the outbox (nothing was changed): "
+            + "; ".join(f"{m.privilege} on {m.target}" for m in check.missing)
+            + ". Run as the owner or a superuser: "
+            + " ".join(f"{m.grant};" for m in check.missing),
+            missing=[{"privilege": m.privilege, "object": m.target, "grant": m.grant} for m in check.missing],
+        )
+    try:
+        version = await provision(conn, schema)
     except asyncpg.InsufficientPrivilegeError as exc:
         raise ProvisionFailed(f"the database user may not create the outbox: {exc}") from None
     except asyncpg.LockNotAvailableError:
@@ -297,6 +513,7 @@ async def provision_for_tenant(conn: asyncpg.Connection, schema: str) -> int:
         ) from None
     except asyncpg.PostgresError as exc:
         raise ProvisionFailed(f"provisioning failed: {describe(exc)}") from None
+    return Provisioned(version=version, warnings=check.warnings)
 
 
 async def read_layout(conn: asyncpg.Connection | asyncpg.Pool, schema: str) -> OutboxLayout:

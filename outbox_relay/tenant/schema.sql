@@ -4,7 +4,15 @@
 -- The relay never updates or deletes rows: it reads committed rows below the
 -- transaction horizon. Old rows go away by dropping whole daily partitions.
 
-CREATE SCHEMA IF NOT EXISTS {schema};
+-- Only when it is missing: CREATE SCHEMA IF NOT EXISTS would ask for CREATE on the database even when
+-- the schema exists, and a schema made ahead for the relay's role is all this needs.
+DO $schema$
+BEGIN
+    IF to_regnamespace({schema_literal}) IS NULL THEN
+        CREATE SCHEMA {schema};
+    END IF;
+END
+$schema$;
 
 CREATE TABLE IF NOT EXISTS {schema}.outbox (
     id          bigint GENERATED ALWAYS AS IDENTITY,

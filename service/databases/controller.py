@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from litestar import Controller, Response, delete, get, post, put
@@ -15,7 +15,7 @@ from outbox_relay.specs import check_database
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import schema_sql
 from service.deps import ServicesDep, TenantDep, authenticate_tenant, decode_cursor, encode_cursor, provide_tenant
-from service.problems import Problem
+from service.problems import MEDIA_TYPE, Problem
 from service.resources import (
     CURSOR_PARAM,
     LIMIT_PARAM,
@@ -31,10 +31,38 @@ class DatabasePage(Page, kw_only=True):
     items: list[Database]
 
 
+class ProvisionWarning(msgspec.Struct, kw_only=True):
+    """Provisioning went ahead, but the role reaches more than the relay needs."""
+
+    code: Literal["superuser", "owns-unrelated-objects"]
+    message: str
+
+
+class MissingPrivilege(msgspec.Struct, kw_only=True):
+    privilege: str
+    """`CREATE`, `USAGE`, `EXECUTE`, `SELECT` ...; `OWNER`: the object belongs to another role."""
+    object: str
+    grant: str
+    """The statement that gives it (run by the object's owner or a superuser)."""
+
+
+class MissingPrivilegesProblem(msgspec.Struct, kw_only=True):
+    """RFC 9457 problem: the database role lacks privileges the relay needs (every one is listed);
+    nothing was changed. `provision-failed` problems carry no `missing`."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    missing: list[MissingPrivilege] = msgspec.field(default_factory=list)
+
+
 class ProvisionResult(msgspec.Struct, kw_only=True):
     database: str
     schema: str
     version: int
+    warnings: list[ProvisionWarning] = msgspec.field(default_factory=list)
+    """Said of the database role the DSN connects as (empty: nothing to say)."""
 
 
 class DatabaseController(Controller):
@@ -104,7 +132,20 @@ class DatabaseController(Controller):
         "/{name:str}/provision",
         operation_id="provisionDatabase",
         summary="Install the outbox schema into the database",
+        description="Checks the database role's privileges first: a role that lacks some gets 422 "
+        "`missing-privileges` naming each one in `missing` (with the `grant` to run), and nothing is changed. "
+        "`warnings` says when the role reaches more than the relay needs (a superuser, or one that owns "
+        "tables outside the outbox's schema).",
         status_code=200,
+        responses={
+            422: ResponseSpec(
+                data_container=MissingPrivilegesProblem,
+                media_type=MEDIA_TYPE,
+                description="The role lacks privileges (`missing-privileges`), or provisioning failed "
+                "(`provision-failed`, `invalid-dsn`, `address-not-allowed`)",
+                generate_examples=False,
+            )
+        },
     )
     async def provision(
         self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]
@@ -117,14 +158,20 @@ class DatabaseController(Controller):
         secret = await services.store.get_secret("databases", tenant.id, name)
         password = services.secrets.decrypt(secret) if secret else None
         conn = await tenant_db.connect(
-            db, password, policy=services.policy, timeout_s=services.settings.connect_timeout_s
+            db,
+            password,
+            policy=services.policy,
+            timeout_s=services.settings.connect_timeout_s,
+            session=tenant_db.SessionLimits.of(services.settings),
         )
         try:
-            version = await tenant_db.provision_for_tenant(conn, db.schema)  # ProvisionFailed: 422
+            # MissingPrivileges, ProvisionFailed: 422 (service.problems.PROBLEMS)
+            done = await tenant_db.provision_for_tenant(conn, db.schema)
         finally:
             await conn.close()
         await services.store.audit(tenant.id, "tenant", "provision", f"databases/{name}")
-        return ProvisionResult(database=name, schema=db.schema, version=version)
+        warnings = [ProvisionWarning(code=w.code, message=w.message) for w in done.warnings]
+        return ProvisionResult(database=name, schema=db.schema, version=done.version, warnings=warnings)
 
     @get(
         "/{name:str}/schema.sql",
