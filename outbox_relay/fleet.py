@@ -640,94 +640,99 @@ class FleetEngine:
         return target.rate_limit_per_s / max(1, self.live_workers)
 
     async def _run_reader(self, reader: RelayReader) -> None:
-        plan, policy = reader.plan, None
+        """Read a relay's outbox for its lanes while it runs: after a wake-up (a notified insert, a
+        lane with room again) or the safety poll, at most once per ``READ_PACE_S``; back off while
+        its database or the control DB fails."""
         failures = 0
         notified_retry = 0
         checked: set[int] = set()
         read_at = 0.0
         busy_reads = 0  # reads in a row that found rows although they came as early as the pace allows
         while not reader.stop.is_set():
-            listening = self.tenants.listening(plan.database_id)
-            policy = next(iter(reader.lanes.values())).part.relay.policy if reader.lanes else None
-            safety_s = self.settings.safety_poll_s if listening else (policy.poll_interval_ms / 1000 if policy else 1.0)
-            if notified_retry and notified_retry < len(NOTIFIED_RETRY_S):
-                safety_s = min(safety_s, NOTIFIED_RETRY_S[notified_retry - 1])
-            elif notified_retry and policy is not None:
-                safety_s = min(safety_s, policy.poll_interval_ms / 1000)
-            if reader.hot:  # reading on its own at the pace: no notification comes
-                safety_s = min(safety_s, READ_PACE_S)
-            await wait_event(reader.wake, safety_s)  # whoever sets ``stop`` sets ``wake`` too
-            early = READ_PACE_S - (time.monotonic() - read_at)
-            paced = early > 0 or reader.hot  # rows come faster than the reads may
-            if early > 0 and not reader.stop.is_set():
-                await asyncio.sleep(early)
-            reader.wake.clear()
+            paced = await self._await_read(reader, notified_retry, read_at)
             if reader.stop.is_set() or not reader.lanes:
                 busy_reads = 0
                 reader.set_hot(False)  # no lanes: wait for a wake-up, not the pace
                 continue
             read_at = time.monotonic()
             try:
-                pool = await self.tenants.pool(
-                    plan.database_id, plan.database_version, reader.database, reader.database_password
-                )
-                if reader._inserts is None:
-                    reader._inserts = self.tenants.watch(plan.database_id, reader.on_insert)
-                unchecked = [lane for lane in reader.lanes.values() if lane.partition not in checked]
-                if unchecked:
-                    await self._check_identity(reader, pool, unchecked)
-                    checked.update(lane.partition for lane in unchecked)
-                backlog_waiting = await self._read_backlogs(reader, pool)
-                got = await self._scan(reader, pool)
-                busy_reads = busy_reads + 1 if paced and got != 0 else 0
-                reader.set_hot(busy_reads >= HOT_READS)
-                self.outages.up(reader.database_outage)
-                if backlog_waiting:
-                    notified_retry = max(notified_retry, len(NOTIFIED_RETRY_S) - 3)  # look again soon
-                failures = 0
+                got, backlog_waiting = await self._read_once(reader, checked)
             except LeaseLost:
                 reader.stop.set()
                 self.tick.set()
                 continue
-            except (TenantDatabaseError, AddressNotAllowed) as exc:
-                failures += 1
-                busy_reads = 0
-                reader.set_hot(False)
-                self.outages.down(reader.database_outage, exc)
-                for lane in reader.lanes.values():
-                    with contextlib.suppress(Exception):
-                        await self.store.record_error(
-                            lane.part.lease, str(exc), PartitionErrorClass.DATABASE_UNAVAILABLE
-                        )
-                    break
-                await wait_any([reader.stop], backoff_s(failures, base_s=0.5, cap_s=30))
-                reader.wake.set()
-                continue
             except Exception as exc:
-                # the control DB (identity, restore state) or anything unforeseen: read again after a
-                # backoff; ending here would leave the relay's partitions owned and never read
                 failures += 1
                 busy_reads = 0
-                reader.set_hot(False)
-                if control_unavailable(exc):
-                    self.outages.down(CONTROL_DB, exc)
-                else:
-                    log.exception("relay %s: reading failed", plan.relay_name)
-                await wait_any([reader.stop], backoff_s(failures, base_s=0.2, cap_s=10))
-                reader.wake.set()
+                await self._read_failed(reader, exc, failures)
                 continue
-            if got is None:  # a full scan: more rows wait (the lanes that have room ask again)
-                notified_retry = 0
-                continue
-            if got == 0 and reader.notified_at is not None:
-                # the notified row is not readable yet: look again soon, then at the relay's poll
-                # interval for as long as a transaction holds the horizon below it (the lag probe
-                # names that transaction in the status meanwhile)
-                notified_retry = min(notified_retry + 1, len(NOTIFIED_RETRY_S))
+            failures = 0
+            busy_reads = busy_reads + 1 if paced and got != 0 else 0
+            reader.set_hot(busy_reads >= HOT_READS)
+            self.outages.up(reader.database_outage)
+            if backlog_waiting:
+                notified_retry = max(notified_retry, len(NOTIFIED_RETRY_S) - 3)  # look again soon
+            notified_retry = _next_notified_retry(reader, got, notified_retry)
+
+    async def _await_read(self, reader: RelayReader, notified_retry: int, read_at: float) -> bool:
+        """Wait for the relay's next read: a wake-up, or its safety poll (sooner while a notified row
+        was not readable yet, or while the relay is hot), then the rest of ``READ_PACE_S`` since the
+        last read at ``read_at``. Returns whether the read came as early as the pace allows."""
+        policy = next(iter(reader.lanes.values())).part.relay.policy if reader.lanes else None
+        if self.tenants.listening(reader.plan.database_id):
+            safety_s = self.settings.safety_poll_s
+        else:
+            safety_s = policy.poll_interval_ms / 1000 if policy else 1.0
+        if notified_retry and notified_retry < len(NOTIFIED_RETRY_S):
+            safety_s = min(safety_s, NOTIFIED_RETRY_S[notified_retry - 1])
+        elif notified_retry and policy is not None:
+            safety_s = min(safety_s, policy.poll_interval_ms / 1000)
+        if reader.hot:  # reading on its own at the pace: no notification comes
+            safety_s = min(safety_s, READ_PACE_S)
+        await wait_event(reader.wake, safety_s)  # whoever sets ``stop`` sets ``wake`` too
+        early = READ_PACE_S - (time.monotonic() - read_at)
+        if early > 0 and not reader.stop.is_set():
+            await asyncio.sleep(early)
+        reader.wake.clear()
+        return early > 0 or reader.hot  # rows come faster than the reads may
+
+    async def _read_once(self, reader: RelayReader, checked: set[int]) -> tuple[int | None, bool]:
+        """One read for the relay's lanes: identity and restore check of lanes not ``checked`` yet,
+        restored backlogs, then the shared scan. Returns what :meth:`_scan` returns and whether a
+        backlog still waits for rows a transaction open at its detection holds back."""
+        plan = reader.plan
+        pool = await self.tenants.pool(
+            plan.database_id, plan.database_version, reader.database, reader.database_password
+        )
+        if reader._inserts is None:
+            reader._inserts = self.tenants.watch(plan.database_id, reader.on_insert)
+        unchecked = [lane for lane in reader.lanes.values() if lane.partition not in checked]
+        if unchecked:
+            await self._check_identity(reader, pool, unchecked)
+            checked.update(lane.partition for lane in unchecked)
+        backlog_waiting = await self._read_backlogs(reader, pool)
+        return await self._scan(reader, pool), backlog_waiting
+
+    async def _read_failed(self, reader: RelayReader, exc: Exception, failures: int) -> None:
+        """After a failed read: record the tenant database's outage on the relay (or the control DB's,
+        or log what was not foreseen), then back off (``failures`` in a row) before reading again.
+        Ending the reader instead would leave the relay's partitions owned and never read."""
+        reader.set_hot(False)
+        if isinstance(exc, (TenantDatabaseError, AddressNotAllowed)):
+            self.outages.down(reader.database_outage, exc)
+            for lane in reader.lanes.values():  # one partition carries the relay's error
+                with contextlib.suppress(Exception):
+                    await self.store.record_error(lane.part.lease, str(exc), PartitionErrorClass.DATABASE_UNAVAILABLE)
+                break
+            delay = backoff_s(failures, base_s=0.5, cap_s=30)
+        else:  # the control DB (identity, restore state) or anything unforeseen
+            if control_unavailable(exc):
+                self.outages.down(CONTROL_DB, exc)
             else:
-                notified_retry = 0
-                if got:
-                    reader.notified_at = None
+                log.error("relay %s: reading failed", reader.plan.relay_name, exc_info=exc)
+            delay = backoff_s(failures, base_s=0.2, cap_s=10)
+        await wait_any([reader.stop], delay)
+        reader.wake.set()
 
     async def _check_identity(self, reader: RelayReader, pool: Any, lanes: list[Lane]) -> None:
         """The engine's restore and failover detection for many lanes at once: one identity read,
@@ -1086,6 +1091,21 @@ class FleetEngine:
             moved = owner.lanes.get(write.lease.partition) if owner else None
             if moved is not None and moved.part.lease.epoch == write.lease.epoch:
                 moved.part.cursor = max(moved.part.cursor, (write.txid, write.row_id))
+
+
+def _next_notified_retry(reader: RelayReader, got: int | None, notified_retry: int) -> int:
+    """How far into ``NOTIFIED_RETRY_S`` the next read's wait is, after a read that got ``got`` rows
+    (None: a full read, more wait behind it)."""
+    if got is None:  # the lanes that have room ask again
+        return 0
+    if got == 0 and reader.notified_at is not None:
+        # the notified row is not readable yet: look again soon, then at the relay's poll interval
+        # for as long as a transaction holds the horizon below it (the lag probe names that
+        # transaction in the status meanwhile)
+        return min(notified_retry + 1, len(NOTIFIED_RETRY_S))
+    if got:
+        reader.notified_at = None
+    return 0
 
 
 def _resending(lane: Lane) -> bool:
