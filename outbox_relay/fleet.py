@@ -791,12 +791,7 @@ class FleetEngine:
         ]
         if not accepting:
             return 0
-        policy = accepting[0].part.relay.policy
-        if self.scheduler.shared(reader.plan.tenant_name):
-            limit = SHARED_MAX_ROWS
-        else:
-            limit = max(SCAN_MIN_ROWS, min(SCAN_MAX_ROWS, policy.batch_size * len(accepting)))
-            limit = max(limit, min(WIDE_SCAN_MAX_ROWS, WIDE_SCAN_ROWS_PER_LANE * len(accepting)))
+        limit = self._scan_limit(reader, accepting)
         start = min(lane.read_pos for lane in accepting)
         wanted = None if len(accepting) == reader.plan.partitions else sorted(lane.partition for lane in accepting)
         rows = await tenant_db.scan(
@@ -809,26 +804,7 @@ class FleetEngine:
             layout=accepting[0].part.layout,
         )
         open_lanes = {lane.partition: lane for lane in accepting}
-        full: set[int] = set()
-        for partition, row in rows:
-            lane = open_lanes.get(partition)
-            if lane is None or partition in full:
-                continue
-            position = (row.txid, row.id)
-            if position <= lane.read_pos:
-                continue
-            if lane.capacity() <= 0:
-                full.add(partition)
-                lane.starved = True
-                continue
-            fence = lane.part.restore
-            if fence is not None and row.id <= fence.max_id and row.created_at <= fence.max_created_at:
-                # a restored backlog that was resent (or skipped) on its own: the cursor only passes it
-                row = msgspec.structs.replace(row, fenced=True, payload=b"")
-            lane.buffer.append(row)
-            lane.read_pos = position
-            reader.rows.set()
-            reader.quiet = False
+        full = _hand_out(reader, open_lanes, rows)
         if rows:
             end = (rows[-1][1].txid, rows[-1][1].id)
             for partition, lane in open_lanes.items():
@@ -844,6 +820,16 @@ class FleetEngine:
                 reader.wake.set()
             return None
         return len(rows)
+
+    def _scan_limit(self, reader: RelayReader, accepting: list[Lane]) -> int:
+        """Rows per read: ``SHARED_MAX_ROWS`` beside another active tenant; otherwise a batch per
+        accepting lane within ``SCAN_MIN_ROWS``..``SCAN_MAX_ROWS``, or ``WIDE_SCAN_ROWS_PER_LANE`` per
+        lane for a relay of many partitions (up to ``WIDE_SCAN_MAX_ROWS``)."""
+        if self.scheduler.shared(reader.plan.tenant_name):
+            return SHARED_MAX_ROWS
+        policy = accepting[0].part.relay.policy
+        limit = max(SCAN_MIN_ROWS, min(SCAN_MAX_ROWS, policy.batch_size * len(accepting)))
+        return max(limit, min(WIDE_SCAN_MAX_ROWS, WIDE_SCAN_ROWS_PER_LANE * len(accepting)))
 
     # --- publishing ------------------------------------------------------------------------------
 
@@ -1091,6 +1077,35 @@ class FleetEngine:
             moved = owner.lanes.get(write.lease.partition) if owner else None
             if moved is not None and moved.part.lease.epoch == write.lease.epoch:
                 moved.part.cursor = max(moved.part.cursor, (write.txid, write.row_id))
+
+
+def _hand_out(
+    reader: RelayReader, open_lanes: dict[int, Lane], rows: list[tuple[int, tenant_db.OutboxRow]]
+) -> set[int]:
+    """Buffer a read's rows in their lanes, in order, past each lane's read position; a lane that is
+    full stops taking rows (marked starved: it reads on once it has room). Returns the full lanes'
+    partitions."""
+    full: set[int] = set()
+    for partition, row in rows:
+        lane = open_lanes.get(partition)
+        if lane is None or partition in full:
+            continue
+        position = (row.txid, row.id)
+        if position <= lane.read_pos:
+            continue
+        if lane.capacity() <= 0:
+            full.add(partition)
+            lane.starved = True
+            continue
+        fence = lane.part.restore
+        if fence is not None and row.id <= fence.max_id and row.created_at <= fence.max_created_at:
+            # a restored backlog that was resent (or skipped) on its own: the cursor only passes it
+            row = msgspec.structs.replace(row, fenced=True, payload=b"")
+        lane.buffer.append(row)
+        lane.read_pos = position
+        reader.rows.set()
+        reader.quiet = False
+    return full
 
 
 def _next_notified_retry(reader: RelayReader, got: int | None, notified_retry: int) -> int:
