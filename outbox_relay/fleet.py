@@ -906,6 +906,8 @@ class FleetEngine:
             reader.rows.set()
 
     async def _publish_round(self, reader: RelayReader, lanes: list[Lane]) -> None:
+        """Send the next batch of each of ``lanes`` to the target in one call and settle them with the
+        engine's delivery policy; a failure holds the lanes for a backoff (their rows are sent again)."""
         plan = reader.plan
         batches = [
             self.runner.prepare(lane.part, list(itertools.islice(lane.buffer, lane.part.relay.policy.batch_size)))
@@ -921,35 +923,9 @@ class FleetEngine:
                 lost = await self.runner.publish_batches(publisher, batches)
             reader.failures = 0
             self.outages.up(reader.target_outage)
-        except TargetUnavailable as exc:
-            reader.failures += 1
-            self.outages.down(reader.target_outage, exc)
-            with contextlib.suppress(Exception):
-                await self.fleet.record_errors(
-                    [lane.part.lease for lane in lanes],
-                    f"target unavailable: {exc}",
-                    PartitionErrorClass.TARGET_UNAVAILABLE,
-                )
-            policy = lanes[0].part.relay.policy
-            await self._back_off(
-                reader,
-                lanes,
-                backoff_s(reader.failures, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000),
-            )
-        except (TenantDatabaseError, AddressNotAllowed) as exc:
-            reader.failures += 1
-            with contextlib.suppress(Exception):
-                await self.fleet.record_errors(
-                    [lane.part.lease for lane in lanes], str(exc), PartitionErrorClass.DATABASE_UNAVAILABLE
-                )
-            await self._back_off(reader, lanes, backoff_s(reader.failures, base_s=0.5, cap_s=30))
         except Exception as exc:
-            if control_unavailable(exc):
-                self.outages.down(CONTROL_DB, exc)
-            else:
-                log.exception("relay %s: a round of %d partitions failed", plan.relay_name, len(lanes))
             reader.failures += 1
-            await self._back_off(reader, lanes, backoff_s(reader.failures, base_s=0.2, cap_s=10))
+            await self._back_off(reader, lanes, await self._round_failed(reader, lanes, exc))
         finally:
             reader.sending -= 1
             reader.in_round.difference_update(lane.partition for lane in lanes)
@@ -966,6 +942,29 @@ class FleetEngine:
             if lane.starved and lane.capacity() >= part.relay.policy.batch_size:
                 lane.starved = False  # it left rows unread for want of room: read on now
                 reader.wake.set()
+
+    async def _round_failed(self, reader: RelayReader, lanes: list[Lane], exc: Exception) -> float:
+        """Record why a round failed (the target's or the tenant database's outage on its partitions,
+        the control DB's, or a log line for what was not foreseen); returns the backoff before its
+        lanes are sent again (the relay's policy for a target outage: no attempt is charged)."""
+        leases = [lane.part.lease for lane in lanes]
+        if isinstance(exc, TargetUnavailable):
+            self.outages.down(reader.target_outage, exc)
+            with contextlib.suppress(Exception):
+                await self.fleet.record_errors(
+                    leases, f"target unavailable: {exc}", PartitionErrorClass.TARGET_UNAVAILABLE
+                )
+            policy = lanes[0].part.relay.policy
+            return backoff_s(reader.failures, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000)
+        if isinstance(exc, (TenantDatabaseError, AddressNotAllowed)):
+            with contextlib.suppress(Exception):
+                await self.fleet.record_errors(leases, str(exc), PartitionErrorClass.DATABASE_UNAVAILABLE)
+            return backoff_s(reader.failures, base_s=0.5, cap_s=30)
+        if control_unavailable(exc):
+            self.outages.down(CONTROL_DB, exc)
+        else:
+            log.error("relay %s: a round of %d partitions failed", reader.plan.relay_name, len(lanes), exc_info=exc)
+        return backoff_s(reader.failures, base_s=0.2, cap_s=10)
 
     async def _back_off(self, reader: RelayReader, lanes: list[Lane], delay: float) -> None:
         """Hold a failed round's lanes for ``delay`` (their rows are sent again after), less when the
