@@ -763,20 +763,7 @@ class RelayRunner:
                     if not rows:
                         await self._sleep(part, min(policy.poll_interval_ms / 1000, remaining()), woken)
                         continue
-                with tracer.start_as_current_span(
-                    "relay.batch",
-                    start_time=poll_started,
-                    attributes={
-                        "outbox.tenant": plan.tenant_name,
-                        "outbox.relay": plan.relay_name,
-                        "outbox.target": plan.target_name,
-                        "outbox.partition": lease.partition,
-                        "outbox.batch_size": len(rows),
-                    },
-                ):
-                    tracer.start_span("outbox.poll", start_time=poll_started).end()
-                    publisher = await self.publishers.get(plan.target_id, plan.target_version, target, target_password)
-                    await self._publish(publisher, part, rows)
+                await self._publish_traced(part, rows, poll_started, target, target_password)
                 failures = 0
             except TargetUnavailable as exc:
                 # the publisher stays cached: it is shared with this worker's other partitions of
@@ -786,6 +773,27 @@ class RelayRunner:
             except (TenantDatabaseError, AddressNotAllowed) as exc:
                 await pause(str(exc), PartitionErrorClass.DATABASE_UNAVAILABLE)
         return SliceResult(SliceOutcome.RAN, published=part.published, skipped=part.skipped, dead=part.dead)
+
+    async def _publish_traced(
+        self, part: _Partition, rows: list[tenant_db.OutboxRow], poll_started: int, target: Target, password: str | None
+    ) -> None:
+        """A slice's polled batch published inside its ``relay.batch`` span (the poll a child span
+        from ``poll_started``, in ns)."""
+        plan = part.plan
+        with tracer.start_as_current_span(
+            "relay.batch",
+            start_time=poll_started,
+            attributes={
+                "outbox.tenant": plan.tenant_name,
+                "outbox.relay": plan.relay_name,
+                "outbox.target": plan.target_name,
+                "outbox.partition": part.lease.partition,
+                "outbox.batch_size": len(rows),
+            },
+        ):
+            tracer.start_span("outbox.poll", start_time=poll_started).end()
+            publisher = await self.publishers.get(plan.target_id, plan.target_version, target, password)
+            await self._publish(publisher, part, rows)
 
     async def _publish(self, publisher: Publisher, part: _Partition, rows: list[tenant_db.OutboxRow]) -> None:
         """Publish one polled batch; move the cursor over what the broker took; charge refusals."""
