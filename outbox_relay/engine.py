@@ -1080,43 +1080,9 @@ class RelayRunner:
         )
         try:
             if restore is not None and fence is not None and restore.state == "resending":
-                await self._count_backlog_progress(part, restore)
-                rows = await tenant_db.poll_backlog(
-                    pool,
-                    database.schema,
-                    cursor=part.cursor,
-                    partitions=plan.partitions,
-                    partition=lease.partition,
-                    limit=limit,
-                    layout=part.layout,
-                    fence=fence,
-                )
-                if rows:
-                    part.backlog_batch = [(r.txid, r.id) for r in rows]
+                rows = await self._poll_backlog(pool, database, part, restore, fence, limit)
+                if rows is not None:
                     return rows
-                done = await tenant_db.backlog_done(
-                    pool,
-                    database.schema,
-                    cursor=part.cursor,
-                    partitions=plan.partitions,
-                    partition=lease.partition,
-                    fence=fence,
-                )
-                if not done:
-                    return []  # rows below the counter wait for transactions open at detection
-                finished_at = await self.store.finish_restore(lease)
-                if finished_at is None:
-                    raise LeaseLost()
-                log.info(
-                    "relay %s partition %s: restored backlog of %s row(s) resent in %.1f s",
-                    plan.relay_name,
-                    lease.partition,
-                    restore.rows,
-                    (finished_at - restore.detected_at).total_seconds(),
-                )
-                part.restore = dataclasses.replace(restore, state="resent", done=restore.rows, finished_at=finished_at)
-                part.cursor = (0, 0)
-                part.backlog_batch = []
             return await tenant_db.poll(
                 pool,
                 database.schema,
@@ -1129,6 +1095,54 @@ class RelayRunner:
             )
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise TenantDatabaseError(f"reading the outbox failed: {tenant_db.describe(exc)}") from None
+
+    async def _poll_backlog(
+        self,
+        pool: asyncpg.Pool,
+        database: Database,
+        part: _Partition,
+        restore: RestoreState,
+        fence: tenant_db.RestoreFence,
+        limit: int,
+    ) -> list[tenant_db.OutboxRow] | None:
+        """The next rows of a restored backlog being resent (none yet while transactions open at the
+        detection hold some back); None once it is done: the state is ``resent`` and the ordinary read
+        starts over from the beginning."""
+        plan, lease = part.plan, part.lease
+        await self._count_backlog_progress(part, restore)
+        cursor, partitions, partition = part.cursor, plan.partitions, lease.partition
+        rows = await tenant_db.poll_backlog(
+            pool,
+            database.schema,
+            cursor=cursor,
+            partitions=partitions,
+            partition=partition,
+            limit=limit,
+            layout=part.layout,
+            fence=fence,
+        )
+        if rows:
+            part.backlog_batch = [(r.txid, r.id) for r in rows]
+            return rows
+        done = await tenant_db.backlog_done(
+            pool, database.schema, cursor=cursor, partitions=partitions, partition=partition, fence=fence
+        )
+        if not done:
+            return []  # rows below the counter wait for transactions open at detection
+        finished_at = await self.store.finish_restore(lease)
+        if finished_at is None:
+            raise LeaseLost()
+        log.info(
+            "relay %s partition %s: restored backlog of %s row(s) resent in %.1f s",
+            plan.relay_name,
+            lease.partition,
+            restore.rows,
+            (finished_at - restore.detected_at).total_seconds(),
+        )
+        part.restore = dataclasses.replace(restore, state="resent", done=restore.rows, finished_at=finished_at)
+        part.cursor = (0, 0)
+        part.backlog_batch = []
+        return None
 
     async def _count_backlog_progress(self, part: _Partition, restore: RestoreState) -> None:
         """Record how many backlog rows the cursor has passed since the last poll (best effort)."""
