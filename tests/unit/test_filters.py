@@ -1,0 +1,177 @@
+"""Relay filters (outbox_relay.filters): the checks a filter passes at PUT, and the compiled
+predicate, with plain values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from outbox_relay.domain import FILTER_MAX_DEPTH, FILTER_MAX_LEAVES, Filter
+from outbox_relay.filters import InvalidFilter, Predicate, _Row, check, compile_filter
+
+
+def predicate(expr: dict[str, Any]) -> Predicate:
+    accepts = compile_filter(msgspec.convert(expr, type=Filter))
+    assert accepts is not None
+    return accepts
+
+
+def test_no_filter_compiles_to_none() -> None:
+    assert compile_filter(None) is None
+
+
+@pytest.mark.parametrize(
+    ("test", "matching", "other"),
+    [
+        ({"eq": "orders"}, "orders", "orders.eu"),
+        ({"in": ["a", "b"]}, "b", "c"),
+        ({"prefix": "orders."}, "orders.eu", "order"),
+    ],
+)
+def test_topic_leaves(test: dict[str, Any], matching: str, other: str) -> None:
+    accepts = predicate({"topic": test})
+    assert accepts(matching, {}, b"{}")
+    assert not accepts(other, {}, b"{}")
+
+
+def test_header_leaves() -> None:
+    headers = {"tenant": "acme", "x-test": "1"}
+    assert predicate({"header": "tenant", "eq": "acme"})("t", headers, b"")
+    assert not predicate({"header": "tenant", "eq": "other"})("t", headers, b"")
+    assert predicate({"header": "tenant", "in": ["x", "acme"]})("t", headers, b"")
+    assert not predicate({"header": "missing", "in": ["x", "acme"]})("t", headers, b"")
+    assert predicate({"header": "x-test", "exists": True})("t", headers, b"")
+    assert not predicate({"header": "x-test", "exists": False})("t", headers, b"")
+    assert predicate({"header": "X-Test", "exists": False})("t", headers, b""), "header names are case-sensitive"
+
+
+@pytest.mark.parametrize(
+    ("leaf", "payload", "expected"),
+    [
+        ({"payload": "country", "eq": "DE"}, b'{"country": "DE"}', True),
+        ({"payload": "country", "eq": "DE"}, b'{"country": "FR"}', False),
+        ({"payload": "n", "eq": 1}, b'{"n": 1.0}', True),
+        ({"payload": "n", "eq": 1}, b'{"n": true}', False),
+        ({"payload": "flag", "eq": True}, b'{"flag": 1}', False),
+        ({"payload": "flag", "in": [True]}, b'{"flag": true}', True),
+        ({"payload": "v", "eq": None}, b'{"v": null}', True),
+        ({"payload": "v", "eq": None}, b"{}", False),
+        ({"payload": "v", "in": ["a", 2]}, b'{"v": 2}', True),
+        ({"payload": "v", "in": ["a", 2]}, b'{"v": {"a": 2}}', False),
+        ({"payload": "v", "in": ["a", 2]}, b'{"v": ["a"]}', False),
+        ({"payload": "v", "exists": True}, b'{"v": null}', True),
+        ({"payload": "v", "exists": False}, b'{"w": 1}', True),
+        ({"payload": "v", "exists": False}, b'{"v": 1}', False),
+        # a payload that is not a JSON object matches no payload leaf, exists: false included
+        ({"payload": "v", "exists": False}, b"not json", False),
+        ({"payload": "v", "exists": False}, b"[1, 2]", False),
+        ({"payload": "v", "eq": 3}, b"3", False),
+        ({"payload": "v", "exists": True}, b"", False),
+        ({"not": {"payload": "v", "exists": True}}, b"not json", True),
+        # nested fields are not reached: only top-level ones
+        ({"payload": "a.b", "eq": 1}, b'{"a": {"b": 1}}', False),
+    ],
+)
+def test_payload_leaves(leaf: dict[str, Any], payload: bytes, expected: bool) -> None:
+    assert predicate(leaf)("t", {}, payload) is expected
+
+
+def test_combinators() -> None:
+    accepts = predicate(
+        {
+            "all": [
+                {"topic": {"prefix": "orders."}},
+                {"any": [{"payload": "country", "in": ["DE", "FR"]}, {"header": "vip", "exists": True}]},
+                {"not": {"header": "x-test", "eq": "1"}},
+            ]
+        }
+    )
+    assert accepts("orders.created", {}, b'{"country": "DE"}')
+    assert accepts("orders.created", {"vip": "y"}, b'{"country": "US"}')
+    assert not accepts("orders.created", {}, b'{"country": "US"}')
+    assert not accepts("users.created", {}, b'{"country": "DE"}')
+    assert not accepts("orders.created", {"x-test": "1"}, b'{"country": "DE"}')
+
+
+def test_payload_decoded_only_when_a_payload_leaf_is_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[bytes] = []
+
+    def counting(self: _Row) -> dict[str, Any] | None:
+        decoded.append(self.payload)
+        return {"a": 1, "b": 2}
+
+    monkeypatch.setattr(_Row, "fields", counting)
+    topic_only = predicate({"any": [{"topic": {"eq": "t"}}, {"header": "h", "exists": True}]})
+    assert topic_only("t", {}, b"x") and not topic_only("u", {}, b"y")
+    assert decoded == []
+    short_circuit = predicate({"all": [{"topic": {"eq": "t"}}, {"payload": "a", "eq": 1}]})
+    assert not short_circuit("u", {}, b"z")
+    assert decoded == []
+    assert short_circuit("t", {}, b"w")
+    assert decoded == [b"w"]
+
+
+def test_payload_decoded_once_per_row() -> None:
+    row = _Row("t", {}, b'{"a": 1}')
+    first = row.fields()
+    assert first == {"a": 1}
+    assert row.fields() is first
+    not_object = _Row("t", {}, b"[1]")
+    assert not_object.fields() is None and not_object.fields() is None
+
+
+def deep(levels: int) -> dict[str, Any]:
+    node: dict[str, Any] = {"topic": {"eq": "t"}}
+    for _ in range(levels - 1):
+        node = {"not": node}
+    return node
+
+
+@pytest.mark.parametrize(
+    ("expr", "message"),
+    [
+        ({}, "filter: give exactly one of all, any, not, topic, header, payload"),
+        ({"topic": {"eq": "a"}, "header": "h", "exists": True}, "filter: give exactly one of"),
+        ({"any": [{"topic": {"eq": "a"}}, {"header": "h"}]}, "filter.any[1]: a header leaf takes exactly one of"),
+        ({"payload": "p", "eq": 1, "exists": True}, "(got eq, exists)"),
+        ({"all": [{"topic": {}}]}, "filter.all[0].topic: give exactly one of eq, in, prefix"),
+        ({"topic": {"eq": "a", "prefix": "b"}}, "filter.topic: give exactly one of eq, in, prefix"),
+        ({"topic": {"eq": "a"}, "eq": "a"}, "eq belongs inside topic"),
+        ({"not": {"topic": {"eq": "a"}}, "exists": True}, "exists belongs in a header or payload leaf"),
+        ({"header": "h", "eq": 1}, "filter.eq: header values are strings"),
+        ({"header": "h", "in": ["a", None]}, "filter.in: header values are strings"),
+        (deep(FILTER_MAX_DEPTH + 1), f"nested deeper than {FILTER_MAX_DEPTH} levels"),
+        (
+            {"any": [{"all": [{"topic": {"eq": str(i)}}] * 2} for i in range(FILTER_MAX_LEAVES // 2 + 1)]},
+            f"filter: {FILTER_MAX_LEAVES + 2} leaves, at most {FILTER_MAX_LEAVES} allowed",
+        ),
+    ],
+)
+def test_invalid_filters_say_what_and_where(expr: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidFilter) as info:
+        check(msgspec.convert(expr, type=Filter))
+    assert message in str(info.value)
+
+
+def test_the_limits_themselves_pass() -> None:
+    check(msgspec.convert(deep(FILTER_MAX_DEPTH), type=Filter))
+    check(msgspec.convert({"any": [{"topic": {"eq": str(i)}} for i in range(FILTER_MAX_LEAVES)]}, type=Filter))
+
+
+@pytest.mark.parametrize(
+    ("expr", "where"),
+    [
+        ({"topic": {"in": ["x"] * 65}}, "$.topic.in"),
+        ({"payload": "p", "eq": "x" * 257}, "$.eq"),
+        ({"header": "", "exists": True}, "$.header"),
+        ({"payload": "p", "eq": [1]}, "$.eq"),
+        ({"all": []}, "$.all"),
+        ({"topic": {"eq": "a"}, "regex": ".*"}, "regex"),
+    ],
+)
+def test_value_sizes_and_shapes_are_bounded_by_the_types(expr: dict[str, Any], where: str) -> None:
+    with pytest.raises(msgspec.ValidationError) as info:
+        msgspec.json.decode(msgspec.json.encode(expr), type=Filter)
+    assert where in str(info.value)
