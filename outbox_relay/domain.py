@@ -273,24 +273,21 @@ class Relay(Resource, kw_only=True, forbid_unknown_fields=True):
         ),
     ] = msgspec.field(default_factory=lambda: {"*": "{topic}"})
     partitions: Annotated[int, Meta(ge=1, le=1024, description="Fixed at creation: keys hash onto partitions.")] = 16
-    filter: (
-        Annotated[
-            Filter,
-            Meta(
-                description="Publish only the rows that match (the others move the cursor like unrouted rows, "
-                "counted as `filtered` in the status). Null: every routed row. Leaves: "
-                "{'topic': {'eq'|'in'|'prefix': ...}}, {'header': name, 'eq'|'in'|'exists': ...}, "
-                "{'payload': top-level field, 'eq'|'in'|'exists': ...}; combined with 'all', 'any', 'not'. "
-                f"At most {FILTER_MAX_DEPTH} levels, {FILTER_MAX_LEAVES} leaves, {FILTER_MAX_VALUES} values "
-                f"per 'in', {FILTER_MAX_STRING} characters per string.",
-                examples=[
-                    {"all": [{"topic": {"prefix": "orders."}}, {"payload": "country", "in": ["DE", "FR"]}]},
-                    {"not": {"header": "x-test", "exists": True}},
-                ],
-            ),
-        ]
-        | None
-    ) = None
+    filter: Annotated[
+        Filter | None,
+        Meta(
+            description="Publish only the rows that match (the others move the cursor like unrouted rows, "
+            "counted as `filtered` in the status). Null: every routed row. Leaves: "
+            "{'topic': {'eq'|'in'|'prefix': ...}}, {'header': name, 'eq'|'in'|'exists': ...}, "
+            "{'payload': top-level field, 'eq'|'in'|'exists': ...}; combined with 'all', 'any', 'not'. "
+            f"At most {FILTER_MAX_DEPTH} levels, {FILTER_MAX_LEAVES} leaves, {FILTER_MAX_VALUES} values "
+            f"per 'in', {FILTER_MAX_STRING} characters per string.",
+            examples=[
+                {"all": [{"topic": {"prefix": "orders."}}, {"payload": "country", "in": ["DE", "FR"]}]},
+                {"not": {"header": "x-test", "exists": True}},
+            ],
+        ),
+    ] = None
     policy: RelayPolicy = msgspec.field(default_factory=RelayPolicy)
     enabled: bool = True
 

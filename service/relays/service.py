@@ -15,6 +15,7 @@ import msgspec
 
 from outbox_relay.domain import Relay
 from outbox_relay.errors import OutOfBounds
+from outbox_relay.filters import InvalidFilter, check
 from outbox_relay.store.control import RelayChanged, ResourceRow, TenantRow
 from service.deps import Services
 from service.problems import Problem
@@ -36,6 +37,11 @@ async def put_relay(
     ``expect_updated_at``, only the version read then (409 ``conflict`` when it changed since)."""
     if data.policy.backoff_base_ms > data.policy.backoff_max_ms:
         raise Problem(422, "policy.backoff_base_ms must not exceed policy.backoff_max_ms", slug="invalid-relay")
+    if data.filter is not None:
+        try:
+            check(data.filter)
+        except InvalidFilter as exc:
+            raise Problem(422, str(exc), slug="invalid-filter", field=exc.where) from None
     settings = services.settings
     if data.policy.poll_interval_ms < settings.min_poll_interval_ms:
         raise OutOfBounds(
