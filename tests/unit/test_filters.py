@@ -3,13 +3,16 @@ predicate, with plain values."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import pytest
 
-from outbox_relay.domain import FILTER_MAX_DEPTH, FILTER_MAX_LEAVES, Filter
+from outbox_relay.domain import FILTER_MAX_DEPTH, FILTER_MAX_LEAVES, Filter, Relay
+from outbox_relay.engine import OutboxBatch, build_messages
 from outbox_relay.filters import InvalidFilter, Predicate, _Row, check, compile_filter
+from outbox_relay.tenant.db import OutboxRow
 
 
 def predicate(expr: dict[str, Any]) -> Predicate:
@@ -175,3 +178,33 @@ def test_value_sizes_and_shapes_are_bounded_by_the_types(expr: dict[str, Any], w
     with pytest.raises(msgspec.ValidationError) as info:
         msgspec.json.decode(msgspec.json.encode(expr), type=Filter)
     assert where in str(info.value)
+
+
+def test_build_messages_leaves_out_what_the_filter_rejects_and_says_which() -> None:
+    relay = Relay(
+        database="d",
+        target="t",
+        topic_mapping={"orders": "o", "users": "u"},
+        filter=msgspec.convert({"any": [{"header": "vip", "eq": "y"}, {"payload": "n", "eq": 2}]}, type=Filter),
+    )
+    now = datetime.now(UTC)
+    rows = [
+        OutboxRow(txid=1, id=1, topic="orders", key=None, payload=b'{"n": 2}', headers="{}", created_at=now),
+        OutboxRow(txid=1, id=2, topic="orders", key=None, payload=b'{"n": 3}', headers="{}", created_at=now),
+        OutboxRow(txid=1, id=3, topic="other", key=None, payload=b'{"n": 2}', headers="{}", created_at=now),
+        OutboxRow(txid=1, id=4, topic="users", key=None, payload=b"not json", headers='{"vip": "y"}', created_at=now),
+        OutboxRow(txid=1, id=5, topic="users", key=None, payload=b"not json", headers='{"vip": 1}', created_at=now),
+    ]
+    accepts = compile_filter(relay.filter)
+    filtered: list[int] = []
+    messages = build_messages(relay, "r", rows, accepts=accepts, filtered=filtered)
+    assert [m.id if m else None for m in messages] == [1, None, None, 4, None]
+    assert filtered == [1, 4], "the unrouted row (index 2) is not counted as filtered"
+    assert messages[3] is not None and messages[3].headers["vip"] == "y"
+    assert build_messages(relay, "r", rows)[1] is not None, "no predicate given: nothing filtered"
+
+
+def test_a_batch_counts_the_filtered_rows_the_cursor_passes() -> None:
+    batch = OutboxBatch(part=None, rows=[], messages=[], sendable=[], too_big=None, filtered=[1, 4])  # type: ignore[arg-type]
+    assert [batch.filtered_within(passed) for passed in range(7)] == [0, 0, 1, 1, 1, 2, 2]
+    assert OutboxBatch(None, [], [], [], None).filtered_within(5) == 0  # type: ignore[arg-type]
