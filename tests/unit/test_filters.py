@@ -4,6 +4,7 @@ predicate, with plain values."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -208,3 +209,14 @@ def test_a_batch_counts_the_filtered_rows_the_cursor_passes() -> None:
     batch = OutboxBatch(part=None, rows=[], messages=[], sendable=[], too_big=None, filtered=[1, 4])  # type: ignore[arg-type]
     assert [batch.filtered_within(passed) for passed in range(7)] == [0, 0, 1, 1, 1, 2, 2]
     assert OutboxBatch(None, [], [], [], None).filtered_within(5) == 0  # type: ignore[arg-type]
+
+
+def test_the_documented_example_is_a_valid_relay() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "delivery.md").read_text()
+    section = text.split("## Filters", 1)[1].split("\n## ", 1)[0]
+    example = section.split("```json\n", 1)[1].split("```", 1)[0]
+    relay = msgspec.json.decode(example, type=Relay)
+    accepts = compile_filter(relay.filter)
+    assert accepts is not None
+    assert accepts("orders.created", {"priority": "high"}, b'{"country": "US"}')
+    assert not accepts("orders.created", {"x-test": "1"}, b'{"country": "DE"}')
