@@ -234,7 +234,7 @@ class TopicTest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Exactly one of ``eq``, ``in``, ``prefix``; case-sensitive."""
 
     eq: FilterString | UnsetType = UNSET
-    in_: Annotated[list[FilterString], Meta(max_length=FILTER_MAX_VALUES)] | UnsetType = msgspec.field(
+    in_: Annotated[list[FilterString], Meta(min_length=1, max_length=FILTER_MAX_VALUES)] | UnsetType = msgspec.field(
         default=UNSET, name="in"
     )
     prefix: FilterString | UnsetType = UNSET
@@ -253,7 +253,7 @@ class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     header: FilterName | UnsetType = UNSET
     payload: FilterName | UnsetType = UNSET
     eq: FilterScalar | UnsetType = UNSET
-    in_: Annotated[list[FilterScalar], Meta(max_length=FILTER_MAX_VALUES)] | UnsetType = msgspec.field(
+    in_: Annotated[list[FilterScalar], Meta(min_length=1, max_length=FILTER_MAX_VALUES)] | UnsetType = msgspec.field(
         default=UNSET, name="in"
     )
     exists: bool | UnsetType = UNSET

@@ -6,7 +6,8 @@ that wakes up late cannot move a cursor it no longer owns.
 
 The read is write-free (``outbox_relay.tenant.sql.poll_sql``): rows below the tenant DB's xmin
 horizon, after the cursor ``(txid, id)``, in order. The cursor moves only past rows the broker
-acknowledged (or rows no topic mapping routes), so nothing committed is ever skipped.
+acknowledged (or rows no topic mapping routes, or the relay's filter leaves out: those are passed,
+the filtered ones counted), so nothing committed is ever skipped.
 """
 
 from __future__ import annotations

@@ -172,6 +172,8 @@ def test_the_limits_themselves_pass() -> None:
         ({"header": "", "exists": True}, "$.header"),
         ({"payload": "p", "eq": [1]}, "$.eq"),
         ({"all": []}, "$.all"),
+        ({"topic": {"in": []}}, "$.topic.in"),
+        ({"payload": "p", "in": []}, "$.in"),
         ({"topic": {"eq": "a"}, "regex": ".*"}, "regex"),
     ],
 )
