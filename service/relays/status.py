@@ -281,6 +281,7 @@ class RelayOverview(msgspec.Struct, kw_only=True):
     pending: int
     oldest_pending_age_s: float | None
     published: int
+    filtered: int
     dead_lettered: int
     last_published_at: datetime | None
 

@@ -268,3 +268,5 @@ async def test_filtered_rows_are_counted_in_the_metric_and_the_status(
     assert counter_value("outbox_messages_filtered", **labels) - before == 3
     got = await status(setup, "sieve")
     assert (got["published"], got["filtered"], got["partitions"][0]["filtered"]) == (2, 3, 3)
+    overview = (await setup.tenant.get("/v1/status")).json()
+    assert [(r["published"], r["filtered"]) for r in overview["relays"] if r["relay"] == "sieve"] == [(2, 3)]
