@@ -39,7 +39,7 @@ from outbox_relay.crypto import SecretBox
 from outbox_relay.delivery import DeadLetterNow, DeliveryPolicy, Settled, backoff_s, settle
 from outbox_relay.domain import Database, Relay, Target, route
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
-from outbox_relay.filters import Predicate, compile_filter
+from outbox_relay.filters import Predicate, shared_filter
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.specs import usable_database, usable_target
 from outbox_relay.store.control import (
@@ -436,8 +436,8 @@ class _Partition:
 
     @functools.cached_property
     def accepts(self) -> Predicate | None:
-        """The relay's filter compiled once (None: no filter)."""
-        return compile_filter(self.relay.filter)
+        """The relay's filter, compiled once per plan (shared by its partitions; None: no filter)."""
+        return shared_filter(self.relay.filter)
 
     @functools.cached_property
     def labels(self) -> dict[str, Any]:

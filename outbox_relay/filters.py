@@ -19,6 +19,7 @@ Semantics (docs/delivery.md, "Filters"):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -133,6 +134,17 @@ def compile_filter(expr: Filter | None) -> Predicate | None:
         return node(_Row(topic, headers, payload))
 
     return accepts
+
+
+def shared_filter(expr: Filter | None) -> Predicate | None:
+    """:func:`compile_filter`, compiled once per filter (keyed by its JSON) and shared: a worker's
+    partitions of a relay (their plan's filter) use one predicate. The cache is bounded."""
+    return None if expr is None else _shared(msgspec.json.encode(expr))
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared(encoded: bytes) -> Predicate | None:
+    return compile_filter(msgspec.json.decode(encoded, type=Filter))
 
 
 def _compile(node: Filter) -> _Node:

@@ -12,7 +12,7 @@ import pytest
 
 from outbox_relay.domain import FILTER_MAX_DEPTH, FILTER_MAX_LEAVES, Filter, Relay
 from outbox_relay.engine import OutboxBatch, build_messages
-from outbox_relay.filters import InvalidFilter, Predicate, _Row, check, compile_filter
+from outbox_relay.filters import InvalidFilter, Predicate, _Row, check, compile_filter, shared_filter
 from outbox_relay.tenant.db import OutboxRow
 
 
@@ -222,3 +222,17 @@ def test_the_documented_example_is_a_valid_relay() -> None:
     assert accepts is not None
     assert accepts("orders.created", {"priority": "high"}, b'{"country": "US"}')
     assert not accepts("orders.created", {"x-test": "1"}, b'{"country": "DE"}')
+
+
+def test_partitions_of_a_relay_share_one_compiled_filter() -> None:
+    def decoded() -> Filter:  # each partition decodes the plan's spec on its own
+        return msgspec.json.decode(b'{"all": [{"topic": {"eq": "a"}}, {"payload": "p", "exists": true}]}', type=Filter)
+
+    first, second = shared_filter(decoded()), shared_filter(decoded())
+    assert first is not None and first is second
+    assert first("a", {}, b'{"p": 1}') and not first("b", {}, b'{"p": 1}')
+    assert shared_filter(None) is None
+    other = shared_filter(msgspec.convert({"topic": {"eq": "b"}}, type=Filter))
+    assert other is not None and other is not first
+    with pytest.raises(InvalidFilter):
+        shared_filter(msgspec.convert({"topic": {}}, type=Filter))
