@@ -59,7 +59,7 @@ class _Row:
         if fields is None:
             try:
                 doc = msgspec.json.decode(self.payload)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):  # nested deeper than msgspec goes: not an object
                 doc = None
             fields = self._fields = doc if isinstance(doc, dict) else _NO_FIELDS
         return None if fields is _NO_FIELDS else fields

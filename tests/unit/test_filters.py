@@ -236,3 +236,17 @@ def test_partitions_of_a_relay_share_one_compiled_filter() -> None:
     assert other is not None and other is not first
     with pytest.raises(InvalidFilter):
         shared_filter(msgspec.convert({"topic": {}}, type=Filter))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than msgspec decodes: RecursionError, not DecodeError
+        b'{"a": ' * 100_000 + b"1" + b"}" * 100_000,
+        b'{"v": 1e999999}',  # a number out of range
+        b"\xff\xfe",
+    ],
+)
+def test_a_payload_the_decoder_refuses_matches_no_payload_leaf_and_raises_nothing(payload: bytes) -> None:
+    assert not predicate({"payload": "v", "exists": True})("t", {}, payload)
+    assert predicate({"not": {"payload": "v", "exists": False}})("t", {}, payload)
