@@ -3,6 +3,9 @@ predicate, with plain values."""
 
 from __future__ import annotations
 
+import types
+import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -10,8 +13,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from outbox_relay.brokers.base import OutgoingMessage, PublishResult
 from outbox_relay.domain import FILTER_MAX_DEPTH, FILTER_MAX_LEAVES, Filter, Relay
-from outbox_relay.engine import OutboxBatch, build_messages
+from outbox_relay.engine import OutboxBatch, RelayRunner, _Partition, build_messages
 from outbox_relay.filters import InvalidFilter, Predicate, _Row, check, compile_filter, shared_filter
 from outbox_relay.tenant.db import OutboxRow
 
@@ -250,3 +254,64 @@ def test_partitions_of_a_relay_share_one_compiled_filter() -> None:
 def test_a_payload_the_decoder_refuses_matches_no_payload_leaf_and_raises_nothing(payload: bytes) -> None:
     assert not predicate({"payload": "v", "exists": True})("t", {}, payload)
     assert predicate({"not": {"payload": "v", "exists": False}})("t", {}, payload)
+
+
+class _Acks:
+    """A publisher that acknowledges the first ``acked`` messages of a batch and answers nothing more."""
+
+    def __init__(self, acked: int) -> None:
+        self.acked = acked
+        self.sent: list[OutgoingMessage] = []
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
+        self.sent += messages
+        return PublishResult(acked=min(self.acked, len(messages)))
+
+
+class _Cursors(RelayRunner):
+    """The runner's delivery policy with the cursor writes recorded instead of stored."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, int, int, int]] = []
+
+    async def _advance_cursors(self, writes: list[tuple[_Partition, int, int, int, int]]) -> list[bool]:
+        self.writes += [(txid, row_id, sent, filtered) for _, txid, row_id, sent, filtered in writes]
+        return [True] * len(writes)
+
+
+@pytest.mark.parametrize(
+    ("acked", "write", "counts"),
+    [
+        # rows: 1 sent, 2 filtered, 3 sent, 4 unrouted, 5 filtered, 6 sent; counts (published, filtered, skipped)
+        (3, (1, 6, 3, 2), (3, 2, 1)),
+        # the broker took the first message only: the cursor passes rows 1-2 (row 2 counted), not
+        # row 5, which is counted once the cursor passes it (after row 3 is taken)
+        (1, (1, 2, 1, 1), (1, 1, 0)),
+        (0, None, (0, 0, 0)),
+    ],
+)
+async def test_the_cursor_write_counts_the_filtered_rows_it_passes(
+    acked: int, write: tuple[int, int, int, int] | None, counts: tuple[int, int, int]
+) -> None:
+    relay = Relay(
+        database="d",
+        target="t",
+        topic_mapping={"a": "x"},
+        filter=msgspec.convert({"not": {"payload": "drop", "exists": True}}, type=Filter),
+    )
+    now = datetime.now(UTC)
+    payloads = [b"{}", b'{"drop": 1}', b"{}", b"{}", b'{"drop": 1}', b"{}"]
+    rows = [
+        OutboxRow(txid=1, id=i, topic="b" if i == 4 else "a", key=None, payload=p, headers="{}", created_at=now)
+        for i, p in enumerate(payloads, start=1)
+    ]
+    plan = types.SimpleNamespace(tenant_name="t", relay_name="r", target_name="q", relay_id=uuid.uuid4())
+    part = _Partition(plan=plan, lease=None, relay=relay, cursor=(0, 0), retry=None)  # type: ignore[arg-type]
+    runner = _Cursors()
+    batch = runner.prepare(part, rows)
+    assert batch.filtered == [1, 4]
+    publisher = _Acks(acked)
+    assert await runner.publish_batches(publisher, [batch]) == []  # type: ignore[arg-type]
+    assert [m.id for m in publisher.sent] == [1, 3, 6]
+    assert runner.writes == ([write] if write else [])
+    assert (part.published, part.filtered, part.skipped) == counts
