@@ -318,6 +318,54 @@ class RelayPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = "resend"
 
 
+# --- relay filters ---------------------------------------------------------------------------------
+# A small declarative expression, never evaluated as code: compiled once per relay plan into plain
+# closures by ``outbox_relay.filters`` (which also checks the bounds below at ``PUT``).
+
+FILTER_MAX_DEPTH = 8
+"""Nesting of all/any/not a filter may have (a leaf alone is depth 1)."""
+FILTER_MAX_LEAVES = 32
+"""Leaves (topic, header, payload tests) in one filter: the work per row is bounded by them."""
+FILTER_MAX_VALUES = 64
+"""Values in one ``in`` list."""
+FILTER_MAX_STRING = 256
+"""Characters in a value, a prefix, a header or a payload field name."""
+
+FilterString = Annotated[str, Meta(max_length=FILTER_MAX_STRING)]
+FilterName = Annotated[str, Meta(min_length=1, max_length=FILTER_MAX_STRING)]
+FilterScalar = FilterString | int | float | bool | None
+"""A JSON scalar: a header test takes strings only; a payload test any scalar."""
+
+
+class TopicTest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Exactly one of ``eq``, ``in``, ``prefix``; case-sensitive."""
+
+    eq: FilterString | UnsetType = UNSET
+    in_: Annotated[list[FilterString], Meta(min_length=1, max_length=FILTER_MAX_VALUES)] | UnsetType = msgspec.field(
+        default=UNSET, name="in"
+    )
+    prefix: FilterString | UnsetType = UNSET
+
+
+class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One node of a relay filter: exactly one of ``all``, ``any``, ``not`` (combinators), ``topic``,
+    ``header``, ``payload`` (leaves). A ``header`` or ``payload`` leaf takes exactly one of ``eq``,
+    ``in``, ``exists``. ``payload`` names a top-level field of a JSON-object payload: a payload that
+    is not a JSON object (not JSON, an array, a scalar) matches no payload leaf."""
+
+    all: Annotated[list[Filter], Meta(min_length=1, max_length=FILTER_MAX_LEAVES)] | UnsetType = UNSET
+    any: Annotated[list[Filter], Meta(min_length=1, max_length=FILTER_MAX_LEAVES)] | UnsetType = UNSET
+    not_: Filter | UnsetType = msgspec.field(default=UNSET, name="not")
+    topic: TopicTest | UnsetType = UNSET
+    header: FilterName | UnsetType = UNSET
+    payload: FilterName | UnsetType = UNSET
+    eq: FilterScalar | UnsetType = UNSET
+    in_: Annotated[list[FilterScalar], Meta(min_length=1, max_length=FILTER_MAX_VALUES)] | UnsetType = msgspec.field(
+        default=UNSET, name="in"
+    )
+    exists: bool | UnsetType = UNSET
+
+
 class Relay(Resource, kw_only=True, forbid_unknown_fields=True):
     """Publishes one database's outbox to one target."""
 
@@ -332,6 +380,21 @@ class Relay(Resource, kw_only=True, forbid_unknown_fields=True):
         ),
     ] = msgspec.field(default_factory=lambda: {"*": "{topic}"})
     partitions: Annotated[int, Meta(ge=1, le=1024, description="Fixed at creation: keys hash onto partitions.")] = 16
+    filter: Annotated[
+        Filter | None,
+        Meta(
+            description="Publish only the rows that match (the others move the cursor like unrouted rows, "
+            "counted as `filtered` in the status). Null: every routed row. Leaves: "
+            "{'topic': {'eq'|'in'|'prefix': ...}}, {'header': name, 'eq'|'in'|'exists': ...}, "
+            "{'payload': top-level field, 'eq'|'in'|'exists': ...}; combined with 'all', 'any', 'not'. "
+            f"At most {FILTER_MAX_DEPTH} levels, {FILTER_MAX_LEAVES} leaves, {FILTER_MAX_VALUES} values "
+            f"per 'in', {FILTER_MAX_STRING} characters per string.",
+            examples=[
+                {"all": [{"topic": {"prefix": "orders."}}, {"payload": "country", "in": ["DE", "FR"]}]},
+                {"not": {"header": "x-test", "exists": True}},
+            ],
+        ),
+    ] = None
     policy: RelayPolicy = msgspec.field(default_factory=RelayPolicy)
     enabled: bool = True
 

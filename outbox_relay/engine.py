@@ -6,12 +6,14 @@ that wakes up late cannot move a cursor it no longer owns.
 
 The read is write-free (``outbox_relay.tenant.sql.poll_sql``): rows below the tenant DB's xmin
 horizon, after the cursor ``(txid, id)``, in order. The cursor moves only past rows the broker
-acknowledged (or rows no topic mapping routes), so nothing committed is ever skipped.
+acknowledged (or rows no topic mapping routes, or the relay's filter leaves out: those are passed,
+the filtered ones counted), so nothing committed is ever skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -38,6 +40,7 @@ from outbox_relay.delivery import DeadLetterNow, DeliveryPolicy, Settled, backof
 from outbox_relay.domain import CauseKind, Database, ErrorClass, PartitionErrorClass, Relay, SliceOutcome, Target, route
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.errors import LeaseLost as LeaseLost
+from outbox_relay.filters import Predicate, shared_filter
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.specs import usable_database, usable_target
 from outbox_relay.store.control import (
@@ -425,6 +428,8 @@ class _Partition:
     retry: RetryState | None
     published: int = 0
     skipped: int = 0
+    filtered: int = 0
+    """Rows the relay's filter left out that the cursor passed (``skipped`` counts the unrouted ones)."""
     dead: int = 0
     last_poll_empty: bool = False
     pending_checked: float = 0.0
@@ -446,6 +451,11 @@ class _Partition:
         return DeliveryPolicy(self.relay.policy)
 
     @functools.cached_property
+    def accepts(self) -> Predicate | None:
+        """The relay's filter, compiled once per plan (shared by its partitions; None: no filter)."""
+        return shared_filter(self.relay.filter)
+
+    @functools.cached_property
     def labels(self) -> dict[str, Any]:
         """The metric labels, built once (the same for every partition of a relay)."""
         return labels(self.plan.tenant_name, self.plan.relay_name, self.plan.target_name)
@@ -463,6 +473,12 @@ class OutboxBatch:
     sendable: list[OutgoingMessage]
     too_big: tuple[tenant_db.OutboxRow, OutgoingMessage | None] | None
     """The over-size row that ended the batch: dead-lettered once everything before it is acked."""
+    filtered: list[int] = field(default_factory=list)
+    """Indexes (ascending) of the rows without a message because the relay's filter left them out."""
+
+    def filtered_within(self, passed: int) -> int:
+        """How many of the first ``passed`` rows the filter left out."""
+        return bisect.bisect_left(self.filtered, passed) if self.filtered else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,6 +489,7 @@ class SliceResult:
     or edited mid-slice)."""
     published: int = 0
     skipped: int = 0
+    filtered: int = 0
     dead: int = 0
 
 
@@ -555,11 +572,20 @@ async def plan_change(store: ControlStore, plan: RelayPlan, changed: asyncio.Eve
             return now
 
 
-def build_messages(plan_relay: Relay, relay_name: str, rows: list[tenant_db.OutboxRow]) -> list[OutgoingMessage | None]:
-    """One OutgoingMessage per row, or None for rows the topic mapping does not route and rows of a
-    restored backlog that was resent (or skipped) on its own (``OutboxRow.fenced``)."""
+def build_messages(
+    plan_relay: Relay,
+    relay_name: str,
+    rows: list[tenant_db.OutboxRow],
+    *,
+    accepts: Predicate | None = None,
+    filtered: list[int] | None = None,
+) -> list[OutgoingMessage | None]:
+    """One OutgoingMessage per row, or None for rows the topic mapping does not route, rows of a
+    restored backlog that was resent (or skipped) on its own (``OutboxRow.fenced``), and rows the
+    relay's filter ``accepts`` (compiled once per plan: ``_Partition.accepts``) leaves out, whose
+    indexes are appended to ``filtered``."""
     out: list[OutgoingMessage | None] = []
-    for row in rows:
+    for index, row in enumerate(rows):
         destination = None if row.fenced else route(plan_relay.topic_mapping, row.topic)
         if destination is None:
             out.append(None)
@@ -569,6 +595,11 @@ def build_messages(plan_relay: Relay, relay_name: str, rows: list[tenant_db.Outb
         except msgspec.ValidationError:
             raw = msgspec.json.decode(row.headers)
             headers = {str(k): v if isinstance(v, str) else msgspec.json.encode(v).decode() for k, v in raw.items()}
+        if accepts is not None and not accepts(row.topic, headers, row.payload):
+            out.append(None)
+            if filtered is not None:
+                filtered.append(index)
+            continue
         message_id = row.outgoing_id
         headers.update({"outbox-id": message_id, "outbox-topic": row.topic, "outbox-relay": relay_name})
         out.append(
@@ -686,9 +717,7 @@ class RelayRunner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
         if part.stop.is_set():
-            return SliceResult(
-                SliceOutcome.CHANGED, published=result.published, skipped=result.skipped, dead=result.dead
-            )
+            return dataclasses.replace(result, outcome=SliceOutcome.CHANGED)
         return result
 
     async def _watch_plan(self, part: _Partition, changed: asyncio.Event) -> None:
@@ -716,9 +745,13 @@ class RelayRunner:
                 delay = backoff_s(attempt, base_s=0.05, cap_s=1.0)
                 await asyncio.sleep(min(delay, part.lease_until - time.monotonic()))
 
-    async def _advance_cursor(self, part: _Partition, txid: int, row_id: int, published: int) -> bool:
+    async def _advance_cursor(
+        self, part: _Partition, txid: int, row_id: int, published: int, filtered: int = 0
+    ) -> bool:
         """Move the partition's cursor (fenced); the fleet engine batches these across partitions."""
-        return await self._fenced(part, lambda: self.store.advance_cursor(part.lease, txid, row_id, published))
+        return await self._fenced(
+            part, lambda: self.store.advance_cursor(part.lease, txid, row_id, published, filtered)
+        )
 
     async def _run(self, part: _Partition) -> SliceResult:
         plan, lease, relay = part.plan, part.lease, part.relay
@@ -772,7 +805,9 @@ class RelayRunner:
                 await pause(f"target unavailable: {exc}", PartitionErrorClass.TARGET_UNAVAILABLE)
             except (TenantDatabaseError, AddressNotAllowed) as exc:
                 await pause(str(exc), PartitionErrorClass.DATABASE_UNAVAILABLE)
-        return SliceResult(SliceOutcome.RAN, published=part.published, skipped=part.skipped, dead=part.dead)
+        return SliceResult(
+            SliceOutcome.RAN, published=part.published, skipped=part.skipped, filtered=part.filtered, dead=part.dead
+        )
 
     async def _publish_traced(
         self, part: _Partition, rows: list[tenant_db.OutboxRow], poll_started: int, target: Target, password: str | None
@@ -806,13 +841,15 @@ class RelayRunner:
             # while a refused message is retried, send it alone: the messages behind it (its key's
             # later ones among them) must not overtake it again and again
             rows = rows[:1]
-        messages = build_messages(part.relay, part.plan.relay_name, rows)
+        filtered: list[int] = []
+        messages = build_messages(part.relay, part.plan.relay_name, rows, accepts=part.accepts, filtered=filtered)
         too_big: tuple[tenant_db.OutboxRow, OutgoingMessage | None] | None = None
         cut = part.delivery.cut_oversize(messages)
         if cut is not None:  # publish what comes before it, then dead-letter it without retrying
             too_big = (rows[cut], messages[cut])
             rows, messages = rows[:cut], messages[:cut]
-        return OutboxBatch(part, rows, messages, [m for m in messages if m is not None], too_big)
+            filtered = filtered[: bisect.bisect_left(filtered, cut)]
+        return OutboxBatch(part, rows, messages, [m for m in messages if m is not None], too_big, filtered)
 
     async def publish_batches(self, publisher: Publisher, batches: list[OutboxBatch]) -> list[_Partition]:
         """Publish the batches of one or more partitions of one target in one round trip, then, per
@@ -843,18 +880,23 @@ class RelayRunner:
                         instruments().failed.add(len(batch.sendable), batch.part.labels)
                 raise
         settled: list[tuple[OutboxBatch, PublishResult, Settled[tenant_db.OutboxRow, OutgoingMessage]]] = []
-        writes: list[tuple[_Partition, int, int, int]] = []
+        writes: list[tuple[_Partition, int, int, int, int]] = []
         answers = split(result, [len(batch.sendable) for batch in batches])
         for batch, split_answer in zip(batches, answers, strict=True):
             answer = split_answer or PublishResult(acked=0)  # None: after the refusal, sent again
             outcome = settle(batch.rows, batch.messages, answer)
-            batch.part.skipped += outcome.skipped
+            filtered = batch.filtered_within(outcome.sent + outcome.skipped)  # of the rows the cursor passes
+            batch.part.skipped += outcome.skipped - filtered
             settled.append((batch, answer, outcome))
             if outcome.last is not None:
-                writes.append((batch.part, outcome.last.txid, outcome.last.id, outcome.sent))
+                writes.append((batch.part, outcome.last.txid, outcome.last.id, outcome.sent, filtered))
         with tracer.start_as_current_span("cursor.commit") if tracing else contextlib.nullcontext():
             moved = await self._advance_cursors(writes) if writes else []
         lost = {id(part) for (part, *_), ok in zip(writes, moved, strict=True) if not ok}
+        for part, *_, filtered in writes:
+            if filtered and id(part) not in lost:
+                part.filtered += filtered
+                instruments().add_filtered(part.labels, filtered)
         return await self._apply_outcomes(settled, lost)
 
     async def _apply_outcomes(
@@ -901,9 +943,13 @@ class RelayRunner:
             instruments().latency.record(max(0.0, (now - oldest).total_seconds()), metric_labels)
         return out
 
-    async def _advance_cursors(self, writes: list[tuple[_Partition, int, int, int]]) -> list[bool]:
-        """Move each partition's cursor (``txid``, ``id``, messages published); whether each moved."""
-        return [await self._advance_cursor(part, txid, row_id, sent) for part, txid, row_id, sent in writes]
+    async def _advance_cursors(self, writes: list[tuple[_Partition, int, int, int, int]]) -> list[bool]:
+        """Move each partition's cursor (``txid``, ``id``, messages published, rows filtered out);
+        whether each moved."""
+        return [
+            await self._advance_cursor(part, txid, row_id, sent, filtered)
+            for part, txid, row_id, sent, filtered in writes
+        ]
 
     async def _refused(
         self, part: _Partition, row: tenant_db.OutboxRow, message: OutgoingMessage, *, error: str, error_class: str

@@ -7,6 +7,7 @@ OutboxRelayError
 │   │                      allow-list, a port out of range ...; also a ValueError)
 │   ├── InvalidDatabaseSpec  a database's (outbox_relay.specs.check_database)
 │   └── InvalidTargetSpec    a target's (outbox_relay.specs.check_target)
+├── InvalidFilter          a relay filter that breaks a rule; says which and where (also a ValueError)
 ├── InvalidRequest         input the schema could not check (a pagination cursor the service did
 │                          not issue ...; also a ValueError)
 ├── PublishError           raised by broker adapters (outbox_relay.brokers)
@@ -169,6 +170,15 @@ class LeaseLost(OutboxRelayError):
 
 
 # --- dead letters and replay (raised by service.dead_letters.service and outbox_relay.replay) ------
+
+
+class InvalidFilter(OutboxRelayError, ValueError):
+    """A relay filter that breaks a rule (:mod:`outbox_relay.filters`); the message says which and
+    where (``filter.any[1].not``)."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.where = where
 
 
 class RelayChanged(OutboxRelayError):

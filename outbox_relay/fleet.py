@@ -222,14 +222,19 @@ class _FleetRunner(RelayRunner):
         self.cursors = cursors
         self._lease_until = lease_until
 
-    async def _advance_cursor(self, part: _Partition, txid: int, row_id: int, published: int) -> bool:
-        return await self.cursors.write(CursorWrite(lease=part.lease, txid=txid, row_id=row_id, published=published))
+    async def _advance_cursor(
+        self, part: _Partition, txid: int, row_id: int, published: int, filtered: int = 0
+    ) -> bool:
+        write = CursorWrite(lease=part.lease, txid=txid, row_id=row_id, published=published, filtered=filtered)
+        return await self.cursors.write(write)
 
-    async def _advance_cursors(self, writes: list[tuple[_Partition, int, int, int]]) -> list[bool]:
+    async def _advance_cursors(self, writes: list[tuple[_Partition, int, int, int, int]]) -> list[bool]:
         """A round's cursor writes in one flush (one statement)."""
         futures = [
-            self.cursors.submit(CursorWrite(lease=part.lease, txid=txid, row_id=row_id, published=sent))
-            for part, txid, row_id, sent in writes
+            self.cursors.submit(
+                CursorWrite(lease=part.lease, txid=txid, row_id=row_id, published=sent, filtered=filtered)
+            )
+            for part, txid, row_id, sent, filtered in writes
         ]
         return list(await asyncio.gather(*futures))
 

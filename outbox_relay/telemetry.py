@@ -96,6 +96,12 @@ class Instruments:
         meter.create_observable_counter(
             "outbox_messages_sent", callbacks=[self._observe_sent], description="Messages the broker acknowledged"
         )
+        self._filtered: dict[tuple[str, str, str], int] = {}
+        meter.create_observable_counter(
+            "outbox_messages_filtered",
+            callbacks=[self._observe_filtered],
+            description="Outbox rows the relay's filter left out (the cursor passed them unpublished)",
+        )
         self.failed = meter.create_counter(
             "outbox_messages_failed", description="Messages whose publish failed (refused, or target unavailable)"
         )
@@ -151,10 +157,22 @@ class Instruments:
         key = (labels["tenant"], labels["relay"], labels["target"])
         self._sent[key] = self._sent.get(key, 0) + count
 
+    def add_filtered(self, labels: dict[str, Any], count: int) -> None:
+        """Count rows the relay's filter left out, as :meth:`add_sent` counts sent ones."""
+        key = (labels["tenant"], labels["relay"], labels["target"])
+        self._filtered[key] = self._filtered.get(key, 0) + count
+
     def _observe_sent(self, options: CallbackOptions) -> list[Observation]:
+        return self._observe_totals(self._sent)
+
+    def _observe_filtered(self, options: CallbackOptions) -> list[Observation]:
+        return self._observe_totals(self._filtered)
+
+    @staticmethod
+    def _observe_totals(totals: dict[tuple[str, str, str], int]) -> list[Observation]:
         return [
             Observation(total, {"tenant": tenant, "relay": relay, "target": target})
-            for (tenant, relay, target), total in list(self._sent.items())
+            for (tenant, relay, target), total in list(totals.items())
         ]
 
     def _per_relay(self) -> dict[tuple[str, str, str], list[PendingSample]]:

@@ -45,6 +45,7 @@ class StatusController(Controller):
                     pending=status.pending,
                     oldest_pending_age_s=status.oldest_pending_age_s,
                     published=status.published,
+                    filtered=status.filtered,
                     dead_lettered=status.dead_lettered,
                     last_published_at=status.last_published_at,
                 )

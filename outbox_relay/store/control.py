@@ -732,12 +732,13 @@ class ControlStore:
             lease.epoch,
         )
 
-    async def advance_cursor(self, lease: Lease, txid: int, row_id: int, published: int) -> bool:
-        """Move the cursor, fenced: refused (False) once another holder took the lease."""
+    async def advance_cursor(self, lease: Lease, txid: int, row_id: int, published: int, filtered: int = 0) -> bool:
+        """Move the cursor, fenced: refused (False) once another holder took the lease. ``filtered``:
+        rows the relay's filter left out that the cursor passes."""
         return (
             await self.pool.fetchval(
                 "UPDATE relay_partitions SET cursor_txid = $4, cursor_id = $5, "
-                "published_count = published_count + $6, "
+                "published_count = published_count + $6, filtered_count = filtered_count + $7, "
                 "last_published_at = CASE WHEN $6 > 0 THEN now() ELSE last_published_at END, "
                 "last_error = NULL, last_error_class = NULL, stall = NULL, "
                 "retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', "
@@ -750,6 +751,7 @@ class ControlStore:
                 txid,
                 row_id,
                 published,
+                filtered,
             )
             is True
         )
@@ -1059,7 +1061,7 @@ class ControlStore:
             "SELECT p.relay_id, p.partition, p.cursor_txid, p.cursor_id, p.lease_holder, p.lease_epoch, "
             # a fleet owner's partition lapses with the owner's heartbeat
             "coalesce(p.lease_expires_at, w.heartbeat_at + make_interval(secs => $2)) AS lease_expires_at, "
-            "p.last_published_at, p.last_error, p.last_error_at, p.published_count, p.dead_count, "
+            "p.last_published_at, p.last_error, p.last_error_at, p.published_count, p.filtered_count, p.dead_count, "
             "p.retried_count, p.retry_outbox_id, p.retry_attempts, p.retry_next_at, p.resets, p.last_reset_at, "
             "p.last_reset_reason, p.last_error_class, p.pending_estimate, p.oldest_pending_at, "
             "p.pending_checked_at, p.stall::text AS stall, p.lag_s, "

@@ -86,6 +86,8 @@ class CursorWrite:
     txid: int
     row_id: int
     published: int
+    filtered: int = 0
+    """Rows the relay's filter left out that this write moves the cursor past."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,12 +254,12 @@ class FleetStore:
             return set()
         rows = await self.pool.fetch(
             "UPDATE relay_partitions p SET cursor_txid = x.txid, cursor_id = x.row_id, "
-            "published_count = p.published_count + x.published, "
+            "published_count = p.published_count + x.published, filtered_count = p.filtered_count + x.filtered, "
             "last_published_at = CASE WHEN x.published > 0 THEN now() ELSE p.last_published_at END, "
             "last_error = NULL, last_error_class = NULL, stall = NULL, "
             "retry_outbox_id = NULL, retry_attempts = 0, retry_errors = '[]', retry_next_at = NULL, updated_at = now() "
-            "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[]) "
-            "AS x(relay_id, partition, epoch, txid, row_id, published) "
+            "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[], $7::bigint[]) "
+            "AS x(relay_id, partition, epoch, txid, row_id, published, filtered) "
             "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch "
             "AND p.lease_holder IS NOT NULL "
             "RETURNING p.relay_id, p.partition",
@@ -265,6 +267,7 @@ class FleetStore:
             [w.txid for w in writes],
             [w.row_id for w in writes],
             [w.published for w in writes],
+            [w.filtered for w in writes],
         )
         return {(r["relay_id"], r["partition"]) for r in rows}
 

@@ -15,6 +15,7 @@ import msgspec
 
 from outbox_relay.domain import Relay
 from outbox_relay.errors import NotFound, OutOfBounds
+from outbox_relay.filters import check
 from outbox_relay.store.control import ResourceRow, TenantRow
 from service.deps import Services
 from service.problems import Problem
@@ -36,6 +37,8 @@ async def put_relay(
     ``expect_updated_at``, only the version read then (409 ``conflict`` when it changed since)."""
     if data.policy.backoff_base_ms > data.policy.backoff_max_ms:
         raise Problem(422, "policy.backoff_base_ms must not exceed policy.backoff_max_ms", slug="invalid-relay")
+    if data.filter is not None:
+        check(data.filter)  # InvalidFilter: 422 invalid-filter naming the field (service.problems.PROBLEMS)
     settings = services.settings
     if data.policy.poll_interval_ms < settings.min_poll_interval_ms:
         raise OutOfBounds(

@@ -73,6 +73,8 @@ class PartitionStatus(msgspec.Struct, kw_only=True):
     cursor: str
     """``txid:id`` of the last published outbox row."""
     published: int
+    filtered: int
+    """Rows the relay's filter left out, passed by the cursor unpublished."""
     pending: int | None
     """Rows the owning worker had read and not yet published when it last sampled (a bounded count:
     rows still in the outbox behind them are not counted, ``lag_s`` covers those); null: not sampled."""
@@ -111,6 +113,8 @@ class RelayStatus(msgspec.Struct, kw_only=True):
     oldest_pending_age_s: float | None
     """Lag: age of the oldest message waiting, as last sampled."""
     published: int
+    filtered: int
+    """Rows the relay's filter left out (summed over the partitions): passed unpublished."""
     dead_lettered: int
     last_published_at: datetime | None
     restore: RestoreStatus | None = None
@@ -220,6 +224,7 @@ def relay_status(name: str, enabled: bool, parts: list[dict[str, Any]], now: dat
                 partition=p["partition"],
                 cursor=f"{p['cursor_txid']}:{p['cursor_id']}",
                 published=p["published_count"],
+                filtered=p.get("filtered_count", 0),
                 pending=p["pending_estimate"],
                 oldest_pending_at=p["oldest_pending_at"] if _waits(p) else None,
                 lag_s=p["lag_s"],
@@ -268,6 +273,7 @@ def relay_status(name: str, enabled: bool, parts: list[dict[str, Any]], now: dat
         pending=pending,
         oldest_pending_age_s=round((now - min(oldest)).total_seconds(), 3) if oldest else None,
         published=sum(s.published for s in statuses),
+        filtered=sum(s.filtered for s in statuses),
         dead_lettered=sum(s.dead_lettered for s in statuses),
         last_published_at=last_published,
         restore=relay_restore([s.restore for s in statuses if s.restore is not None]),
@@ -282,6 +288,7 @@ class RelayOverview(msgspec.Struct, kw_only=True):
     pending: int
     oldest_pending_age_s: float | None
     published: int
+    filtered: int
     dead_lettered: int
     last_published_at: datetime | None
 

@@ -513,3 +513,62 @@ def test_a_long_running_transaction_renders_with_pid_age_and_database() -> None:
 )
 def test_duration(seconds: float | None, text: str) -> None:
     assert duration(seconds) == text
+
+
+def test_the_filtered_count_shows_for_a_relay_with_a_filter() -> None:
+    """The template alone: ``Filtered out`` for a relay with a filter (or rows it filtered before the
+    filter was removed), and nothing of it for one that never had one."""
+    now = datetime.now(UTC)
+    part = {
+        "partition": 0,
+        "cursor_txid": 10,
+        "cursor_id": 4,
+        "published_count": 7,
+        "filtered_count": 1234,
+        "pending_estimate": 0,
+        "oldest_pending_at": None,
+        "lag_s": None,
+        "lease_holder": None,
+        "lease_epoch": 1,
+        "lease_expires_at": None,
+        "last_published_at": now,
+        "last_error": None,
+        "last_error_class": None,
+        "last_error_at": None,
+        "dead_count": 0,
+        "retried_count": 0,
+        "retry_outbox_id": None,
+        "retry_attempts": None,
+        "retry_next_at": None,
+        "resets": 0,
+        "last_reset_reason": None,
+        "restore_state": None,
+        "stall": None,
+    }
+    template = ui_template_config().engine_instance.get_template("relays.html")
+
+    def render(filter_: object, filtered: int) -> str:
+        status = relay_status("shop", True, [{**part, "filtered_count": filtered}], now=now)
+        relay = type(
+            "R",
+            (),
+            {"name": "shop", "database": "app", "target": "q", "partitions": 1, "enabled": True, "filter": filter_},
+        )()
+        return str(
+            template.render(
+                relays=[(relay, status)],
+                labels=CAUSE_LABELS,
+                here="/ui/relays/shop",
+                one=True,
+                now=now,
+                user=None,
+                csrf="tok",
+                flash=None,
+                path="/ui/relays/shop",
+            )
+        )
+
+    assert '<dd data-field="filtered">1,234 ' in render({"topic": {"eq": "a"}}, 1234)
+    assert '<dd data-field="filtered">0 ' in render({"topic": {"eq": "a"}}, 0)
+    assert '<dd data-field="filtered">5 ' in render(None, 5)
+    assert 'data-field="filtered"' not in render(None, 0)

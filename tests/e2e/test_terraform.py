@@ -110,6 +110,20 @@ def test_tenant_config_cycle(toolchain: Toolchain, live_api: LiveServer, tenant_
     assert api.get("/v1/relays/shop")["policy"]["poll_interval_ms"] == 1000
     tf.plan(changes=False)
 
+    # a filter written with jsonencode: sent as JSON, read back without drift, removed to clear it
+    tf.write("filter_override.tf", FILTER_OVERRIDE)
+    out = tf.plan(changes=True)
+    assert re.search(r"\+ filter\s+= jsonencode\(", out), out
+    tf.run("apply", "-auto-approve")
+    assert api.get("/v1/relays/shop")["filter"] == {
+        "all": [{"topic": {"prefix": "orders."}}, {"not": {"header": "x-test", "exists": True}}]
+    }
+    tf.plan(changes=False)
+    tf.remove("filter_override.tf")
+    tf.run("apply", "-auto-approve")
+    assert api.get("/v1/relays/shop")["filter"] is None
+    tf.plan(changes=False)
+
     # an immutable attribute plans a replacement
     tf.write("replace_override.tf", 'resource "outboxrelay_relay" "shop" {\n  partitions = 8\n}\n')
     out = tf.plan(changes=True)
@@ -133,6 +147,14 @@ def test_tenant_config_cycle(toolchain: Toolchain, live_api: LiveServer, tenant_
     for kind in ("relays", "targets", "databases"):
         assert list(api.list(f"/v1/{kind}/")) == []
 
+
+FILTER_OVERRIDE = """\
+resource "outboxrelay_relay" "shop" {
+  filter = jsonencode({
+    all = [{ topic = { prefix = "orders." } }, { "not" = { header = "x-test", exists = true } }]
+  })
+}
+"""
 
 LEGACY_TARGET = """\
 resource "outboxrelay_target" "legacy" {

@@ -128,6 +128,21 @@ def test_request_body_nests_policy_and_leaves_nulls_out() -> None:
     assert to_api(RelayResource.fields, state) == {"database": "db", "target": "t", "policy": {"batch_size": 5}}
 
 
+def test_the_filter_is_a_json_string_attribute_that_keeps_its_text() -> None:
+    assert isinstance(attrs(RelayResource)["filter"].type, tft.String) and attrs(RelayResource)["filter"].optional
+    fields = RelayResource.fields
+    written = '{ "any": [ {"topic": {"eq": "a"}}, {"payload": "n", "eq": 1} ] }'  # a heredoc, say
+    body = to_api(fields, {"database": "db", "target": "t", "filter": written})
+    assert body["filter"] == {"any": [{"topic": {"eq": "a"}}, {"payload": "n", "eq": 1}]}
+    doc = {**RELAY_DOC, "filter": body["filter"]}
+    assert from_api(fields, doc, prior={"filter": written})["filter"] == written  # same document: no drift
+    assert from_api(fields, doc, prior=None)["filter"] == '{"any":[{"topic":{"eq":"a"}},{"eq":1,"payload":"n"}]}'
+    changed = {**doc, "filter": {"any": [{"topic": {"eq": "a"}}, {"payload": "n", "eq": True}]}}
+    assert from_api(fields, changed, prior={"filter": written})["filter"] != written, "true is not 1"
+    assert from_api(fields, RELAY_DOC, prior={"filter": written})["filter"] is None  # removed behind our back
+    assert to_api(fields, {"database": "db", "target": "t", "filter": "not json"})["filter"] == "not json"
+
+
 def test_target_fields_follow_the_kind() -> None:
     fields = TargetResource.fields
     body = to_api(fields, {"bootstrap_servers": ["k:9092"], "acks": "1", "url": "x"}, "kafka")
@@ -270,3 +285,26 @@ def test_api_refusals_become_diagnostics(provider: OutboxRelayProvider) -> None:
     # gone behind Terraform's back: the read says so (Terraform then plans to create it)
     provider.client.delete("/v1/relays/r")  # type: ignore[union-attr]
     assert relay.read(ReadContext(Diagnostics(), "outboxrelay_relay"), {"name": "r"}) is None
+
+
+def test_a_relay_filter_round_trips_and_a_bad_one_is_a_diagnostic(provider: OutboxRelayProvider) -> None:
+    diags = Diagnostics()
+    DatabaseResource(provider).create(
+        CreateContext(diags, "outboxrelay_database"),
+        planned_state(DatabaseResource, name="d", dsn="postgresql://a@127.0.0.1/d"),
+    )
+    TargetResource(provider).create(
+        CreateContext(diags, "outboxrelay_target"),
+        planned_state(TargetResource, name="t", kind="redis_streams", url="redis://127.0.0.1:6379/0"),
+    )
+    relay = RelayResource(provider)
+    written = '{"all":[{"topic":{"prefix":"orders."}},{"not":{"header":"x-test","exists":true}}]}'
+    planned = planned_state(RelayResource, name="r", database="d", target="t", filter=written)
+    state = relay.create(CreateContext(diags, "outboxrelay_relay"), planned)
+    assert not diags.has_errors(), diags
+    assert state is not None and state["filter"] == written
+    assert relay.read(ReadContext(diags, "outboxrelay_relay"), state) == state
+    bad = planned_state(RelayResource, name="r2", database="d", target="t", filter='{"topic": {}}')
+    assert relay.create(CreateContext(diags, "outboxrelay_relay"), bad) is None
+    assert "(422)" in diags.diagnostics[-1].summary
+    assert "filter.topic" in diags.diagnostics[-1].summary + (diags.diagnostics[-1].detail or "")

@@ -224,3 +224,49 @@ async def test_status_explains_each_stall_cause(
 async def _drained(setup: Setup) -> bool:
     await setup.drain("s-q")
     return True
+
+
+async def test_filtered_rows_are_counted_in_the_metric_and_the_status(
+    setup: Setup, runner: RelayRunner, store: ControlStore
+) -> None:
+    """The slice engine's path (RelayRunner, one cursor write per batch): rows the filter leaves out
+    move the cursor, are counted in ``relay_partitions`` and in ``outbox_messages_filtered``; unrouted
+    rows are not counted as filtered."""
+    await setup.channel.declare_queue("f-q", durable=True)
+    body = {
+        "database": "app",
+        "target": "rabbit",
+        "partitions": 1,
+        "topic_mapping": {"a": "f-q", "b": "f-q"},
+        "filter": {"any": [{"topic": {"eq": "a"}}, {"payload": "keep", "eq": True}]},
+        "policy": {**FAST_RETRY, "batch_size": 4},
+    }
+    r = await setup.tenant.put("/v1/relays/sieve", body)
+    assert r.status_code == 201, r.text
+    relay_id = await setup.relay_id(store, "sieve")
+    labels = {"tenant": setup.tenant.name, "relay": "sieve", "target": "rabbit"}
+    before = counter_value("outbox_messages_filtered", **labels)
+    rows = [
+        ("a", "k", b"1"),  # published: topic a
+        ("b", "k", b'{"keep": true}'),  # published: payload keep
+        ("b", "k", b'{"keep": 1}'),  # filtered: 1 is not true
+        ("b", "k", b"not json"),  # filtered: not a JSON object
+        ("c", "k", b'{"keep": true}'),  # unrouted: not filtered
+        ("b", "k", b"{}"),  # filtered, the last row: the cursor must pass it too
+    ]
+    ids = await write(setup.dsn, *rows)
+    received: list[Any] = []
+
+    async def done() -> bool:
+        received.extend(await setup.drain("f-q"))
+        row = await store.pool.fetchrow("SELECT cursor_id FROM relay_partitions WHERE relay_id = $1", relay_id)
+        return row is not None and row["cursor_id"] == ids[-1]
+
+    await run_until(runner, relay_id, 1, done)
+    received.extend(await setup.drain("f-q"))
+    assert [body for _, _, body in received] == [b"1", b'{"keep": true}']
+    assert counter_value("outbox_messages_filtered", **labels) - before == 3
+    got = await status(setup, "sieve")
+    assert (got["published"], got["filtered"], got["partitions"][0]["filtered"]) == (2, 3, 3)
+    overview = (await setup.tenant.get("/v1/status")).json()
+    assert [(r["published"], r["filtered"]) for r in overview["relays"] if r["relay"] == "sieve"] == [(2, 3)]

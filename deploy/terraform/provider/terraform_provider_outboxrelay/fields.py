@@ -15,12 +15,16 @@ How optional attributes behave (the rule that keeps plans free of drift):
   holds the effective value, so writing the default explicitly never plans a replacement.
 * Nested objects (the relay ``policy``) are flattened into top-level attributes named after their
   fields: ``tf`` supports no single-nested blocks or object types.
+* A nullable object (the relay ``filter``, a recursive expression) is a string attribute holding
+  its JSON (write it with ``jsonencode(...)``): read back, a document equal to the one in the state
+  keeps the state's text, so formatting and key order never show as drift.
 * Fields the provider does not know (a newer server) are ignored on read and never sent.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -57,6 +61,9 @@ class Field:
     """State value -> API value."""
     decode: Callable[[Any], Any] = lambda v: v
     """API value -> state value."""
+    same_as: Callable[[Any, Any], bool] | None = None
+    """Whether a state value stands for the (decoded) value read back, although written differently:
+    the state keeps its own text then (JSON attributes)."""
 
     @property
     def computed(self) -> bool:
@@ -150,7 +157,8 @@ def _struct_fields(struct: type[msgspec.Struct], kind: str, prefix: tuple[str, .
             description = description or inner
         if isinstance(typ, mi.StructType):
             if nullable:
-                raise TypeError(f"{struct.__name__}.{f.name}: nullable objects are not supported")
+                out.append(_json_field(f, kind, prefix, description))
+                continue
             out.extend(_struct_fields(typ.cls, kind, (*prefix, f.encode_name)))
             continue
         default = f.default if f.default is not _MISSING else _MISSING
@@ -170,6 +178,46 @@ def _struct_fields(struct: type[msgspec.Struct], kind: str, prefix: tuple[str, .
         )
         out.append(field)
     return out
+
+
+def json_text(value: Any) -> str | None:
+    """An API document as the state's JSON text (compact, keys sorted: as ``jsonencode`` writes it)."""
+    return None if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_value(text: Any) -> Any:
+    """The state's JSON text as the API document (a text that is not JSON is sent as it is: the API
+    refuses it with a message)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def same_json(state: Any, read_back: Any) -> bool:
+    """Whether the state's JSON text is the document read back (compared as canonical text: Python's
+    ``True == 1`` must not hide a change)."""
+    if not isinstance(state, str) or not isinstance(read_back, str):
+        return False
+    try:
+        return json_text(json.loads(state)) == read_back
+    except ValueError:
+        return False
+
+
+def _json_field(f: Any, kind: str, prefix: tuple[str, ...], description: str | None) -> Field:
+    return Field(
+        name=f.name,
+        path=(*prefix, f.encode_name),
+        tf_type=tft.String(),
+        required=False,
+        defaults={kind: None},
+        kinds=frozenset({kind}),
+        description=f"JSON (jsonencode): {description}" if description else "JSON (jsonencode).",
+        encode=json_value,
+        decode=json_text,
+        same_as=same_json,
+    )
 
 
 def _unwrap(typ: Any) -> tuple[Any, str | None]:
@@ -234,6 +282,8 @@ def from_api(
         present, value = _lookup(doc, field.path)
         value = field.decode(value) if present else None
         before = (prior or {}).get(field.name)
+        if field.same_as is not None and field.same_as(before, value):
+            value = before
         if (
             not field.required
             and not field.computed
