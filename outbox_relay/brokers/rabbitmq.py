@@ -688,18 +688,60 @@ def _content_header(message: OutgoingMessage, frame_max: int) -> tuple[bytes | N
     """``message``'s content header frame payload, or None and why AMQP cannot carry the message."""
     if len(message.destination.encode()) > MAX_ROUTING_KEY_BYTES:
         return None, f"routing key longer than {MAX_ROUTING_KEY_BYTES} bytes (UTF-8)"
-    properties = _properties(message)
-    for name in properties.headers or {}:
-        if len(name.encode()) > MAX_HEADER_NAME_BYTES:
-            return None, f"header name {name[:40]!r}... longer than AMQP's {MAX_HEADER_NAME_BYTES} bytes (UTF-8)"
-    try:
-        payload = amqp_header.ContentHeader(0, len(message.payload), properties).marshal()
-    except (TypeError, ValueError, struct.error) as exc:
-        return None, f"headers cannot be encoded in AMQP: {exc}"
+    payload = _encode_content_header(message)
+    if payload is None:  # a name too long, or a value other than a string: pamqp's encoder says why
+        properties = _properties(message)
+        for name in properties.headers or {}:
+            if len(name.encode()) > MAX_HEADER_NAME_BYTES:
+                return None, f"header name {name[:40]!r}... longer than AMQP's {MAX_HEADER_NAME_BYTES} bytes (UTF-8)"
+        try:
+            payload = amqp_header.ContentHeader(0, len(message.payload), properties).marshal()
+        except (TypeError, ValueError, struct.error) as exc:
+            return None, f"headers cannot be encoded in AMQP: {exc}"
     size = len(payload) + _FRAME_OVERHEAD
     if frame_max and size > frame_max:
         return None, f"headers take {size} bytes, more than one AMQP frame carries (frame_max {frame_max})"
     return payload, None
+
+
+_HEADER_START = struct.Struct(">HxxQHI")  # class id, weight 0, body size, property flags, table size
+_PROPERTY_FLAGS = sum(
+    spec.Basic.Properties.flags[name] for name in ("headers", "delivery_mode", "priority", "message_id")
+)
+_DELIVERY_AND_PRIORITY = bytes((int(DeliveryMode.PERSISTENT), 0))
+
+
+def _encode_content_header(message: OutgoingMessage) -> bytes | None:
+    """What ``ContentHeader(0, len(payload), _properties(message)).marshal()`` gives (pamqp costs
+    some 50 us a message), for headers whose values are all strings and names at most 128 bytes,
+    and a message id of 1 to 255 bytes; None for anything else (then pamqp encodes it, or says why
+    it cannot). The field table's names in sorted order, as pamqp writes them."""
+    headers: dict[str, Any] = dict(message.headers)
+    if message.key is not None:
+        headers[KEY_HEADER] = message.key
+    parts: list[bytes] = []
+    for name, value in sorted(headers.items()):
+        if type(value) is not str:
+            return None
+        encoded_name = name.encode()
+        if len(encoded_name) > MAX_HEADER_NAME_BYTES:
+            return None
+        encoded_value = value.encode()
+        parts.append(len(encoded_name).to_bytes(1, "big") + encoded_name + b"S")
+        parts.append(len(encoded_value).to_bytes(4, "big") + encoded_value)
+    message_id = message.dedupe_id.encode()
+    if not 0 < len(message_id) <= MAX_ROUTING_KEY_BYTES:  # a shortstr, like the routing key
+        return None
+    table = b"".join(parts)
+    return b"".join(
+        (
+            _HEADER_START.pack(spec.Basic.frame_id, len(message.payload), _PROPERTY_FLAGS, len(table)),
+            table,
+            _DELIVERY_AND_PRIORITY,
+            len(message_id).to_bytes(1, "big"),
+            message_id,
+        )
+    )
 
 
 def _frame(frame_type: int, channel: int, payload: bytes) -> bytes:
