@@ -215,6 +215,7 @@ class _Link:
         self._exchange: AbstractExchange | None = None
         self._confirms: _Confirms | None = None
         self._frame_max = 0
+        """The broker's, once connected (kept across reconnects: the same broker)."""
         self._writing = asyncio.Lock()
         """Held to open a connection or channel and to put a batch's frames on the write queue (so
         batches go out whole and in turn), and for the whole of a probe (see ``_probe``)."""
@@ -255,8 +256,9 @@ class _Link:
 
     async def _publish(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
         total = len(messages)
-        async with self._turn(self._writing, "the batches ahead were not written"):
-            await self._ensure_exchange()  # connected, so frame_max is known
+        if not self._frame_max:
+            async with self._turn(self._writing, "the batches ahead were not written"):
+                await self._ensure_exchange()  # connected, so frame_max is known
         sendable, refusal, encoded = self._sendable_prefix(messages)
         index, error, confirms = await self._send(messages, encoded, 0, sendable)
         if error is None:
