@@ -364,13 +364,7 @@ class Replayer:
                     outcomes.append(
                         await self._failed(letter, token, actor, where, ErrorClass.REFUSED, str(result.rejected))
                     )
-                    index += 1  # what followed the refused one is sent again: at least once
-                    if index < len(items):
-                        # on a fresh connection: aiormq 7.2.4's channel reader dies (InvalidStateError)
-                        # when a publish the adapter cancelled comes back returned, and the channel
-                        # then never confirms again
-                        await self._drop_publisher(target_route)
-                        publisher = await self._publisher(target_route)
+                    index += 1  # what followed the refused one is sent again (same publisher): at least once
                 elif result.acked == 0:
                     break  # an adapter that neither acks nor refuses: do not spin
         except TargetUnavailable as exc:

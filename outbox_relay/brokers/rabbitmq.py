@@ -4,23 +4,30 @@ Each message is published persistent (delivery mode 2) to the target's exchange 
 exchange) with ``routing_key = message.destination``, ``message_id = message.dedupe_id``, the
 message's headers copied into the AMQP headers and the key in the header ``outbox-key``.
 
-One batch at a time per connection: a publisher has ``LINKS`` (2) connections with one channel each,
-and each holds a lock for its whole batch, so concurrent callers (the worker shares one publisher
-between the partitions it runs) spread over them and take turns on each. Why not a channel per
-concurrent batch: a publish the broker refuses by closing the channel (403, 404, 406) makes aiormq
-write the publishes queued behind it after its ``channel.close-ok``, and RabbitMQ then closes the
-whole *connection* (504 ``CHANNEL_ERROR - expected 'channel.open'``), which would fail every other
-batch in flight on it; aiormq also pairs a ``basic.return`` with its publish by ``message_id``
-alone, so two batches in flight carrying the same outbox id (two databases relaying to one target)
-could be confused. Serial batches are still pipelined inside, so the cost is one round trip per
-batch; the wait for the lock is bounded by ``timeout_ms`` like every other wait.
+A publisher has ``LINKS`` (2) connections with one confirm-mode channel each; concurrent callers
+(the worker shares one publisher between the partitions it runs) spread over them, and each keeps up
+to ``DEPTH`` batches in flight: a batch's publishes are written in batch order as one frame sequence,
+batches in turn, and the confirms of all of them are awaited together. Order per key holds because a
+channel's publishes reach the queues in the order written.
 
-A batch is pipelined: all its publishes are written to the channel in batch order, in one write
-under the channel's lock, before any confirm is awaited; each registers its confirmation with aiormq
-the way ``Channel.basic_publish`` does (delivery tag, future, message id), so aiormq's handlers settle
-acks (also ``multiple``), nacks, returns and a channel close. This relies on aiormq 7.2's channel
-internals (``lock``, ``delivery_tag``, ``confirmations``, ``message_id_delivery_tag``,
-``write_queue``), pinned by the lock file; the contract suite covers every answer.
+Confirms and returns are paired with their publishes by delivery tag in the adapter
+(:class:`_Confirms`, installed as the channel's handler of ``basic.ack``/``basic.nack``,
+``basic.return`` and ``channel.close``), not by aiormq, for three reasons (aiormq 7.2.4):
+aiormq pairs a ``basic.return`` with its publish by ``message_id`` alone, which with several batches
+in flight (two databases relaying the same outbox ids to one target) can blame the wrong one; its
+return handler kills the channel's reader (InvalidStateError) when the publish's future was
+cancelled; and nothing stops a publish being queued after aiormq queued ``channel.close-ok`` for a
+channel the broker closed, over which RabbitMQ closes the whole *connection* (504
+``CHANNEL_ERROR - expected 'channel.open'``). A ``basic.return`` always comes before the ack of its
+publish, so a return waits for that ack and is paired with the acked publish of the same message id
+and routing key; the close handler marks the channel closed before the close-ok is queued, and no
+batch is written on it after that.
+
+The publishes go as aiormq frames on the connection's write queue (``basic_publish`` costs a task, a
+lock turn, a write and a drain per message). This relies on aiormq 7.2's channel internals (``lock``,
+``write_queue``, the reader's ``_on_*_frame`` handlers, the content readers), pinned by the lock
+file; the contract suite covers every answer.
+
 How the broker's answers map onto the seam's contract:
 
 * ``basic.ack`` → acknowledged.
@@ -28,10 +35,11 @@ How the broker's answers map onto the seam's contract:
   → :class:`MessageRejected` at that message.
 * A channel closed by the broker because of what was published (404 exchange not found, 403 access
   refused, e.g. a topic permission, 406 precondition failed, e.g. a message over
-  ``max_message_size``) → since RabbitMQ does not say which publish closed it, and the connection may
-  be about to die of the race above, the unconfirmed tail of the batch is published again one message
-  at a time on a new connection to find it; that one is :class:`MessageRejected`. (The tail may reach
-  the broker twice, which at-least-once delivery allows.)
+  ``max_message_size``) → the close fails every batch in flight on the channel; since RabbitMQ does
+  not say which publish closed it, each such batch publishes its unconfirmed tail again one message
+  at a time, alone on the connection (nothing else in flight), on a new channel, to find it; that one
+  is :class:`MessageRejected`. (Unless only one publish was unconfirmed: that one.) The tails may
+  reach the broker twice, also those of the other batches, which at-least-once delivery allows.
 * A message AMQP cannot carry is refused before anything is sent for it, as :class:`MessageRejected`:
   a routing key over 255 bytes, a header name over 128 bytes (pamqp would silently truncate it), or
   headers too large for one frame (``frame_max``; RabbitMQ would close the connection with 501
@@ -44,8 +52,9 @@ Every connection (the first and each reconnect) is dialled by :class:`GuardedTra
 host is resolved once by the :class:`~outbox_relay.netguard.AddressPolicy`, every address checked,
 and the TCP connection made to a checked IP address (TLS verifies, and sends SNI for, the host name).
 
-After anything but a fully acknowledged batch the channel is replaced, so confirms and returns still
-due for the publishes of that batch cannot be taken for those of the next.
+A return or a nack leaves the channel as it is (the answers still due for the batch's other
+publishes are paired by delivery tag); an outage or a timeout drops the connection, which fails the
+batches in flight on it as :class:`TargetUnavailable`.
 """
 
 from __future__ import annotations
@@ -53,11 +62,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
 import aio_pika
+import aiormq.channel
 import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, DeliveryMode
 from aiormq.abc import ChannelFrame
@@ -90,18 +100,19 @@ _REFUSING_CLOSES = (
 
 LINKS = 2
 """Connections (each with one confirm-mode channel) a publisher spreads concurrent batches over.
-One batch at a time per connection (see the module docstring); a second lets a batch be written
-while the one before waits for its confirms. Measured with 4 batches of 1,000 in flight on one
-publisher: 15,000 -> 16,600 msg/s; the relay (relay_bench, 100k messages) 10,956 -> 11,499 msg/s.
-Neither side is busy (RabbitMQ 0.36 of a core, the client 0.39): persistent confirms wait for the
-broker's disk writes, so what helps is more in flight."""
+Measured before pipelining (one batch at a time per connection), 4 batches of 1,000 in flight on one
+publisher: one link 15,000 msg/s, two 16,600; persistent confirms wait for the broker's disk writes,
+so what helps is more in flight."""
+
+DEPTH = 4
+"""Batches one connection keeps in flight (written, their confirms awaited) at once; a fifth waits
+(at most ``timeout_ms``) for one of them to finish."""
 
 
 class RabbitMQPublisher:
     """Publishes batches to one RabbitMQ exchange over up to ``links`` connections; see the module
-    docstring for the mapping. A batch goes to a connection with nothing to do, or else queues
-    behind the one with the fewest batches; each connection keeps the one-batch-at-a-time rule,
-    so a refusal that closes a channel, or a reconnect, touches only its own batch."""
+    docstring for the mapping. A batch goes to a connection with nothing to do, or else to the one
+    with the fewest batches (up to ``DEPTH`` in flight on each; more wait their turn)."""
 
     def __init__(
         self,
@@ -190,7 +201,7 @@ class _LinkOptions:
 
 
 class _Link:
-    """One connection and its confirm-mode channel, one batch at a time (the module docstring)."""
+    """One connection and its confirm-mode channel, with up to ``DEPTH`` batches in flight."""
 
     def __init__(self, options: _LinkOptions, connection_name: str) -> None:
         self._url = options.url
@@ -202,19 +213,25 @@ class _Link:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
-        self._turn = asyncio.Lock()
+        self._confirms: _Confirms | None = None
+        self._frame_max = 0
+        """The broker's, once connected (kept across reconnects: the same broker)."""
+        self._writing = asyncio.Lock()
+        """Held to open a connection or channel and to put a batch's frames on the write queue (so
+        batches go out whole and in turn), and for the whole of a probe (see ``_probe``)."""
+        self._slots = asyncio.Semaphore(DEPTH)
         self._closed = False
 
     async def connect(self) -> None:
         """Open the connection and the confirm-mode channel now; raise :class:`TargetUnavailable`
         when the broker cannot be reached."""
-        async with self._my_turn():
+        async with self._turn(self._writing, "the batches ahead were not written"):
             await self._ensure_exchange()
 
     async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
         if not messages:
             return PublishResult(acked=0)
-        async with self._my_turn():
+        async with self._turn(self._slots, f"{DEPTH} batches in flight were not confirmed"):
             return await self._publish(messages)
 
     async def close(self) -> None:
@@ -225,169 +242,143 @@ class _Link:
     # --- internals ---------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _my_turn(self) -> AsyncIterator[None]:
-        """Wait (at most ``timeout_ms``) for the batches ahead to finish; see the module docstring."""
+    async def _turn(self, lock: asyncio.Lock | asyncio.Semaphore, what: str) -> AsyncIterator[None]:
+        """Wait (at most ``timeout_ms``) for ``lock``; see the module docstring."""
         try:
             async with asyncio.timeout(self._timeout_s):
-                await self._turn.acquire()
+                await lock.acquire()
         except TimeoutError as exc:
-            raise TargetUnavailable(
-                f"RabbitMQ at {self._safe_url()}: the batches ahead did not finish within {self._timeout_s:g}s"
-            ) from exc
+            raise TargetUnavailable(f"RabbitMQ at {self._safe_url()}: {what} within {self._timeout_s:g}s") from exc
         try:
             yield
         finally:
-            self._turn.release()
+            lock.release()
 
     async def _publish(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
         total = len(messages)
-        await self._ensure_exchange()  # connected, so frame_max is known
+        if not self._frame_max:
+            async with self._turn(self._writing, "the batches ahead were not written"):
+                await self._ensure_exchange()  # connected, so frame_max is known
         sendable, refusal, encoded = self._sendable_prefix(messages)
-        index, error = await self._send(messages, encoded, 0, sendable)
+        index, error, confirms = await self._send(messages, encoded, 0, sendable)
         if error is None:
             if refusal is None:
                 return PublishResult(acked=total)
             return PublishResult(acked=sendable, rejected=MessageRejected(refusal, index=sendable))
-        if not isinstance(error, _REFUSING_CLOSES) or index == sendable - 1:
+        if not isinstance(error, _REFUSING_CLOSES) or (confirms is not None and confirms.unsettled_at_close == 1):
             # a return, a nack or an outage names its message; a channel closed with one publish
-            # unconfirmed was closed over that one
-            return PublishResult(acked=index, rejected=await self._rejection_or_raise(error, index))
-        # The channel closed with several publishes unconfirmed: find the one it refuses, on a new
-        # connection (this one may be about to be closed by the broker: see the module docstring).
-        await self._drop_connection()
-        for i in range(index, sendable):
-            _, error = await self._send(messages, encoded, i, i + 1)
-            if error is not None:
-                return PublishResult(acked=i, rejected=await self._rejection_or_raise(error, i))
+            # unconfirmed on it was closed over that one
+            return PublishResult(acked=index, rejected=await self._rejection_or_raise(error, index, confirms))
+        return await self._probe(messages, encoded, index, sendable, refusal)
+
+    async def _probe(
+        self,
+        messages: Sequence[OutgoingMessage],
+        encoded: Sequence[bytes],
+        start: int,
+        sendable: int,
+        refusal: str | None,
+    ) -> PublishResult:
+        """The channel closed with several publishes unconfirmed (of this batch or of others in
+        flight): publish this batch's unconfirmed tail again one message at a time, alone on the
+        link (no other batch writes meanwhile, and none is in flight), to find the one refused."""
+        async with self._turn(self._writing, "the batches ahead were not written"):
+            for i in range(start, sendable):
+                await self._ensure_exchange()
+                confirms = self._confirms
+                assert confirms is not None
+                try:
+                    async with asyncio.timeout(self._timeout_s):
+                        await confirms.idle.wait()
+                except TimeoutError as exc:
+                    error: BaseException | None = exc
+                else:
+                    _, error, confirms = await self._send(messages, encoded, i, i + 1, locked=True)
+                if error is not None:
+                    return PublishResult(acked=i, rejected=await self._rejection_or_raise(error, i, confirms))
         if refusal is None:
-            return PublishResult(acked=total)
+            return PublishResult(acked=len(messages))
         return PublishResult(acked=sendable, rejected=MessageRejected(refusal, index=sendable))
 
     async def _send(
-        self, messages: Sequence[OutgoingMessage], encoded: Sequence[bytes], start: int, stop: int
-    ) -> tuple[int, BaseException | None]:
-        """Publish ``messages[start:stop]`` (their content headers ``encoded``) pipelined and wait for
-        their confirms in order.
-
-        Returns the index of the first message not confirmed and why (``None`` when all were); when
-        the broker closed the channel over one of these publishes, the why is that close. Waits at
-        most ``timeout_ms`` for each next confirm, so a slow but progressing batch is not cut.
-
-        The publishes go as aiormq frames, all of the batch in one write under the channel's lock,
-        each with its confirmation registered as ``Channel.basic_publish`` registers it (delivery
-        tag, confirmation future, message id for a ``basic.return``): the broker's acks, multiple
-        or not, nacks, returns and a channel close resolve them through aiormq's own handlers.
-        ``basic_publish`` itself costs a task, a lock turn, a write and a drain per message
-        (aio-pika's ``gather`` of publishes kept 0.59 of what the broker takes).
-        """
-        if start >= stop:
-            return stop, None
-        await self._ensure_exchange()
-        assert self._channel is not None
-        channel = await self._channel.get_underlay_channel()
-        confirmations: list[asyncio.Future[Any]] = []
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._write(channel, messages[start:stop], encoded[start:stop], confirmations)
-        except Exception as exc:  # the channel or connection closed, or the write did not drain in time
-            return start, _refusing_close(confirmations) or exc
-        try:
-            for offset, confirmation in enumerate(confirmations):
-                if not confirmation.done():
-                    done, _ = await asyncio.wait((confirmation,), timeout=self._timeout_s)
-                    if not done:
-                        return start + offset, TimeoutError(f"no publisher confirm within {self._timeout_s:g}s")
-                error: BaseException | None
-                if confirmation.cancelled():
-                    error = aiormq.exceptions.ChannelInvalidStateError("publish cancelled: the channel closed")
-                else:
-                    error = confirmation.exception()
-                if error is not None:
-                    return start + offset, _refusing_close(confirmations) or error
-            return stop, None
-        finally:
-            for confirmation in confirmations:
-                if not confirmation.done():
-                    confirmation.cancel()
-
-    async def _write(
         self,
-        channel: Any,
         messages: Sequence[OutgoingMessage],
         encoded: Sequence[bytes],
-        confirmations: list[asyncio.Future[Any]],
-    ) -> None:
-        """Write the publishes of ``messages`` in one frame sequence, registering a confirmation for
-        each in ``confirmations`` (in order). Nothing is registered for a write that did not happen."""
-        async with channel.lock:
-            if channel.is_closed:
-                raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-            number, chunk = channel.number, channel.max_content_size
-            parts: list[bytes] = []
-            publish_frames: dict[str, bytes] = {}  # one marshalled basic.publish per routing key
-            first_tag = channel.delivery_tag + 1
-            for message, header in zip(messages, encoded, strict=True):
-                channel.delivery_tag += 1
-                tag = channel.delivery_tag
-                confirmation = channel.create_future()
-                channel.confirmations[tag] = confirmation
-                channel.message_id_delivery_tag[message.dedupe_id] = tag
-                confirmation.add_done_callback(_forget_message_id(channel, message.dedupe_id, tag))
-                confirmations.append(confirmation)
-                publish = publish_frames.get(message.destination)
-                if publish is None:
-                    method = spec.Basic.Publish(
-                        exchange=self._exchange_name, routing_key=message.destination, mandatory=self._mandatory
-                    )
-                    publish = publish_frames[message.destination] = amqp_frame.marshal(method, number)
-                parts.append(publish)
-                parts.append(_frame(FRAME_HEADER, number, header))
-                body = message.payload
-                for offset in range(0, len(body), chunk):
-                    parts.append(_frame(FRAME_BODY, number, body[offset : offset + chunk]))
-            drain = channel.create_future()
+        start: int,
+        stop: int,
+        *,
+        locked: bool = False,
+    ) -> tuple[int, BaseException | None, _Confirms | None]:
+        """Publish ``messages[start:stop]`` (their content headers ``encoded``) and wait for their
+        confirms.
+
+        Returns the index of the first message not confirmed, why (``None`` when all were: then the
+        index is ``stop``), and the channel's confirms. Waits at most ``timeout_ms`` while no confirm
+        at all arrives on the channel, so a slow but progressing link does not cut a batch.
+        ``locked``: the caller holds ``_writing``.
+        """
+        if start >= stop:
+            return stop, None, None
+        async with contextlib.AsyncExitStack() as stack:
+            if not locked:
+                await stack.enter_async_context(self._turn(self._writing, "the batches ahead were not written"))
+            await self._ensure_exchange()
+            confirms = self._confirms
+            assert confirms is not None
             try:
-                await channel.write_queue.put(
-                    ChannelFrame(payload=b"".join(parts), should_close=False, drain_future=drain)
-                )
-            except BaseException:
-                # not written: the broker has not seen these publishes; give their tags back
-                channel.delivery_tag = first_tag - 1
-                for tag in range(first_tag, first_tag + len(messages)):
-                    channel.confirmations.pop(tag, None)
-                for confirmation in confirmations:
-                    confirmation.cancel()
-                confirmations.clear()
-                drain.cancel()
-                raise
-            await drain
+                async with asyncio.timeout(self._timeout_s):
+                    batch, drain = await confirms.write(
+                        messages[start:stop], encoded[start:stop], self._exchange_name, self._mandatory
+                    )
+            except Exception as exc:  # nothing was written: the channel or connection closed, or a full queue
+                closed = confirms.closed
+                return start, closed if isinstance(closed, _REFUSING_CLOSES) else exc, None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await drain
+        except TimeoutError:
+            confirms.give_up(batch)
+            return start + batch.outcome()[0], TimeoutError(f"not written within {self._timeout_s:g}s"), confirms
+        except Exception:  # the channel or connection closed: the batch's answer says how
+            pass
+        while not batch.done.done():
+            progress = confirms.progress
+            await asyncio.wait((batch.done,), timeout=self._timeout_s)
+            if not batch.done.done() and confirms.progress == progress:
+                confirms.give_up(batch)
+                index, error = batch.outcome()
+                if error is None:
+                    error = TimeoutError(f"no publisher confirm within {self._timeout_s:g}s")
+                return start + index, error, confirms
+        index, error = batch.outcome()
+        return start + index, error, confirms
 
-    async def _rejection_or_raise(self, error: BaseException, index: int) -> MessageRejected:
-        """Map a publish failure to the message's rejection, or raise TargetUnavailable.
+    async def _rejection_or_raise(
+        self, error: BaseException, index: int, confirms: _Confirms | None
+    ) -> MessageRejected:
+        """Map a publish failure to the message's rejection, or raise TargetUnavailable (dropping
+        the connection the failure happened on, unless it was replaced meanwhile).
 
-        Either way the channel goes: confirms and returns still due for the batch's other publishes
-        must not be taken for those of the next batch."""
-        rejection: MessageRejected
+        The channel stays after a return or a nack: its confirms are paired with their publishes by
+        delivery tag, so those still due for this batch are not taken for the next one's."""
         if isinstance(error, aiormq.exceptions.PublishError):
-            rejection = MessageRejected(
+            return MessageRejected(
                 f"unroutable: no queue is bound for this routing key on exchange "
                 f"{self._exchange_name!r} (mandatory publish returned: {_reply_text(error)})",
                 index=index,
             )
-        elif isinstance(error, aiormq.exceptions.DeliveryError):
-            rejection = MessageRejected("the broker nacked the message", index=index)
-        elif isinstance(error, _REFUSING_CLOSES):
-            rejection = MessageRejected(f"the broker closed the channel: {error}", index=index)
-        else:
+        if isinstance(error, aiormq.exceptions.DeliveryError):
+            return MessageRejected("the broker nacked the message", index=index)
+        if isinstance(error, _REFUSING_CLOSES):
+            return MessageRejected(f"the broker closed the channel: {error}", index=index)
+        if confirms is None or confirms.connection is self._connection:
             await self._drop_connection()
-            raise TargetUnavailable(f"RabbitMQ at {self._safe_url()}: {error!r}") from error
-        await self._drop_channel()
-        return rejection
+        raise TargetUnavailable(f"RabbitMQ at {self._safe_url()}: {error!r}") from error
 
     def _sendable_prefix(self, messages: Sequence[OutgoingMessage]) -> tuple[int, str | None, list[bytes]]:
         """How many messages from the start AMQP can carry, why the next one cannot, and the
         content header (properties) of each that can, encoded once for the check and the write."""
-        frame_max = self._frame_max()
+        frame_max = self._frame_max
         encoded: list[bytes] = []
         for index, message in enumerate(messages):
             header, reason = _content_header(message, frame_max)
@@ -396,18 +387,20 @@ class _Link:
             encoded.append(header)
         return len(messages), None, encoded
 
-    def _frame_max(self) -> int:
-        transport = self._connection.transport if self._connection is not None else None
-        if transport is None:
-            return 0
-        return int(transport.connection.connection_tune.frame_max or 0)
-
     async def _ensure_exchange(self) -> AbstractExchange:
+        """The exchange on an open channel (connecting first when needed). Called holding
+        ``_writing``."""
         if self._closed:
             raise RuntimeError("publisher is closed")
-        if self._exchange is not None and self._channel is not None and not self._channel.is_closed:
-            if self._connection_usable():
-                return self._exchange
+        if (
+            self._exchange is not None
+            and self._channel is not None
+            and not self._channel.is_closed
+            and self._confirms is not None
+            and self._confirms.closed is None
+            and self._connection_usable()
+        ):
+            return self._exchange
         if self._connection is not None and not self._connection_usable():
             await self._drop_connection()
         else:
@@ -425,10 +418,13 @@ class _Link:
                     self._connection = connection
                 channel = self._connection.channel(publisher_confirms=True, on_return_raises=True)
                 await channel.initialize(timeout=self._timeout_s)
+                underlay = await channel.get_underlay_channel()
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError, RuntimeError, AddressNotAllowed) as exc:
             await self._drop_connection()
             raise TargetUnavailable(f"cannot open RabbitMQ at {self._safe_url()}: {exc!r}") from exc
         self._channel = channel
+        self._confirms = _Confirms(underlay, self._connection)
+        self._frame_max = self._connection_frame_max()
         if self._exchange_name == "":
             self._exchange = channel.default_exchange
         else:
@@ -436,6 +432,12 @@ class _Link:
             # reports against its message.
             self._exchange = await channel.get_exchange(self._exchange_name, ensure=False)
         return self._exchange
+
+    def _connection_frame_max(self) -> int:
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is None:
+            return 0
+        return int(transport.connection.connection_tune.frame_max or 0)
 
     def _connection_usable(self) -> bool:
         """aio-pika's ``is_closed`` stays False when the *broker* closed the connection (only
@@ -447,7 +449,7 @@ class _Link:
         return transport is not None and not transport.connection.is_closed
 
     async def _drop_channel(self) -> None:
-        channel, self._channel, self._exchange = self._channel, None, None
+        channel, self._channel, self._exchange, self._confirms = self._channel, None, None, None
         if channel is not None and not channel.is_closed and self._connection_usable():
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._timeout_s):
@@ -455,7 +457,7 @@ class _Link:
 
     async def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None
-        self._channel = self._exchange = None
+        self._channel = self._exchange = self._confirms = None
         if connection is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._timeout_s):
@@ -463,6 +465,169 @@ class _Link:
 
     def _safe_url(self) -> str:
         return str(self._url.with_password(None))
+
+
+class _Batch:
+    """The publishes of one :meth:`_Confirms.write`, delivery tags ``first_tag`` on, and what the
+    broker answered for them; ``done`` resolves once each is answered or the channel closed."""
+
+    __slots__ = ("done", "error", "failed_at", "first_tag", "messages", "remaining", "unsettled_at")
+
+    def __init__(self, messages: Sequence[OutgoingMessage], first_tag: int, done: asyncio.Future[None]) -> None:
+        self.messages = messages
+        self.first_tag = first_tag
+        self.remaining = len(messages)
+        self.failed_at = len(messages)
+        """The first message refused (returned or nacked); the length when none was."""
+        self.error: BaseException | None = None
+        self.unsettled_at = len(messages)
+        """The first message without an answer when the channel closed (or the wait gave up)."""
+        self.done = done
+
+    def refuse(self, offset: int, error: BaseException) -> None:
+        if offset < self.failed_at:
+            self.failed_at, self.error = offset, error
+
+    def outcome(self) -> tuple[int, BaseException | None]:
+        """The first message not acknowledged, and why (None: all were)."""
+        if self.failed_at <= self.unsettled_at:
+            return self.failed_at, self.error
+        return self.unsettled_at, None
+
+
+class _Confirms:
+    """Publisher confirms and returns of one confirm-mode aiormq channel, paired with the publishes
+    by delivery tag in the adapter (aiormq's own pairing is by ``message_id``: see the module
+    docstring). Installs itself as the channel's handler of ``basic.ack``/``basic.nack``,
+    ``basic.return`` and ``channel.close``; the adapter is the only one publishing on the channel."""
+
+    def __init__(self, channel: Any, connection: AbstractConnection | None) -> None:
+        self.channel = channel
+        self.connection = connection
+        self.pending: dict[int, _Batch] = {}
+        """Delivery tag -> its batch, for each publish written and not answered yet."""
+        self.low = 1
+        """No publish below this tag is pending (a ``multiple`` ack settles from here on)."""
+        self.last_tag = 0
+        self.returns: list[tuple[str, str, aiormq.exceptions.PublishError]] = []
+        """``basic.return`` not yet paired with the ack of its publish: message id, routing key, error."""
+        self.progress = 0
+        """Counts the confirms received (a wait gives up only while it stands still)."""
+        self.closed: BaseException | None = None
+        self.unsettled_at_close = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        channel._on_confirm_frame = self._on_confirm
+        channel._on_return_frame = self._on_return
+        on_close_frame = channel._on_close_frame
+
+        async def close_frame(frame: spec.Channel.Close) -> None:
+            # before aiormq queues its channel.close-ok: nothing more may be written for this channel
+            # (RabbitMQ closes the connection over a publish on a channel it closed: 504)
+            self.closed = aiormq.channel.exception_by_code(frame)
+            await on_close_frame(frame)
+
+        channel._on_close_frame = close_frame
+        channel.closing.add_done_callback(self._on_channel_closed)
+
+    async def write(
+        self, messages: Sequence[OutgoingMessage], encoded: Sequence[bytes], exchange: str, mandatory: bool
+    ) -> tuple[_Batch, asyncio.Future[Any]]:
+        """Put the publishes of ``messages`` on the connection's write queue as one frame sequence
+        (under the channel's lock) and register them; returns the batch and the drain future. Nothing
+        is registered for a write that did not happen."""
+        channel = self.channel
+        async with channel.lock:
+            if self.closed is not None or channel.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+            number, chunk = channel.number, channel.max_content_size
+            parts: list[bytes] = []
+            publish_frames: dict[str, bytes] = {}  # one marshalled basic.publish per routing key
+            for message, header in zip(messages, encoded, strict=True):
+                publish = publish_frames.get(message.destination)
+                if publish is None:
+                    method = spec.Basic.Publish(exchange=exchange, routing_key=message.destination, mandatory=mandatory)
+                    publish = publish_frames[message.destination] = amqp_frame.marshal(method, number)
+                parts.append(publish)
+                parts.append(_frame(FRAME_HEADER, number, header))
+                body = message.payload
+                for offset in range(0, len(body), chunk):
+                    parts.append(_frame(FRAME_BODY, number, body[offset : offset + chunk]))
+            drain = channel.create_future()
+            await channel.write_queue.put(ChannelFrame(payload=b"".join(parts), should_close=False, drain_future=drain))
+            # registered only once queued (the put can wait when the queue is full, and be cancelled)
+            first = self.last_tag + 1
+            self.last_tag += len(messages)
+            batch = _Batch(messages, first, asyncio.get_running_loop().create_future())
+            self.pending.update(dict.fromkeys(range(first, self.last_tag + 1), batch))
+            self.idle.clear()
+            return batch, drain
+
+    async def _on_confirm(self, frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
+        self.progress += 1
+        pending, tag = self.pending, frame.delivery_tag
+        nack = isinstance(frame, spec.Basic.Nack)
+        tags: Iterable[int]
+        if frame.multiple:
+            tags, self.low = range(self.low, tag + 1), max(self.low, tag + 1)
+        else:
+            tags = (tag,)
+        for t in tags:
+            batch = pending.pop(t, None)
+            if batch is None:
+                continue
+            offset = t - batch.first_tag
+            if nack:
+                batch.refuse(offset, aiormq.exceptions.DeliveryError(None, frame))
+            elif self.returns:
+                self._pair_return(batch, offset)
+            batch.remaining -= 1
+            if not batch.remaining and not batch.done.done():
+                batch.done.set_result(None)
+        if not pending:
+            self.idle.set()
+
+    def _pair_return(self, batch: _Batch, offset: int) -> None:
+        """A ``basic.return`` comes before the ack of its publish; several can wait for their acks
+        (acks of persistent messages wait for the disk, a return's does not), so the one for this
+        publish is the first with its message id and routing key. (Two publishes in flight with the
+        same id and routing key go to the same queues: either both are returned or neither.)"""
+        message = batch.messages[offset]
+        for i, (message_id, routing_key, error) in enumerate(self.returns):
+            if message_id == message.dedupe_id and routing_key == message.destination:
+                del self.returns[i]
+                batch.refuse(offset, error)
+                return
+
+    async def _on_return(self, frame: spec.Basic.Return) -> None:
+        # aiormq's own handler sets the exception of a future found by message id, and its channel
+        # reader dies (InvalidStateError) when that future was cancelled (aiormq 7.2.4)
+        channel = self.channel
+        header = await channel._Channel__get_content_header()
+        message = await channel._read_content(frame, header)
+        message_id = message.header.properties.message_id or ""
+        self.returns.append((message_id, frame.routing_key or "", aiormq.exceptions.PublishError(message, frame)))
+
+    def _on_channel_closed(self, closing: asyncio.Future[Any]) -> None:
+        error = None if closing.cancelled() else closing.exception()
+        if self.closed is None:
+            self.closed = error or aiormq.exceptions.ChannelInvalidStateError("the channel closed")
+        self.unsettled_at_close = len(self.pending)
+        for tag, batch in self.pending.items():  # in tag order: a batch's first is its lowest
+            if batch.unsettled_at == len(batch.messages):
+                batch.unsettled_at = tag - batch.first_tag
+                batch.refuse(batch.unsettled_at, self.closed)
+                if not batch.done.done():
+                    batch.done.set_result(None)
+        self.pending.clear()
+        self.returns.clear()
+        self.idle.set()
+
+    def give_up(self, batch: _Batch) -> None:
+        """Stop waiting for ``batch``: its first publish without an answer is where it stops."""
+        stop = batch.first_tag + len(batch.messages)
+        first = next((t for t in range(batch.first_tag, stop) if self.pending.get(t) is batch), stop)
+        batch.unsettled_at = first - batch.first_tag
 
 
 class GuardedTransport(TransportFactory):
@@ -525,47 +690,65 @@ def _content_header(message: OutgoingMessage, frame_max: int) -> tuple[bytes | N
     """``message``'s content header frame payload, or None and why AMQP cannot carry the message."""
     if len(message.destination.encode()) > MAX_ROUTING_KEY_BYTES:
         return None, f"routing key longer than {MAX_ROUTING_KEY_BYTES} bytes (UTF-8)"
-    properties = _properties(message)
-    for name in properties.headers or {}:
-        if len(name.encode()) > MAX_HEADER_NAME_BYTES:
-            return None, f"header name {name[:40]!r}... longer than AMQP's {MAX_HEADER_NAME_BYTES} bytes (UTF-8)"
-    try:
-        payload = amqp_header.ContentHeader(0, len(message.payload), properties).marshal()
-    except (TypeError, ValueError, struct.error) as exc:
-        return None, f"headers cannot be encoded in AMQP: {exc}"
+    payload = _encode_content_header(message)
+    if payload is None:  # a name too long, or a value other than a string: pamqp's encoder says why
+        properties = _properties(message)
+        for name in properties.headers or {}:
+            if len(name.encode()) > MAX_HEADER_NAME_BYTES:
+                return None, f"header name {name[:40]!r}... longer than AMQP's {MAX_HEADER_NAME_BYTES} bytes (UTF-8)"
+        try:
+            payload = amqp_header.ContentHeader(0, len(message.payload), properties).marshal()
+        except (TypeError, ValueError, struct.error) as exc:
+            return None, f"headers cannot be encoded in AMQP: {exc}"
     size = len(payload) + _FRAME_OVERHEAD
     if frame_max and size > frame_max:
         return None, f"headers take {size} bytes, more than one AMQP frame carries (frame_max {frame_max})"
     return payload, None
 
 
+_HEADER_START = struct.Struct(">HxxQHI")  # class id, weight 0, body size, property flags, table size
+_PROPERTY_FLAGS = sum(
+    spec.Basic.Properties.flags[name] for name in ("headers", "delivery_mode", "priority", "message_id")
+)
+_DELIVERY_AND_PRIORITY = bytes((int(DeliveryMode.PERSISTENT), 0))
+
+
+def _encode_content_header(message: OutgoingMessage) -> bytes | None:
+    """What ``ContentHeader(0, len(payload), _properties(message)).marshal()`` gives (pamqp costs
+    some 50 us a message), for headers whose values are all strings and names at most 128 bytes,
+    and a message id of 1 to 255 bytes; None for anything else (then pamqp encodes it, or says why
+    it cannot). The field table's names in sorted order, as pamqp writes them."""
+    headers: dict[str, Any] = dict(message.headers)
+    if message.key is not None:
+        headers[KEY_HEADER] = message.key
+    parts: list[bytes] = []
+    for name, value in sorted(headers.items()):
+        if type(value) is not str:
+            return None
+        encoded_name = name.encode()
+        if len(encoded_name) > MAX_HEADER_NAME_BYTES:
+            return None
+        encoded_value = value.encode()
+        parts.append(len(encoded_name).to_bytes(1, "big") + encoded_name + b"S")
+        parts.append(len(encoded_value).to_bytes(4, "big") + encoded_value)
+    message_id = message.dedupe_id.encode()
+    if not 0 < len(message_id) <= MAX_ROUTING_KEY_BYTES:  # a shortstr, like the routing key
+        return None
+    table = b"".join(parts)
+    return b"".join(
+        (
+            _HEADER_START.pack(spec.Basic.frame_id, len(message.payload), _PROPERTY_FLAGS, len(table)),
+            table,
+            _DELIVERY_AND_PRIORITY,
+            len(message_id).to_bytes(1, "big"),
+            message_id,
+        )
+    )
+
+
 def _frame(frame_type: int, channel: int, payload: bytes) -> bytes:
     """One AMQP frame (pamqp's ``frame._marshal``)."""
     return _FRAME_START.pack(frame_type, channel, len(payload)) + payload + FRAME_END_CHAR
-
-
-def _forget_message_id(channel: Any, message_id: str, tag: int) -> Any:
-    """A done callback: drop the message id -> delivery tag entry once its publish is settled (as
-    ``Channel.basic_publish`` does), unless a later publish of the same id took it over."""
-
-    def forget(_: asyncio.Future[Any]) -> None:
-        if channel.message_id_delivery_tag.get(message_id) == tag:
-            channel.message_id_delivery_tag.pop(message_id)
-
-    return forget
-
-
-def _refusing_close(confirmations: Sequence[asyncio.Future[Any]]) -> BaseException | None:
-    """The channel close that blames what was published, if one of ``confirmations`` failed with it."""
-    return next(
-        (
-            error
-            for confirmation in confirmations
-            if confirmation.done() and not confirmation.cancelled()
-            if isinstance(error := confirmation.exception(), _REFUSING_CLOSES)
-        ),
-        None,
-    )
 
 
 def _reply_text(error: aiormq.exceptions.PublishError) -> str:

@@ -505,6 +505,42 @@ async def test_bulk_replay_job_by_filter_and_by_ids(
     assert json.loads(started[0]["detail"])["total"] == 230
 
 
+async def test_bulk_replay_of_interleaved_refusals_keeps_one_publisher_working(
+    api: AsyncTestClient[Any],
+    pool: asyncpg.Pool,
+    rabbitmq: RabbitMQAccount,
+    broker: aio_pika.abc.AbstractChannel,
+    dl_settings: Settings,
+) -> None:
+    """Every other letter is unroutable: each refusal is reported against its letter, and what
+    follows it is sent again on the same publisher (the adapter, not the replay, copes with the
+    returns still due), so every routable letter arrives."""
+    t = await make_tenant(api, "dlmix")
+    await broker.declare_queue("dl-mix-q", durable=True)
+    await relay_setup(t, rabbitmq, {"good": "dl-mix-q", "bad": "dl-mix-nowhere"})
+    rid = await relay_id(pool, t.name, "rel")
+    now = datetime.now(UTC)
+    letters = [
+        (await bury(pool, t.name, relay="rel", relay_uuid=rid, topic=topic, newest=now - timedelta(seconds=n)))[0]
+        for n, topic in enumerate(["good", "bad", "bad", "good", "bad", "good", "good", "bad"])
+    ]
+    good = [letters[n] for n in (0, 3, 5, 6)]
+    bad = [letters[n] for n in (1, 2, 4, 7)]
+    r = await t.post("/v1/dead-letters/replay-jobs", {"ids": [str(i) for i in letters]})
+    assert r.status_code == 202, r.text
+    await run_replay_jobs(dl_settings)
+    job = (await t.get(f"/v1/dead-letters/replay-jobs/{r.json()['id']}")).json()
+    assert (job["status"], job["replayed"], job["failed"], job["skipped"]) == ("done", 4, 4, 0), job
+    messages = await drain(broker, "dl-mix-q", 4)
+    # each routable one at least once (what followed a refusal may have arrived before it is sent again)
+    assert {m.headers["outbox-dead-letter-id"] for m in messages} == {str(i) for i in good}
+    for letter in bad:
+        got = (await t.get(f"/v1/dead-letters/{letter}")).json()
+        assert got["status"] == "dead" and "unroutable" in got["attempts"][-1]["error"], got
+    for letter in good:
+        assert (await t.get(f"/v1/dead-letters/{letter}")).json()["status"] == "replayed"
+
+
 async def test_replay_job_request_validation(api: AsyncTestClient[Any]) -> None:
     t = await make_tenant(api, "dlval")
     assert (await t.post("/v1/dead-letters/replay-jobs", {})).status_code == 422

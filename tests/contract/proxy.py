@@ -4,6 +4,7 @@ The brokers are shared by every test run on the machine, so they cannot be stopp
 pointed at the proxy instead sees its broker go down (:meth:`TcpProxy.down`: connections cut, port
 closed), stall (:meth:`TcpProxy.stall`: connections accepted and kept, nothing forwarded either way),
 drop its connections (:meth:`TcpProxy.drop`) and come back (:meth:`TcpProxy.up`, same port).
+:meth:`TcpProxy.wait_sent` waits until the clients sent so many bytes on, to cut a batch midway.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class TcpProxy:
         """Client connections open right now (a closed publisher must leave none)."""
         self._idle = asyncio.Event()
         self._idle.set()
+        self.sent = 0
+        """Bytes forwarded from the clients to the broker so far."""
+        self._sent_more = asyncio.Event()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -62,6 +66,12 @@ class TcpProxy:
         """Keep every connection (and accept new ones) but forward nothing: a broker that hangs."""
         self._flowing.clear()
 
+    async def wait_sent(self, count: int) -> None:
+        """Until ``sent`` is at least ``count`` (bound it with ``asyncio.timeout``)."""
+        while self.sent < count:
+            self._sent_more.clear()
+            await self._sent_more.wait()
+
     async def wait_idle(self) -> None:
         """Until no client connection is open (bound it with ``asyncio.timeout``)."""
         await self._idle.wait()
@@ -81,7 +91,9 @@ class TcpProxy:
             await self._flowing.wait()
             upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
             self._writers.add(upstream_writer)
-            await asyncio.gather(self._pump(client_reader, upstream_writer), self._pump(upstream_reader, client_writer))
+            await asyncio.gather(
+                self._pump(client_reader, upstream_writer, upstream=True), self._pump(upstream_reader, client_writer)
+            )
         except (OSError, asyncio.CancelledError):
             pass
         finally:
@@ -94,9 +106,14 @@ class TcpProxy:
             if not self.live:
                 self._idle.set()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool = False
+    ) -> None:
         while data := await reader.read(65536):
             await self._flowing.wait()
             writer.write(data)
             await writer.drain()
+            if upstream:
+                self.sent += len(data)
+                self._sent_more.set()
         writer.transport.abort()
