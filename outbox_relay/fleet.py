@@ -914,13 +914,13 @@ class FleetEngine:
         """Send the next batch of each of ``lanes`` to the target in one call and settle them with the
         engine's delivery policy; a failure holds the lanes for a backoff (their rows are sent again)."""
         plan = reader.plan
-        batches = [
-            self.runner.prepare(lane.part, list(itertools.islice(lane.buffer, lane.part.relay.policy.batch_size)))
-            for lane in lanes
-        ]
         lost: list[_Partition] = []
         reader.sending += 1
-        try:
+        try:  # prepare() too: whatever it raises must not leave the lanes marked in a round for ever
+            batches = [
+                self.runner.prepare(lane.part, list(itertools.islice(lane.buffer, lane.part.relay.policy.batch_size)))
+                for lane in lanes
+            ]
             size = sum(len(batch.rows) for batch in batches)
             # the target first: a throttled target must not hold worker slots other tenants could use
             async with self._limits(reader).batch(size), self.scheduler.slot(plan.tenant_name):

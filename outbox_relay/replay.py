@@ -40,6 +40,7 @@ import msgspec
 from outbox_relay.brokers.base import OutgoingMessage, Publisher
 from outbox_relay.brokers.factory import open_publisher
 from outbox_relay.crypto import SecretBox
+from outbox_relay.delivery import settle
 from outbox_relay.domain import ErrorClass, LetterStatus, Relay, Target, route
 from outbox_relay.engine import PublisherCache, PublisherFactory
 from outbox_relay.errors import AddressNotAllowed, NotFound, OutboxRelayError, TargetUnavailable
@@ -355,17 +356,18 @@ class Replayer:
             publisher = await self._publisher(target_route)
             while index < len(items):
                 result = await publisher.publish_batch(messages[index:])
-                for letter, dest in items[index : index + result.acked]:
+                settled = settle(items[index:], messages[index:], result)  # the relay's reading of an answer
+                for letter, dest in items[index : index + settled.sent]:
                     outcomes.append(await self._replayed(letter, token, actor, target_route.target_name, dest))
-                index += result.acked
-                if result.rejected is not None and index < len(items):
-                    letter, dest = items[index]
+                index += settled.sent
+                if settled.refused is not None:
+                    (letter, dest), _ = settled.refused
                     where = (target_route.target_name, dest)
                     outcomes.append(
                         await self._failed(letter, token, actor, where, ErrorClass.REFUSED, str(result.rejected))
                     )
                     index += 1  # what followed the refused one is sent again (same publisher): at least once
-                elif result.acked == 0:
+                elif settled.sent == 0:
                     break  # an adapter that neither acks nor refuses: do not spin
         except TargetUnavailable as exc:
             await self._drop_publisher(target_route)

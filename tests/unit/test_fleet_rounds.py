@@ -7,7 +7,9 @@ callbacks still saw every slot taken, cleared ``rows`` and waited for a wake-up 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from outbox_relay.fleet import ROUNDS_IN_FLIGHT, SHARED_ROUNDS_IN_FLIGHT, FleetEngine
@@ -114,3 +116,42 @@ async def test_a_relay_sharing_the_worker_with_another_tenant_has_one_round_in_f
             gate.set()
         publisher.cancel()
         await asyncio.gather(publisher, return_exceptions=True)
+
+
+class PrepareFails:
+    """An engine whose ``prepare`` raises (a relay spec the worker cannot use): the round's own
+    bookkeeping is the engine's."""
+
+    _publish_round = FleetEngine._publish_round
+    _round_failed = FleetEngine._round_failed
+    _back_off = FleetEngine._back_off
+
+    def __init__(self) -> None:
+        self.runner = SimpleNamespace(prepare=self._prepare)
+        self.tick = asyncio.Event()
+
+    def _prepare(self, part: Any, rows: Any) -> Any:
+        raise ValueError("a stored spec this worker cannot use")
+
+
+async def test_a_round_whose_batches_cannot_be_prepared_leaves_its_lanes_free() -> None:
+    """prepare() ran before the round's try: what it raised left the lanes marked in a round for
+    ever (the relay stopped publishing them, silently)."""
+    part = SimpleNamespace(
+        relay=SimpleNamespace(policy=SimpleNamespace(batch_size=10)), stop=asyncio.Event(), cursor=(0, 0), lease=None
+    )
+    lane = SimpleNamespace(partition=3, part=part, buffer=deque(), starved=False, capacity=lambda: 10)
+    reader = SimpleNamespace(
+        plan=SimpleNamespace(relay_name="r", tenant_name="t"),
+        sending=0,
+        in_round={3},
+        round_done=asyncio.Event(),
+        rows=asyncio.Event(),
+        stop=asyncio.Event(),
+        wake=asyncio.Event(),
+        failures=0,
+    )
+    reader.stop.set()  # the backoff after the failure returns at once
+    publish_round: Any = FleetEngine._publish_round
+    await publish_round(PrepareFails(), reader, [lane])
+    assert reader.in_round == set() and reader.sending == 0 and reader.failures == 1
