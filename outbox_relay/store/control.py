@@ -498,16 +498,7 @@ class ControlStore:
         when the relay was written since, or deleted."""
         async with self.transaction() as conn:
             limits = await self._limits(conn, tenant_id, quotas, "relays", "partitions")
-            db_id = await conn.fetchval(
-                "SELECT id FROM databases WHERE tenant_id = $1 AND name = $2", tenant_id, database
-            )
-            if db_id is None:
-                raise UnknownReference(f"database {database!r} does not exist")
-            target_id = await conn.fetchval(
-                "SELECT id FROM targets WHERE tenant_id = $1 AND name = $2", tenant_id, target
-            )
-            if target_id is None:
-                raise UnknownReference(f"target {target!r} does not exist")
+            db_id, target_id = await _relay_references(conn, tenant_id, database, target)
             existing = await conn.fetchrow(
                 "SELECT id, database_id, partitions, updated_at FROM relays "
                 "WHERE tenant_id = $1 AND name = $2 FOR UPDATE",
@@ -520,39 +511,14 @@ class ControlStore:
                     "nothing was written, try again"
                 )
             if existing is not None:
-                if existing["partitions"] != partitions:
-                    raise ImmutableField(
-                        f"partitions is fixed at creation ({existing['partitions']}); create a new relay to change it"
-                    )
-                if existing["database_id"] != db_id:
-                    raise ImmutableField("database is fixed at creation; create a new relay to read another database")
-                row = await conn.fetchrow(
-                    "UPDATE relays SET target_id = $2, enabled = $3, spec = $4::jsonb, updated_at = now() "
-                    "WHERE id = $1 RETURNING id, name, spec::text AS spec, false AS has_secret, "
-                    "created_at, updated_at",
-                    existing["id"],
-                    target_id,
-                    enabled,
-                    spec.decode(),
-                )
-                return _resource(row), False
+                return await _update_relay(conn, existing, db_id, target_id, partitions, enabled, spec), False
             if partitions > max_partitions:
                 raise OutOfBounds(
                     f"partitions: at most {max_partitions} per relay on this service",
                     field="partitions",
                     limit=max_partitions,
                 )
-            used = await conn.fetchrow(
-                "SELECT count(*) AS relays, coalesce(sum(partitions), 0) AS partitions "
-                "FROM relays WHERE tenant_id = $1",
-                tenant_id,
-            )
-            if used["relays"] + 1 > limits["relays"]:
-                raise QuotaExceeded(quota="relays", limit=limits["relays"], used=used["relays"])
-            if used["partitions"] + partitions > limits["partitions"]:
-                raise QuotaExceeded(
-                    quota="partitions", limit=limits["partitions"], used=used["partitions"], requested=partitions
-                )
+            await _check_relay_quotas(conn, tenant_id, limits, partitions)
             row = await conn.fetchrow(
                 "INSERT INTO relays (tenant_id, name, database_id, target_id, partitions, enabled, spec) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) "
@@ -1107,3 +1073,62 @@ def _resource(row: Any) -> ResourceRow:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
+
+
+async def _relay_references(
+    conn: asyncpg.Connection, tenant_id: uuid.UUID, database: str, target: str
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """The ids of the database and target a relay names; UnknownReference when the tenant has none
+    of that name."""
+    db_id = await conn.fetchval("SELECT id FROM databases WHERE tenant_id = $1 AND name = $2", tenant_id, database)
+    if db_id is None:
+        raise UnknownReference(f"database {database!r} does not exist")
+    target_id = await conn.fetchval("SELECT id FROM targets WHERE tenant_id = $1 AND name = $2", tenant_id, target)
+    if target_id is None:
+        raise UnknownReference(f"target {target!r} does not exist")
+    return db_id, target_id
+
+
+async def _check_relay_quotas(
+    conn: asyncpg.Connection, tenant_id: uuid.UUID, limits: Mapping[str, int], partitions: int
+) -> None:
+    """QuotaExceeded when one more relay of ``partitions`` partitions takes the tenant past its
+    ``relays`` or ``partitions`` quota."""
+    used = await conn.fetchrow(
+        "SELECT count(*) AS relays, coalesce(sum(partitions), 0) AS partitions FROM relays WHERE tenant_id = $1",
+        tenant_id,
+    )
+    if used["relays"] + 1 > limits["relays"]:
+        raise QuotaExceeded(quota="relays", limit=limits["relays"], used=used["relays"])
+    if used["partitions"] + partitions > limits["partitions"]:
+        raise QuotaExceeded(
+            quota="partitions", limit=limits["partitions"], used=used["partitions"], requested=partitions
+        )
+
+
+async def _update_relay(
+    conn: asyncpg.Connection,
+    existing: asyncpg.Record,
+    db_id: uuid.UUID,
+    target_id: uuid.UUID,
+    partitions: int,
+    enabled: bool,
+    spec: bytes,
+) -> ResourceRow:
+    """Replace a relay's target, ``enabled`` and spec; ImmutableField for a change to its partitions
+    or database (fixed at creation)."""
+    if existing["partitions"] != partitions:
+        raise ImmutableField(
+            f"partitions is fixed at creation ({existing['partitions']}); create a new relay to change it"
+        )
+    if existing["database_id"] != db_id:
+        raise ImmutableField("database is fixed at creation; create a new relay to read another database")
+    row = await conn.fetchrow(
+        "UPDATE relays SET target_id = $2, enabled = $3, spec = $4::jsonb, updated_at = now() "
+        "WHERE id = $1 RETURNING id, name, spec::text AS spec, false AS has_secret, created_at, updated_at",
+        existing["id"],
+        target_id,
+        enabled,
+        spec.decode(),
+    )
+    return _resource(row)
