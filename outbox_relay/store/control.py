@@ -80,6 +80,19 @@ class TenantRow:
     updated_at: datetime
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyOwner:
+    """Who an API key belongs to: the tenant and the key's id (the audit log's "who")."""
+
+    tenant: TenantRow
+    key_id: uuid.UUID
+
+    @property
+    def actor(self) -> str:
+        """The audit log's "who" of this key: ``key:<api key id>``."""
+        return f"key:{self.key_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class TenantQuotas:
     """A tenant's quota overrides (None: the service default) and what it uses of each quota now."""
@@ -382,21 +395,26 @@ class ControlStore:
             is True
         )
 
-    async def tenant_for_key(self, key: str) -> TenantRow | None:
+    async def key_owner(self, key: str) -> KeyOwner | None:
+        """The tenant and key id of a live (unrevoked) tenant API key; notes its use once a minute."""
+        return await self.key_owner_by_hash(hash_key(key))
+
+    async def key_owner_by_hash(self, digest: bytes) -> KeyOwner | None:
+        """``key_owner`` of the key with this hash (a dashboard session keeps only the hash)."""
         row = await self.pool.fetchrow(
             "UPDATE api_keys k SET last_used_at = now() FROM tenants t "
             "WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.id = k.tenant_id "
             "AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute') "
-            "RETURNING t.*",
-            hash_key(key),
+            "RETURNING k.id AS key_id, t.*",
+            digest,
         )
         if row is None:
             row = await self.pool.fetchrow(
-                "SELECT t.* FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
+                "SELECT k.id AS key_id, t.* FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
                 "WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
-                hash_key(key),
+                digest,
             )
-        return _tenant(row) if row else None
+        return KeyOwner(tenant=_tenant(row), key_id=row["key_id"]) if row else None
 
     # --- tenant resources ------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ import asyncpg
 
 from outbox_relay.domain import JobStatus, LetterStatus
 from outbox_relay.errors import InvalidRequest
-from outbox_relay.store.control import TenantRow, hash_key
 
 STATUSES = tuple(LetterStatus)
 STALE_CLAIM_S = 600.0
@@ -175,14 +174,6 @@ class Counts:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class KeyOwner:
-    """Who an API key belongs to: the tenant and the key's id (the audit log's "who")."""
-
-    tenant: TenantRow
-    key_id: uuid.UUID
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class RelayRoute:
     """A relay as it is now, with its current target: where a replay goes by default."""
 
@@ -227,38 +218,6 @@ class DeadLetterStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-
-    # --- who is asking -----------------------------------------------------------------------------
-
-    async def key_owner(self, key: str) -> KeyOwner | None:
-        """The tenant and key id of a live (unrevoked) tenant API key; notes its use once a minute."""
-        return await self.key_owner_by_hash(hash_key(key))
-
-    async def key_owner_by_hash(self, digest: bytes) -> KeyOwner | None:
-        """``key_owner`` of the key with this hash (a dashboard session keeps only the hash)."""
-        row = await self.pool.fetchrow(
-            "UPDATE api_keys k SET last_used_at = now() FROM tenants t "
-            "WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.id = k.tenant_id "
-            "AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute') "
-            "RETURNING k.id AS key_id, t.*",
-            digest,
-        )
-        if row is None:
-            row = await self.pool.fetchrow(
-                "SELECT k.id AS key_id, t.* FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
-                "WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
-                digest,
-            )
-        if row is None:
-            return None
-        tenant = TenantRow(
-            id=row["id"],
-            name=row["name"],
-            display_name=row["display_name"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-        )
-        return KeyOwner(tenant=tenant, key_id=row["key_id"])
 
     async def tenant_id(self, name: str) -> uuid.UUID | None:
         value: uuid.UUID | None = await self.pool.fetchval("SELECT id FROM tenants WHERE name = $1", name)

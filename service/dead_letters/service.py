@@ -73,10 +73,8 @@ async def caller_for_key(services: Services, key: str) -> Caller | None:
     admin = services.settings.admin_api_key
     if admin and hmac.compare_digest(key.encode(), admin.encode()):
         return Caller(tenant=None, actor="admin")
-    owner = await DeadLetterStore(services.store.pool).key_owner(key)
-    if owner is None:
-        return None
-    return Caller(tenant=owner.tenant, actor=f"key:{owner.key_id}")
+    owner = await services.store.key_owner(key)
+    return Caller(tenant=owner.tenant, actor=owner.actor) if owner else None
 
 
 async def caller_for_key_hash(services: Services, digest: bytes) -> Caller | None:
@@ -85,10 +83,8 @@ async def caller_for_key_hash(services: Services, digest: bytes) -> Caller | Non
     admin = services.settings.admin_api_key
     if admin and hmac.compare_digest(digest, hash_key(admin)):
         return Caller(tenant=None, actor="admin")
-    owner = await DeadLetterStore(services.store.pool).key_owner_by_hash(digest)
-    if owner is None:
-        return None
-    return Caller(tenant=owner.tenant, actor=f"key:{owner.key_id}")
+    owner = await services.store.key_owner_by_hash(digest)
+    return Caller(tenant=owner.tenant, actor=owner.actor) if owner else None
 
 
 # --- cursors ----------------------------------------------------------------------------------------
