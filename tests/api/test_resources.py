@@ -232,3 +232,9 @@ async def test_audit_names_the_key_that_changed_each_resource(client: AsyncTestC
         (two, "delete", "targets/q"),
         (one, "delete", "databases/d"),
     ]
+
+
+async def test_options_answers_every_method_of_the_path(tenant: TenantClient) -> None:
+    r = await tenant.client.options("/v1/relays/r", headers=tenant.headers)
+    assert r.status_code == 204, r.text
+    assert {m.strip() for m in r.headers["allow"].split(",")} >= {"GET", "PUT", "DELETE", "OPTIONS"}
