@@ -29,6 +29,7 @@ from outbox_relay.errors import (
     RelayChanged,
     UnknownReference,
 )
+from outbox_relay.store.dead_letters import NewLetter, insert_letter
 
 ResourceTable = Literal["databases", "targets", "relays"]
 RESOURCE_TABLES: frozenset[str] = frozenset(get_args(ResourceTable))
@@ -196,29 +197,6 @@ class RestoreState:
     done: int
     detected_at: datetime
     finished_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message leaving the relay for the dead-letter store."""
-
-    tenant_id: uuid.UUID
-    relay_name: str
-    target_name: str
-    outbox_id: int
-    outbox_txid: int
-    outbox_created_at: datetime | None
-    topic: str
-    key: str | None
-    destination: str | None
-    payload: bytes
-    headers: str
-    """JSON object text."""
-    error_class: str
-    last_error: str
-    attempts: list[dict[str, Any]]
-    message_id: str | None = None
-    """The id it was published with (``outbox-id``); a replay sends it again."""
 
 
 def lease_of(row: Any, *, relay_id: uuid.UUID, partition: int, holder: str) -> Lease:
@@ -819,7 +797,7 @@ class ControlStore:
             is True
         )
 
-    async def dead_letter(self, lease: Lease, letter: DeadLetter) -> bool:
+    async def dead_letter(self, lease: Lease, letter: NewLetter) -> bool:
         """Store the letter and move the cursor past it, in one transaction, fenced by the epoch."""
         async with self.pool.acquire() as conn, conn.transaction():
             moved = await conn.fetchval(
@@ -837,30 +815,7 @@ class ControlStore:
             )
             if moved is not True:
                 return False
-            await conn.execute(
-                "INSERT INTO dead_letters (tenant_id, relay_id, relay_name, target_name, partition, outbox_id, "
-                "outbox_txid, outbox_created_at, topic, key, destination, payload, headers, error_class, "
-                "last_error, attempts, message_id) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15, $16::jsonb, $17) "
-                "ON CONFLICT (relay_id, outbox_id, outbox_txid) DO NOTHING",
-                letter.tenant_id,
-                lease.relay_id,
-                letter.relay_name,
-                letter.target_name,
-                lease.partition,
-                letter.outbox_id,
-                letter.outbox_txid,
-                letter.outbox_created_at,
-                letter.topic,
-                letter.key,
-                letter.destination,
-                letter.payload,
-                letter.headers,
-                letter.error_class,
-                letter.last_error[:4000],
-                json.dumps(letter.attempts),
-                letter.message_id,
-            )
+            await insert_letter(conn, lease.relay_id, lease.partition, letter)
             return True
 
     async def set_identity(self, lease: Lease, identity: str) -> bool:

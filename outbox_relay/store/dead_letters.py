@@ -102,6 +102,59 @@ class LetterFilter:
         return " AND ".join(clauses) if clauses else "true"
 
 
+@dataclass(frozen=True, slots=True)
+class NewLetter:
+    """A message leaving the relay for the dead-letter store (the engine writes it with
+    ``ControlStore.dead_letter``, in the transaction that moves the partition's cursor past it)."""
+
+    tenant_id: uuid.UUID
+    relay_name: str
+    target_name: str
+    outbox_id: int
+    outbox_txid: int
+    outbox_created_at: datetime | None
+    topic: str
+    key: str | None
+    destination: str | None
+    payload: bytes
+    headers: str
+    """JSON object text."""
+    error_class: str
+    last_error: str
+    attempts: list[dict[str, Any]]
+    message_id: str | None = None
+    """The id it was published with (``outbox-id``); a replay sends it again."""
+
+
+async def insert_letter(conn: asyncpg.Connection, relay_id: uuid.UUID, partition: int, letter: NewLetter) -> None:
+    """Store ``letter`` of ``relay_id``'s ``partition`` on ``conn`` (the caller's transaction); a letter
+    already stored (the same outbox row of the same relay) is left as it is."""
+    await conn.execute(
+        "INSERT INTO dead_letters (tenant_id, relay_id, relay_name, target_name, partition, outbox_id, "
+        "outbox_txid, outbox_created_at, topic, key, destination, payload, headers, error_class, "
+        "last_error, attempts, message_id) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15, $16::jsonb, $17) "
+        "ON CONFLICT (relay_id, outbox_id, outbox_txid) DO NOTHING",
+        letter.tenant_id,
+        relay_id,
+        letter.relay_name,
+        letter.target_name,
+        partition,
+        letter.outbox_id,
+        letter.outbox_txid,
+        letter.outbox_created_at,
+        letter.topic,
+        letter.key,
+        letter.destination,
+        letter.payload,
+        letter.headers,
+        letter.error_class,
+        letter.last_error[:4000],
+        json.dumps(letter.attempts),
+        letter.message_id,
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LetterSummary:
     id: uuid.UUID
