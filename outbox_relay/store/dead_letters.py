@@ -157,6 +157,9 @@ async def insert_letter(conn: asyncpg.Connection, relay_id: uuid.UUID, partition
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LetterSummary:
+    """A stored dead letter as a list shows it: no payload (its size and first bytes), no attempts
+    (their number)."""
+
     id: uuid.UUID
     tenant_id: uuid.UUID
     tenant_name: str
@@ -180,35 +183,19 @@ class LetterSummary:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Letter:
-    """A whole dead letter, payload and attempts included."""
+class Letter(LetterSummary):
+    """A whole stored dead letter, payload and attempts included (the read type; a list reads its
+    :class:`LetterSummary` columns only)."""
 
-    id: uuid.UUID
-    tenant_id: uuid.UUID
-    tenant_name: str
-    relay_id: uuid.UUID | None
-    relay_name: str
-    target_name: str
-    partition: int
-    outbox_id: int
     outbox_txid: int
     outbox_created_at: datetime | None
-    topic: str
-    key: str | None
-    destination: str | None
     payload: bytes
     headers: dict[str, Any]
-    error_class: str
-    last_error: str
     attempts: list[dict[str, Any]]
-    status: LetterStatus
-    replay_count: int
     claimed_by: str | None
     claimed_at: datetime | None
     last_replayed_at: datetime | None
     discarded_at: datetime | None
-    created_at: datetime
-    updated_at: datetime
     message_id: str | None = None
     """The id the message was published with (``outbox-id``); None for a letter stored before
     message ids, whose messages carried the row id."""
@@ -549,6 +536,9 @@ def _letter(row: Any) -> Letter:
     values["headers"] = json.loads(values["headers"])
     values["attempts"] = json.loads(values["attempts"])
     values["status"] = LetterStatus(values["status"])  # the column's CHECK allows exactly these
+    values["attempt_count"] = len(values["attempts"])
+    values["payload_size"] = len(values["payload"])
+    values["payload_head"] = values["payload"][:PREVIEW_BYTES]
     return Letter(**values)
 
 
