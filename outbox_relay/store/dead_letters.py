@@ -345,39 +345,39 @@ class DeadLetterStore:
         )
         return [_letter(r) for r in rows]
 
-    async def finish_replayed(self, letter_id: uuid.UUID, token: str, attempt: dict[str, Any]) -> bool:
-        """The broker took the replay: the letter is ``replayed``. False if the claim was lost."""
-        return (
-            await self.pool.fetchval(
-                "UPDATE dead_letters SET status = 'replayed', claimed_by = NULL, claimed_at = NULL, "
-                "replay_count = replay_count + 1, last_replayed_at = now(), "
-                "attempts = attempts || jsonb_build_array($3::jsonb), updated_at = now() "
-                "WHERE id = $1 AND claimed_by = $2 AND status = 'replaying' RETURNING true",
-                letter_id,
-                token,
-                json.dumps(attempt),
-            )
-            is True
+    async def finish_replayed(self, letter_id: uuid.UUID, token: str, attempt: dict[str, Any]) -> Letter | None:
+        """The broker took the replay: the letter is ``replayed``; returns it so. None if the claim was lost."""
+        return await self._finish(
+            "status = 'replayed', last_replayed_at = now()", letter_id, token, json.dumps(attempt)
         )
 
     async def finish_failed(
         self, letter_id: uuid.UUID, token: str, *, error_class: str, error: str, attempt: dict[str, Any]
-    ) -> bool:
-        """The replay failed: back to ``dead`` with the attempt appended and the new error."""
-        return (
-            await self.pool.fetchval(
-                "UPDATE dead_letters SET status = 'dead', claimed_by = NULL, claimed_at = NULL, "
-                "replay_count = replay_count + 1, error_class = $3, last_error = $4, "
-                "attempts = attempts || jsonb_build_array($5::jsonb), updated_at = now() "
-                "WHERE id = $1 AND claimed_by = $2 AND status = 'replaying' RETURNING true",
-                letter_id,
-                token,
-                error_class,
-                error[:4000],
-                json.dumps(attempt),
-            )
-            is True
+    ) -> Letter | None:
+        """The replay failed: back to ``dead`` with the attempt appended and the new error; returns it
+        so. None if the claim was lost."""
+        return await self._finish(
+            "status = 'dead', error_class = $4, last_error = $5",
+            letter_id,
+            token,
+            json.dumps(attempt),
+            error_class,
+            error[:4000],
         )
+
+    async def _finish(self, changes: str, letter_id: uuid.UUID, token: str, attempt: str, *more: Any) -> Letter | None:
+        """End this claim (``token``) of a replaying letter with ``changes``, the attempt appended."""
+        row = await self.pool.fetchrow(
+            f"WITH c AS (UPDATE dead_letters SET {changes}, claimed_by = NULL, claimed_at = NULL, "
+            "replay_count = replay_count + 1, attempts = attempts || jsonb_build_array($3::jsonb), "
+            "updated_at = now() WHERE id = $1 AND claimed_by = $2 AND status = 'replaying' RETURNING *) "
+            f"SELECT {_FULL_COLUMNS} FROM c d JOIN tenants t ON t.id = d.tenant_id",
+            letter_id,
+            token,
+            attempt,
+            *more,
+        )
+        return _letter(row) if row else None
 
     async def release(self, letter_ids: Sequence[uuid.UUID], token: str) -> int:
         """Give claimed letters back untouched (nothing was attempted)."""

@@ -161,7 +161,6 @@ class DeadLetterController(Controller):
         ops = _ops(services, caller)
         body = data or ReplayRequest()
         outcome = await ops.replay(letter_id, target=body.target, destination=body.destination)
-        letter, exists = await ops.get(letter_id)
         if not outcome.replayed:
             raise Problem(
                 502,
@@ -170,7 +169,10 @@ class DeadLetterController(Controller):
                 dead_letter_id=str(letter_id),
                 error_class=outcome.error_class,
             )
-        return full(letter, relay_exists=exists)
+        if outcome.letter is None:  # its claim was taken over meanwhile (a stale claim): read it as it is
+            letter, exists = await ops.get(letter_id)
+            return full(letter, relay_exists=exists)
+        return full(outcome.letter, relay_exists=await ops.relay_exists(outcome.letter))
 
     @post(
         "/{letter_id:uuid}/discard",

@@ -264,8 +264,11 @@ class DeadLetters:
         letter = await self.store.get(letter_id, self._tenant_id)
         if letter is None:
             raise NotFound(f"dead letter {letter_id} not found")
-        exists = letter.relay_id is not None and await self.store.relay_route(letter.relay_id) is not None
-        return letter, exists
+        return letter, await self.relay_exists(letter)
+
+    async def relay_exists(self, letter: Letter) -> bool:
+        """Whether the letter's relay still exists (a replay without a target needs it)."""
+        return letter.relay_id is not None and await self.store.relay_route(letter.relay_id) is not None
 
     async def replay(
         self, letter_id: uuid.UUID, *, target: str | None = None, destination: str | None = None
@@ -275,9 +278,8 @@ class DeadLetters:
             outcome = await replayer.replay_one(
                 letter_id, self._tenant_id, actor=self.caller.actor, target_name=target, destination=destination
             )
-        letter = await self.store.get(letter_id, None)
         await self._audit(
-            letter.tenant_id if letter else None,
+            outcome.letter.tenant_id if outcome.letter else self._tenant_id,
             "replay",
             f"dead-letters/{letter_id}",
             {
