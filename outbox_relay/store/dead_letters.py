@@ -16,12 +16,14 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import asyncpg
+import msgspec
+from msgspec import Meta
 
-from outbox_relay.domain import JobStatus, LetterStatus
+from outbox_relay.domain import JobStatus, LetterStatus, Name
 from outbox_relay.errors import InvalidRequest
 
 STATUSES = tuple(LetterStatus)
@@ -52,54 +54,75 @@ _JOB_COLUMNS = (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
-class LetterFilter:
-    """Which dead letters a list, a count or a bulk action covers. Text fields match exactly;
-    ``since`` is inclusive and ``until`` exclusive, on the time the letter was dead-lettered."""
+ErrorClassName = Annotated[  # the values: outbox_relay.domain.ErrorClass (a string here: any stored value reads)
+    str,
+    Meta(
+        pattern=r"^[a-z_]{1,64}$",
+        description="Why the letter is dead: `refused` (the broker refused it max_attempts times), "
+        "`too_large` (over the relay's max_payload_bytes); after a failed replay also `unavailable`, "
+        "`unroutable` or `not_allowed`.",
+    ),
+]
+Topic = Annotated[str, Meta(min_length=1, max_length=249)]
+Key = Annotated[str, Meta(min_length=1, max_length=1024)]
 
-    tenant_id: uuid.UUID | None
-    """``None``: every tenant (admin only)."""
-    statuses: tuple[str, ...] = (LetterStatus.DEAD,)
-    """Empty: any status."""
-    relay: str | None = None
-    target: str | None = None
-    topic: str | None = None
-    key: str | None = None
-    error_class: str | None = None
+
+# The one filter of dead letters: the API's list and bulk bodies (the wire type: its docstring is the
+# OpenAPI description), the dashboard's forms, a replay job's record and the store's queries. Text fields
+# match exactly; ``since`` is inclusive and ``until`` exclusive, on the time the letter was dead-lettered.
+# ``tenant`` is a name the caller's scope decides on: each query takes the resolved ``tenant_id``.
+class DeadLetterFilter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The list's filters, for bulk actions. Covers dead letters only (status `dead`)."""
+
+    tenant: Name | None = None
+    """Admin key only: one tenant's letters (without it, every tenant's)."""
+    relay: Name | None = None
+    target: Name | None = None
+    topic: Topic | None = None
+    key: Key | None = None
+    error_class: ErrorClassName | None = None
     since: datetime | None = None
+    """Dead-lettered at or after."""
     until: datetime | None = None
+    """Dead-lettered before."""
 
-    def __post_init__(self) -> None:
-        unknown = set(self.statuses) - set(STATUSES)
-        if unknown:
-            raise InvalidRequest(f"unknown dead-letter status {sorted(unknown)}; use {', '.join(STATUSES)}")
 
-    def where(self, params: list[Any]) -> str:
-        """The WHERE clause (over alias ``d``), appending its values to ``params``."""
-        clauses: list[str] = []
+def where(f: DeadLetterFilter, tenant_id: uuid.UUID | None, statuses: Sequence[str], params: list[Any]) -> str:
+    """The WHERE clause (over alias ``d``) of the letters ``f`` matches among ``tenant_id``'s (None:
+    every tenant's, admin only) in one of ``statuses`` (empty: any), appending its values to ``params``.
+    ``f.tenant`` is not read here: the caller resolved it into ``tenant_id``."""
+    unknown = set(statuses) - set(STATUSES)
+    if unknown:
+        raise InvalidRequest(f"unknown dead-letter status {sorted(unknown)}; use {', '.join(STATUSES)}")
+    clauses: list[str] = []
 
-        def add(template: str, value: Any) -> None:
-            params.append(value)
-            clauses.append(template.format(f"${len(params)}"))
+    def add(template: str, value: Any) -> None:
+        params.append(value)
+        clauses.append(template.format(f"${len(params)}"))
 
-        if self.tenant_id is not None:
-            add("d.tenant_id = {}", self.tenant_id)
-        if self.statuses:
-            add("d.status = ANY({}::text[])", list(self.statuses))
-        for column, value in (
-            ("relay_name", self.relay),
-            ("target_name", self.target),
-            ("topic", self.topic),
-            ("key", self.key),
-            ("error_class", self.error_class),
-        ):
-            if value is not None:
-                add(f"d.{column} = {{}}", value)
-        if self.since is not None:
-            add("d.created_at >= {}", self.since)
-        if self.until is not None:
-            add("d.created_at < {}", self.until)
-        return " AND ".join(clauses) if clauses else "true"
+    if tenant_id is not None:
+        add("d.tenant_id = {}", tenant_id)
+    if statuses:
+        add("d.status = ANY({}::text[])", list(statuses))
+    for column, value in (
+        ("relay_name", f.relay),
+        ("target_name", f.target),
+        ("topic", f.topic),
+        ("key", f.key),
+        ("error_class", f.error_class),
+    ):
+        if value is not None:
+            add(f"d.{column} = {{}}", value)
+    if f.since is not None:
+        add("d.created_at >= {}", _utc(f.since))
+    if f.until is not None:
+        add("d.created_at < {}", _utc(f.until))
+    return " AND ".join(clauses) if clauses else "true"
+
+
+def _utc(value: datetime) -> datetime:
+    """Times without a zone are UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,13 +289,19 @@ class DeadLetterStore:
     # --- reading -----------------------------------------------------------------------------------
 
     async def list_letters(
-        self, where: LetterFilter, *, after: tuple[datetime, uuid.UUID] | None, limit: int
+        self,
+        f: DeadLetterFilter,
+        *,
+        tenant_id: uuid.UUID | None,
+        statuses: Sequence[str] = (LetterStatus.DEAD,),
+        after: tuple[datetime, uuid.UUID] | None,
+        limit: int,
     ) -> list[LetterSummary]:
         """Newest first: ``created_at`` descending, ties by id; ``after`` is the last row of the
         previous page."""
         params: list[Any] = [PREVIEW_BYTES]
         sql = f"SELECT {_SUMMARY_COLUMNS} FROM dead_letters d JOIN tenants t ON t.id = d.tenant_id WHERE "
-        sql += where.where(params)
+        sql += where(f, tenant_id, statuses, params)
         if after is not None:
             params.extend(after)
             a, b = f"${len(params) - 1}", f"${len(params)}"
@@ -282,11 +311,13 @@ class DeadLetterStore:
         rows = await self.pool.fetch(sql, *params)
         return [LetterSummary(**{**dict(r), "status": LetterStatus(r["status"])}) for r in rows]
 
-    async def counts(self, where: LetterFilter) -> Counts:
+    async def counts(
+        self, f: DeadLetterFilter, *, tenant_id: uuid.UUID | None, statuses: Sequence[str] = (LetterStatus.DEAD,)
+    ) -> Counts:
         params: list[Any] = []
         rows = await self.pool.fetch(
             "SELECT d.relay_name, d.error_class, count(*) AS n FROM dead_letters d WHERE "
-            + where.where(params)
+            + where(f, tenant_id, statuses, params)
             + " GROUP BY d.relay_name, d.error_class",
             *params,
         )
@@ -301,11 +332,13 @@ class DeadLetterStore:
             by_error_class=dict(sorted(by_error.items())),
         )
 
-    async def matching_ids(self, where: LetterFilter, *, cap: int = MAX_JOB_LETTERS) -> list[uuid.UUID]:
-        """Ids of the letters the filter matches, oldest first (the order a replay keeps), at most
+    async def matching_ids(
+        self, f: DeadLetterFilter, *, tenant_id: uuid.UUID | None, cap: int = MAX_JOB_LETTERS
+    ) -> list[uuid.UUID]:
+        """Ids of the dead letters the filter matches, oldest first (the order a replay keeps), at most
         ``cap + 1`` so the caller can tell that there were more."""
         params: list[Any] = []
-        sql = "SELECT d.id FROM dead_letters d WHERE " + where.where(params)
+        sql = "SELECT d.id FROM dead_letters d WHERE " + where(f, tenant_id, (LetterStatus.DEAD,), params)
         params.append(cap + 1)
         rows = await self.pool.fetch(sql + f" ORDER BY d.created_at, d.id LIMIT ${len(params)}", *params)
         return [r["id"] for r in rows]
@@ -402,13 +435,12 @@ class DeadLetterStore:
         )
         return [r["id"] for r in rows]
 
-    async def discard_matching(self, where: LetterFilter) -> int:
-        if where.statuses != (LetterStatus.DEAD,):
-            raise ValueError("only dead letters can be discarded")
+    async def discard_matching(self, f: DeadLetterFilter, *, tenant_id: uuid.UUID | None) -> int:
+        """Discard the dead letters the filter matches; returns how many."""
         params: list[Any] = []
         result = await self.pool.execute(
             "UPDATE dead_letters d SET status = 'discarded', discarded_at = now(), updated_at = now() WHERE "
-            + where.where(params),
+            + where(f, tenant_id, (LetterStatus.DEAD,), params),
             *params,
         )
         return int(result.split()[-1])

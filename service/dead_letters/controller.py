@@ -17,7 +17,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, FromPath, JSONBody, Parameter
 
-from outbox_relay.store.dead_letters import STATUSES, LetterFilter
+from outbox_relay.store.dead_letters import STATUSES
 from service.dead_letters.schemas import (
     DeadLetter,
     DeadLetterFilter,
@@ -114,8 +114,10 @@ class DeadLetterController(Controller):
             since=since,
             until=until,
         )
-        where: LetterFilter = await ops.letter_filter(f, statuses=STATUSES if status == "any" else (status,))
-        rows, next_cursor, totals = await ops.page(where, cursor=cursor, limit=limit, with_counts=cursor is None)
+        statuses = STATUSES if status == "any" else (status,)
+        rows, next_cursor, totals = await ops.page(
+            f, statuses=statuses, cursor=cursor, limit=limit, with_counts=cursor is None
+        )
         return DeadLetterPage(
             items=[summary(r) for r in rows],
             next_cursor=next_cursor,

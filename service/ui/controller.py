@@ -24,7 +24,7 @@ from litestar.params import FromPath
 from litestar.response import Redirect, Template
 
 from outbox_relay.domain import NAME_RE, ErrorClass
-from outbox_relay.store.dead_letters import STATUSES, LetterFilter
+from outbox_relay.store.dead_letters import STATUSES
 from service.dead_letters import service as ops_mod
 from service.dead_letters.schemas import MAX_IDS
 from service.dead_letters.service import NotAllowed
@@ -152,8 +152,10 @@ class UIController(Controller):
         totals = None
         if not errors:
             try:
-                where: LetterFilter = await ops.letter_filter(f, statuses=STATUSES if status == "any" else (status,))
-                found, next_cursor, totals = await ops.page(where, cursor=cursor, limit=limit, with_counts=True)
+                statuses = STATUSES if status == "any" else (status,)
+                found, next_cursor, totals = await ops.page(
+                    f, statuses=statuses, cursor=cursor, limit=limit, with_counts=True
+                )
                 rows = [ops_mod.summary(r) for r in found]
             except ValueError as exc:
                 errors.append(str(exc))
@@ -272,7 +274,7 @@ class UIController(Controller):
             count = len(ids)
         else:
             on_refusal(request, back)
-            count = (await ops.store.counts(await ops.letter_filter(f))).total
+            count = await ops.count(f)
         context = {
             "action": action,
             "scope": scope,
