@@ -69,6 +69,19 @@ KNOWN_ERROR_CLASSES = tuple(ErrorClass)
 # --- pages -------------------------------------------------------------------------------------------
 
 
+def _paging(params: Any) -> tuple[int, int, str | None]:
+    """The list URL's page size (one of PAGE_SIZES, else 50), page number (from 1) and cursor."""
+    try:
+        limit = int(params.get("limit") or 50)
+    except ValueError:
+        limit = 50
+    try:
+        page_no = max(1, int(params.get("page") or 1))
+    except ValueError:
+        page_no = 1
+    return (limit if limit in PAGE_SIZES else 50), page_no, params.get("cursor") or None
+
+
 class UIController(Controller):
     path = "/ui"
     include_in_schema = False
@@ -136,16 +149,7 @@ class UIController(Controller):
         f, status, errors = parse_filter(params)
         if user.caller.tenant is not None and f.tenant is not None and f.tenant != user.caller.tenant.name:
             errors.append("tenant: a tenant key sees only its own tenant")
-        try:
-            limit = int(params.get("limit") or 50)
-        except ValueError:
-            limit = 50
-        limit = limit if limit in PAGE_SIZES else 50
-        try:
-            page_no = max(1, int(params.get("page") or 1))
-        except ValueError:
-            page_no = 1
-        cursor = params.get("cursor") or None
+        limit, page_no, cursor = _paging(params)
         ops = ops_for(services, user)
         rows: list[Any] = []
         next_cursor = None
