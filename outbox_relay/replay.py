@@ -20,7 +20,8 @@ Guarantees:
   failed puts the letter back in the dead-letter list with the new error.
 * A replay that cannot start (no such target, no destination, an address the policy denies, a
   payload over the relay's ``max_payload_bytes``) raises :class:`ReplayRefused` before anything is
-  claimed when it is a single letter; in a job it fails that letter and the job goes on.
+  attempted when it is a single letter (its claim is given back untouched); in a job it fails that
+  letter and the job goes on.
 * A job stops at the first target that is unreachable (no point charging every letter an attempt);
   what it had not attempted stays dead, untouched.
 """
