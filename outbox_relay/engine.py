@@ -45,13 +45,13 @@ from outbox_relay.netguard import AddressPolicy
 from outbox_relay.specs import usable_database, usable_target
 from outbox_relay.store.control import (
     ControlStore,
-    DeadLetter,
     Lease,
     RelayPlan,
     RestoreState,
     RetryState,
     control_unavailable,
 )
+from outbox_relay.store.dead_letters import NewLetter
 from outbox_relay.store.events import ControlEvents
 from outbox_relay.telemetry import PendingSample, instruments, labels
 from outbox_relay.tenant import db as tenant_db
@@ -976,7 +976,7 @@ class RelayRunner:
         error: str,
         attempts: list[dict[str, Any]],
     ) -> None:
-        letter = DeadLetter(
+        letter = NewLetter(
             tenant_id=part.plan.tenant_id,
             relay_name=part.plan.relay_name,
             target_name=part.plan.target_name,

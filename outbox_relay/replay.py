@@ -20,7 +20,8 @@ Guarantees:
   failed puts the letter back in the dead-letter list with the new error.
 * A replay that cannot start (no such target, no destination, an address the policy denies, a
   payload over the relay's ``max_payload_bytes``) raises :class:`ReplayRefused` before anything is
-  claimed when it is a single letter; in a job it fails that letter and the job goes on.
+  attempted when it is a single letter (its claim is given back untouched); in a job it fails that
+  letter and the job goes on.
 * A job stops at the first target that is unreachable (no point charging every letter an attempt);
   what it had not attempted stays dead, untouched.
 """
@@ -78,6 +79,9 @@ class ReplayOutcome:
     """The letter's replay count after this replay (the ``outbox-replay-count`` it carried)."""
     error_class: str | None = None
     error: str | None = None
+    letter: Letter | None = None
+    """The letter as this replay left it (written back by its finish; None when the claim was lost
+    meanwhile)."""
 
 
 @dataclass
@@ -237,24 +241,22 @@ class Replayer:
         target_name: str | None = None,
         destination: str | None = None,
     ) -> ReplayOutcome:
-        """Replay one letter now. NotFound if it does not exist (for this tenant),
-        ReplayConflict if it is not dead, ReplayRefused if it has nowhere to go."""
-        letter = await self.letters.get(letter_id, tenant_id)
-        if letter is None:
-            raise NotFound(f"dead letter {letter_id} not found")
-        if letter.status != LetterStatus.DEAD and letter.status != LetterStatus.REPLAYING:
-            raise ReplayConflict(f"dead letter {letter_id} is {letter.status}, not dead", status=letter.status)
-        target_route = await self.route_for(letter, target_name=target_name, destination=destination)
+        """Replay one letter now: claim it (its one read), find where it goes, publish it. NotFound if it
+        does not exist (for this tenant), ReplayConflict if it is not dead, ReplayRefused if it has
+        nowhere to go (the claim is given back untouched: nothing attempted)."""
         token = new_token(actor)
         claimed = await self.letters.claim(letter_id, tenant_id, token)
         if claimed is None:
             now = await self.letters.get(letter_id, tenant_id)
-            status = now.status if now else "gone"
+            if now is None:
+                raise NotFound(f"dead letter {letter_id} not found")
+            busy = now.status == LetterStatus.REPLAYING
             raise ReplayConflict(
-                f"dead letter {letter_id} is {'being replayed' if status == LetterStatus.REPLAYING else status}",
-                status=status,
+                f"dead letter {letter_id} is {'being replayed' if busy else f'{now.status}, not dead'}",
+                status=now.status,
             )
         try:
+            target_route = await self.route_for(claimed, target_name=target_name, destination=destination)
             outcomes, _ = await self._publish(target_route, [(claimed, target_route.destination)], token, actor)
         except BaseException:
             await self._release([claimed.id], token)
@@ -389,13 +391,13 @@ class Replayer:
         self, letter: Letter, token: str, actor: str, target_name: str, destination: str
     ) -> ReplayOutcome:
         attempt = _attempt(letter, actor, target_name, destination, None)
-        await self.letters.finish_replayed(letter.id, token, attempt)
         return ReplayOutcome(
             letter_id=letter.id,
             replayed=True,
             target_name=target_name,
             destination=destination,
             replay_count=letter.replay_count + 1,
+            letter=await self.letters.finish_replayed(letter.id, token, attempt),
         )
 
     async def _failed(
@@ -409,7 +411,9 @@ class Replayer:
     ) -> ReplayOutcome:
         target_name, destination = where if where else ("", "")
         attempt = _attempt(letter, actor, target_name or None, destination or None, error)
-        await self.letters.finish_failed(letter.id, token, error_class=error_class, error=error, attempt=attempt)
+        finished = await self.letters.finish_failed(
+            letter.id, token, error_class=error_class, error=error, attempt=attempt
+        )
         return ReplayOutcome(
             letter_id=letter.id,
             replayed=False,
@@ -418,6 +422,7 @@ class Replayer:
             replay_count=letter.replay_count + 1,
             error_class=error_class,
             error=error,
+            letter=finished,
         )
 
 

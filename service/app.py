@@ -8,8 +8,8 @@ import os
 # not by the client-supplied Host header (unbounded cardinality). Read once, at first use.
 os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import msgspec
 from litestar import Litestar, Router, get
@@ -29,7 +29,7 @@ from litestar.openapi.spec import (
     SecurityScheme,
 )
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
-from litestar.types import Message, Scope
+from litestar.types import ControllerRouterHandler, Message, Scope
 from litestar.utils import normalize_path
 from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
 
@@ -211,25 +211,77 @@ def document_problems(openapi: OpenAPI) -> OpenAPI:
     return openapi
 
 
+ROUTE_HANDLERS: list[ControllerRouterHandler] = [
+    healthz,
+    readyz,
+    metrics_endpoint,
+    TenantController,
+    DatabaseController,
+    TargetController,
+    RelayController,
+    StatusController,
+    DeadLetterController,
+    UIController,
+    UIRelaysController,
+    ui_static_files,
+]
+"""Every part of the API: probes, metrics, the resource controllers, dead letters, the dashboard."""
+
+
 def create_app(settings: Settings | None = None, *, store: ControlStore | None = None) -> Litestar:
     """Compose the API. Without ``store`` the app opens its own pool on start-up."""
     settings = settings or Settings.from_env()
+    allow: dict[str, str] = {}
+    app = Litestar(
+        route_handlers=ROUTE_HANDLERS,
+        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_class=ApiRequest,
+        request_max_body_size=MAX_BODY_BYTES,
+        before_request=refuse_nul_in_query,
+        before_send=[allow_header_fixer(allow)],
+        lifespan=[services_lifespan(settings, store)],
+        openapi_config=openapi_config(),
+        template_config=ui_template_config(),
+        debug=False,
+        # litestar's default configures the root logger (its own format, level INFO) when the app is
+        # built, overriding the process's: OUTBOX_RELAY_LOG_LEVEL and service/cli.py's quiet loggers
+        # stopped holding the moment `serve` or `dev` created the app
+        logging_config=LoggingConfig(configure_root_logger=False),
+        plugins=[telemetry_plugin()],
+    )
+    document_problems(app.openapi_schema)  # the plugin caches this object; /docs serves it
+    allow.update(
+        {route.path_format: ", ".join(sorted(route.methods)) for route in app.routes if hasattr(route, "methods")}
+    )
+    return app
+
+
+def services_lifespan(
+    settings: Settings, store: ControlStore | None
+) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
+    """The app's :class:`Services`, built on start-up; a pool opened here (no ``store`` given) is
+    closed on shut-down."""
     box = SecretBox(settings.secret_keys)
     policy = AddressPolicy(allow_private=settings.allow_private_networks, extra_denied=settings.denied_networks)
     throttle = AuthThrottle(limit=settings.auth_failure_limit, window_s=settings.auth_failure_window_s)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        own = store is None
         s = store or await ControlStore.connect(settings.database_url)
         app.state.services = Services(settings=settings, store=s, secrets=box, policy=policy, throttle=throttle)
         try:
             yield
         finally:
-            if own:
+            if store is None:
                 await s.close()
 
-    allow: dict[str, str] = {}
+    return lifespan
+
+
+def allow_header_fixer(allow: dict[str, str]) -> Callable[[Message, Scope], Awaitable[None]]:
+    """A ``before_send`` hook: ``Allow`` of an OPTIONS answer from ``allow`` (path template -> methods),
+    which :func:`create_app` fills from the final route table."""
 
     async def fix_allow_header(message: Message, scope: Scope) -> None:
         # litestar 2 answers OPTIONS with only the first handler's method of a path (litestar#4169,
@@ -240,45 +292,13 @@ def create_app(settings: Settings | None = None, *, store: ControlStore | None =
                 headers = MutableScopeHeaders.from_message(message)
                 headers["Allow"] = methods
 
-    app = Litestar(
-        route_handlers=[
-            healthz,
-            readyz,
-            metrics_endpoint,
-            TenantController,
-            DatabaseController,
-            TargetController,
-            RelayController,
-            StatusController,
-            DeadLetterController,
-            UIController,
-            UIRelaysController,
-            ui_static_files,
-        ],
-        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
-        exception_handlers=EXCEPTION_HANDLERS,
-        request_class=ApiRequest,
-        request_max_body_size=MAX_BODY_BYTES,
-        before_request=refuse_nul_in_query,
-        lifespan=[lifespan],
-        openapi_config=openapi_config(),
-        template_config=ui_template_config(),
-        debug=False,
-        # litestar's default configures the root logger (its own format, level INFO) when the app is
-        # built, overriding the process's: OUTBOX_RELAY_LOG_LEVEL and service/cli.py's quiet loggers
-        # stopped holding the moment `serve` or `dev` created the app
-        logging_config=LoggingConfig(configure_root_logger=False),
-        before_send=[fix_allow_header],
-        plugins=[
-            OpenTelemetryPlugin(
-                OpenTelemetryConfig(
-                    exclude=["/metrics", "/healthz", "/readyz"], scope_span_details_extractor=route_template_details
-                )
-            )
-        ],
+    return fix_allow_header
+
+
+def telemetry_plugin() -> OpenTelemetryPlugin:
+    """Request spans and metrics, labelled by route template (:func:`route_template_details`)."""
+    return OpenTelemetryPlugin(
+        OpenTelemetryConfig(
+            exclude=["/metrics", "/healthz", "/readyz"], scope_span_details_extractor=route_template_details
+        )
     )
-    document_problems(app.openapi_schema)  # the plugin caches this object; /docs serves it
-    allow.update(
-        {route.path_format: ", ".join(sorted(route.methods)) for route in app.routes if hasattr(route, "methods")}
-    )
-    return app

@@ -179,7 +179,8 @@ def _configure_logging() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line: ``dev``, ``serve``, ``worker``, ``migrate``, ``generate-key`` and ``api ...``."""
     parser = argparse.ArgumentParser(prog="outbox-relay", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     port_help = "the API's port (default: OUTBOX_RELAY_PORT, else 8080)"
@@ -196,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate", help="apply control DB migrations")
     sub.add_parser("generate-key", help="print a new secret key")
     cli_api.add_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "api":
         return cli_api.run(args)
     _configure_logging()

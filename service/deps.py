@@ -24,7 +24,7 @@ from litestar.handlers.base import BaseRouteHandler
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.netguard import AddressPolicy
-from outbox_relay.store.control import ControlStore, TenantRow
+from outbox_relay.store.control import ControlStore, KeyOwner, TenantRow
 from service.problems import Problem
 from service.throttle import AuthThrottle, client_key
 
@@ -105,7 +105,8 @@ async def authenticate_tenant(connection: ASGIConnection[Any, Any, Any, Any], _:
     """Guard: the tenant of the request's key, checked before the body is read (guards run before
     litestar resolves the handler's arguments), so a wrong key is 401 whatever the body holds."""
     services = provide_services(connection.app.state)
-    connection.state.tenant = await _tenant_of(connection, services)  # type: ignore[arg-type]
+    owner = await _key_owner_of(connection, services)  # type: ignore[arg-type]
+    connection.state.tenant, connection.state.actor = owner.tenant, owner.actor
 
 
 async def authenticate_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
@@ -116,20 +117,26 @@ async def authenticate_admin(connection: ASGIConnection[Any, Any, Any, Any], _: 
 
 async def provide_tenant(request: Request[Any, Any, Any], services: ServicesDep) -> TenantRow:
     tenant: TenantRow | None = getattr(request.state, "tenant", None)
-    return tenant if tenant is not None else await _tenant_of(request, services)
+    return tenant if tenant is not None else (await _key_owner_of(request, services)).tenant
 
 
-async def _tenant_of(request: Request[Any, Any, Any], services: Services) -> TenantRow:
+async def provide_key_actor(request: Request[Any, Any, Any], services: ServicesDep) -> str:
+    """The audit log's "who" of a tenant route: ``key:<api key id>`` of the request's key."""
+    actor: str | None = getattr(request.state, "actor", None)
+    return actor if actor is not None else (await _key_owner_of(request, services)).actor
+
+
+async def _key_owner_of(request: Request[Any, Any, Any], services: Services) -> KeyOwner:
     refuse_if_throttled(request, services)
     key = api_key_of(request)
     if key is None:
         raise missing_key()
     if is_admin_key(key, services):
         raise Problem(403, "the admin key manages tenants; use a tenant API key for tenant resources", slug="forbidden")
-    tenant = await services.store.tenant_for_key(key)
-    if tenant is None:
+    owner = await services.store.key_owner(key)
+    if owner is None:
         raise bad_key(request, services)
-    return tenant
+    return owner
 
 
 async def require_admin(request: Request[Any, Any, Any], services: ServicesDep) -> str:
@@ -144,7 +151,7 @@ async def _admin_of(request: Request[Any, Any, Any], services: Services) -> str:
         raise missing_key()
     if is_admin_key(key, services):
         return "admin"
-    if await services.store.tenant_for_key(key) is None:
+    if await services.store.key_owner(key) is None:
         raise bad_key(request, services)
     if not services.settings.admin_api_key:
         raise Problem(403, "the admin API is disabled (no OUTBOX_RELAY_ADMIN_API_KEY)", slug="forbidden")

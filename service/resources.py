@@ -1,16 +1,33 @@
-"""What every tenant resource endpoint shares: naming, read-back, paging, write-only secrets."""
+"""What every tenant resource endpoint shares: naming, read-back, paging, write-only secrets, and
+:class:`Resources`, the one list/get/put/delete path of databases, targets and relays (read-back, the
+in-use check, the audit entry with the caller's key as its actor)."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import json
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import msgspec
+from litestar import Response
+from litestar.di import Provide
 from litestar.params import Parameter
 from msgspec import UNSET
 
 from outbox_relay.crypto import SecretBox
-from outbox_relay.domain import NAME_PATTERN, NAME_RE, Resource
-from outbox_relay.store.control import KEEP, ResourceRow, Unchanged
+from outbox_relay.domain import NAME_PATTERN, NAME_RE, Database, Relay, Resource, Target
+from outbox_relay.errors import InUse, NotFound
+from outbox_relay.store.control import KEEP, ResourceRow, ResourceTable, TenantRow, Unchanged
+from service.deps import (
+    ActorDep,
+    Services,
+    ServicesDep,
+    TenantDep,
+    decode_cursor,
+    encode_cursor,
+    provide_key_actor,
+    provide_tenant,
+)
 from service.problems import Problem
 
 R = TypeVar("R", bound=Resource)
@@ -65,3 +82,81 @@ def read_back(kind: Any, row: ResourceRow) -> Any:
     if hasattr(obj, "password_set"):
         values["password_set"] = row.has_secret
     return msgspec.structs.replace(obj, **values)
+
+
+@dataclass(frozen=True, slots=True)
+class Kind(Generic[R]):
+    """One kind of tenant resource: its table, its noun in messages, the type the API reads back."""
+
+    table: ResourceTable
+    noun: str
+    type: Any
+    """The read-back type (``Target`` is a union, so not a ``type[R]``)."""
+
+
+DATABASES: Kind[Database] = Kind("databases", "database", Database)
+TARGETS: Kind[Target] = Kind("targets", "target", Target)
+RELAYS: Kind[Relay] = Kind("relays", "relay", Relay)
+
+
+@dataclass(frozen=True, slots=True)
+class Resources(Generic[R]):
+    """The resources of one kind of one tenant, as one caller (``actor``) sees and changes them."""
+
+    kind: Kind[R]
+    services: Services
+    tenant: TenantRow
+    actor: str
+    """The audit log's "who": ``key:<api key id>`` of the calling key (the dashboard's signed-in key)."""
+
+    async def row(self, name: str) -> ResourceRow:
+        """The stored row; NotFound when the tenant has none of that name."""
+        row = await self.services.store.get_resource(self.kind.table, self.tenant.id, name)
+        if row is None:
+            raise NotFound(f"{self.kind.noun} {name!r} not found")
+        return row
+
+    async def get(self, name: str) -> R:
+        return self.read_back(await self.row(name))
+
+    async def page(self, cursor: str | None, limit: int) -> tuple[list[R], str | None]:
+        """One page by name: the items and the next page's cursor (None on the last page)."""
+        store = self.services.store
+        rows = await store.list_resources(self.kind.table, self.tenant.id, decode_cursor(cursor), limit + 1)
+        next_cursor = encode_cursor(rows[limit - 1].name) if len(rows) > limit else None
+        return [self.read_back(r) for r in rows[:limit]], next_cursor
+
+    def read_back(self, row: ResourceRow) -> R:
+        return read_back(self.kind.type, row)  # type: ignore[no-any-return]
+
+    async def written(
+        self, name: str, row: ResourceRow, created: bool, detail: dict[str, Any] | None = None
+    ) -> Response[R]:
+        """After a store's put: the audit entry, and the resource read back (201 when it was created)."""
+        await self.audit("create" if created else "put", name, detail)
+        return Response(self.read_back(row), status_code=201 if created else 200)
+
+    async def delete(self, name: str) -> None:
+        """Idempotent; 409 ``in-use`` (:class:`InUse`) while relays use a database or target."""
+        store = self.services.store
+        if self.kind.table != "relays":
+            users = await store.relays_using(self.kind.table, self.tenant.id, name)
+            if users:
+                raise InUse(f"{self.kind.noun} {name!r} is used by relays {users}; delete them first")
+        if await store.delete_resource(self.kind.table, self.tenant.id, name):  # InUse in a race
+            await self.audit("delete", name)
+
+    async def audit(self, action: str, name: str, detail: dict[str, Any] | None = None) -> None:
+        resource = f"{self.kind.table}/{name}"
+        await self.services.store.audit(
+            self.tenant.id, self.actor, action, resource, json.dumps(detail) if detail else "{}"
+        )
+
+
+def provide_resources(kind: Kind[R]) -> dict[str, Provide]:
+    """A tenant controller's dependencies: ``tenant``, ``actor`` and ``resources`` (of ``kind``)."""
+
+    async def resources(services: ServicesDep, tenant: TenantDep, actor: ActorDep) -> Resources[Any]:
+        return Resources(kind, services, tenant, actor)
+
+    return {"tenant": Provide(provide_tenant), "actor": Provide(provide_key_actor), "resources": Provide(resources)}

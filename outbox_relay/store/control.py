@@ -29,6 +29,7 @@ from outbox_relay.errors import (
     RelayChanged,
     UnknownReference,
 )
+from outbox_relay.store.dead_letters import NewLetter, insert_letter
 
 ResourceTable = Literal["databases", "targets", "relays"]
 RESOURCE_TABLES: frozenset[str] = frozenset(get_args(ResourceTable))
@@ -78,6 +79,19 @@ class TenantRow:
     display_name: str
     created_at: datetime
     updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyOwner:
+    """Who an API key belongs to: the tenant and the key's id (the audit log's "who")."""
+
+    tenant: TenantRow
+    key_id: uuid.UUID
+
+    @property
+    def actor(self) -> str:
+        """The audit log's "who" of this key: ``key:<api key id>``."""
+        return f"key:{self.key_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,29 +197,6 @@ class RestoreState:
     done: int
     detected_at: datetime
     finished_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message leaving the relay for the dead-letter store."""
-
-    tenant_id: uuid.UUID
-    relay_name: str
-    target_name: str
-    outbox_id: int
-    outbox_txid: int
-    outbox_created_at: datetime | None
-    topic: str
-    key: str | None
-    destination: str | None
-    payload: bytes
-    headers: str
-    """JSON object text."""
-    error_class: str
-    last_error: str
-    attempts: list[dict[str, Any]]
-    message_id: str | None = None
-    """The id it was published with (``outbox-id``); a replay sends it again."""
 
 
 def lease_of(row: Any, *, relay_id: uuid.UUID, partition: int, holder: str) -> Lease:
@@ -382,21 +373,26 @@ class ControlStore:
             is True
         )
 
-    async def tenant_for_key(self, key: str) -> TenantRow | None:
+    async def key_owner(self, key: str) -> KeyOwner | None:
+        """The tenant and key id of a live (unrevoked) tenant API key; notes its use once a minute."""
+        return await self.key_owner_by_hash(hash_key(key))
+
+    async def key_owner_by_hash(self, digest: bytes) -> KeyOwner | None:
+        """``key_owner`` of the key with this hash (a dashboard session keeps only the hash)."""
         row = await self.pool.fetchrow(
             "UPDATE api_keys k SET last_used_at = now() FROM tenants t "
             "WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.id = k.tenant_id "
             "AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute') "
-            "RETURNING t.*",
-            hash_key(key),
+            "RETURNING k.id AS key_id, t.*",
+            digest,
         )
         if row is None:
             row = await self.pool.fetchrow(
-                "SELECT t.* FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
+                "SELECT k.id AS key_id, t.* FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
                 "WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
-                hash_key(key),
+                digest,
             )
-        return _tenant(row) if row else None
+        return KeyOwner(tenant=_tenant(row), key_id=row["key_id"]) if row else None
 
     # --- tenant resources ------------------------------------------------------------------------
 
@@ -769,7 +765,7 @@ class ControlStore:
             is True
         )
 
-    async def dead_letter(self, lease: Lease, letter: DeadLetter) -> bool:
+    async def dead_letter(self, lease: Lease, letter: NewLetter) -> bool:
         """Store the letter and move the cursor past it, in one transaction, fenced by the epoch."""
         async with self.pool.acquire() as conn, conn.transaction():
             moved = await conn.fetchval(
@@ -787,30 +783,7 @@ class ControlStore:
             )
             if moved is not True:
                 return False
-            await conn.execute(
-                "INSERT INTO dead_letters (tenant_id, relay_id, relay_name, target_name, partition, outbox_id, "
-                "outbox_txid, outbox_created_at, topic, key, destination, payload, headers, error_class, "
-                "last_error, attempts, message_id) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15, $16::jsonb, $17) "
-                "ON CONFLICT (relay_id, outbox_id, outbox_txid) DO NOTHING",
-                letter.tenant_id,
-                lease.relay_id,
-                letter.relay_name,
-                letter.target_name,
-                lease.partition,
-                letter.outbox_id,
-                letter.outbox_txid,
-                letter.outbox_created_at,
-                letter.topic,
-                letter.key,
-                letter.destination,
-                letter.payload,
-                letter.headers,
-                letter.error_class,
-                letter.last_error[:4000],
-                json.dumps(letter.attempts),
-                letter.message_id,
-            )
+            await insert_letter(conn, lease.relay_id, lease.partition, letter)
             return True
 
     async def set_identity(self, lease: Lease, identity: str) -> bool:

@@ -16,14 +16,15 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import asyncpg
+import msgspec
+from msgspec import Meta
 
-from outbox_relay.domain import JobStatus, LetterStatus
+from outbox_relay.domain import JobStatus, LetterStatus, Name
 from outbox_relay.errors import InvalidRequest
-from outbox_relay.store.control import TenantRow, hash_key
 
 STATUSES = tuple(LetterStatus)
 STALE_CLAIM_S = 600.0
@@ -53,58 +54,135 @@ _JOB_COLUMNS = (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
-class LetterFilter:
-    """Which dead letters a list, a count or a bulk action covers. Text fields match exactly;
-    ``since`` is inclusive and ``until`` exclusive, on the time the letter was dead-lettered."""
+ErrorClassName = Annotated[  # the values: outbox_relay.domain.ErrorClass (a string here: any stored value reads)
+    str,
+    Meta(
+        pattern=r"^[a-z_]{1,64}$",
+        description="Why the letter is dead: `refused` (the broker refused it max_attempts times), "
+        "`too_large` (over the relay's max_payload_bytes); after a failed replay also `unavailable`, "
+        "`unroutable` or `not_allowed`.",
+    ),
+]
+Topic = Annotated[str, Meta(min_length=1, max_length=249)]
+Key = Annotated[str, Meta(min_length=1, max_length=1024)]
 
-    tenant_id: uuid.UUID | None
-    """``None``: every tenant (admin only)."""
-    statuses: tuple[str, ...] = (LetterStatus.DEAD,)
-    """Empty: any status."""
-    relay: str | None = None
-    target: str | None = None
-    topic: str | None = None
-    key: str | None = None
-    error_class: str | None = None
+
+# The one filter of dead letters: the API's list and bulk bodies (the wire type: its docstring is the
+# OpenAPI description), the dashboard's forms, a replay job's record and the store's queries. Text fields
+# match exactly; ``since`` is inclusive and ``until`` exclusive, on the time the letter was dead-lettered.
+# ``tenant`` is a name the caller's scope decides on: each query takes the resolved ``tenant_id``.
+class DeadLetterFilter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The list's filters, for bulk actions. Covers dead letters only (status `dead`)."""
+
+    tenant: Name | None = None
+    """Admin key only: one tenant's letters (without it, every tenant's)."""
+    relay: Name | None = None
+    target: Name | None = None
+    topic: Topic | None = None
+    key: Key | None = None
+    error_class: ErrorClassName | None = None
     since: datetime | None = None
+    """Dead-lettered at or after."""
     until: datetime | None = None
+    """Dead-lettered before."""
 
-    def __post_init__(self) -> None:
-        unknown = set(self.statuses) - set(STATUSES)
-        if unknown:
-            raise InvalidRequest(f"unknown dead-letter status {sorted(unknown)}; use {', '.join(STATUSES)}")
 
-    def where(self, params: list[Any]) -> str:
-        """The WHERE clause (over alias ``d``), appending its values to ``params``."""
-        clauses: list[str] = []
+def where(f: DeadLetterFilter, tenant_id: uuid.UUID | None, statuses: Sequence[str], params: list[Any]) -> str:
+    """The WHERE clause (over alias ``d``) of the letters ``f`` matches among ``tenant_id``'s (None:
+    every tenant's, admin only) in one of ``statuses`` (empty: any), appending its values to ``params``.
+    ``f.tenant`` is not read here: the caller resolved it into ``tenant_id``."""
+    unknown = set(statuses) - set(STATUSES)
+    if unknown:
+        raise InvalidRequest(f"unknown dead-letter status {sorted(unknown)}; use {', '.join(STATUSES)}")
+    clauses: list[str] = []
 
-        def add(template: str, value: Any) -> None:
-            params.append(value)
-            clauses.append(template.format(f"${len(params)}"))
+    def add(template: str, value: Any) -> None:
+        params.append(value)
+        clauses.append(template.format(f"${len(params)}"))
 
-        if self.tenant_id is not None:
-            add("d.tenant_id = {}", self.tenant_id)
-        if self.statuses:
-            add("d.status = ANY({}::text[])", list(self.statuses))
-        for column, value in (
-            ("relay_name", self.relay),
-            ("target_name", self.target),
-            ("topic", self.topic),
-            ("key", self.key),
-            ("error_class", self.error_class),
-        ):
-            if value is not None:
-                add(f"d.{column} = {{}}", value)
-        if self.since is not None:
-            add("d.created_at >= {}", self.since)
-        if self.until is not None:
-            add("d.created_at < {}", self.until)
-        return " AND ".join(clauses) if clauses else "true"
+    if tenant_id is not None:
+        add("d.tenant_id = {}", tenant_id)
+    if statuses:
+        add("d.status = ANY({}::text[])", list(statuses))
+    for column, value in (
+        ("relay_name", f.relay),
+        ("target_name", f.target),
+        ("topic", f.topic),
+        ("key", f.key),
+        ("error_class", f.error_class),
+    ):
+        if value is not None:
+            add(f"d.{column} = {{}}", value)
+    if f.since is not None:
+        add("d.created_at >= {}", _utc(f.since))
+    if f.until is not None:
+        add("d.created_at < {}", _utc(f.until))
+    return " AND ".join(clauses) if clauses else "true"
+
+
+def _utc(value: datetime) -> datetime:
+    """Times without a zone are UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class NewLetter:
+    """A message leaving the relay for the dead-letter store (the engine writes it with
+    ``ControlStore.dead_letter``, in the transaction that moves the partition's cursor past it)."""
+
+    tenant_id: uuid.UUID
+    relay_name: str
+    target_name: str
+    outbox_id: int
+    outbox_txid: int
+    outbox_created_at: datetime | None
+    topic: str
+    key: str | None
+    destination: str | None
+    payload: bytes
+    headers: str
+    """JSON object text."""
+    error_class: str
+    last_error: str
+    attempts: list[dict[str, Any]]
+    message_id: str | None = None
+    """The id it was published with (``outbox-id``); a replay sends it again."""
+
+
+async def insert_letter(conn: asyncpg.Connection, relay_id: uuid.UUID, partition: int, letter: NewLetter) -> None:
+    """Store ``letter`` of ``relay_id``'s ``partition`` on ``conn`` (the caller's transaction); a letter
+    already stored (the same outbox row of the same relay) is left as it is."""
+    await conn.execute(
+        "INSERT INTO dead_letters (tenant_id, relay_id, relay_name, target_name, partition, outbox_id, "
+        "outbox_txid, outbox_created_at, topic, key, destination, payload, headers, error_class, "
+        "last_error, attempts, message_id) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15, $16::jsonb, $17) "
+        "ON CONFLICT (relay_id, outbox_id, outbox_txid) DO NOTHING",
+        letter.tenant_id,
+        relay_id,
+        letter.relay_name,
+        letter.target_name,
+        partition,
+        letter.outbox_id,
+        letter.outbox_txid,
+        letter.outbox_created_at,
+        letter.topic,
+        letter.key,
+        letter.destination,
+        letter.payload,
+        letter.headers,
+        letter.error_class,
+        letter.last_error[:4000],
+        json.dumps(letter.attempts),
+        letter.message_id,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LetterSummary:
+    """A stored dead letter as a list shows it: no payload (its size and first bytes), no attempts
+    (their number)."""
+
     id: uuid.UUID
     tenant_id: uuid.UUID
     tenant_name: str
@@ -128,35 +206,19 @@ class LetterSummary:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Letter:
-    """A whole dead letter, payload and attempts included."""
+class Letter(LetterSummary):
+    """A whole stored dead letter, payload and attempts included (the read type; a list reads its
+    :class:`LetterSummary` columns only)."""
 
-    id: uuid.UUID
-    tenant_id: uuid.UUID
-    tenant_name: str
-    relay_id: uuid.UUID | None
-    relay_name: str
-    target_name: str
-    partition: int
-    outbox_id: int
     outbox_txid: int
     outbox_created_at: datetime | None
-    topic: str
-    key: str | None
-    destination: str | None
     payload: bytes
     headers: dict[str, Any]
-    error_class: str
-    last_error: str
     attempts: list[dict[str, Any]]
-    status: LetterStatus
-    replay_count: int
     claimed_by: str | None
     claimed_at: datetime | None
     last_replayed_at: datetime | None
     discarded_at: datetime | None
-    created_at: datetime
-    updated_at: datetime
     message_id: str | None = None
     """The id the message was published with (``outbox-id``); None for a letter stored before
     message ids, whose messages carried the row id."""
@@ -172,14 +234,6 @@ class Counts:
     total: int
     by_relay: dict[str, int] = field(default_factory=dict)
     by_error_class: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class KeyOwner:
-    """Who an API key belongs to: the tenant and the key's id (the audit log's "who")."""
-
-    tenant: TenantRow
-    key_id: uuid.UUID
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,38 +282,6 @@ class DeadLetterStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    # --- who is asking -----------------------------------------------------------------------------
-
-    async def key_owner(self, key: str) -> KeyOwner | None:
-        """The tenant and key id of a live (unrevoked) tenant API key; notes its use once a minute."""
-        return await self.key_owner_by_hash(hash_key(key))
-
-    async def key_owner_by_hash(self, digest: bytes) -> KeyOwner | None:
-        """``key_owner`` of the key with this hash (a dashboard session keeps only the hash)."""
-        row = await self.pool.fetchrow(
-            "UPDATE api_keys k SET last_used_at = now() FROM tenants t "
-            "WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.id = k.tenant_id "
-            "AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute') "
-            "RETURNING k.id AS key_id, t.*",
-            digest,
-        )
-        if row is None:
-            row = await self.pool.fetchrow(
-                "SELECT k.id AS key_id, t.* FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
-                "WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
-                digest,
-            )
-        if row is None:
-            return None
-        tenant = TenantRow(
-            id=row["id"],
-            name=row["name"],
-            display_name=row["display_name"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-        )
-        return KeyOwner(tenant=tenant, key_id=row["key_id"])
-
     async def tenant_id(self, name: str) -> uuid.UUID | None:
         value: uuid.UUID | None = await self.pool.fetchval("SELECT id FROM tenants WHERE name = $1", name)
         return value
@@ -267,13 +289,19 @@ class DeadLetterStore:
     # --- reading -----------------------------------------------------------------------------------
 
     async def list_letters(
-        self, where: LetterFilter, *, after: tuple[datetime, uuid.UUID] | None, limit: int
+        self,
+        f: DeadLetterFilter,
+        *,
+        tenant_id: uuid.UUID | None,
+        statuses: Sequence[str] = (LetterStatus.DEAD,),
+        after: tuple[datetime, uuid.UUID] | None,
+        limit: int,
     ) -> list[LetterSummary]:
         """Newest first: ``created_at`` descending, ties by id; ``after`` is the last row of the
         previous page."""
         params: list[Any] = [PREVIEW_BYTES]
         sql = f"SELECT {_SUMMARY_COLUMNS} FROM dead_letters d JOIN tenants t ON t.id = d.tenant_id WHERE "
-        sql += where.where(params)
+        sql += where(f, tenant_id, statuses, params)
         if after is not None:
             params.extend(after)
             a, b = f"${len(params) - 1}", f"${len(params)}"
@@ -283,11 +311,13 @@ class DeadLetterStore:
         rows = await self.pool.fetch(sql, *params)
         return [LetterSummary(**{**dict(r), "status": LetterStatus(r["status"])}) for r in rows]
 
-    async def counts(self, where: LetterFilter) -> Counts:
+    async def counts(
+        self, f: DeadLetterFilter, *, tenant_id: uuid.UUID | None, statuses: Sequence[str] = (LetterStatus.DEAD,)
+    ) -> Counts:
         params: list[Any] = []
         rows = await self.pool.fetch(
             "SELECT d.relay_name, d.error_class, count(*) AS n FROM dead_letters d WHERE "
-            + where.where(params)
+            + where(f, tenant_id, statuses, params)
             + " GROUP BY d.relay_name, d.error_class",
             *params,
         )
@@ -302,11 +332,13 @@ class DeadLetterStore:
             by_error_class=dict(sorted(by_error.items())),
         )
 
-    async def matching_ids(self, where: LetterFilter, *, cap: int = MAX_JOB_LETTERS) -> list[uuid.UUID]:
-        """Ids of the letters the filter matches, oldest first (the order a replay keeps), at most
+    async def matching_ids(
+        self, f: DeadLetterFilter, *, tenant_id: uuid.UUID | None, cap: int = MAX_JOB_LETTERS
+    ) -> list[uuid.UUID]:
+        """Ids of the dead letters the filter matches, oldest first (the order a replay keeps), at most
         ``cap + 1`` so the caller can tell that there were more."""
         params: list[Any] = []
-        sql = "SELECT d.id FROM dead_letters d WHERE " + where.where(params)
+        sql = "SELECT d.id FROM dead_letters d WHERE " + where(f, tenant_id, (LetterStatus.DEAD,), params)
         params.append(cap + 1)
         rows = await self.pool.fetch(sql + f" ORDER BY d.created_at, d.id LIMIT ${len(params)}", *params)
         return [r["id"] for r in rows]
@@ -346,39 +378,39 @@ class DeadLetterStore:
         )
         return [_letter(r) for r in rows]
 
-    async def finish_replayed(self, letter_id: uuid.UUID, token: str, attempt: dict[str, Any]) -> bool:
-        """The broker took the replay: the letter is ``replayed``. False if the claim was lost."""
-        return (
-            await self.pool.fetchval(
-                "UPDATE dead_letters SET status = 'replayed', claimed_by = NULL, claimed_at = NULL, "
-                "replay_count = replay_count + 1, last_replayed_at = now(), "
-                "attempts = attempts || jsonb_build_array($3::jsonb), updated_at = now() "
-                "WHERE id = $1 AND claimed_by = $2 AND status = 'replaying' RETURNING true",
-                letter_id,
-                token,
-                json.dumps(attempt),
-            )
-            is True
+    async def finish_replayed(self, letter_id: uuid.UUID, token: str, attempt: dict[str, Any]) -> Letter | None:
+        """The broker took the replay: the letter is ``replayed``; returns it so. None if the claim was lost."""
+        return await self._finish(
+            "status = 'replayed', last_replayed_at = now()", letter_id, token, json.dumps(attempt)
         )
 
     async def finish_failed(
         self, letter_id: uuid.UUID, token: str, *, error_class: str, error: str, attempt: dict[str, Any]
-    ) -> bool:
-        """The replay failed: back to ``dead`` with the attempt appended and the new error."""
-        return (
-            await self.pool.fetchval(
-                "UPDATE dead_letters SET status = 'dead', claimed_by = NULL, claimed_at = NULL, "
-                "replay_count = replay_count + 1, error_class = $3, last_error = $4, "
-                "attempts = attempts || jsonb_build_array($5::jsonb), updated_at = now() "
-                "WHERE id = $1 AND claimed_by = $2 AND status = 'replaying' RETURNING true",
-                letter_id,
-                token,
-                error_class,
-                error[:4000],
-                json.dumps(attempt),
-            )
-            is True
+    ) -> Letter | None:
+        """The replay failed: back to ``dead`` with the attempt appended and the new error; returns it
+        so. None if the claim was lost."""
+        return await self._finish(
+            "status = 'dead', error_class = $4, last_error = $5",
+            letter_id,
+            token,
+            json.dumps(attempt),
+            error_class,
+            error[:4000],
         )
+
+    async def _finish(self, changes: str, letter_id: uuid.UUID, token: str, attempt: str, *more: Any) -> Letter | None:
+        """End this claim (``token``) of a replaying letter with ``changes``, the attempt appended."""
+        row = await self.pool.fetchrow(
+            f"WITH c AS (UPDATE dead_letters SET {changes}, claimed_by = NULL, claimed_at = NULL, "
+            "replay_count = replay_count + 1, attempts = attempts || jsonb_build_array($3::jsonb), "
+            "updated_at = now() WHERE id = $1 AND claimed_by = $2 AND status = 'replaying' RETURNING *) "
+            f"SELECT {_FULL_COLUMNS} FROM c d JOIN tenants t ON t.id = d.tenant_id",
+            letter_id,
+            token,
+            attempt,
+            *more,
+        )
+        return _letter(row) if row else None
 
     async def release(self, letter_ids: Sequence[uuid.UUID], token: str) -> int:
         """Give claimed letters back untouched (nothing was attempted)."""
@@ -403,13 +435,12 @@ class DeadLetterStore:
         )
         return [r["id"] for r in rows]
 
-    async def discard_matching(self, where: LetterFilter) -> int:
-        if where.statuses != (LetterStatus.DEAD,):
-            raise ValueError("only dead letters can be discarded")
+    async def discard_matching(self, f: DeadLetterFilter, *, tenant_id: uuid.UUID | None) -> int:
+        """Discard the dead letters the filter matches; returns how many."""
         params: list[Any] = []
         result = await self.pool.execute(
             "UPDATE dead_letters d SET status = 'discarded', discarded_at = now(), updated_at = now() WHERE "
-            + where.where(params),
+            + where(f, tenant_id, (LetterStatus.DEAD,), params),
             *params,
         )
         return int(result.split()[-1])
@@ -537,6 +568,9 @@ def _letter(row: Any) -> Letter:
     values["headers"] = json.loads(values["headers"])
     values["attempts"] = json.loads(values["attempts"])
     values["status"] = LetterStatus(values["status"])  # the column's CHECK allows exactly these
+    values["attempt_count"] = len(values["attempts"])
+    values["payload_size"] = len(values["payload"])
+    values["payload_head"] = values["payload"][:PREVIEW_BYTES]
     return Letter(**values)
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import msgspec
 from litestar import Controller, Response, delete, get, post, put
-from litestar.di import Provide
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
@@ -14,17 +14,21 @@ from outbox_relay.domain import Database
 from outbox_relay.specs import check_database
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import schema_sql
-from service.deps import ServicesDep, TenantDep, authenticate_tenant, decode_cursor, encode_cursor, provide_tenant
-from service.problems import MEDIA_TYPE, Problem
+from service.deps import authenticate_tenant
+from service.problems import MEDIA_TYPE
 from service.resources import (
     CURSOR_PARAM,
+    DATABASES,
     LIMIT_PARAM,
     NAME_PARAM,
     Page,
-    read_back,
+    Resources,
+    provide_resources,
     secret_of,
     spec_json,
 )
+
+DatabasesDep = NamedDependency[Resources[Database]]
 
 
 class DatabasePage(Page, kw_only=True):
@@ -69,28 +73,21 @@ class DatabaseController(Controller):
     path = "/v1/databases"
     tags = ["databases"]
     guards = [authenticate_tenant]
-    dependencies = {"tenant": Provide(provide_tenant)}
+    dependencies = provide_resources(DATABASES)
 
     @get("/", operation_id="listDatabases", summary="List databases")
     async def list_databases(
         self,
-        tenant: TenantDep,
-        services: ServicesDep,
+        resources: DatabasesDep,
         limit: Annotated[int, LIMIT_PARAM] = 50,
         cursor: Annotated[str | None, CURSOR_PARAM] = None,
     ) -> DatabasePage:
-        rows = await services.store.list_resources("databases", tenant.id, decode_cursor(cursor), limit + 1)
-        items = [read_back(Database, r) for r in rows[:limit]]
-        return DatabasePage(items=items, next_cursor=encode_cursor(rows[limit - 1].name) if len(rows) > limit else None)
+        items, next_cursor = await resources.page(cursor, limit)
+        return DatabasePage(items=items, next_cursor=next_cursor)
 
     @get("/{name:str}", operation_id="getDatabase", summary="Read a database")
-    async def get_database(
-        self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]
-    ) -> Database:
-        row = await services.store.get_resource("databases", tenant.id, name)
-        if row is None:
-            raise Problem(404, f"database {name!r} not found", slug="not-found")
-        return read_back(Database, row)  # type: ignore[no-any-return]
+    async def get_database(self, resources: DatabasesDep, name: Annotated[str, NAME_PARAM]) -> Database:
+        return await resources.get(name)
 
     @put(
         "/{name:str}",
@@ -101,19 +98,19 @@ class DatabaseController(Controller):
         responses={201: ResponseSpec(data_container=Database, description="Created", generate_examples=False)},
     )
     async def put_database(
-        self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Database]
+        self, resources: DatabasesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Database]
     ) -> Response[Database]:
+        services = resources.services
         check_database(data)  # InvalidDatabaseSpec: 422 invalid-dsn
         await tenant_db.check_address(data.dsn, services.policy)
         row, created = await services.store.put_database(
-            tenant.id,
+            resources.tenant.id,
             name,
             spec_json(data),
             secret_of(data, services.secrets),
             quotas=services.settings.quota_defaults(),
         )
-        await services.store.audit(tenant.id, "tenant", "put" if not created else "create", f"databases/{name}")
-        return Response(read_back(Database, row), status_code=201 if created else 200)
+        return await resources.written(name, row, created)
 
     @delete(
         "/{name:str}",
@@ -121,12 +118,8 @@ class DatabaseController(Controller):
         summary="Delete a database (idempotent)",
         responses={409: ResponseSpec(data_container=None, description="A relay still uses it")},
     )
-    async def delete_database(self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]) -> None:
-        users = await services.store.relays_using("databases", tenant.id, name)
-        if users:
-            raise Problem(409, f"database {name!r} is used by relays {users}; delete them first", slug="in-use")
-        if await services.store.delete_resource("databases", tenant.id, name):  # InUse: 409 in-use
-            await services.store.audit(tenant.id, "tenant", "delete", f"databases/{name}")
+    async def delete_database(self, resources: DatabasesDep, name: Annotated[str, NAME_PARAM]) -> None:
+        await resources.delete(name)  # InUse: 409 in-use
 
     @post(
         "/{name:str}/provision",
@@ -147,15 +140,11 @@ class DatabaseController(Controller):
             )
         },
     )
-    async def provision(
-        self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]
-    ) -> ProvisionResult:
-        row = await services.store.get_resource("databases", tenant.id, name)
-        if row is None:
-            raise Problem(404, f"database {name!r} not found", slug="not-found")
-        db = msgspec.json.decode(row.spec, type=Database)
+    async def provision(self, resources: DatabasesDep, name: Annotated[str, NAME_PARAM]) -> ProvisionResult:
+        services = resources.services
+        db = msgspec.json.decode((await resources.row(name)).spec, type=Database)
         check_database(db)  # stored before a check existed: never handed to asyncpg
-        secret = await services.store.get_secret("databases", tenant.id, name)
+        secret = await services.store.get_secret("databases", resources.tenant.id, name)
         password = services.secrets.decrypt(secret) if secret else None
         conn = await tenant_db.connect(
             db,
@@ -169,7 +158,7 @@ class DatabaseController(Controller):
             done = await tenant_db.provision_for_tenant(conn, db.schema)
         finally:
             await conn.close()
-        await services.store.audit(tenant.id, "tenant", "provision", f"databases/{name}")
+        await resources.audit("provision", name)
         warnings = [ProvisionWarning(code=w.code, message=w.message) for w in done.warnings]
         return ProvisionResult(database=name, schema=db.schema, version=done.version, warnings=warnings)
 
@@ -181,9 +170,5 @@ class DatabaseController(Controller):
         # as a string, and openapi-python-client drops a response of a media type it does not know
         media_type="text/plain",
     )
-    async def schema_sql(self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]) -> str:
-        row = await services.store.get_resource("databases", tenant.id, name)
-        if row is None:
-            raise Problem(404, f"database {name!r} not found", slug="not-found")
-        db = msgspec.json.decode(row.spec, type=Database)
-        return schema_sql(db.schema)
+    async def schema_sql(self, resources: DatabasesDep, name: Annotated[str, NAME_PARAM]) -> str:
+        return schema_sql(msgspec.json.decode((await resources.row(name)).spec, type=Database).schema)

@@ -17,7 +17,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, FromPath, JSONBody, Parameter
 
-from outbox_relay.store.dead_letters import STATUSES, LetterFilter
+from outbox_relay.store.dead_letters import STATUSES
 from service.dead_letters.schemas import (
     DeadLetter,
     DeadLetterFilter,
@@ -114,8 +114,10 @@ class DeadLetterController(Controller):
             since=since,
             until=until,
         )
-        where: LetterFilter = await ops.letter_filter(f, statuses=STATUSES if status == "any" else (status,))
-        rows, next_cursor, totals = await ops.page(where, cursor=cursor, limit=limit, with_counts=cursor is None)
+        statuses = STATUSES if status == "any" else (status,)
+        rows, next_cursor, totals = await ops.page(
+            f, statuses=statuses, cursor=cursor, limit=limit, with_counts=cursor is None
+        )
         return DeadLetterPage(
             items=[summary(r) for r in rows],
             next_cursor=next_cursor,
@@ -161,7 +163,6 @@ class DeadLetterController(Controller):
         ops = _ops(services, caller)
         body = data or ReplayRequest()
         outcome = await ops.replay(letter_id, target=body.target, destination=body.destination)
-        letter, exists = await ops.get(letter_id)
         if not outcome.replayed:
             raise Problem(
                 502,
@@ -170,7 +171,10 @@ class DeadLetterController(Controller):
                 dead_letter_id=str(letter_id),
                 error_class=outcome.error_class,
             )
-        return full(letter, relay_exists=exists)
+        if outcome.letter is None:  # its claim was taken over meanwhile (a stale claim): read it as it is
+            letter, exists = await ops.get(letter_id)
+            return full(letter, relay_exists=exists)
+        return full(outcome.letter, relay_exists=await ops.relay_exists(outcome.letter))
 
     @post(
         "/{letter_id:uuid}/discard",

@@ -10,20 +10,12 @@ import msgspec
 from msgspec import Meta
 
 from outbox_relay.domain import Destination, JobStatusName, LetterStatusName, Name
+from outbox_relay.store.dead_letters import DeadLetterFilter as DeadLetterFilter
+from outbox_relay.store.dead_letters import ErrorClassName
 
 Status = LetterStatusName
 JobStatus = JobStatusName
-ErrorClass = Annotated[  # the values: outbox_relay.domain.ErrorClass (a string here: any stored value reads)
-    str,
-    Meta(
-        pattern=r"^[a-z_]{1,64}$",
-        description="Why the letter is dead: `refused` (the broker refused it max_attempts times), "
-        "`too_large` (over the relay's max_payload_bytes); after a failed replay also `unavailable`, "
-        "`unroutable` or `not_allowed`.",
-    ),
-]
-Topic = Annotated[str, Meta(min_length=1, max_length=249)]
-Key = Annotated[str, Meta(min_length=1, max_length=1024)]
+ErrorClass = ErrorClassName
 MAX_IDS = 1000
 
 
@@ -118,22 +110,6 @@ class DeadLetterPage(msgspec.Struct, kw_only=True):
     next_cursor: str | None = None
     counts: DeadLetterCounts | None = None
     """Over the whole filter (not just this page); on the first page only."""
-
-
-class DeadLetterFilter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    """The list's filters, for bulk actions. Covers dead letters only (status `dead`)."""
-
-    tenant: Name | None = None
-    """Admin key only: one tenant's letters (without it, every tenant's)."""
-    relay: Name | None = None
-    target: Name | None = None
-    topic: Topic | None = None
-    key: Key | None = None
-    error_class: ErrorClass | None = None
-    since: datetime | None = None
-    """Dead-lettered at or after."""
-    until: datetime | None = None
-    """Dead-lettered before."""
 
 
 LetterIds = Annotated[list[uuid.UUID], Meta(min_length=1, max_length=MAX_IDS)]

@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -34,10 +35,10 @@ from outbox_relay.store.control import TenantRow, hash_key
 from outbox_relay.store.dead_letters import (
     MAX_JOB_LETTERS,
     Counts,
+    DeadLetterFilter,
     DeadLetterStore,
     JobRow,
     Letter,
-    LetterFilter,
     LetterSummary,
 )
 from service.dead_letters import render
@@ -45,7 +46,6 @@ from service.dead_letters.schemas import (
     Attempt,
     DeadLetter,
     DeadLetterCounts,
-    DeadLetterFilter,
     DeadLetterSummary,
     Payload,
     ReplayJob,
@@ -73,10 +73,8 @@ async def caller_for_key(services: Services, key: str) -> Caller | None:
     admin = services.settings.admin_api_key
     if admin and hmac.compare_digest(key.encode(), admin.encode()):
         return Caller(tenant=None, actor="admin")
-    owner = await DeadLetterStore(services.store.pool).key_owner(key)
-    if owner is None:
-        return None
-    return Caller(tenant=owner.tenant, actor=f"key:{owner.key_id}")
+    owner = await services.store.key_owner(key)
+    return Caller(tenant=owner.tenant, actor=owner.actor) if owner else None
 
 
 async def caller_for_key_hash(services: Services, digest: bytes) -> Caller | None:
@@ -85,10 +83,8 @@ async def caller_for_key_hash(services: Services, digest: bytes) -> Caller | Non
     admin = services.settings.admin_api_key
     if admin and hmac.compare_digest(digest, hash_key(admin)):
         return Caller(tenant=None, actor="admin")
-    owner = await DeadLetterStore(services.store.pool).key_owner_by_hash(digest)
-    if owner is None:
-        return None
-    return Caller(tenant=owner.tenant, actor=f"key:{owner.key_id}")
+    owner = await services.store.key_owner_by_hash(digest)
+    return Caller(tenant=owner.tenant, actor=owner.actor) if owner else None
 
 
 # --- cursors ----------------------------------------------------------------------------------------
@@ -110,13 +106,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         return when, uuid.UUID(letter_id)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidRequest("invalid pagination cursor") from None
-
-
-def utc(value: datetime | None) -> datetime | None:
-    """Times without a zone are UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
 
 
 # --- conversions ------------------------------------------------------------------------------------
@@ -239,37 +228,38 @@ class DeadLetters:
             return None
         return await self.store.tenant_id(tenant) or NO_TENANT
 
-    async def letter_filter(
-        self, f: DeadLetterFilter, *, statuses: tuple[str, ...] = (LetterStatus.DEAD,)
-    ) -> LetterFilter:
-        return LetterFilter(
-            tenant_id=await self.scope(f.tenant),
-            statuses=statuses,
-            relay=f.relay,
-            target=f.target,
-            topic=f.topic,
-            key=f.key,
-            error_class=f.error_class,
-            since=utc(f.since),
-            until=utc(f.until),
-        )
-
     async def page(
-        self, where: LetterFilter, *, cursor: str | None, limit: int, with_counts: bool
+        self,
+        f: DeadLetterFilter,
+        *,
+        statuses: Sequence[str] = (LetterStatus.DEAD,),
+        cursor: str | None,
+        limit: int,
+        with_counts: bool,
     ) -> tuple[list[LetterSummary], str | None, Counts | None]:
+        """One page of what ``f`` matches in the caller's scope (``statuses`` empty: any), with the
+        counts over all of it when asked."""
+        tenant_id = await self.scope(f.tenant)
         after = decode_cursor(cursor) if cursor else None
-        rows = await self.store.list_letters(where, after=after, limit=limit + 1)
+        rows = await self.store.list_letters(f, tenant_id=tenant_id, statuses=statuses, after=after, limit=limit + 1)
         next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-        totals = await self.store.counts(where) if with_counts else None
+        totals = await self.store.counts(f, tenant_id=tenant_id, statuses=statuses) if with_counts else None
         return rows[:limit], next_cursor, totals
+
+    async def count(self, f: DeadLetterFilter) -> int:
+        """How many dead letters ``f`` matches in the caller's scope."""
+        return (await self.store.counts(f, tenant_id=await self.scope(f.tenant))).total
 
     async def get(self, letter_id: uuid.UUID) -> tuple[Letter, bool]:
         """The letter and whether its relay still exists; NotFound if not found."""
         letter = await self.store.get(letter_id, self._tenant_id)
         if letter is None:
             raise NotFound(f"dead letter {letter_id} not found")
-        exists = letter.relay_id is not None and await self.store.relay_route(letter.relay_id) is not None
-        return letter, exists
+        return letter, await self.relay_exists(letter)
+
+    async def relay_exists(self, letter: Letter) -> bool:
+        """Whether the letter's relay still exists (a replay without a target needs it)."""
+        return letter.relay_id is not None and await self.store.relay_route(letter.relay_id) is not None
 
     async def replay(
         self, letter_id: uuid.UUID, *, target: str | None = None, destination: str | None = None
@@ -279,9 +269,8 @@ class DeadLetters:
             outcome = await replayer.replay_one(
                 letter_id, self._tenant_id, actor=self.caller.actor, target_name=target, destination=destination
             )
-        letter = await self.store.get(letter_id, None)
         await self._audit(
-            letter.tenant_id if letter else None,
+            outcome.letter.tenant_id if outcome.letter else self._tenant_id,
             "replay",
             f"dead-letters/{letter_id}",
             {
@@ -312,15 +301,15 @@ class DeadLetters:
             tenant_id = self._tenant_id
         else:
             assert f is not None
-            where = await self.letter_filter(f)
-            count = await self.store.discard_matching(where)
+            scope = await self.scope(f.tenant)
+            count = await self.store.discard_matching(f, tenant_id=scope)
             detail = {"filter": msgspec.to_builtins(f), "discarded": count}
-            tenant_id = where.tenant_id if where.tenant_id != NO_TENANT else None
+            tenant_id = scope if scope != NO_TENANT else None
         await self._audit(tenant_id, "discard", "dead-letters", detail)
         return count
 
     async def matching(self, f: DeadLetterFilter) -> list[uuid.UUID]:
-        ids = await self.store.matching_ids(await self.letter_filter(f))
+        ids = await self.store.matching_ids(f, tenant_id=await self.scope(f.tenant))
         if len(ids) > MAX_JOB_LETTERS:
             raise TooMany(f"the filter matches more than {MAX_JOB_LETTERS:,} dead letters; narrow it")
         return ids

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import msgspec
 from litestar import Controller, Response, delete, get, put
-from litestar.di import Provide
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from outbox_relay.domain import Relay
-from service.deps import ServicesDep, TenantDep, authenticate_tenant, decode_cursor, encode_cursor, provide_tenant
-from service.problems import Problem
+from service.deps import authenticate_tenant
 from service.relays.service import put_relay as put_relay_spec
 from service.relays.status import RelayStatus, relay_status
-from service.resources import (
-    CURSOR_PARAM,
-    LIMIT_PARAM,
-    NAME_PARAM,
-    Page,
-    read_back,
-)
+from service.resources import CURSOR_PARAM, LIMIT_PARAM, NAME_PARAM, RELAYS, Page, Resources, provide_resources
+
+RelaysDep = NamedDependency[Resources[Relay]]
 
 
 class RelayPage(Page, kw_only=True):
@@ -32,26 +26,21 @@ class RelayController(Controller):
     path = "/v1/relays"
     tags = ["relays"]
     guards = [authenticate_tenant]
-    dependencies = {"tenant": Provide(provide_tenant)}
+    dependencies = provide_resources(RELAYS)
 
     @get("/", operation_id="listRelays", summary="List relays")
     async def list_relays(
         self,
-        tenant: TenantDep,
-        services: ServicesDep,
+        resources: RelaysDep,
         limit: Annotated[int, LIMIT_PARAM] = 50,
         cursor: Annotated[str | None, CURSOR_PARAM] = None,
     ) -> RelayPage:
-        rows = await services.store.list_resources("relays", tenant.id, decode_cursor(cursor), limit + 1)
-        items = [read_back(Relay, r) for r in rows[:limit]]
-        return RelayPage(items=items, next_cursor=encode_cursor(rows[limit - 1].name) if len(rows) > limit else None)
+        items, next_cursor = await resources.page(cursor, limit)
+        return RelayPage(items=items, next_cursor=next_cursor)
 
     @get("/{name:str}", operation_id="getRelay", summary="Read a relay")
-    async def get_relay(self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]) -> Relay:
-        row = await services.store.get_resource("relays", tenant.id, name)
-        if row is None:
-            raise Problem(404, f"relay {name!r} not found", slug="not-found")
-        return read_back(Relay, row)  # type: ignore[no-any-return]
+    async def get_relay(self, resources: RelaysDep, name: Annotated[str, NAME_PARAM]) -> Relay:
+        return await resources.get(name)
 
     @put(
         "/{name:str}",
@@ -63,22 +52,17 @@ class RelayController(Controller):
         responses={201: ResponseSpec(data_container=Relay, description="Created", generate_examples=False)},
     )
     async def put_relay(
-        self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Relay]
+        self, resources: RelaysDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Relay]
     ) -> Response[Relay]:
-        row, created = await put_relay_spec(services, tenant, name, data)
-        return Response(read_back(Relay, row), status_code=201 if created else 200)
+        row, created = await put_relay_spec(resources, name, data)
+        return Response(resources.read_back(row), status_code=201 if created else 200)
 
     @delete("/{name:str}", operation_id="deleteRelay", summary="Delete a relay (idempotent)")
-    async def delete_relay(self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]) -> None:
-        if await services.store.delete_resource("relays", tenant.id, name):
-            await services.store.audit(tenant.id, "tenant", "delete", f"relays/{name}")
+    async def delete_relay(self, resources: RelaysDep, name: Annotated[str, NAME_PARAM]) -> None:
+        await resources.delete(name)
 
     @get("/{name:str}/status", operation_id="getRelayStatus", summary="State, cause of a stall, lag, leases")
-    async def relay_status(
-        self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]
-    ) -> RelayStatus:
-        row = await services.store.get_resource("relays", tenant.id, name)
-        if row is None:
-            raise Problem(404, f"relay {name!r} not found", slug="not-found")
-        relay = msgspec.json.decode(row.spec, type=Relay)
-        return relay_status(name, relay.enabled, await services.store.partition_states(row.id))
+    async def relay_status(self, resources: RelaysDep, name: Annotated[str, NAME_PARAM]) -> RelayStatus:
+        row = await resources.row(name)
+        relay = resources.read_back(row)
+        return relay_status(name, relay.enabled, await resources.services.store.partition_states(row.id))

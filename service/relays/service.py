@@ -7,34 +7,32 @@ dashboard's marked ``via: ui``); a refusal is a :class:`~service.problems.Proble
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
 import msgspec
 
 from outbox_relay.domain import Relay
-from outbox_relay.errors import NotFound, OutOfBounds
+from outbox_relay.errors import OutOfBounds
 from outbox_relay.filters import check
 from outbox_relay.store.control import ResourceRow, TenantRow
 from service.deps import Services
 from service.problems import Problem
 from service.relays.status import RelayStatus, relay_status
-from service.resources import read_back, spec_json
+from service.resources import RELAYS, Resources, read_back, spec_json
 
 
 async def put_relay(
-    services: Services,
-    tenant: TenantRow,
+    relays: Resources[Relay],
     name: str,
     data: Relay,
     *,
-    actor: str = "tenant",
     detail: dict[str, Any] | None = None,
     expect_updated_at: datetime | None = None,
 ) -> tuple[ResourceRow, bool]:
-    """Create or replace a relay: (the stored row, whether it was created). With
-    ``expect_updated_at``, only the version read then (409 ``conflict`` when it changed since)."""
+    """Create or replace a relay: (the stored row, whether it was created), audited as ``relays.actor``.
+    With ``expect_updated_at``, only the version read then (409 ``conflict`` when it changed since)."""
+    services, tenant = relays.services, relays.tenant
     if data.policy.backoff_base_ms > data.policy.backoff_max_ms:
         raise Problem(422, "policy.backoff_base_ms must not exceed policy.backoff_max_ms", slug="invalid-relay")
     if data.filter is not None:
@@ -58,13 +56,7 @@ async def put_relay(
         max_partitions=settings.max_relay_partitions,
         expect_updated_at=expect_updated_at,
     )  # UnknownReference, ImmutableField, RelayChanged: answered by service.problems.PROBLEMS
-    await services.store.audit(
-        tenant.id,
-        actor,
-        "create" if created else "put",
-        f"relays/{name}",
-        json.dumps(detail) if detail else "{}",
-    )
+    await relays.audit("create" if created else "put", name, detail)
     return row, created
 
 
@@ -72,16 +64,15 @@ async def set_enabled(services: Services, tenant: TenantRow, name: str, enabled:
     """Pause (``enabled=False``) or resume a relay of ``tenant``: its stored spec written back through
     :func:`put_relay` with only ``enabled`` changed. False when it already was so (nothing written);
     NotFound when the tenant has no such relay."""
-    row = await services.store.get_resource("relays", tenant.id, name)
-    if row is None:
-        raise NotFound(f"relay {name!r} not found")
+    relays = Resources(RELAYS, services, tenant, actor)
+    row = await relays.row(name)
     relay = msgspec.json.decode(row.spec, type=Relay)
     if relay.enabled == enabled:
         return False
     changed = msgspec.structs.replace(relay, enabled=enabled)
     detail = {"via": via, "enabled": enabled}
     # only the version read here: a change written in between (say an API PUT) is never undone
-    await put_relay(services, tenant, name, changed, actor=actor, detail=detail, expect_updated_at=row.updated_at)
+    await put_relay(relays, name, changed, detail=detail, expect_updated_at=row.updated_at)
     return True
 
 

@@ -215,39 +215,40 @@ def _waits(p: dict[str, Any]) -> bool:
     return (p["pending_estimate"] or 0) > 0 or (p["lag_s"] or 0) > 0
 
 
+def partition_status(p: dict[str, Any], enabled: bool, now: datetime) -> PartitionStatus:
+    """One partition's status from its ``relay_partitions`` row (with the lag and pending columns)."""
+    return PartitionStatus(
+        partition=p["partition"],
+        cursor=f"{p['cursor_txid']}:{p['cursor_id']}",
+        published=p["published_count"],
+        filtered=p.get("filtered_count", 0),
+        pending=p["pending_estimate"],
+        oldest_pending_at=p["oldest_pending_at"] if _waits(p) else None,
+        lag_s=p["lag_s"],
+        lease_holder=p["lease_holder"],
+        lease_epoch=p["lease_epoch"],
+        lease_expires_at=p["lease_expires_at"],
+        last_published_at=p["last_published_at"],
+        last_error=p["last_error"],
+        last_error_class=p["last_error_class"],
+        last_error_at=p["last_error_at"],
+        dead_lettered=p["dead_count"],
+        retries=p["retried_count"],
+        retrying=RetryingMessage(
+            outbox_id=p["retry_outbox_id"], attempts=p["retry_attempts"], next_attempt_at=p["retry_next_at"]
+        )
+        if p["retry_outbox_id"] is not None
+        else None,
+        resets=p["resets"],
+        last_reset_reason=p["last_reset_reason"],
+        restore=partition_restore(p),
+        cause=partition_cause(p, now) if enabled else None,
+    )
+
+
 def relay_status(name: str, enabled: bool, parts: list[dict[str, Any]], now: datetime | None = None) -> RelayStatus:
     now = now or datetime.now(UTC)
-    statuses = []
-    for p in parts:
-        statuses.append(
-            PartitionStatus(
-                partition=p["partition"],
-                cursor=f"{p['cursor_txid']}:{p['cursor_id']}",
-                published=p["published_count"],
-                filtered=p.get("filtered_count", 0),
-                pending=p["pending_estimate"],
-                oldest_pending_at=p["oldest_pending_at"] if _waits(p) else None,
-                lag_s=p["lag_s"],
-                lease_holder=p["lease_holder"],
-                lease_epoch=p["lease_epoch"],
-                lease_expires_at=p["lease_expires_at"],
-                last_published_at=p["last_published_at"],
-                last_error=p["last_error"],
-                last_error_class=p["last_error_class"],
-                last_error_at=p["last_error_at"],
-                dead_lettered=p["dead_count"],
-                retries=p["retried_count"],
-                retrying=RetryingMessage(
-                    outbox_id=p["retry_outbox_id"], attempts=p["retry_attempts"], next_attempt_at=p["retry_next_at"]
-                )
-                if p["retry_outbox_id"] is not None
-                else None,
-                resets=p["resets"],
-                last_reset_reason=p["last_reset_reason"],
-                restore=partition_restore(p),
-                cause=partition_cause(p, now) if enabled else None,
-            )
-        )
+    statuses = [partition_status(p, enabled, now) for p in parts]
     causes = sorted((s.cause for s in statuses if s.cause), key=lambda c: _SEVERITY[c.kind])
     cause = causes[0] if causes else None
     pending = sum(s.pending or 0 for s in statuses)

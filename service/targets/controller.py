@@ -5,24 +5,28 @@ from __future__ import annotations
 from typing import Annotated
 
 from litestar import Controller, Response, delete, get, put
-from litestar.di import Provide
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from outbox_relay.domain import Target
 from outbox_relay.netguard import check_target
 from outbox_relay.specs import check_target as check_target_spec
-from service.deps import ServicesDep, TenantDep, authenticate_tenant, decode_cursor, encode_cursor, provide_tenant
+from service.deps import authenticate_tenant
 from service.problems import Problem
 from service.resources import (
     CURSOR_PARAM,
     LIMIT_PARAM,
     NAME_PARAM,
+    TARGETS,
     Page,
-    read_back,
+    Resources,
+    provide_resources,
     secret_of,
     spec_json,
 )
+
+TargetsDep = NamedDependency[Resources[Target]]
 
 
 class TargetPage(Page, kw_only=True):
@@ -33,26 +37,21 @@ class TargetController(Controller):
     path = "/v1/targets"
     tags = ["targets"]
     guards = [authenticate_tenant]
-    dependencies = {"tenant": Provide(provide_tenant)}
+    dependencies = provide_resources(TARGETS)
 
     @get("/", operation_id="listTargets", summary="List targets")
     async def list_targets(
         self,
-        tenant: TenantDep,
-        services: ServicesDep,
+        resources: TargetsDep,
         limit: Annotated[int, LIMIT_PARAM] = 50,
         cursor: Annotated[str | None, CURSOR_PARAM] = None,
     ) -> TargetPage:
-        rows = await services.store.list_resources("targets", tenant.id, decode_cursor(cursor), limit + 1)
-        items = [read_back(Target, r) for r in rows[:limit]]
-        return TargetPage(items=items, next_cursor=encode_cursor(rows[limit - 1].name) if len(rows) > limit else None)
+        items, next_cursor = await resources.page(cursor, limit)
+        return TargetPage(items=items, next_cursor=next_cursor)
 
     @get("/{name:str}", operation_id="getTarget", summary="Read a target")
-    async def get_target(self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]) -> Target:
-        row = await services.store.get_resource("targets", tenant.id, name)
-        if row is None:
-            raise Problem(404, f"target {name!r} not found", slug="not-found")
-        return read_back(Target, row)  # type: ignore[no-any-return]
+    async def get_target(self, resources: TargetsDep, name: Annotated[str, NAME_PARAM]) -> Target:
+        return await resources.get(name)
 
     @put(
         "/{name:str}",
@@ -65,8 +64,9 @@ class TargetController(Controller):
         responses={201: ResponseSpec(data_container=Target, description="Created", generate_examples=False)},  # type: ignore[arg-type]
     )
     async def put_target(
-        self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Target]
+        self, resources: TargetsDep, name: Annotated[str, NAME_PARAM], data: JSONBody[Target]
     ) -> Response[Target]:
+        services = resources.services
         check_target_spec(data)  # InvalidTargetSpec: 422 invalid-target
         try:
             await check_target(services.policy, data)
@@ -74,15 +74,14 @@ class TargetController(Controller):
             raise Problem(422, str(exc), slug="invalid-target") from None
         kind = type(data).__struct_config__.tag
         row, created = await services.store.put_target(
-            tenant.id,
+            resources.tenant.id,
             name,
             str(kind),
             spec_json(data),
             secret_of(data, services.secrets),
             quotas=services.settings.quota_defaults(),
         )
-        await services.store.audit(tenant.id, "tenant", "create" if created else "put", f"targets/{name}")
-        return Response(read_back(Target, row), status_code=201 if created else 200)
+        return await resources.written(name, row, created)
 
     @delete(
         "/{name:str}",
@@ -90,9 +89,5 @@ class TargetController(Controller):
         summary="Delete a target (idempotent)",
         responses={409: ResponseSpec(data_container=None, description="A relay still uses it")},
     )
-    async def delete_target(self, tenant: TenantDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]) -> None:
-        users = await services.store.relays_using("targets", tenant.id, name)
-        if users:
-            raise Problem(409, f"target {name!r} is used by relays {users}; delete them first", slug="in-use")
-        if await services.store.delete_resource("targets", tenant.id, name):  # InUse: 409 in-use
-            await services.store.audit(tenant.id, "tenant", "delete", f"targets/{name}")
+    async def delete_target(self, resources: TargetsDep, name: Annotated[str, NAME_PARAM]) -> None:
+        await resources.delete(name)  # InUse: 409 in-use

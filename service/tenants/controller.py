@@ -14,6 +14,7 @@ from litestar.params import FromPath, JSONBody
 from msgspec import UNSET, Meta, UnsetType
 
 from outbox_relay.config import QUOTAS, Settings
+from outbox_relay.errors import NotFound
 from outbox_relay.store.control import KEEP, ApiKeyRow, TenantQuotas, TenantRow
 from service.deps import (
     ActorDep,
@@ -24,7 +25,6 @@ from service.deps import (
     encode_cursor,
     require_admin,
 )
-from service.problems import Problem
 from service.resources import CURSOR_PARAM, LIMIT_PARAM, NAME_PARAM
 
 QuotaLimit = Annotated[int, Meta(ge=0, le=10_000_000)] | None
@@ -126,6 +126,14 @@ async def _tenants(services: Services, rows: list[TenantRow]) -> list[Tenant]:
     ]
 
 
+async def _tenant_row(services: Services, name: str) -> TenantRow:
+    """The tenant of that name; NotFound (404) when there is none."""
+    row = await services.store.get_tenant(name)
+    if row is None:
+        raise NotFound(f"tenant {name!r} not found")
+    return row
+
+
 def _key(row: ApiKeyRow) -> ApiKey:
     return ApiKey(
         id=row.id,
@@ -158,10 +166,7 @@ class TenantController(Controller):
 
     @get("/{name:str}", operation_id="getTenant", summary="Read a tenant")
     async def get_tenant(self, actor: ActorDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]) -> Tenant:
-        row = await services.store.get_tenant(name)
-        if row is None:
-            raise Problem(404, f"tenant {name!r} not found", slug="not-found")
-        return (await _tenants(services, [row]))[0]
+        return (await _tenants(services, [await _tenant_row(services, name)]))[0]
 
     @put(
         "/{name:str}",
@@ -193,9 +198,7 @@ class TenantController(Controller):
     async def create_api_key(
         self, actor: ActorDep, services: ServicesDep, name: Annotated[str, NAME_PARAM], data: JSONBody[ApiKeyWrite]
     ) -> NewApiKey:
-        tenant = await services.store.get_tenant(name)
-        if tenant is None:
-            raise Problem(404, f"tenant {name!r} not found", slug="not-found")
+        tenant = await _tenant_row(services, name)
         row, plaintext = await services.store.create_api_key(
             tenant.id, data.description, quotas=services.settings.quota_defaults()
         )
@@ -206,9 +209,7 @@ class TenantController(Controller):
     async def list_api_keys(
         self, actor: ActorDep, services: ServicesDep, name: Annotated[str, NAME_PARAM]
     ) -> list[ApiKey]:
-        tenant = await services.store.get_tenant(name)
-        if tenant is None:
-            raise Problem(404, f"tenant {name!r} not found", slug="not-found")
+        tenant = await _tenant_row(services, name)
         return [_key(r) for r in await services.store.list_api_keys(tenant.id)]
 
     @delete("/{name:str}/api-keys/{key_id:uuid}", operation_id="revokeApiKey", summary="Revoke an API key")

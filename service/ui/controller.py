@@ -24,7 +24,7 @@ from litestar.params import FromPath
 from litestar.response import Redirect, Template
 
 from outbox_relay.domain import NAME_RE, ErrorClass
-from outbox_relay.store.dead_letters import STATUSES, LetterFilter
+from outbox_relay.store.dead_letters import STATUSES
 from service.dead_letters import service as ops_mod
 from service.dead_letters.schemas import MAX_IDS
 from service.dead_letters.service import NotAllowed
@@ -67,6 +67,19 @@ KNOWN_ERROR_CLASSES = tuple(ErrorClass)
 
 
 # --- pages -------------------------------------------------------------------------------------------
+
+
+def _paging(params: Any) -> tuple[int, int, str | None]:
+    """The list URL's page size (one of PAGE_SIZES, else 50), page number (from 1) and cursor."""
+    try:
+        limit = int(params.get("limit") or 50)
+    except ValueError:
+        limit = 50
+    try:
+        page_no = max(1, int(params.get("page") or 1))
+    except ValueError:
+        page_no = 1
+    return (limit if limit in PAGE_SIZES else 50), page_no, params.get("cursor") or None
 
 
 class UIController(Controller):
@@ -136,24 +149,17 @@ class UIController(Controller):
         f, status, errors = parse_filter(params)
         if user.caller.tenant is not None and f.tenant is not None and f.tenant != user.caller.tenant.name:
             errors.append("tenant: a tenant key sees only its own tenant")
-        try:
-            limit = int(params.get("limit") or 50)
-        except ValueError:
-            limit = 50
-        limit = limit if limit in PAGE_SIZES else 50
-        try:
-            page_no = max(1, int(params.get("page") or 1))
-        except ValueError:
-            page_no = 1
-        cursor = params.get("cursor") or None
+        limit, page_no, cursor = _paging(params)
         ops = ops_for(services, user)
         rows: list[Any] = []
         next_cursor = None
         totals = None
         if not errors:
             try:
-                where: LetterFilter = await ops.letter_filter(f, statuses=STATUSES if status == "any" else (status,))
-                found, next_cursor, totals = await ops.page(where, cursor=cursor, limit=limit, with_counts=True)
+                statuses = STATUSES if status == "any" else (status,)
+                found, next_cursor, totals = await ops.page(
+                    f, statuses=statuses, cursor=cursor, limit=limit, with_counts=True
+                )
                 rows = [ops_mod.summary(r) for r in found]
             except ValueError as exc:
                 errors.append(str(exc))
@@ -272,7 +278,7 @@ class UIController(Controller):
             count = len(ids)
         else:
             on_refusal(request, back)
-            count = (await ops.store.counts(await ops.letter_filter(f))).total
+            count = await ops.count(f)
         context = {
             "action": action,
             "scope": scope,

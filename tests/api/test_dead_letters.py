@@ -429,7 +429,9 @@ async def test_failed_replay_returns_to_the_list_with_the_attempt(
     assert r.status_code == 422 and "name a target" in r.json()["detail"]
     r = await t.post(f"/v1/dead-letters/{other}/replay", {"target": "no-such-target"})
     assert r.status_code == 422 and "does not exist" in r.json()["detail"]
-    assert (await t.get(f"/v1/dead-letters/{other}")).json()["replay_count"] == 0
+    refused = (await t.get(f"/v1/dead-letters/{other}")).json()
+    assert refused["replay_count"] == 0 and refused["status"] == "dead"  # its claim given back, no attempt
+    assert len(refused["attempts"]) == 3  # as buried: nothing appended
 
 
 async def test_bulk_replay_job_by_filter_and_by_ids(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 from litestar.testing import AsyncTestClient
 
 from tests.conftest import pg_dsn
@@ -188,3 +189,52 @@ async def test_tenant_isolation(client: AsyncTestClient[Any]) -> None:
     # B creating the same names gets its own resources
     assert (await b.put("/v1/databases/shared", {"dsn": pg_dsn("y")})).status_code == 201
     assert (await a.get("/v1/databases/shared")).json()["dsn"] == pg_dsn("x")
+
+
+async def test_audit_names_the_key_that_changed_each_resource(client: AsyncTestClient[Any], control_dsn: str) -> None:
+    """Every PUT and DELETE of a database, target and relay is audited as ``key:<id>`` of the key that
+    made it: with two keys of one tenant, each row names its own."""
+    first = await make_tenant(client, "audit")
+    r = await client.post(f"/v1/tenants/{first.name}/api-keys", json={"description": "second"}, headers=admin())
+    assert r.status_code == 201, r.text
+    second, second_id = TenantClient(client, first.name, r.json()["key"]), r.json()["id"]
+    keys = (await client.get(f"/v1/tenants/{first.name}/api-keys", headers=admin())).json()
+    (first_id,) = [k["id"] for k in keys if k["id"] != second_id]
+
+    assert (await first.put("/v1/databases/d", {"dsn": pg_dsn("x")})).status_code == 201
+    assert (await second.put("/v1/databases/d", {"dsn": pg_dsn("x")})).status_code == 200
+    assert (await first.put("/v1/targets/q", RABBIT)).status_code == 201
+    assert (await second.put("/v1/targets/q", RABBIT)).status_code == 200
+    assert (await second.put("/v1/relays/r", {"database": "d", "target": "q"})).status_code == 201
+    assert (await first.put("/v1/relays/r", {"database": "d", "target": "q"})).status_code == 200
+    assert (await first.delete("/v1/relays/r")).status_code == 204
+    assert (await second.delete("/v1/targets/q")).status_code == 204
+    assert (await first.delete("/v1/databases/d")).status_code == 204
+
+    conn = await asyncpg.connect(control_dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT a.actor, a.action, a.resource FROM audit_log a JOIN tenants t ON t.id = a.tenant_id "
+            "WHERE t.name = $1 AND a.resource NOT LIKE 'tenants/%' ORDER BY a.id",
+            first.name,
+        )
+    finally:
+        await conn.close()
+    one, two = f"key:{first_id}", f"key:{second_id}"
+    assert [(a["actor"], a["action"], a["resource"]) for a in rows] == [
+        (one, "create", "databases/d"),
+        (two, "put", "databases/d"),
+        (one, "create", "targets/q"),
+        (two, "put", "targets/q"),
+        (two, "create", "relays/r"),
+        (one, "put", "relays/r"),
+        (one, "delete", "relays/r"),
+        (two, "delete", "targets/q"),
+        (one, "delete", "databases/d"),
+    ]
+
+
+async def test_options_answers_every_method_of_the_path(tenant: TenantClient) -> None:
+    r = await tenant.client.options("/v1/relays/r", headers=tenant.headers)
+    assert r.status_code == 204, r.text
+    assert {m.strip() for m in r.headers["allow"].split(",")} >= {"GET", "PUT", "DELETE", "OPTIONS"}

@@ -23,7 +23,7 @@ from outbox_relay.engine import RelayRunner
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.replay import ReplayConflict, Replayer
 from outbox_relay.store.control import ControlStore
-from outbox_relay.store.dead_letters import DeadLetterStore
+from outbox_relay.store.dead_letters import DeadLetterStore, Letter
 from tests.brokers import RabbitMQAccount, free_port
 from tests.helpers import LOCAL
 from tests.integration.conftest import FAST_RETRY, Setup, run_until, write
@@ -76,10 +76,19 @@ async def fix_relay(setup: Setup, relay: str, queue: str) -> None:
     assert (await setup.tenant.put(f"/v1/relays/{relay}", body)).status_code == 200
 
 
+class CountedReads(DeadLetterStore):
+    """The dead-letter store, counting how often a letter is read by id."""
+
+    reads = 0
+
+    async def get(self, letter_id: uuid.UUID, tenant_id: uuid.UUID | None) -> Letter | None:
+        self.reads += 1
+        return await super().get(letter_id, tenant_id)
+
+
 def replayer(store: ControlStore, runner: RelayRunner, **kw: Any) -> Replayer:
-    return Replayer(
-        letters=DeadLetterStore(store.pool), secrets=runner.secrets, policy=AddressPolicy(allow_private=True), **kw
-    )
+    kw.setdefault("letters", DeadLetterStore(store.pool))
+    return Replayer(secrets=runner.secrets, policy=AddressPolicy(allow_private=True), **kw)
 
 
 async def test_engine_dead_letters_replayed_once_to_the_fixed_relay(
@@ -98,12 +107,16 @@ async def test_engine_dead_letters_replayed_once_to_the_fixed_relay(
     again = await letters_store.get(letters[0], None)
     assert again is not None and again.status == "dead" and again.replay_count == 1
     assert len(again.attempts) == 4 and again.attempts[-1]["replay"] == 1 and again.attempts[-1]["by"] == "test"
+    assert outcome.letter == again  # the letter as the replay left it, without reading it again
 
     await setup.channel.declare_queue("replay-fixed-q", durable=True)
     await fix_relay(setup, "rp1", "replay-fixed-q")
-    async with replayer(store, runner) as r:
+    counted = CountedReads(store.pool)
+    async with replayer(store, runner, letters=counted) as r:
         outcome = await r.replay_one(letters[0], first.tenant_id, actor="test")
         assert outcome.replayed and outcome.destination == "replay-fixed-q" and outcome.replay_count == 2
+        assert counted.reads == 0  # the claim is its one read of the letter
+        assert outcome.letter is not None and outcome.letter.status == "replayed" and outcome.letter.replay_count == 2
         with pytest.raises(ReplayConflict):
             await r.replay_one(letters[0], first.tenant_id, actor="test")
         with pytest.raises(LookupError):  # another tenant's letter does not exist for this one
