@@ -16,9 +16,10 @@ not acknowledged are acknowledged; the one holding it gets its acknowledged pref
 broker refused that message, the refusal with its index in that batch; the batches after it were
 neither refused nor known to be delivered, and are sent again in the next group (at least once
 allows the duplicates), so one partition's refused message never costs another partition an attempt.
-An exception (the target is unavailable) is every batch's answer. A group never holds one message
-id twice (two databases on outbox version 1, whose ids are row ids, could): aiormq matches a
-``basic.return`` to its publish by message id alone.
+An exception (the target is unavailable) is every batch's answer. One message id may come twice in
+a group (two databases on outbox version 1, whose ids are row ids): every adapter answers per
+message in order, and the RabbitMQ adapter pairs a ``basic.return`` with its publish by delivery tag
+(aiormq's own pairing by message id alone was why groups once kept ids apart).
 """
 
 from __future__ import annotations
@@ -85,7 +86,6 @@ class GroupPublisher:
         while self._queue and self._in_flight < self.max_groups:
             group: list[_Batch] = []
             size = 0
-            ids: set[str] = set()
             while self._queue:
                 batch = self._queue[0]
                 if batch.future.done():  # its caller was cancelled
@@ -93,10 +93,6 @@ class GroupPublisher:
                     continue
                 if group and size + len(batch.messages) > self.max_messages:
                     break
-                batch_ids = {m.dedupe_id for m in batch.messages}
-                if group and not ids.isdisjoint(batch_ids):
-                    break  # one id twice in a group: RabbitMQ's returns are matched by id alone
-                ids |= batch_ids
                 group.append(self._queue.popleft())
                 size += len(batch.messages)
             if not group:
