@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind
@@ -91,7 +90,7 @@ BucketCallback = Callable[[list[int] | None], None]
 class _Server:
     """One pool per tenant server, database and credentials, shared by every resource naming them."""
 
-    pool: asyncpg.Pool
+    pool: tenant_db.Pool
     users: set[uuid.UUID] = field(default_factory=set)
 
 
@@ -171,7 +170,9 @@ class TenantConnections:
         self._lock = asyncio.Lock()
         self._watch_ids = itertools.count()
 
-    async def pool(self, database_id: uuid.UUID, version: datetime, db: Database, password: str | None) -> asyncpg.Pool:
+    async def pool(
+        self, database_id: uuid.UUID, version: datetime, db: Database, password: str | None
+    ) -> tenant_db.Pool:
         entry = self._dbs.get(database_id)
         if entry is not None and entry.version == version:  # the common case: no waiting
             return self._servers[entry.server].pool
@@ -196,7 +197,7 @@ class TenantConnections:
                     )
                 except AddressNotAllowed:
                     raise
-                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except tenant_db.DRIVER_ERRORS as exc:
                     raise TenantDatabaseError(f"cannot connect to the database: {tenant_db.describe(exc)}") from None
                 server = self._servers[key] = _Server(pool=pool)
             server.users.add(database_id)
@@ -493,7 +494,7 @@ class SliceResult:
     dead: int = 0
 
 
-async def horizon_stall(pool: asyncpg.Pool) -> dict[str, Any] | None:
+async def horizon_stall(pool: tenant_db.Pool) -> dict[str, Any] | None:
     """The transaction holding the xmin horizon back, as the status's stall cause, when it has been
     open for ``STALL_AFTER_S`` or more; None otherwise."""
     blocker = await pool.fetchrow(BLOCKER_SQL)
@@ -1001,7 +1002,7 @@ class RelayRunner:
         part.retry = None
         part.dead += 1
 
-    async def _sample_pending(self, pool: asyncpg.Pool, database: Database, part: _Partition) -> None:
+    async def _sample_pending(self, pool: tenant_db.Pool, database: Database, part: _Partition) -> None:
         """Count what waits after the cursor (capped) and, when nothing can be read although rows
         wait, find the transaction holding the horizon back: the stall cause the status API shows."""
         part.pending_checked = time.monotonic()
@@ -1016,7 +1017,7 @@ class RelayRunner:
             assert row is not None
             pending, oldest = int(row["pending"]), row["oldest"]
             stall = await horizon_stall(pool) if pending and part.last_poll_empty else None
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except tenant_db.DRIVER_ERRORS as exc:
             log.debug("pending check failed: %s", exc)
             return
         age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
@@ -1025,7 +1026,7 @@ class RelayRunner:
         with contextlib.suppress(Exception):
             await self.store.record_pending(part.lease, pending, oldest, stall)
 
-    async def _check_identity(self, pool: asyncpg.Pool, part: _Partition) -> None:
+    async def _check_identity(self, pool: tenant_db.Pool, part: _Partition) -> None:
         """Read the outbox's layout and the partition's restore state, and detect a restore or
         failover (new cluster identity, or transaction ids gone backwards).
 
@@ -1047,18 +1048,20 @@ class RelayRunner:
         elif part.lease.system_identifier is None and not await self.store.set_identity(part.lease, identity):
             raise LeaseLost()
 
-    async def _read_identity(self, pool: asyncpg.Pool, schema: str) -> tuple[str, int, tenant_db.OutboxLayout]:
+    async def _read_identity(self, pool: tenant_db.Pool, schema: str) -> tuple[str, int, tenant_db.OutboxLayout]:
         """The tenant database's identity (system identifier/timeline), its xmin horizon, and the
         outbox's layout: one read for all the partitions of a relay."""
         try:
             row = await pool.fetchrow(IDENTITY_SQL)
             layout = await tenant_db.read_layout(pool, schema)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except tenant_db.DRIVER_ERRORS as exc:
             raise TenantDatabaseError(f"reading the database identity failed: {tenant_db.describe(exc)}") from None
         assert row is not None
         return f"{row['system_identifier']}/{row['timeline']}", int(row["xmin"]), layout
 
-    async def _start_over(self, pool: asyncpg.Pool, schema: str, part: _Partition, identity: str, reason: str) -> None:
+    async def _start_over(
+        self, pool: tenant_db.Pool, schema: str, part: _Partition, identity: str, reason: str
+    ) -> None:
         """Reset the partition after a detected restore, with its restored backlog when it has one."""
         policy = part.relay.policy.on_restore
         try:
@@ -1077,7 +1080,7 @@ class RelayRunner:
                 if fence is not None
                 else 0
             )
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except tenant_db.DRIVER_ERRORS as exc:
             raise TenantDatabaseError(f"reading the restored outbox failed: {tenant_db.describe(exc)}") from None
         part.cursor = (0, 0)
         part.retry = None
@@ -1113,7 +1116,7 @@ class RelayRunner:
         )
 
     async def _poll(
-        self, pool: asyncpg.Pool, database: Database, part: _Partition, limit: int
+        self, pool: tenant_db.Pool, database: Database, part: _Partition, limit: int
     ) -> list[tenant_db.OutboxRow]:
         """The next rows: a restored backlog's while it is being resent, then the ordinary read."""
         plan, lease, restore = part.plan, part.lease, part.restore
@@ -1139,12 +1142,12 @@ class RelayRunner:
                 layout=part.layout,
                 fence=fence,
             )
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except tenant_db.DRIVER_ERRORS as exc:
             raise TenantDatabaseError(f"reading the outbox failed: {tenant_db.describe(exc)}") from None
 
     async def _poll_backlog(
         self,
-        pool: asyncpg.Pool,
+        pool: tenant_db.Pool,
         database: Database,
         part: _Partition,
         restore: RestoreState,

@@ -16,8 +16,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
-
+from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import quote_ident
 
 log = logging.getLogger("outbox_relay.maintenance")
@@ -52,7 +51,7 @@ def _unpassed_sql(schema: str, table: str) -> str:
     )
 
 
-async def _passed_by_all(conn: asyncpg.Connection, schema: str, table: str, relays: list[RelayCursors]) -> bool:
+async def _passed_by_all(conn: tenant_db.Connection, schema: str, table: str, relays: list[RelayCursors]) -> bool:
     for relay in relays:
         parts = list(range(relay.partitions))
         cursors = [relay.cursors.get(p, (0, 0)) for p in parts]
@@ -65,7 +64,7 @@ async def _passed_by_all(conn: asyncpg.Connection, schema: str, table: str, rela
 
 
 async def maintain(
-    conn: asyncpg.Connection,
+    conn: tenant_db.Connection,
     schema: str,
     relays: list[RelayCursors],
     *,
@@ -109,7 +108,7 @@ async def maintain(
                     table = f"{quote_ident(schema)}.{quote_ident(name)}"
                     await conn.execute(f"ALTER TABLE {quote_ident(schema)}.outbox DETACH PARTITION {table}")
                     await conn.execute(f"DROP TABLE {table}")
-            except asyncpg.LockNotAvailableError:
+            except tenant_db.LockNotAvailable:
                 result.kept[name] = "the outbox was busy (lock timeout); next time"
                 continue
             result.dropped.append(name)

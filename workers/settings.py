@@ -32,21 +32,7 @@ def worker_settings(settings: Settings | None = None, *, data_plane: bool = True
 
     async def startup(ctx: dict[str, Any]) -> None:
         outages: Outages = ctx.setdefault("outages", Outages())
-        # no connection floor (min_size=0): asyncpg logs a traceback each time it fails to restore one
-        # one connection of the control-pool budget is the LISTEN of configuration changes
-        store = await ControlStore.connect(settings.database_url, min_size=0, max_size=settings.control_pool_size - 1)
-        failures = 0
-        while True:  # a control DB that is down at start-up is waited for, however long
-            try:
-                await store.ping()
-                break
-            except Exception as exc:
-                if not control_unavailable(exc):
-                    raise
-                failures += 1
-                outages.down(CONTROL_DB, exc)
-                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
-        outages.up(CONTROL_DB)
+        store = await _control_store(settings, outages)
         events = ControlEvents(settings.database_url, timeout_s=settings.connect_timeout_s)
         events.start()
         policy = AddressPolicy(allow_private=settings.allow_private_networks, extra_denied=settings.denied_networks)
@@ -91,6 +77,32 @@ def worker_settings(settings: Settings | None = None, *, data_plane: bool = True
             if name in ctx:
                 await ctx[name].close()
 
+    return {**_arq_options(settings), "on_startup": startup, "on_shutdown": shutdown}
+
+
+async def _control_store(settings: Settings, outages: Outages) -> ControlStore:
+    """The worker's control-DB store, once the control DB answers (waited for, however long it is
+    down at start-up)."""
+    # no connection floor (min_size=0): asyncpg logs a traceback each time it fails to restore one
+    # one connection of the control-pool budget is the LISTEN of configuration changes
+    store = await ControlStore.connect(settings.database_url, min_size=0, max_size=settings.control_pool_size - 1)
+    failures = 0
+    while True:
+        try:
+            await store.ping()
+            break
+        except Exception as exc:
+            if not control_unavailable(exc):
+                raise
+            failures += 1
+            outages.down(CONTROL_DB, exc)
+            await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+    outages.up(CONTROL_DB)
+    return store
+
+
+def _arq_options(settings: Settings) -> dict[str, Any]:
+    """arq's options for the worker: its jobs, its cron, its queue and limits."""
     return {
         "functions": [
             func(replay_dead_letters, name="replay_dead_letters", keep_result=0, max_tries=1, timeout=3600),
@@ -108,8 +120,6 @@ def worker_settings(settings: Settings | None = None, *, data_plane: bool = True
                 timeout=300,
             ),
         ],
-        "on_startup": startup,
-        "on_shutdown": shutdown,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -28,6 +28,15 @@ from outbox_relay.netguard import AddressPolicy, Endpoint, NameBoundSSLContext, 
 from outbox_relay.tenant import sql
 
 APPLICATION_NAME = "outbox-relay"
+
+Pool: TypeAlias = asyncpg.Pool
+"""A pool of connections to a tenant database (the engine keeps one per server and credentials)."""
+Connection: TypeAlias = asyncpg.Connection
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""What talking to a tenant database raises when it cannot be reached or queried: callers outside this
+package catch these (and tell them as :class:`TenantDatabaseError`) without importing the driver."""
+LockNotAvailable = asyncpg.LockNotAvailableError
+"""A ``lock_timeout`` or ``NOWAIT`` lock the server would not grant."""
 
 
 class OutboxRow(msgspec.Struct, frozen=True):
