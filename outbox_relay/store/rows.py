@@ -1,0 +1,238 @@
+"""The control DB's row types and the helpers every store shares (table names, key hashes, how a
+control-DB outage looks)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, get_args
+
+import asyncpg
+
+ResourceTable = Literal["databases", "targets", "relays"]
+RESOURCE_TABLES: frozenset[str] = frozenset(get_args(ResourceTable))
+
+
+def _table(table: str) -> str:
+    """``table`` for interpolation into SQL, once it is known to be one of the resource tables (the
+    type says so to mypy; this says so at run time, for a caller that passed a string through)."""
+    if table not in RESOURCE_TABLES:
+        raise ValueError(f"not a resource table: {table!r}")
+    return table
+
+
+KEY_PREFIX = "orly_"
+
+HELD_BY_LEASE = "relay_id = $1 AND partition = $2 AND lease_epoch = $3 AND lease_holder IS NOT NULL"
+"""The fence of every write that moves a partition's state: $1 relay, $2 partition, $3 the writer's
+lease epoch. It fails once another worker took the lease (new epoch) or the writer gave it back."""
+
+
+def control_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the control DB could not be reached (down, restarting, connection
+    lost), as opposed to a statement that failed: the first is worth retrying, the second is not."""
+    return isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        # a pooled connection the server closed mid-statement can report itself as busy
+        # ("cannot switch to state ...; another operation is in progress"): the pool replaces it
+        | asyncpg.InternalClientError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.exceptions.OperatorInterventionError,
+    )
+
+
+def hash_key(key: str) -> bytes:
+    """API keys are 256-bit random tokens: a plain SHA-256 is the right hash (no stretching needed)."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRow:
+    id: uuid.UUID
+    name: str
+    display_name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyOwner:
+    """Who an API key belongs to: the tenant and the key's id (the audit log's "who")."""
+
+    tenant: TenantRow
+    key_id: uuid.UUID
+
+    @property
+    def actor(self) -> str:
+        """The audit log's "who" of this key: ``key:<api key id>``."""
+        return f"key:{self.key_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantQuotas:
+    """A tenant's quota overrides (None: the service default) and what it uses of each quota now."""
+
+    overrides: dict[str, int | None]
+    usage: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class UISession:
+    """A signed-in dashboard browser: the hash of the API key it signed in with, and its CSRF token."""
+
+    key_hash: bytes
+    csrf: str
+    created_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRow:
+    id: uuid.UUID
+    prefix: str
+    description: str
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceRow:
+    id: uuid.UUID
+    name: str
+    spec: bytes
+    """The resource as written, JSON, without secrets."""
+    has_secret: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPlan:
+    """Everything a worker needs to run one relay, secrets decrypted by the caller."""
+
+    relay_id: uuid.UUID
+    tenant_id: uuid.UUID
+    tenant_name: str
+    relay_name: str
+    target_name: str
+    relay_spec: bytes
+    relay_version: datetime
+    enabled: bool
+    partitions: int
+    database_id: uuid.UUID
+    database_spec: bytes
+    database_secret: bytes | None
+    database_version: datetime
+    target_id: uuid.UUID
+    target_spec: bytes
+    target_secret: bytes | None
+    target_version: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RetryState:
+    """The message a partition is retrying: its outbox id, failed attempts so far, their errors."""
+
+    outbox_id: int
+    attempts: int
+    errors: list[dict[str, Any]]
+    next_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    relay_id: uuid.UUID
+    partition: int
+    holder: str
+    epoch: int
+    cursor_txid: int
+    cursor_id: int
+    system_identifier: str | None
+    retry: RetryState | None = None
+
+
+RestorePolicy = Literal["resend", "skip"]
+RestorePhase = Literal["resending", "resent", "skipped"]
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreState:
+    """The last restore a partition detected (``relay_partitions.restore_*``; see migration 0008).
+
+    While ``state`` is ``resending`` the partition's cursor is its position in the restored backlog;
+    afterwards the ordinary read leaves the backlog (``max_id``, ``max_created_at``) out."""
+
+    policy: RestorePolicy
+    state: RestorePhase
+    next_xid: int
+    max_id: int
+    max_created_at: datetime
+    rows: int
+    done: int
+    detected_at: datetime
+    finished_at: datetime | None
+
+
+def lease_of(row: Any, *, relay_id: uuid.UUID, partition: int, holder: str) -> Lease:
+    """A Lease from a ``relay_partitions`` row (epoch, cursor, identity and retry columns)."""
+    return Lease(
+        relay_id=relay_id,
+        partition=partition,
+        holder=holder,
+        epoch=row["lease_epoch"],
+        cursor_txid=row["cursor_txid"],
+        cursor_id=row["cursor_id"],
+        system_identifier=row["system_identifier"],
+        retry=RetryState(
+            outbox_id=row["retry_outbox_id"],
+            attempts=row["retry_attempts"],
+            errors=json.loads(row["retry_errors"]),
+            next_at=row["retry_next_at"],
+        )
+        if row["retry_outbox_id"] is not None
+        else None,
+    )
+
+
+class Unchanged:
+    """Marker: keep the stored secret as it is."""
+
+
+KEEP = Unchanged()
+
+
+def _select(table: ResourceTable) -> str:
+    return (
+        "SELECT id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, created_at, updated_at "
+        f"FROM {_table(table)}"
+        if table != "relays"
+        else "SELECT id, name, spec::text AS spec, false AS has_secret, created_at, updated_at FROM relays"
+    )
+
+
+def _tenant(row: Any) -> TenantRow:
+    return TenantRow(
+        id=row["id"],
+        name=row["name"],
+        display_name=row["display_name"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _resource(row: Any) -> ResourceRow:
+    return ResourceRow(
+        id=row["id"],
+        name=row["name"],
+        spec=row["spec"].encode(),
+        has_secret=bool(row["has_secret"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
