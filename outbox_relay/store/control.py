@@ -30,6 +30,9 @@ from outbox_relay.store.rows import (
     Lease as Lease,
 )
 from outbox_relay.store.rows import (
+    PartitionState as PartitionState,
+)
+from outbox_relay.store.rows import (
     RelayPlan as RelayPlan,
 )
 from outbox_relay.store.rows import (

@@ -15,6 +15,7 @@ from outbox_relay.store.dead_letters import NewLetter, insert_letter
 from outbox_relay.store.rows import (
     HELD_BY_LEASE,
     Lease,
+    PartitionState,
     RelayPlan,
     ResourceRow,
     RestorePhase,
@@ -408,12 +409,12 @@ class PartitionsStore(StoreBase):
             "UPDATE databases SET maintained_at = now(), maintenance_error = $2 WHERE id = $1", database_id, error
         )
 
-    async def partition_states(self, relay_id: uuid.UUID) -> list[dict[str, Any]]:
+    async def partition_states(self, relay_id: uuid.UUID) -> list[PartitionState]:
         return (await self.partition_states_of([relay_id])).get(relay_id, [])
 
     async def partition_states_of(
         self, relay_ids: list[uuid.UUID], ownership_ttl_s: float = 10.0
-    ) -> dict[uuid.UUID, list[dict[str, Any]]]:
+    ) -> dict[uuid.UUID, list[PartitionState]]:
         """Every partition's state of each relay, by relay, in one query (the tenant overview)."""
         rows = await self.pool.fetch(
             "SELECT p.relay_id, p.partition, p.cursor_txid, p.cursor_id, p.lease_holder, p.lease_epoch, "
@@ -431,7 +432,7 @@ class PartitionsStore(StoreBase):
             relay_ids,
             ownership_ttl_s,
         )
-        by_relay: dict[uuid.UUID, list[dict[str, Any]]] = {}
+        by_relay: dict[uuid.UUID, list[PartitionState]] = {}
         for r in rows:
-            by_relay.setdefault(r["relay_id"], []).append(dict(r))
+            by_relay.setdefault(r["relay_id"], []).append(PartitionState(**dict(r)))
         return by_relay

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any, Literal, get_args
 
 import asyncpg
+import msgspec
 
 ResourceTable = Literal["databases", "targets", "relays"]
 RESOURCE_TABLES: frozenset[str] = frozenset(get_args(ResourceTable))
@@ -236,3 +237,44 @@ def _resource(row: Any) -> ResourceRow:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
+
+
+class PartitionState(msgspec.Struct, kw_only=True):
+    """One relay partition's row as the status reads it (:meth:`PartitionsStore.partition_states_of`):
+    its cursor, lease, counts, last error, retry, lag sample and restore."""
+
+    partition: int
+    relay_id: uuid.UUID | None = None
+    cursor_txid: int = 0
+    cursor_id: int = 0
+    lease_holder: str | None = None
+    lease_epoch: int = 0
+    lease_expires_at: datetime | None = None
+    """A fleet owner's partition lapses with the owner's heartbeat (its own column is null)."""
+    lease_expired: bool | None = None
+    last_published_at: datetime | None = None
+    last_error: str | None = None
+    last_error_at: datetime | None = None
+    last_error_class: str | None = None
+    published_count: int = 0
+    filtered_count: int = 0
+    dead_count: int = 0
+    retried_count: int = 0
+    retry_outbox_id: int | None = None
+    retry_attempts: int | None = None
+    retry_next_at: datetime | None = None
+    resets: int = 0
+    last_reset_at: datetime | None = None
+    last_reset_reason: str | None = None
+    pending_estimate: int | None = None
+    oldest_pending_at: datetime | None = None
+    pending_checked_at: datetime | None = None
+    stall: str | None = None
+    """The stall the worker's lag probe found, as JSON text (a long-running transaction's pid, age...)."""
+    lag_s: float | None = None
+    restore_policy: RestorePolicy | None = None
+    restore_state: RestorePhase | None = None
+    restore_rows: int = 0
+    restore_done: int = 0
+    restore_detected_at: datetime | None = None
+    restore_finished_at: datetime | None = None

@@ -16,11 +16,12 @@ horizon back. States, worst first:
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
 from outbox_relay.domain import CauseKind, CauseKindName, PartitionErrorClass
+from outbox_relay.store.control import PartitionState
 
 State = Literal["paused", "failing", "stalled", "running", "idle"]
 RECENT = timedelta(seconds=60)
@@ -123,15 +124,15 @@ class RelayStatus(msgspec.Struct, kw_only=True):
     partitions: list[PartitionStatus]
 
 
-def partition_restore(p: dict[str, Any]) -> RestoreStatus | None:
-    if p.get("restore_state") is None:
-        return None
-    detected, finished = p["restore_detected_at"], p["restore_finished_at"]
+def partition_restore(p: PartitionState) -> RestoreStatus | None:
+    detected, finished = p.restore_detected_at, p.restore_finished_at
+    if p.restore_state is None or p.restore_policy is None or detected is None:
+        return None  # the three are written together, by the detection
     return RestoreStatus(
-        policy=p["restore_policy"],
-        state=p["restore_state"],
-        rows=p["restore_rows"],
-        done=p["restore_done"],
+        policy=p.restore_policy,
+        state=p.restore_state,
+        rows=p.restore_rows,
+        done=p.restore_done,
         detected_at=detected,
         finished_at=finished,
         duration_s=round((finished - detected).total_seconds(), 3) if finished is not None else None,
@@ -162,27 +163,27 @@ _SEVERITY: dict[str, int] = {kind: rank for rank, kind in enumerate(CauseKind)}
 """CauseKind lists the kinds worst first."""
 
 
-def partition_cause(p: dict[str, Any], now: datetime) -> Cause | None:
-    part = p["partition"]
-    error_at = p["last_error_at"]
+def partition_cause(p: PartitionState, now: datetime) -> Cause | None:
+    part = p.partition
+    error_at = p.last_error_at
     recent_error = (
         error_at is not None
         and now - error_at < RECENT
-        and (p["last_published_at"] is None or p["last_published_at"] <= error_at)
+        and (p.last_published_at is None or p.last_published_at <= error_at)
     )
-    if recent_error and p["last_error_class"] == PartitionErrorClass.TARGET_UNAVAILABLE:
-        return Cause(kind=CauseKind.TARGET_UNREACHABLE.value, detail=p["last_error"], partition=part)
-    if recent_error and p["last_error_class"] == PartitionErrorClass.DATABASE_UNAVAILABLE:
-        return Cause(kind=CauseKind.DATABASE_UNREACHABLE.value, detail=p["last_error"], partition=part)
-    if p["retry_outbox_id"] is not None:
+    if recent_error and p.last_error_class == PartitionErrorClass.TARGET_UNAVAILABLE:
+        return Cause(kind=CauseKind.TARGET_UNREACHABLE.value, detail=p.last_error or "", partition=part)
+    if recent_error and p.last_error_class == PartitionErrorClass.DATABASE_UNAVAILABLE:
+        return Cause(kind=CauseKind.DATABASE_UNREACHABLE.value, detail=p.last_error or "", partition=part)
+    if p.retry_outbox_id is not None:
         return Cause(
             kind=CauseKind.POISON_MESSAGE.value,
-            detail=p["last_error"] or "a refused message is being retried",
+            detail=p.last_error or "a refused message is being retried",
             partition=part,
-            outbox_id=p["retry_outbox_id"],
-            attempts=p["retry_attempts"],
+            outbox_id=p.retry_outbox_id,
+            attempts=p.retry_attempts,
         )
-    stall = msgspec.json.decode(p["stall"]) if p["stall"] else None
+    stall = msgspec.json.decode(p.stall) if p.stall else None
     if stall and stall.get("cause") == CauseKind.LONG_RUNNING_TRANSACTION:
         age = stall.get("age_s")
         where = stall.get("database")
@@ -198,55 +199,55 @@ def partition_cause(p: dict[str, Any], now: datetime) -> Cause | None:
             age_s=age,
             database=where,
         )
-    expires = p["lease_expires_at"]
+    expires = p.lease_expires_at
     waiting = _waits(p)
-    if waiting and p["lease_holder"] is not None and expires is not None and now - expires > LEASE_GRACE:
+    if waiting and p.lease_holder is not None and expires is not None and now - expires > LEASE_GRACE:
         return Cause(
             kind=CauseKind.LEASE_LOST.value,
-            detail=f"the lease of {p['lease_holder']} expired at {expires.isoformat()} and no worker took it over",
+            detail=f"the lease of {p.lease_holder} expired at {expires.isoformat()} and no worker took it over",
             partition=part,
         )
     return None
 
 
-def _waits(p: dict[str, Any]) -> bool:
+def _waits(p: PartitionState) -> bool:
     """Whether a partition had rows waiting when last sampled: read and not yet published, or
     still in the outbox (a lag without a count, e.g. behind a long-running transaction)."""
-    return (p["pending_estimate"] or 0) > 0 or (p["lag_s"] or 0) > 0
+    return (p.pending_estimate or 0) > 0 or (p.lag_s or 0) > 0
 
 
-def partition_status(p: dict[str, Any], enabled: bool, now: datetime) -> PartitionStatus:
+def partition_status(p: PartitionState, enabled: bool, now: datetime) -> PartitionStatus:
     """One partition's status from its ``relay_partitions`` row (with the lag and pending columns)."""
     return PartitionStatus(
-        partition=p["partition"],
-        cursor=f"{p['cursor_txid']}:{p['cursor_id']}",
-        published=p["published_count"],
-        filtered=p.get("filtered_count", 0),
-        pending=p["pending_estimate"],
-        oldest_pending_at=p["oldest_pending_at"] if _waits(p) else None,
-        lag_s=p["lag_s"],
-        lease_holder=p["lease_holder"],
-        lease_epoch=p["lease_epoch"],
-        lease_expires_at=p["lease_expires_at"],
-        last_published_at=p["last_published_at"],
-        last_error=p["last_error"],
-        last_error_class=p["last_error_class"],
-        last_error_at=p["last_error_at"],
-        dead_lettered=p["dead_count"],
-        retries=p["retried_count"],
+        partition=p.partition,
+        cursor=f"{p.cursor_txid}:{p.cursor_id}",
+        published=p.published_count,
+        filtered=p.filtered_count,
+        pending=p.pending_estimate,
+        oldest_pending_at=p.oldest_pending_at if _waits(p) else None,
+        lag_s=p.lag_s,
+        lease_holder=p.lease_holder,
+        lease_epoch=p.lease_epoch,
+        lease_expires_at=p.lease_expires_at,
+        last_published_at=p.last_published_at,
+        last_error=p.last_error,
+        last_error_class=p.last_error_class,
+        last_error_at=p.last_error_at,
+        dead_lettered=p.dead_count,
+        retries=p.retried_count,
         retrying=RetryingMessage(
-            outbox_id=p["retry_outbox_id"], attempts=p["retry_attempts"], next_attempt_at=p["retry_next_at"]
+            outbox_id=p.retry_outbox_id, attempts=p.retry_attempts or 0, next_attempt_at=p.retry_next_at
         )
-        if p["retry_outbox_id"] is not None
+        if p.retry_outbox_id is not None
         else None,
-        resets=p["resets"],
-        last_reset_reason=p["last_reset_reason"],
+        resets=p.resets,
+        last_reset_reason=p.last_reset_reason,
         restore=partition_restore(p),
         cause=partition_cause(p, now) if enabled else None,
     )
 
 
-def relay_status(name: str, enabled: bool, parts: list[dict[str, Any]], now: datetime | None = None) -> RelayStatus:
+def relay_status(name: str, enabled: bool, parts: list[PartitionState], now: datetime | None = None) -> RelayStatus:
     now = now or datetime.now(UTC)
     statuses = [partition_status(p, enabled, now) for p in parts]
     causes = sorted((s.cause for s in statuses if s.cause), key=lambda c: _SEVERITY[c.kind])

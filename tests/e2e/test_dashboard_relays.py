@@ -26,6 +26,7 @@ from litestar.testing import AsyncTestClient
 from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 
 from outbox_relay.config import Settings
+from outbox_relay.store.control import PartitionState
 from service.app import create_app
 from service.relays.status import relay_status
 from service.ui.forms import duration
@@ -476,7 +477,7 @@ def test_a_long_running_transaction_renders_with_pid_age_and_database() -> None:
             {"cause": "long_running_transaction", "pid": 4242, "age_s": 3725.0, "database": "<app>"}
         ).encode(),
     }
-    status = relay_status("shop", True, [part], now=now)
+    status = relay_status("shop", True, [PartitionState(**part)], now=now)
     assert status.cause is not None and status.cause.kind == "long_running_transaction"
     relay = type("R", (), {"name": "shop", "database": "app", "target": "q", "partitions": 4, "enabled": True})()
     template = ui_template_config().engine_instance.get_template("relays.html")
@@ -548,7 +549,7 @@ def test_the_filtered_count_shows_for_a_relay_with_a_filter() -> None:
     template = ui_template_config().engine_instance.get_template("relays.html")
 
     def render(filter_: object, filtered: int) -> str:
-        status = relay_status("shop", True, [{**part, "filtered_count": filtered}], now=now)
+        status = relay_status("shop", True, [PartitionState(**{**part, "filtered_count": filtered})], now=now)
         relay = type(
             "R",
             (),

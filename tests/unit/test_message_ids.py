@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import msgspec
 import pytest
 
 from outbox_relay.brokers.base import OutgoingMessage
@@ -12,6 +14,7 @@ from outbox_relay.client import ClientError
 from outbox_relay.client.inbox import message_id
 from outbox_relay.domain import Relay
 from outbox_relay.engine import build_messages
+from outbox_relay.store.control import PartitionState
 from outbox_relay.tenant.db import OutboxRow, derived_message_id
 from service.relays.status import relay_status
 
@@ -50,10 +53,10 @@ def test_the_inbox_stores_ids_in_one_canonical_form() -> None:
         with pytest.raises(ClientError):
             message_id(bad)
     with pytest.raises(ClientError):
-        message_id(True)  # type: ignore[arg-type]
+        message_id(True)
 
 
-def partition(n: int, **restore: object) -> dict[str, object]:
+def partition(n: int, **restore: Any) -> PartitionState:
     base: dict[str, object] = {
         "partition": n,
         "cursor_txid": 0,
@@ -85,7 +88,7 @@ def partition(n: int, **restore: object) -> dict[str, object]:
         "restore_finished_at": None,
     }
     base.update({f"restore_{k}": v for k, v in restore.items()})
-    return base
+    return PartitionState(**base)
 
 
 def test_the_status_sums_a_restore_over_partitions_and_says_resending_until_all_are_done() -> None:
@@ -95,14 +98,16 @@ def test_the_status_sums_a_restore_over_partitions_and_says_resending_until_all_
         partition(1, policy="resend", state="resending", rows=90, done=40, detected_at=t0 + timedelta(seconds=2)),
         partition(2),
     ]
-    status = relay_status("r", True, parts, now=t0)  # type: ignore[arg-type]
+    status = relay_status("r", True, parts, now=t0)
     assert status.restore is not None
     assert (status.restore.state, status.restore.rows, status.restore.done) == ("resending", 160, 110)
     assert status.restore.finished_at is None and status.restore.detected_at == t0
     assert status.partitions[2].restore is None
     assert status.partitions[0].restore is not None and status.partitions[0].restore.duration_s == 86_400.0
 
-    parts[1].update(restore_state="resent", restore_done=90, restore_finished_at=t0 + timedelta(seconds=3))
-    done = relay_status("r", True, parts, now=t0).restore  # type: ignore[arg-type]
+    parts[1] = msgspec.structs.replace(
+        parts[1], restore_state="resent", restore_done=90, restore_finished_at=t0 + timedelta(seconds=3)
+    )
+    done = relay_status("r", True, parts, now=t0).restore
     assert done is not None and (done.state, done.done, done.finished_at) == ("resent", 160, t0 + timedelta(1))
-    assert relay_status("r", True, [partition(0)], now=t0).restore is None  # type: ignore[arg-type]
+    assert relay_status("r", True, [partition(0)], now=t0).restore is None
