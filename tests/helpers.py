@@ -7,8 +7,6 @@ import contextlib
 import itertools
 import os
 import sys
-import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 from litestar.testing import AsyncTestClient
 
 from outbox_relay.netguard import AddressPolicy
+from tests.servers import LiveServer as LiveServer
 
 if TYPE_CHECKING:
-    from outbox_relay.config import Settings
+    pass
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -60,34 +59,6 @@ async def make_tenant(client: AsyncTestClient[Any], prefix: str = "t") -> Tenant
     r = await client.post(f"/v1/tenants/{name}/api-keys", json={"description": "test"}, headers=admin())
     assert r.status_code == 201, r.text
     return TenantClient(client, name, r.json()["key"])
-
-
-class LiveServer:
-    """The API under uvicorn on a free port, in a thread with its own event loop (tests and bench)."""
-
-    def __init__(self, settings: Settings) -> None:
-        import uvicorn
-
-        from service.app import create_app
-        from tests.brokers import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="live-api", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the API did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @dataclass
