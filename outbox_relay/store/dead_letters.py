@@ -25,6 +25,10 @@ from msgspec import Meta
 
 from outbox_relay.domain import JobStatus, LetterStatus, Name
 from outbox_relay.errors import InvalidRequest
+from outbox_relay.store.resources import relay_route, target_with_secret
+from outbox_relay.store.rows import RelayRoute as RelayRoute
+from outbox_relay.store.rows import TargetRow as TargetRow
+from outbox_relay.store.tenants import tenant_id_by_name
 
 STATUSES = tuple(LetterStatus)
 STALE_CLAIM_S = 600.0
@@ -237,25 +241,6 @@ class Counts:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RelayRoute:
-    """A relay as it is now, with its current target: where a replay goes by default."""
-
-    relay_id: uuid.UUID
-    relay_name: str
-    relay_spec: bytes
-    target: TargetRow
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TargetRow:
-    id: uuid.UUID
-    name: str
-    spec: bytes
-    secret: bytes | None
-    updated_at: datetime
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class JobRow:
     id: uuid.UUID
     tenant_id: uuid.UUID | None
@@ -283,8 +268,7 @@ class DeadLetterStore:
         self.pool = pool
 
     async def tenant_id(self, name: str) -> uuid.UUID | None:
-        value: uuid.UUID | None = await self.pool.fetchval("SELECT id FROM tenants WHERE name = $1", name)
-        return value
+        return await tenant_id_by_name(self.pool, name)
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -448,42 +432,12 @@ class DeadLetterStore:
     # --- where a replay goes -----------------------------------------------------------------------
 
     async def relay_route(self, relay_id: uuid.UUID) -> RelayRoute | None:
-        row = await self.pool.fetchrow(
-            "SELECT r.id, r.name, r.spec::text AS spec, g.id AS target_id, g.name AS target_name, "
-            "g.spec::text AS target_spec, g.secret, g.updated_at AS target_updated_at "
-            "FROM relays r JOIN targets g ON g.id = r.target_id WHERE r.id = $1",
-            relay_id,
-        )
-        if row is None:
-            return None
-        return RelayRoute(
-            relay_id=row["id"],
-            relay_name=row["name"],
-            relay_spec=row["spec"].encode(),
-            target=TargetRow(
-                id=row["target_id"],
-                name=row["target_name"],
-                spec=row["target_spec"].encode(),
-                secret=bytes(row["secret"]) if row["secret"] is not None else None,
-                updated_at=row["target_updated_at"],
-            ),
-        )
+        """Where a replay of the relay's letters goes by default (:func:`~outbox_relay.store.resources.relay_route`)."""
+        return await relay_route(self.pool, relay_id)
 
     async def target(self, tenant_id: uuid.UUID, name: str) -> TargetRow | None:
-        row = await self.pool.fetchrow(
-            "SELECT id, name, spec::text AS spec, secret, updated_at FROM targets WHERE tenant_id = $1 AND name = $2",
-            tenant_id,
-            name,
-        )
-        if row is None:
-            return None
-        return TargetRow(
-            id=row["id"],
-            name=row["name"],
-            spec=row["spec"].encode(),
-            secret=bytes(row["secret"]) if row["secret"] is not None else None,
-            updated_at=row["updated_at"],
-        )
+        """A target with its secret, for a replay (:func:`~outbox_relay.store.resources.target_with_secret`)."""
+        return await target_with_secret(self.pool, tenant_id, name)
 
     # --- replay jobs -------------------------------------------------------------------------------
 

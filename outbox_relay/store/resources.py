@@ -19,8 +19,10 @@ from outbox_relay.errors import (
 )
 from outbox_relay.store.base import StoreBase
 from outbox_relay.store.rows import (
+    RelayRoute,
     ResourceRow,
     ResourceTable,
+    TargetRow,
     Unchanged,
     _resource,
     _select,
@@ -253,3 +255,39 @@ async def _update_relay(
         spec.decode(),
     )
     return _resource(row)
+
+
+async def target_with_secret(pool: asyncpg.Pool, tenant_id: uuid.UUID, name: str) -> TargetRow | None:
+    """A tenant's target with its (encrypted) secret and version, in one read (a replay's)."""
+    row = await pool.fetchrow(
+        "SELECT id, name, spec::text AS spec, secret, updated_at FROM targets WHERE tenant_id = $1 AND name = $2",
+        tenant_id,
+        name,
+    )
+    return _target_row(row["id"], row["name"], row["spec"], row["secret"], row["updated_at"]) if row else None
+
+
+async def relay_route(pool: asyncpg.Pool, relay_id: uuid.UUID) -> RelayRoute | None:
+    """A relay as it is now, with its current target and that target's secret."""
+    row = await pool.fetchrow(
+        "SELECT r.id, r.name, r.spec::text AS spec, g.id AS target_id, g.name AS target_name, "
+        "g.spec::text AS target_spec, g.secret, g.updated_at AS target_updated_at "
+        "FROM relays r JOIN targets g ON g.id = r.target_id WHERE r.id = $1",
+        relay_id,
+    )
+    if row is None:
+        return None
+    target = _target_row(
+        row["target_id"], row["target_name"], row["target_spec"], row["secret"], row["target_updated_at"]
+    )
+    return RelayRoute(relay_id=row["id"], relay_name=row["name"], relay_spec=row["spec"].encode(), target=target)
+
+
+def _target_row(target_id: uuid.UUID, name: str, spec: str, secret: Any, updated_at: datetime) -> TargetRow:
+    return TargetRow(
+        id=target_id,
+        name=name,
+        spec=spec.encode(),
+        secret=bytes(secret) if secret is not None else None,
+        updated_at=updated_at,
+    )

@@ -278,3 +278,22 @@ class PartitionState(msgspec.Struct, kw_only=True):
     restore_done: int = 0
     restore_detected_at: datetime | None = None
     restore_finished_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayRoute:
+    """A relay as it is now, with its current target: where a replay goes by default."""
+
+    relay_id: uuid.UUID
+    relay_name: str
+    relay_spec: bytes
+    target: TargetRow
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetRow:
+    id: uuid.UUID
+    name: str
+    spec: bytes
+    secret: bytes | None
+    updated_at: datetime

@@ -7,6 +7,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
+
 from outbox_relay.config import QUOTAS
 from outbox_relay.errors import (
     QuotaExceeded,
@@ -195,3 +197,9 @@ class TenantsStore(StoreBase):
         return (
             await self.pool.fetchval("DELETE FROM ui_sessions WHERE token_hash = $1 RETURNING true", token_hash) is True
         )
+
+
+async def tenant_id_by_name(pool: asyncpg.Pool, name: str) -> uuid.UUID | None:
+    """The id of the tenant called ``name`` (a dead-letter filter names tenants)."""
+    value: uuid.UUID | None = await pool.fetchval("SELECT id FROM tenants WHERE name = $1", name)
+    return value
