@@ -1,4 +1,5 @@
-"""Redis Streams adapter: one non-transactional pipeline of ``XADD`` per batch (redis-py asyncio).
+"""Redis Streams adapter: one pipelined write of ``XADD`` per batch (packed by hiredis, written on a
+pooled redis-py asyncio connection, the replies read in order).
 
 Stream key = ``message.destination``. Each entry's fields, all values bytes on the wire:
 
@@ -16,7 +17,7 @@ command-level error answers only its own command: ``WRONGTYPE`` (the key holds s
 not a stream), ``NOPERM`` and other refusals → :class:`MessageRejected` at that index, while errors
 that describe the server rather than the message (``OOM``, ``READONLY`` replica, ``BUSY``,
 ``LOADING``, ``MASTERDOWN``, ``CLUSTERDOWN``, ``TRYAGAIN``) and connection errors or timeouts
-(``timeout_ms`` per socket operation), or anything else that fails the whole pipeline (e.g. the
+(``timeout_ms`` for the whole batch), or anything else that fails the whole pipeline (e.g. the
 connection's ``AUTH``) → :class:`TargetUnavailable`. The connection pool reconnects by itself on a
 later batch.
 
