@@ -20,12 +20,20 @@ from litestar.params import FromPath
 from litestar.response import Redirect, Template
 
 from outbox_relay.domain import NAME_RE, CauseKind
-from outbox_relay.errors import OutboxRelayError
 from service.deps import ServicesDep
 from service.relays import service as relays_mod
 from service.ui.auth import SignInRequired, User, UserDep, provide_user
 from service.ui.forms import checked_form
-from service.ui.responses import http_error, internal_error, page, redirect, safe_back, signin_redirect
+from service.ui.responses import (
+    UI_REFUSALS,
+    http_error,
+    internal_error,
+    on_refusal,
+    page,
+    redirect,
+    safe_back,
+    signin_redirect,
+)
 
 ADMIN_NOTE = "Relays belong to tenants: sign in with a tenant's API key to see and pause its relays."
 CAUSE_LABELS = {
@@ -43,10 +51,6 @@ def _checked_name(name: str) -> str:
     return name
 
 
-def _refusal(exc: Exception) -> str:
-    return str(exc.detail) if isinstance(exc, HTTPException) else str(exc)
-
-
 class UIRelaysController(Controller):
     path = "/ui/relays"
     include_in_schema = False
@@ -54,6 +58,7 @@ class UIRelaysController(Controller):
     exception_handlers = {
         SignInRequired: signin_redirect,
         HTTPException: http_error,
+        **UI_REFUSALS,
         Exception: internal_error,
     }
 
@@ -114,14 +119,13 @@ class UIRelaysController(Controller):
             return redirect(request, back, ("error", ADMIN_NOTE))
         if not NAME_RE.match(name):
             return redirect(request, back, ("error", f"{name!r} is not a relay name"))
+        on_refusal(request, back, f"Not {verb.lower()}: ")  # the table's errors (NotFound, RelayChanged ...)
         try:
             changed = await relays_mod.set_enabled(
                 services, user.caller.tenant, name, enabled, actor=user.caller.actor, via="ui"
             )
-        except LookupError as exc:
-            return redirect(request, back, ("error", f"Not {verb.lower()}: {exc.args[0]}"))
-        except (HTTPException, OutboxRelayError) as exc:
-            return redirect(request, back, ("error", f"Not {verb.lower()}: {_refusal(exc)}"))
+        except HTTPException as exc:  # a check of the relay's own (Problem), outside the table
+            return redirect(request, back, ("error", f"Not {verb.lower()}: {exc.detail}"))
         if not changed:
             already = "was not paused" if enabled else "was already paused"
             return redirect(request, back, ("notice", f"Relay {name!r} {already}."))
