@@ -21,6 +21,7 @@ from typing import Any
 
 import aio_pika
 import asyncpg
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
@@ -450,34 +451,21 @@ async def test_relays_page_for_the_admin_key(settings: Settings) -> None:
 def test_a_long_running_transaction_renders_with_pid_age_and_database() -> None:
     """The template alone (no server): every detail of the cause the status computes."""
     now = datetime.now(UTC)
-    part = {
-        "partition": 3,
-        "cursor_txid": 10,
-        "cursor_id": 4,
-        "published_count": 7,
-        "pending_estimate": 2,
-        "oldest_pending_at": now - timedelta(seconds=75),
-        "lag_s": 75.0,
-        "lease_holder": "worker-9",
-        "lease_epoch": 5,
-        "lease_expires_at": now + timedelta(seconds=5),
-        "last_published_at": now - timedelta(seconds=80),
-        "last_error": None,
-        "last_error_class": None,
-        "last_error_at": None,
-        "dead_count": 0,
-        "retried_count": 0,
-        "retry_outbox_id": None,
-        "retry_attempts": None,
-        "retry_next_at": None,
-        "resets": 0,
-        "last_reset_reason": None,
-        "restore_state": None,
-        "stall": json.dumps(
-            {"cause": "long_running_transaction", "pid": 4242, "age_s": 3725.0, "database": "<app>"}
-        ).encode(),
-    }
-    status = relay_status("shop", True, [PartitionState(**part)], now=now)
+    part = PartitionState(  # the columns the template shows; the rest at their defaults
+        partition=3,
+        cursor_txid=10,
+        cursor_id=4,
+        published_count=7,
+        pending_estimate=2,
+        oldest_pending_at=now - timedelta(seconds=75),
+        lag_s=75.0,
+        lease_holder="worker-9",
+        lease_epoch=5,
+        lease_expires_at=now + timedelta(seconds=5),
+        last_published_at=now - timedelta(seconds=80),
+        stall=json.dumps({"cause": "long_running_transaction", "pid": 4242, "age_s": 3725.0, "database": "<app>"}),
+    )
+    status = relay_status("shop", True, [part], now=now)
     assert status.cause is not None and status.cause.kind == "long_running_transaction"
     relay = type("R", (), {"name": "shop", "database": "app", "target": "q", "partitions": 4, "enabled": True})()
     template = ui_template_config().engine_instance.get_template("relays.html")
@@ -520,36 +508,19 @@ def test_the_filtered_count_shows_for_a_relay_with_a_filter() -> None:
     """The template alone: ``Filtered out`` for a relay with a filter (or rows it filtered before the
     filter was removed), and nothing of it for one that never had one."""
     now = datetime.now(UTC)
-    part = {
-        "partition": 0,
-        "cursor_txid": 10,
-        "cursor_id": 4,
-        "published_count": 7,
-        "filtered_count": 1234,
-        "pending_estimate": 0,
-        "oldest_pending_at": None,
-        "lag_s": None,
-        "lease_holder": None,
-        "lease_epoch": 1,
-        "lease_expires_at": None,
-        "last_published_at": now,
-        "last_error": None,
-        "last_error_class": None,
-        "last_error_at": None,
-        "dead_count": 0,
-        "retried_count": 0,
-        "retry_outbox_id": None,
-        "retry_attempts": None,
-        "retry_next_at": None,
-        "resets": 0,
-        "last_reset_reason": None,
-        "restore_state": None,
-        "stall": None,
-    }
+    part = PartitionState(
+        partition=0,
+        cursor_txid=10,
+        cursor_id=4,
+        published_count=7,
+        pending_estimate=0,
+        lease_epoch=1,
+        last_published_at=now,
+    )
     template = ui_template_config().engine_instance.get_template("relays.html")
 
     def render(filter_: object, filtered: int) -> str:
-        status = relay_status("shop", True, [PartitionState(**{**part, "filtered_count": filtered})], now=now)
+        status = relay_status("shop", True, [msgspec.structs.replace(part, filtered_count=filtered)], now=now)
         relay = type(
             "R",
             (),
