@@ -7,7 +7,9 @@ callbacks still saw every slot taken, cleared ``rows`` and waited for a wake-up 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -73,49 +75,47 @@ class StubEngine:
             reader.rows.set()
 
 
-async def test_a_round_that_ends_while_every_slot_is_taken_lets_the_next_one_start() -> None:
-    engine, reader = StubEngine(ROUNDS_IN_FLIGHT + 1), StubReader()
+@contextlib.asynccontextmanager
+async def publishing(engine: StubEngine, reader: StubReader) -> AsyncIterator[None]:
+    """FleetEngine._run_rounds over the stub engine, woken once; stopped and every round let go after."""
     run_rounds: Any = FleetEngine._run_rounds
     publisher = asyncio.create_task(run_rounds(engine, reader))
     try:
         reader.rows.set()
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert engine.started == list(range(ROUNDS_IN_FLIGHT))  # every slot taken, one lane waits
-        engine.gates[0].set()
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert engine.started == list(range(ROUNDS_IN_FLIGHT + 1))
+        await turns()
+        yield
     finally:
         reader.stop.set()
         for gate in engine.gates.values():
             gate.set()
         publisher.cancel()
         await asyncio.gather(publisher, return_exceptions=True)
+
+
+async def turns(n: int = 20) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_a_round_that_ends_while_every_slot_is_taken_lets_the_next_one_start() -> None:
+    engine, reader = StubEngine(ROUNDS_IN_FLIGHT + 1), StubReader()
+    async with publishing(engine, reader):
+        assert engine.started == list(range(ROUNDS_IN_FLIGHT))  # every slot taken, one lane waits
+        engine.gates[0].set()
+        await turns()
+        assert engine.started == list(range(ROUNDS_IN_FLIGHT + 1))
 
 
 async def test_a_relay_sharing_the_worker_with_another_tenant_has_one_round_in_flight() -> None:
     """Beside another tenant a relay's rounds go one at a time (four joined into one group publish
     held the loop for milliseconds); once alone again it fills every slot."""
     engine, reader = StubEngine(ROUNDS_IN_FLIGHT + 1, shared=True), StubReader()
-    run_rounds: Any = FleetEngine._run_rounds
-    publisher = asyncio.create_task(run_rounds(engine, reader))
-    try:
-        reader.rows.set()
-        for _ in range(20):
-            await asyncio.sleep(0)
+    async with publishing(engine, reader):
         assert engine.started == list(range(SHARED_ROUNDS_IN_FLIGHT))
         engine.scheduler.is_shared = False
         engine.gates[0].set()
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await turns()
         assert engine.started == list(range(ROUNDS_IN_FLIGHT + 1))
-    finally:
-        reader.stop.set()
-        for gate in engine.gates.values():
-            gate.set()
-        publisher.cancel()
-        await asyncio.gather(publisher, return_exceptions=True)
 
 
 class PrepareFails:
