@@ -677,7 +677,7 @@ async def scan(
     version = layout.version if layout is not None else sql.SCHEMA_VERSION
     try:
         records = await conn.fetch(sql.scan_sql(schema, version), after[0], after[1], partitions, wanted, limit)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DRIVER_ERRORS as exc:
         raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
     return list(zip((r[0] for r in records), _rows(records, layout, first=1), strict=True))
 
@@ -685,6 +685,6 @@ async def scan(
 async def next_row_at(conn: asyncpg.Connection | asyncpg.Pool, schema: str, after: tuple[int, int]) -> datetime | None:
     try:
         value: datetime | None = await conn.fetchval(sql.next_row_sql(schema), after[0], after[1])
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DRIVER_ERRORS as exc:
         raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
     return value
