@@ -52,6 +52,7 @@ from outbox_relay.store.control import (
 )
 from outbox_relay.store.dead_letters import NewLetter
 from outbox_relay.store.events import ControlEvents
+from outbox_relay.tasks import cancel_and_wait
 from outbox_relay.telemetry import PendingSample, instruments, labels
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import newest_sql, notify_channel, quote_ident
@@ -265,13 +266,13 @@ class TenantConnections:
                 attempt += 1
                 await asyncio.sleep(backoff_s(attempt, base_s=0.5, cap_s=30))
                 continue
-            attempt = 0
             try:
                 await conn.add_listener(channel, wake)
                 entry.listening = True
                 muted = False
                 wake()  # catch what was inserted while we were not listening
                 newest = await conn.fetchrow(newest_sql(db.schema), timeout=self.timeout_s)
+                attempt = 0  # listening and probing: a failure from here on is a new outage
                 probe_at = time.monotonic() + LISTEN_PROBE_S
                 while not conn.is_closed():  # a closed socket shows at once; a silent one at the probe
                     await wait_event(entry.changed, max(0.0, probe_at - time.monotonic()))
@@ -298,20 +299,24 @@ class TenantConnections:
                         newest = now
                         wake()
             except Exception as exc:
+                # a connection that opens and then fails at once (the outbox table is missing, the
+                # role lost its grants) backs off like one that does not open: it reconnected in a
+                # busy loop, about 1,400 sessions a second against the tenant's database
                 log.debug("LISTEN connection lost: %s", exc)
+                attempt += 1
             finally:
                 entry.listening = False
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), timeout=2)
+                    async with asyncio.timeout(2):
+                        await conn.close()
+            if attempt:
+                await asyncio.sleep(backoff_s(attempt, base_s=0.5, cap_s=30))
 
     async def _drop(self, database_id: uuid.UUID) -> None:
         entry = self._dbs.pop(database_id, None)
         if entry is None:
             return
-        if entry.listener:
-            entry.listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await entry.listener
+        await cancel_and_wait(entry.listener)
         server = self._servers.get(entry.server)
         if server is not None:
             server.users.discard(database_id)
@@ -657,9 +662,7 @@ class RelayRunner:
             lost_wait.cancel()
             if work in done:
                 return work.result()
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
+            await cancel_and_wait(work)
             instruments().lease_lost.add(1, metric_labels)
             return SliceResult(SliceOutcome.LOST)
         except LeaseLost:
@@ -668,13 +671,8 @@ class RelayRunner:
             return SliceResult(SliceOutcome.LOST)
         finally:
             instruments().leases_held.add(-1, metric_labels)
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await work
+            await cancel_and_wait(keeper)
+            await cancel_and_wait(work)
             if not lost.is_set():
                 with contextlib.suppress(Exception):
                     await self.store.release_lease(lease)
@@ -714,9 +712,7 @@ class RelayRunner:
             try:
                 result = await self._run(part)
             finally:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                await cancel_and_wait(watcher)
         if part.stop.is_set():
             return dataclasses.replace(result, outcome=SliceOutcome.CHANGED)
         return result

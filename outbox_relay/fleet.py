@@ -63,6 +63,7 @@ from outbox_relay.outages import CONTROL_DB, Outages
 from outbox_relay.store import fleet as fleet_store
 from outbox_relay.store.control import Lease, RelayPlan, control_unavailable
 from outbox_relay.store.fleet import CursorWrite, FleetStore, LagSample
+from outbox_relay.tasks import cancel_and_wait
 from outbox_relay.telemetry import PendingSample, instruments
 from outbox_relay.tenant import db as tenant_db
 
@@ -346,10 +347,7 @@ class RelayReader:
         self.wake.set()
         await self.stop_lanes()
         for task in (self._task, self._publisher, self._watcher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(task)
         if self._inserts is not None:
             self._inserts()
 
@@ -600,10 +598,7 @@ class FleetEngine:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._task, timeout=5)
-        if self._lag_task is not None:
-            self._lag_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lag_task
+        await cancel_and_wait(self._lag_task)
         await self._drop_all()
         await self.cursors.close()
         await self.identities.close()  # a first read's identity write in flight: done before we leave

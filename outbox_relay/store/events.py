@@ -19,6 +19,8 @@ from typing import Any
 
 import asyncpg
 
+from outbox_relay.tasks import cancel_and_wait
+
 log = logging.getLogger("outbox_relay.store.events")
 CHANNEL = "outbox_relay_config"
 
@@ -80,11 +82,9 @@ class ControlEvents:
             finally:
                 self.connected.clear()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), timeout=2)
+                    async with asyncio.timeout(2):
+                        await conn.close()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -342,3 +342,24 @@ async def test_the_listen_connection_stops_listening_while_every_watcher_reads_o
         second()
     finally:
         await tenants.close()
+
+
+async def test_a_listen_connection_that_fails_after_connecting_backs_off() -> None:
+    """A database the LISTEN connection reaches but cannot probe (no outbox schema, or a role that
+    lost its grants) is retried with backoff. It reconnected in a busy loop: about 1,400 sessions a
+    second against the tenant's database, and a close that could hang on a lost cancellation."""
+    name = f"orly_listen_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_dsn("postgres"))
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        tenants = TenantConnections(policy=AddressPolicy(allow_private=True), timeout_s=2)
+        try:
+            await tenants.pool(uuid.uuid4(), datetime.now(UTC), Database(dsn=pg_dsn(name)), None)
+            await asyncio.sleep(2.0)
+        finally:
+            await asyncio.wait_for(tenants.close(), timeout=10)
+        await asyncio.sleep(0.5)  # the last session's end reaches the statistics
+        sessions = await admin.fetchval("SELECT sessions FROM pg_stat_database WHERE datname = $1", name)
+        assert sessions is not None and 1 <= sessions <= 8, f"{sessions} sessions in 2 s"
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
