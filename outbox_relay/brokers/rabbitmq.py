@@ -725,12 +725,15 @@ def _encode_content_header(message: OutgoingMessage) -> bytes | None:
     for name, value in sorted(headers.items()):
         if type(value) is not str:
             return None
-        encoded_name = name.encode()
-        if len(encoded_name) > MAX_HEADER_NAME_BYTES:
-            return None
+        field = _FIELD_NAMES.get(name)
+        if field is None:
+            field = _field_name(name)
+            if field is None:
+                return None
         encoded_value = value.encode()
-        parts.append(len(encoded_name).to_bytes(1, "big") + encoded_name + b"S")
-        parts.append(len(encoded_value).to_bytes(4, "big") + encoded_value)
+        parts.append(field)
+        parts.append(_LONG.pack(len(encoded_value)))
+        parts.append(encoded_value)
     message_id = message.dedupe_id.encode()
     if not 0 < len(message_id) <= MAX_ROUTING_KEY_BYTES:  # a shortstr, like the routing key
         return None
@@ -744,6 +747,24 @@ def _encode_content_header(message: OutgoingMessage) -> bytes | None:
             message_id,
         )
     )
+
+
+_LONG = struct.Struct(">I")
+_FIELD_NAMES: dict[str, bytes] = {}
+"""A header name's encoding in a field table, with the long-string tag after it: a relay's headers
+repeat (outbox-id, traceparent, outbox-key), so each is encoded once."""
+
+
+def _field_name(name: str) -> bytes | None:
+    """``name`` as a field table's shortstr plus the ``S`` tag (remembered in ``_FIELD_NAMES``, up
+    to a bound), or None when it is longer than AMQP allows."""
+    encoded = name.encode()
+    if len(encoded) > MAX_HEADER_NAME_BYTES:
+        return None
+    field = len(encoded).to_bytes(1, "big") + encoded + b"S"
+    if len(_FIELD_NAMES) < 4096:
+        _FIELD_NAMES[name] = field
+    return field
 
 
 def _frame(frame_type: int, channel: int, payload: bytes) -> bytes:
