@@ -40,11 +40,12 @@ refusal.
 
 Batches: up to ``MAX_BATCH_BYTES`` of records per partition go in one record batch (aiokafka's
 default is 16 KiB); a fuller batch of ours is handed over in several. One future per record batch,
-not per message: per-message ``send()`` was most of the adapter's CPU per message (12 -> 6.7 us). A broker whose ``message.max.bytes`` is below that refuses a whole batch as too
+not per message: per-message ``send()`` was most of the adapter's CPU per message (12 -> 6.7 us).
+A broker whose ``message.max.bytes`` is below ``MAX_BATCH_BYTES`` refuses a whole record batch as too
 large, so every message in it is refused; keep the broker's limit at or above it (Kafka's default is
 1 MB).
 
-Every wait is bounded by ``timeout_ms``: ``start()``, the batch's ``send()`` calls (metadata look-ups;
+Every wait is bounded by ``timeout_ms``: ``start()``, handing the batch over (metadata look-ups;
 twice ``timeout_ms`` for all of them), each acknowledgement after the previous one, and ``stop()``
 (aiokafka's ``stop()`` waits for pending batches forever when the brokers are gone:
 aio-libs/aiokafka#1101).
