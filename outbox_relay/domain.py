@@ -366,6 +366,49 @@ class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     exists: bool | UnsetType = UNSET
 
 
+class CloudEventsOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Publish every message as a CloudEvent in binary content mode: the payload stays the body and
+    the event's attributes go where the broker's CloudEvents binding puts them (Kafka: ``ce_``
+    headers and ``content-type``; RabbitMQ: ``ce-`` headers and the content-type property; HTTP:
+    ``ce-`` headers and Content-Type; Redis Streams, which has no binding: ``h:ce-`` fields)."""
+
+    source: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                max_length=512,
+                pattern=r"^[^\s]+$",
+                description="`ce-source`, a URI-reference. Null: `/relays/{relay name}`.",
+                examples=["https://orders.example.com/outbox"],
+            ),
+        ]
+        | None
+    ) = None
+    type_header: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                max_length=128,
+                description="The outbox header whose value is `ce-type`; a row without it uses its topic. "
+                "Null: always the topic.",
+                examples=["event-type"],
+            ),
+        ]
+        | None
+    ) = None
+    data_content_type: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=127,
+            pattern=r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;.*)?$",
+            description="`datacontenttype` of every event: what the payload is.",
+        ),
+    ] = "application/json"
+
+
 class Relay(Resource, kw_only=True, forbid_unknown_fields=True):
     """Publishes one database's outbox to one target."""
 
@@ -393,6 +436,14 @@ class Relay(Resource, kw_only=True, forbid_unknown_fields=True):
                 {"all": [{"topic": {"prefix": "orders."}}, {"payload": "country", "in": ["DE", "FR"]}]},
                 {"not": {"header": "x-test", "exists": True}},
             ],
+        ),
+    ] = None
+    cloudevents: Annotated[
+        CloudEventsOptions | None,
+        Meta(
+            description="Publish each message as a CloudEvent in binary content mode (`ce-id` = the message "
+            "id, `ce-source`, `ce-type` = the topic or a header, `ce-time` = when the row was inserted, "
+            "`ce-specversion` 1.0), in the target broker's binding. Null: plain messages."
         ),
     ] = None
     policy: RelayPolicy = msgspec.field(default_factory=RelayPolicy)

@@ -31,12 +31,22 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from outbox_relay.brokers.base import OutgoingMessage, Publisher, PublishResult
+from outbox_relay.brokers.base import CloudEvent, OutgoingMessage, Publisher, PublishResult
 from outbox_relay.brokers.grouped import GroupPublisher, split
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.delivery import DeadLetterNow, DeliveryPolicy, Settled, backoff_s, settle
-from outbox_relay.domain import CauseKind, Database, ErrorClass, PartitionErrorClass, Relay, SliceOutcome, Target, route
+from outbox_relay.domain import (
+    CauseKind,
+    CloudEventsOptions,
+    Database,
+    ErrorClass,
+    PartitionErrorClass,
+    Relay,
+    SliceOutcome,
+    Target,
+    route,
+)
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.errors import LeaseLost as LeaseLost
 from outbox_relay.filters import Predicate, shared_filter
@@ -616,9 +626,34 @@ def build_messages(
                 key=row.key,
                 payload=row.payload,
                 headers=headers,
+                cloudevent=None
+                if plan_relay.cloudevents is None
+                else cloud_event(plan_relay.cloudevents, relay_name, message_id, row.topic, headers, row.created_at),
             )
         )
     return out
+
+
+def cloud_event(
+    options: CloudEventsOptions,
+    relay_name: str,
+    message_id: str,
+    topic: str,
+    headers: dict[str, str],
+    created_at: datetime | None,
+) -> CloudEvent:
+    """The CloudEvents attributes of one message (the relay's ``cloudevents`` options): ``id`` the
+    message id consumers dedupe on, ``type`` the header the options name or else the outbox topic,
+    ``time`` when the row was inserted (None: a dead letter from before the time was kept, now)."""
+    event_type = headers.get(options.type_header) if options.type_header else None
+    at = created_at if created_at is not None else datetime.now(UTC)
+    return CloudEvent(
+        id=message_id,
+        source=options.source or f"/relays/{relay_name}",
+        type=event_type or topic,
+        time=at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        datacontenttype=options.data_content_type,
+    )
 
 
 class RelayRunner:

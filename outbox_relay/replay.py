@@ -42,8 +42,8 @@ from outbox_relay.brokers.base import OutgoingMessage, Publisher
 from outbox_relay.brokers.factory import open_publisher
 from outbox_relay.crypto import SecretBox
 from outbox_relay.delivery import settle
-from outbox_relay.domain import ErrorClass, LetterStatus, Relay, Target, route
-from outbox_relay.engine import PublisherCache, PublisherFactory
+from outbox_relay.domain import CloudEventsOptions, ErrorClass, LetterStatus, Relay, Target, route
+from outbox_relay.engine import PublisherCache, PublisherFactory, cloud_event
 from outbox_relay.errors import AddressNotAllowed, NotFound, OutboxRelayError, TargetUnavailable
 from outbox_relay.errors import ReplayConflict as ReplayConflict
 from outbox_relay.errors import ReplayError as ReplayError
@@ -109,7 +109,7 @@ def string_headers(headers: dict[str, Any]) -> dict[str, str]:
     return {str(k): v if isinstance(v, str) else msgspec.json.encode(v).decode() for k, v in headers.items()}
 
 
-def replay_message(letter: Letter, destination: str) -> OutgoingMessage:
+def replay_message(letter: Letter, destination: str, cloudevents: CloudEventsOptions | None = None) -> OutgoingMessage:
     headers = string_headers(letter.headers)
     headers.update(
         {
@@ -127,6 +127,11 @@ def replay_message(letter: Letter, destination: str) -> OutgoingMessage:
         key=letter.key,
         payload=letter.payload,
         headers=headers,
+        cloudevent=None
+        if cloudevents is None
+        else cloud_event(
+            cloudevents, letter.relay_name, letter.dedupe_id, letter.topic, headers, letter.outbox_created_at
+        ),
     )
 
 
@@ -213,6 +218,14 @@ class Replayer:
         if relay_id not in self._relays:
             self._relays[relay_id] = await self.letters.relay_route(relay_id)
         return self._relays[relay_id]
+
+    def _cloudevents(self, letter: Letter) -> CloudEventsOptions | None:
+        """The CloudEvents options of the letter's relay (read by :meth:`route_for` just before),
+        or None: a relay that publishes plain messages, or one that no longer exists."""
+        relay_route = self._relays.get(letter.relay_id) if letter.relay_id is not None else None
+        if relay_route is None:
+            return None
+        return msgspec.json.decode(relay_route.relay_spec, type=Relay).cloudevents
 
     async def _target(self, tenant_id: uuid.UUID, name: str) -> TargetRow | None:
         if (tenant_id, name) not in self._targets:
@@ -351,7 +364,7 @@ class Replayer:
         """Publish claimed letters (each with its destination) to one target in order and finish
         each. Returns the outcomes and, when the target could not be reached, why (the letters not
         acknowledged by then failed)."""
-        messages = [replay_message(letter, dest) for letter, dest in items]
+        messages = [replay_message(letter, dest, self._cloudevents(letter)) for letter, dest in items]
         outcomes: list[ReplayOutcome] = []
         index = 0
         try:

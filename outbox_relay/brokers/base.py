@@ -29,6 +29,30 @@ import msgspec
 from outbox_relay.errors import MessageRejected
 
 
+class CloudEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """The CloudEvents attributes of a message published in binary content mode; each adapter puts
+    them where its broker's binding says (see ``outbox_relay.domain.CloudEventsOptions``)."""
+
+    id: str
+    source: str
+    type: str
+    time: str
+    """RFC 3339."""
+    datacontenttype: str
+    specversion: str = "1.0"
+
+    def attributes(self) -> tuple[tuple[str, str], ...]:
+        """The attributes that go into headers (all but ``datacontenttype``, which every binding
+        carries as the content type), in the binding's order."""
+        return (
+            ("id", self.id),
+            ("source", self.source),
+            ("specversion", self.specversion),
+            ("type", self.type),
+            ("time", self.time),
+        )
+
+
 class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
     """One message on its way to a broker."""
 
@@ -44,6 +68,8 @@ class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
     key: str | None
     payload: bytes
     headers: dict[str, str]
+    cloudevent: CloudEvent | None = None
+    """Set when the relay publishes CloudEvents (binary content mode)."""
 
     @property
     def dedupe_id(self) -> str:

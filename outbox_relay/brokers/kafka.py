@@ -2,7 +2,8 @@
 
 Topic = ``message.destination``; the Kafka message key is the outbox key (UTF-8; no key when the
 message has none, so the producer spreads those over partitions); headers are the message's headers
-as ``(name, UTF-8 bytes)`` pairs, plus ``outbox-id`` when the relay did not set it.
+as ``(name, UTF-8 bytes)`` pairs, plus ``outbox-id`` when the relay did not set it; a CloudEvent's
+attributes as ``ce_<name>`` headers and its ``datacontenttype`` as ``content-type`` (the Kafka binding).
 
 Ordering: the batch's messages are appended, in order, to one record batch per topic partition
 (aiokafka's ``create_batch``/``send_batch``), handed to the producer, then the acks are awaited.
@@ -80,6 +81,9 @@ from outbox_relay.netguard import AddressPolicy, Endpoint, NameBoundSSLContext
 log = logging.getLogger(__name__)
 
 ID_HEADER = "outbox-id"
+CE_PREFIX = "ce_"
+"""CloudEvents attributes as Kafka headers (the Kafka protocol binding, binary content mode)."""
+CONTENT_TYPE_HEADER = "content-type"
 
 _LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
@@ -565,6 +569,10 @@ def _headers(message: OutgoingMessage) -> list[tuple[str, bytes]]:
     headers = [(name, value.encode()) for name, value in message.headers.items()]
     if ID_HEADER not in message.headers:
         headers.append((ID_HEADER, message.dedupe_id.encode()))
+    event = message.cloudevent
+    if event is not None:  # the CloudEvents Kafka binding, binary content mode
+        headers += [(CE_PREFIX + name, value.encode()) for name, value in event.attributes()]
+        headers.append((CONTENT_TYPE_HEADER, event.datacontenttype.encode()))
     return headers
 
 

@@ -2,7 +2,9 @@
 
 Each message is published persistent (delivery mode 2) to the target's exchange ('' is the default
 exchange) with ``routing_key = message.destination``, ``message_id = message.dedupe_id``, the
-message's headers copied into the AMQP headers and the key in the header ``outbox-key``.
+message's headers copied into the AMQP headers and the key in the header ``outbox-key``. A
+CloudEvent's attributes go into ``ce-<name>`` headers and its ``datacontenttype`` into the
+``content_type`` property (the CloudEvents RabbitMQ binding, binary content mode).
 
 A publisher has ``LINKS`` (2) connections with one confirm-mode channel each; concurrent callers
 (the worker shares one publisher between the partitions it runs) spread over them, and each keeps up
@@ -84,6 +86,8 @@ from outbox_relay.errors import AddressNotAllowed, MessageRejected, TargetUnavai
 from outbox_relay.netguard import AddressPolicy
 
 KEY_HEADER = "outbox-key"
+CE_PREFIX = "ce-"
+"""CloudEvents attributes as headers (the CloudEvents RabbitMQ binding, binary content mode)."""
 MAX_ROUTING_KEY_BYTES = 255  # shortstr
 MAX_HEADER_NAME_BYTES = 128  # field-table names; pamqp truncates longer ones
 
@@ -674,16 +678,26 @@ class _GuardedConnection(aio_pika.Connection):
 def _properties(message: OutgoingMessage) -> spec.Basic.Properties:
     """The AMQP properties of ``message`` (what ``aio_pika.Message`` set for it before: persistent,
     ``message_id``, the headers with the key in ``outbox-key``, priority 0, an empty cluster id)."""
-    headers: dict[str, Any] = dict(message.headers)
-    if message.key is not None:
-        headers[KEY_HEADER] = message.key
+    event = message.cloudevent
     return spec.Basic.Properties(
-        headers=headers,
+        content_type=None if event is None else event.datacontenttype,
+        headers=_header_table(message),
         delivery_mode=int(DeliveryMode.PERSISTENT),
         priority=0,
         message_id=message.dedupe_id,
         cluster_id="",
     )
+
+
+def _header_table(message: OutgoingMessage) -> dict[str, Any]:
+    """The message's headers, its key as ``outbox-key`` and a CloudEvent's attributes as ``ce-<name>``
+    (the CloudEvents RabbitMQ binding, binary content mode; the content type is the property)."""
+    headers: dict[str, Any] = dict(message.headers)
+    if message.key is not None:
+        headers[KEY_HEADER] = message.key
+    if message.cloudevent is not None:
+        headers.update((CE_PREFIX + name, value) for name, value in message.cloudevent.attributes())
+    return headers
 
 
 def _content_header(message: OutgoingMessage, frame_max: int) -> tuple[bytes | None, str | None]:
@@ -711,6 +725,8 @@ _PROPERTY_FLAGS = sum(
     spec.Basic.Properties.flags[name] for name in ("headers", "delivery_mode", "priority", "message_id")
 )
 _DELIVERY_AND_PRIORITY = bytes((int(DeliveryMode.PERSISTENT), 0))
+_HEADER_START_TYPED = struct.Struct(">HxxQH")  # class id, weight 0, body size, property flags
+_TYPED_PROPERTY_FLAGS = _PROPERTY_FLAGS + spec.Basic.Properties.flags["content_type"]
 
 
 def _encode_content_header(message: OutgoingMessage) -> bytes | None:
@@ -718,9 +734,7 @@ def _encode_content_header(message: OutgoingMessage) -> bytes | None:
     some 50 us a message), for headers whose values are all strings and names at most 128 bytes,
     and a message id of 1 to 255 bytes; None for anything else (then pamqp encodes it, or says why
     it cannot). The field table's names in sorted order, as pamqp writes them."""
-    headers: dict[str, Any] = dict(message.headers)
-    if message.key is not None:
-        headers[KEY_HEADER] = message.key
+    headers = _header_table(message)
     parts: list[bytes] = []
     for name, value in sorted(headers.items()):
         if type(value) is not str:
@@ -738,9 +752,24 @@ def _encode_content_header(message: OutgoingMessage) -> bytes | None:
     if not 0 < len(message_id) <= MAX_ROUTING_KEY_BYTES:  # a shortstr, like the routing key
         return None
     table = b"".join(parts)
+    event = message.cloudevent
+    if event is None:
+        start = _HEADER_START.pack(spec.Basic.frame_id, len(message.payload), _PROPERTY_FLAGS, len(table))
+    else:  # the content type (a shortstr) comes first, before the headers' table
+        content_type = event.datacontenttype.encode()
+        if len(content_type) > MAX_ROUTING_KEY_BYTES:
+            return None
+        start = b"".join(
+            (
+                _HEADER_START_TYPED.pack(spec.Basic.frame_id, len(message.payload), _TYPED_PROPERTY_FLAGS),
+                len(content_type).to_bytes(1, "big"),
+                content_type,
+                _LONG.pack(len(table)),
+            )
+        )
     return b"".join(
         (
-            _HEADER_START.pack(spec.Basic.frame_id, len(message.payload), _PROPERTY_FLAGS, len(table)),
+            start,
             table,
             _DELIVERY_AND_PRIORITY,
             len(message_id).to_bytes(1, "big"),

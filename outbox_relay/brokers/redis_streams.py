@@ -8,6 +8,9 @@ Stream key = ``message.destination``. Each entry's fields, all values bytes on t
 ``outbox-id``           the message id (``OutgoingMessage.dedupe_id``, a UUID)
 ``key``                 the outbox key; absent when the message has none
 ``h:<name>``            one field per header, e.g. ``h:traceparent``, ``h:outbox-relay``
+``h:ce-<attribute>``    a CloudEvent's attributes (``h:ce-id``, ``h:ce-type`` ...) and
+                        ``h:content-type``, when the relay publishes CloudEvents (Redis has no
+                        CloudEvents binding: these are the HTTP binding's names, as header fields)
 ======================  ==========================================================================
 
 With ``maxlen`` every ``XADD`` carries ``MAXLEN ~ maxlen`` (approximate trimming, cheap for Redis).
@@ -54,6 +57,8 @@ PAYLOAD_FIELD = "payload"
 ID_FIELD = "outbox-id"
 KEY_FIELD = "key"
 HEADER_PREFIX = "h:"
+CE_FIELD_PREFIX = HEADER_PREFIX + "ce-"
+CONTENT_TYPE_FIELD = HEADER_PREFIX + "content-type"
 
 _SERVER_STATE_ERRORS = (redis_errors.OutOfMemoryError, redis_errors.ReadOnlyError)
 _SERVER_STATE_PREFIXES = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")
@@ -67,6 +72,11 @@ def entry_fields(message: OutgoingMessage) -> list[str | bytes]:
         fields += (KEY_FIELD, message.key)
     for name, value in message.headers.items():
         fields += (HEADER_PREFIX + name, value)
+    event = message.cloudevent
+    if event is not None:  # Redis has no CloudEvents binding: the HTTP one's names, as header fields
+        for name, value in event.attributes():
+            fields += (CE_FIELD_PREFIX + name, value)
+        fields += (CONTENT_TYPE_FIELD, event.datacontenttype)
     return fields
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pamqp import header as amqp_header
 
-from outbox_relay.brokers.base import OutgoingMessage
+from outbox_relay.brokers.base import CloudEvent, OutgoingMessage
 from outbox_relay.brokers.rabbitmq import _content_header, _encode_content_header, _properties
 
 
@@ -40,6 +40,16 @@ CASES = [
     msg(key="ключ ✓/#?", headers={"ünï code": "välue ✓", "empty": "", "z": "last", "a": "first"}),
     msg(headers={"h" * 128: "v" * 70_000, "traceparent": "00-ab-01"}),
     msg(headers={"outbox-key": "overridden by the key"}),
+    msg(
+        cloudevent=CloudEvent(
+            id="e1", source="/relays/r", type="orders", time="2026-12-03T10:00:00Z", datacontenttype="application/json"
+        )
+    ),
+    msg(
+        key=None,
+        headers={},
+        cloudevent=CloudEvent(id="ü", source="s", type="t", time="x", datacontenttype="text/plain; charset=utf-8"),
+    ),
 ]
 
 
