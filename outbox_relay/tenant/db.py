@@ -688,3 +688,70 @@ async def next_row_at(conn: asyncpg.Connection | asyncpg.Pool, schema: str, afte
     except DRIVER_ERRORS as exc:
         raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
     return value
+
+
+# --- replay from history -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One retained outbox row a replay read: the row (its payload empty when not asked for), with its
+    payload's size and first bytes."""
+
+    row: OutboxRow
+    size: int
+    head: bytes
+
+
+async def horizon(conn: asyncpg.Connection) -> int:
+    """The transaction horizon now: every transaction below it has ended."""
+    try:
+        return int(await conn.fetchval(sql.HORIZON_SQL))
+    except DRIVER_ERRORS as exc:
+        raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
+
+
+async def history_count(
+    conn: asyncpg.Connection, schema: str, by: str, low: Any, high: Any, *, below: int, cap: int
+) -> int:
+    """Rows of the range ``by`` (``inserted_at`` or ``ids``, ``low``/``high`` its bounds) below the
+    horizon ``below``, counted up to ``cap``."""
+    try:
+        return int(await conn.fetchval(sql.history_count_sql(schema, by), low, high, below, cap))
+    except DRIVER_ERRORS as exc:
+        raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
+
+
+async def history_page(
+    conn: asyncpg.Connection,
+    schema: str,
+    by: str,
+    low: Any,
+    high: Any,
+    *,
+    below: int,
+    after: tuple[int, int],
+    limit: int,
+    payloads: bool,
+    head_bytes: int,
+    layout: OutboxLayout | None,
+) -> list[HistoryRow]:
+    """The next ``limit`` rows of the range after ``after`` (:func:`~outbox_relay.tenant.sql.history_page_sql`)."""
+    version = layout.version if layout is not None else sql.SCHEMA_VERSION
+    try:
+        records = await conn.fetch(
+            sql.history_page_sql(schema, by, version), low, high, below, after[0], after[1], limit, payloads, head_bytes
+        )
+    except DRIVER_ERRORS as exc:
+        raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
+    rows = _rows(records, layout, first=2)
+    return [HistoryRow(row, r[0], bytes(r[1])) for r, row in zip(records, rows, strict=True)]
+
+
+async def oldest_row(conn: asyncpg.Connection, schema: str) -> tuple[int, datetime] | None:
+    """The id and insert time of the oldest retained row (lowest id); None for an empty outbox."""
+    try:
+        record = await conn.fetchrow(sql.oldest_row_sql(schema))
+    except DRIVER_ERRORS as exc:
+        raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
+    return (int(record["id"]), record["created_at"]) if record else None
