@@ -6,10 +6,12 @@ have a range of them again: ``POST /v1/relays/{name}/replays`` with an insert-ti
 
 What a replay is, and is not:
 
-* **A closed set.** The range is read below the transaction horizon taken when the replay was asked
-  for (:mod:`outbox_relay.tenant.sql`, "replay from history"): every transaction there had ended, so
-  the rows counted then are the rows the job reads (fewer only when maintenance dropped a day
-  meanwhile; those count as skipped). Only retained rows can be replayed: the answer names the oldest.
+* **A closed set.** The range holds the rows of the transactions that had committed in the snapshot
+  taken when the replay was asked for (:mod:`outbox_relay.tenant.sql`, "replay from history"), so the
+  rows counted then are the rows the job reads (fewer only when maintenance dropped a day meanwhile;
+  those count as skipped). Only retained rows can be replayed: the answer names the oldest. A row the
+  relay has not published yet (held back behind a long transaction) may be replayed first; the relay
+  still publishes it in its turn.
 * **What the relay would publish.** A row is replayed when the topic mapping (the relay's, or the
   request's) routes it, the relay's own filter matches it and the request's filter, if any, matches it;
   the other rows of the range are skipped. The messages are the relay's (payload and headers as stored,
@@ -82,10 +84,11 @@ class HistorySpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The target named in the request; null: the relay's current target."""
     topic_mapping: dict[str, Destination] | None = None
     """The mapping named in the request; null: the relay's current mapping."""
-    horizon: int = 0
-    """The transaction horizon when the replay was asked for: only rows below it are read."""
+    snapshot: str = ""
+    """The tenant database's snapshot when the replay was asked for (``pg_current_snapshot()``): only
+    the rows of transactions committed then are read."""
     in_range: int = 0
-    """Rows the range held below the horizon then (matching or not)."""
+    """Rows the range held then (matching or not)."""
     oldest_retained_id: int | None = None
     """The oldest row the outbox still held then (lowest id); older rows were dropped by maintenance
     and cannot be replayed. Null: the outbox was empty."""
@@ -189,7 +192,7 @@ async def preview(
             by,
             low,
             high,
-            below=spec.horizon,
+            seen=spec.snapshot,
             after=after,
             limit=DRY_RUN_PAGE,
             payloads=selection.reads_payload,
@@ -248,7 +251,7 @@ async def replay(
             by,
             low,
             high,
-            below=spec.horizon,
+            seen=spec.snapshot,
             after=after,
             limit=policy.batch_size,
             payloads=True,

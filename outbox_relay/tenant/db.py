@@ -340,7 +340,8 @@ RELAY_FUNCTIONS = (
     "pg_catalog.to_regclass(text)",  # the version 2 upgrade, partitions made ahead
     "pg_catalog.pg_current_snapshot()",  # every read: the transaction horizon
     "pg_catalog.pg_snapshot_xmin(pg_snapshot)",
-    "pg_catalog.pg_snapshot_xmax(pg_snapshot)",  # a detected restore
+    "pg_catalog.pg_snapshot_xmax(pg_snapshot)",  # a detected restore, a replay from history
+    "pg_catalog.pg_visible_in_snapshot(xid8, pg_snapshot)",  # a replay from history
     "pg_catalog.clock_timestamp()",
     "pg_catalog.to_jsonb(anyelement)",  # reading outbox_meta
 )
@@ -703,21 +704,21 @@ class HistoryRow:
     head: bytes
 
 
-async def horizon(conn: asyncpg.Connection) -> int:
-    """The transaction horizon now: every transaction below it has ended."""
+async def snapshot(conn: asyncpg.Connection) -> str:
+    """The database's snapshot now (``pg_current_snapshot()`` as text): which transactions had committed."""
     try:
-        return int(await conn.fetchval(sql.HORIZON_SQL))
+        return str(await conn.fetchval("SELECT pg_current_snapshot()::text"))
     except DRIVER_ERRORS as exc:
         raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
 
 
 async def history_count(
-    conn: asyncpg.Connection, schema: str, by: str, low: Any, high: Any, *, below: int, cap: int
+    conn: asyncpg.Connection, schema: str, by: str, low: Any, high: Any, *, seen: str, cap: int
 ) -> int:
-    """Rows of the range ``by`` (``inserted_at`` or ``ids``, ``low``/``high`` its bounds) below the
-    horizon ``below``, counted up to ``cap``."""
+    """Rows of the range ``by`` (``inserted_at`` or ``ids``, ``low``/``high`` its bounds) that the
+    snapshot ``seen`` saw committed, counted up to ``cap``."""
     try:
-        return int(await conn.fetchval(sql.history_count_sql(schema, by), low, high, below, cap))
+        return int(await conn.fetchval(sql.history_count_sql(schema, by), low, high, seen, cap))
     except DRIVER_ERRORS as exc:
         raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
 
@@ -729,7 +730,7 @@ async def history_page(
     low: Any,
     high: Any,
     *,
-    below: int,
+    seen: str,
     after: tuple[int, int],
     limit: int,
     payloads: bool,
@@ -740,7 +741,7 @@ async def history_page(
     version = layout.version if layout is not None else sql.SCHEMA_VERSION
     try:
         records = await conn.fetch(
-            sql.history_page_sql(schema, by, version), low, high, below, after[0], after[1], limit, payloads, head_bytes
+            sql.history_page_sql(schema, by, version), low, high, seen, after[0], after[1], limit, payloads, head_bytes
         )
     except DRIVER_ERRORS as exc:
         raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None

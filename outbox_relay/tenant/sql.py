@@ -207,23 +207,29 @@ def next_row_sql(schema: str) -> str:
 
 
 # --- replay from history (outbox_relay.history) ---------------------------------------------------
-# A replay reads a closed set: the rows of a range (insert time, or row id) whose transaction lies below
-# the horizon taken when the replay was asked for ($3). Every transaction there had ended, so the set can
-# only shrink (maintenance dropping a passed day), never grow, and paging through it in (txid, id) order
-# misses nothing. A time range is on the partition key, so only the days it covers are read.
+# A replay reads a closed set: the rows of a range (insert time, or row id) whose transaction had
+# committed in the snapshot taken when the replay was asked for ($3, a pg_snapshot). A transaction that
+# snapshot does not see is left out even when it commits later, so the set can only shrink (maintenance
+# dropping a passed day), never grow, and paging through it in (txid, id) order misses nothing. The
+# snapshot, not the xmin horizon the relay reads below: a transaction left open anywhere on the server
+# would hold the horizon back and hide every recent row. A time range is on the partition key, so only
+# the days it covers are read.
 
 RANGES = ("inserted_at", "ids")
 
 
 def _history_range(by: str) -> str:
-    """The range condition over alias ``o``: $1 and $2 the bounds, $3 the horizon."""
+    """The range condition over alias ``o``: $1 and $2 the bounds, $3 the snapshot (text)."""
     if by == "inserted_at":
         bounds = "o.created_at >= $1::timestamptz AND o.created_at < $2::timestamptz"
     elif by == "ids":
         bounds = "o.id >= $1::bigint AND o.id <= $2::bigint"
     else:
         raise ValueError(f"unknown range {by!r}: one of {', '.join(RANGES)}")
-    return f"{bounds} AND o.txid < $3::bigint::text::xid8"
+    return (
+        f"{bounds} AND o.txid < pg_snapshot_xmax($3::text::pg_snapshot) "
+        "AND pg_visible_in_snapshot(o.txid, $3::text::pg_snapshot)"
+    )
 
 
 def history_count_sql(schema: str, by: str) -> str:

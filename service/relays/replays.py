@@ -122,9 +122,9 @@ async def start_replay(
     conn, schema = await _connect(relays, relay.database)
     try:
         by, low, high = spec.bounds()
-        spec.horizon = await tenant_db.horizon(conn)
+        spec.snapshot = await tenant_db.snapshot(conn)
         cap = settings.replay_max_rows + 1
-        spec.in_range = await tenant_db.history_count(conn, schema, by, low, high, below=spec.horizon, cap=cap)
+        spec.in_range = await tenant_db.history_count(conn, schema, by, low, high, seen=spec.snapshot, cap=cap)
         if spec.in_range > settings.replay_max_rows:
             raise TooMany(
                 f"the range holds more than {settings.replay_max_rows:,} rows, the most one replay takes "

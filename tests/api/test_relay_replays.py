@@ -20,10 +20,14 @@ from litestar.testing import AsyncTestClient
 
 from outbox_relay.client import add
 from outbox_relay.config import Settings
+from outbox_relay.crypto import SecretBox
+from outbox_relay.netguard import AddressPolicy
+from outbox_relay.store.control import ControlStore
 from service.app import create_app
 from tests.brokers import RedisAccount
 from tests.conftest import DatabaseFactory, pg_dsn
 from tests.helpers import TenantClient, make_tenant
+from workers.replay import replay_history
 
 ROWS = 30
 TOPICS = ("orders", "users", "audit")
@@ -286,6 +290,34 @@ async def test_the_limits_answer_with_a_message_and_a_queued_replay_is_audited(
         10,
         "api",
     )
+
+
+async def test_the_job_goes_through_the_address_policy(
+    outbox: Outbox, replay_settings: Settings, control_dsn: str
+) -> None:
+    """The replay job left queued above, run by the worker's job function under a policy that refuses
+    loopback addresses (a hosted deployment's): it fails with the refusal, publishes nothing, and no
+    longer counts in flight."""
+    t = outbox.tenant
+    queued = [j for j in (await t.get("/v1/dead-letters/replay-jobs")).json()["items"] if j["status"] == "queued"]
+    assert len(queued) == 1, queued
+    store = await ControlStore.connect(control_dsn, min_size=0, max_size=2)
+    try:
+        ctx = {
+            "store": store,
+            "secrets": SecretBox(replay_settings.secret_keys),
+            "policy": AddressPolicy(allow_private=False),
+            "settings": replay_settings,
+        }
+        assert await replay_history(ctx, queued[0]["id"]) == "failed"
+        assert await replay_history(ctx, queued[0]["id"]) == "not-queued", "a job runs once"
+    finally:
+        await store.close()
+    job = (await t.get(f"/v1/dead-letters/replay-jobs/{queued[0]['id']}")).json()
+    assert (job["status"], job["replayed"]) == ("failed", 0)
+    assert "target 'stream'" in job["error"] and "127.0.0.1" in job["error"], job
+    r = await t.post("/v1/relays/r/replays", {"ids": {"from": outbox.ids[0], "to": outbox.ids[1]}})
+    assert r.status_code == 202, r.text
 
 
 async def test_an_unreachable_database_is_a_502_not_a_500(
