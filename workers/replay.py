@@ -21,7 +21,7 @@ from outbox_relay import history
 from outbox_relay.brokers.factory import open_publisher
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
-from outbox_relay.domain import Database, JobStatus, Relay
+from outbox_relay.domain import Database, ErrorClass, JobStatus, Relay
 from outbox_relay.engine import PublisherCache
 from outbox_relay.errors import AddressNotAllowed, ReplayRefused, TargetUnavailable, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy
@@ -137,7 +137,7 @@ async def _run_history(
     target, target_password = decode_target(target_row, secrets)
     refusal = await address_refusal(policy, target_row, target)
     if refusal is not None:
-        raise ReplayRefused(refusal)
+        raise ReplayRefused(refusal, error_class=ErrorClass.NOT_ALLOWED)
     db_row = await store.get_resource("databases", job.tenant_id, relay.database)
     if db_row is None:
         raise ReplayRefused(f"database {relay.database!r} no longer exists")

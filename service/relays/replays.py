@@ -19,7 +19,7 @@ import msgspec
 from msgspec import Meta
 
 from outbox_relay import history
-from outbox_relay.domain import Database, Destination, Filter, JobStatus, Name, Relay
+from outbox_relay.domain import Database, Destination, ErrorClass, Filter, JobStatus, Name, Relay
 from outbox_relay.errors import QueueUnavailable, ReplayRefused, ReplaysInFlight, TooMany, UnknownReference
 from outbox_relay.filters import check
 from outbox_relay.replay import address_refusal, decode_target
@@ -151,7 +151,7 @@ async def _check_target(relays: Resources[Relay], name: str) -> str:
     target, _ = decode_target(target_row, services.secrets)
     refusal = await address_refusal(services.policy, target_row, target)
     if refusal is not None:
-        raise ReplayRefused(refusal)
+        raise ReplayRefused(refusal, error_class=ErrorClass.NOT_ALLOWED)
     return target_row.name
 
 

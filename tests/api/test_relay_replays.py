@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -332,3 +333,24 @@ async def test_an_unreachable_database_is_a_502_not_a_500(
         "/v1/relays/r/replays", {"inserted_at": {"from": since, "to": datetime.now().isoformat()}, "dry_run": True}
     )
     assert (r.status_code, r.json()["type"]) == (502, "urn:outbox-relay:problem:database-unreachable"), r.text
+
+
+async def test_the_dashboard_shows_a_replay_from_history_as_such(api: AsyncTestClient[Any], outbox: Outbox) -> None:
+    page = await api.get("/ui/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert csrf is not None, page.text
+    r = await api.post("/ui/login", data={"key": outbox.tenant.key, "csrf": csrf.group(1)}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    jobs = (await outbox.tenant.get("/v1/dead-letters/replay-jobs")).json()["items"]
+    if not any(j["status"] == "queued" for j in jobs):  # this test alone: queue one (the module leaves one)
+        r = await outbox.tenant.post("/v1/relays/r/replays", {"ids": {"from": outbox.ids[0], "to": outbox.ids[1]}})
+        assert r.status_code == 202, r.text
+        jobs = (await outbox.tenant.get("/v1/dead-letters/replay-jobs")).json()["items"]
+    assert jobs and all(j["kind"] == "history" for j in jobs)
+    r = await api.get(f"/ui/jobs/{jobs[0]['id']}")
+    assert r.status_code == 200, r.text
+    rows = re.search(r"<dt>Rows</dt><dd>(.*?)</dd>", r.text, re.S)
+    assert rows is not None, r.text
+    assert rows.group(1).startswith(f"relay <code>r</code>'s retained outbox rows, ids {outbox.ids[0]} to "), rows
+    assert "chosen by id" not in r.text
+    assert (await api.get("/ui/jobs")).status_code == 200
