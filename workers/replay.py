@@ -153,7 +153,10 @@ async def _run_history(
     )
     publishers = PublisherCache(lambda t, password: open_publisher(t, password=password, policy=policy))
     try:
-        publisher = await publishers.get(target_row.id, target_row.updated_at, target, target_password)
+        try:
+            publisher = await publishers.get(target_row.id, target_row.updated_at, target, target_password)
+        except TargetUnavailable as exc:  # as when it goes away mid-run: the job stops, nothing sent
+            return JobCounts(stopped=f"target {target_row.name!r} unavailable: {exc}")
         layout = await tenant_db.read_layout(conn, database.schema)
         return await history.replay(
             conn,

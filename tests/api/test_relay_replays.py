@@ -354,3 +354,40 @@ async def test_the_dashboard_shows_a_replay_from_history_as_such(api: AsyncTestC
     assert rows.group(1).startswith(f"relay <code>r</code>'s retained outbox rows, ids {outbox.ids[0]} to "), rows
     assert "chosen by id" not in r.text
     assert (await api.get("/ui/jobs")).status_code == 200
+
+
+async def test_an_unreachable_target_stops_the_job_and_says_why(
+    outbox: Outbox, replay_settings: Settings, control_dsn: str, redis_account: RedisAccount
+) -> None:
+    """The worker's job function in this process (the policy allows loopback): the job the module left
+    queued runs to the end; a replay to a target nobody listens on fails with the reason, publishing
+    nothing, and frees its slot."""
+    t = outbox.tenant
+    down = {"kind": "redis_streams", "url": "redis://127.0.0.1:1/0"}
+    assert (await t.put("/v1/targets/down", down)).status_code == 201
+    store = await ControlStore.connect(control_dsn, min_size=0, max_size=2)
+    ctx = {
+        "store": store,
+        "secrets": SecretBox(replay_settings.secret_keys),
+        "policy": AddressPolicy(allow_private=True),
+        "settings": replay_settings,
+    }
+    try:
+        for queued in [
+            j for j in (await t.get("/v1/dead-letters/replay-jobs")).json()["items"] if j["status"] == "queued"
+        ]:
+            assert await replay_history(ctx, queued["id"]) == "done"
+            job = (await t.get(f"/v1/dead-letters/replay-jobs/{queued['id']}")).json()
+            assert job["replayed"] + job["skipped"] == job["total"] and job["remaining"] == 0, job
+        r = await t.post(
+            "/v1/relays/r/replays", {"ids": {"from": outbox.ids[0], "to": outbox.ids[5]}, "target": "down"}
+        )
+        assert r.status_code == 202, r.text
+        assert await replay_history(ctx, r.json()["id"]) == "failed"
+    finally:
+        await store.close()
+    job = (await t.get(f"/v1/dead-letters/replay-jobs/{r.json()['id']}")).json()
+    assert (job["status"], job["replayed"], job["target"]) == ("failed", 0, "down"), job
+    assert job["error"].startswith("target 'down' unavailable: cannot reach Redis at 127.0.0.1:1"), job
+    r = await t.post("/v1/relays/r/replays", {"ids": {"from": outbox.ids[0], "to": outbox.ids[1]}, "dry_run": False})
+    assert r.status_code == 202, r.text
