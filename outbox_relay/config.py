@@ -99,6 +99,12 @@ class Settings:
     database and a scheduler visit."""
     max_relay_partitions: int = 256
     """The most partitions one relay may have (the API's hard bound is 1024)."""
+    replay_max_rows: int = 100_000
+    """The most outbox rows one replay from history (``POST /v1/relays/{name}/replays``) may cover: its
+    range, counted when it is asked for (a filter narrows what is published, not what is read)."""
+    replay_max_in_flight: int = 2
+    """Replays from history one tenant may have queued or running at once (one idle for 10 minutes,
+    its worker gone, no longer counts)."""
 
     # --- authentication
     auth_failure_limit: int = 20
@@ -126,6 +132,8 @@ class Settings:
             raise ConfigError("min_poll_interval_ms must be between 10 and 600000")
         if not 1 <= self.max_relay_partitions <= 1024:
             raise ConfigError("max_relay_partitions must be between 1 and 1024")
+        if self.replay_max_rows < 1 or self.replay_max_in_flight < 1:
+            raise ConfigError("replay_max_rows and replay_max_in_flight must be at least 1")
         statement_floor_s = max(TENANT_COMMAND_TIMEOUT_FLOOR_S, self.connect_timeout_s)
         if self.tenant_statement_timeout_s < statement_floor_s:
             raise ConfigError(

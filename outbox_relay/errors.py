@@ -27,7 +27,8 @@ OutboxRelayError
 ├── NotFound               no such dead letter or replay job for this caller (also a LookupError)
 ├── NotAllowed             a tenant key asked for another tenant's dead letters
 ├── Conflict               the dead letter is not in a state the action applies to
-├── TooMany                a bulk action over more letters than one job takes
+├── TooMany                a bulk action over more letters (or a replay over more rows) than one job takes
+├── ReplaysInFlight        a tenant already has as many replays from history in flight as it may
 ├── QueueUnavailable       the job could not be queued (Redis)
 ├── ReplayError            a dead letter could not be replayed (outbox_relay.replay)
 │   ├── ReplayRefused      nothing attempted: nowhere valid to go (``error_class`` says why)
@@ -201,6 +202,17 @@ class Conflict(OutboxRelayError):
 
 class TooMany(OutboxRelayError):
     """A bulk action over more letters than one job takes."""
+
+
+class ReplaysInFlight(OutboxRelayError):
+    """The tenant already has ``limit`` replays from history queued or running (``in_flight``)."""
+
+    def __init__(self, *, limit: int, in_flight: int) -> None:
+        super().__init__(
+            f"this tenant has {in_flight} replays in flight and may have {limit} at once; "
+            "wait for one to finish (GET /v1/dead-letters/replay-jobs lists them)"
+        )
+        self.limit, self.in_flight = limit, in_flight
 
 
 class QueueUnavailable(OutboxRelayError):

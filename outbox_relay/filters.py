@@ -129,6 +129,17 @@ def compile_filter(expr: Filter | None) -> Predicate | None:
     return accepts
 
 
+def reads_payload(expr: Filter | None) -> bool:
+    """Whether ``expr`` has a payload leaf: a reader that only counts what a filter matches fetches the
+    payloads only then."""
+    if expr is None:
+        return False
+    if expr.payload is not UNSET:
+        return True
+    children = [*(expr.all or ()), *(expr.any or ())] + ([expr.not_] if isinstance(expr.not_, Filter) else [])
+    return any(reads_payload(child) for child in children)
+
+
 def shared_filter(expr: Filter | None) -> Predicate | None:
     """:func:`compile_filter`, compiled once per filter (keyed by its JSON) and shared: a worker's
     partitions of a relay (their plan's filter) use one predicate. The cache is bounded."""

@@ -135,6 +135,26 @@ def replay_message(letter: Letter, destination: str, cloudevents: CloudEventsOpt
     )
 
 
+def decode_target(row: TargetRow, secrets: SecretBox) -> tuple[Target, str | None]:
+    """A stored target and its password, for a replay (of dead letters or from history); ReplayRefused
+    (``not_allowed``) when its spec is one the relay refuses or its secret cannot be read."""
+    try:
+        target: Target = msgspec.json.decode(row.spec, type=Target)
+        check_target_spec(target)
+        return target, secrets.decrypt(row.secret) if row.secret else None
+    except (msgspec.ValidationError, OutboxRelayError) as exc:
+        raise ReplayRefused(f"target {row.name!r} cannot be used: {exc}", error_class=ErrorClass.NOT_ALLOWED) from None
+
+
+async def address_refusal(policy: AddressPolicy, row: TargetRow, target: Target) -> str | None:
+    """Why the address policy refuses the target's addresses (resolved now), or None."""
+    try:
+        await check_target(policy, target)
+    except (AddressNotAllowed, ValueError) as exc:
+        return f"target {row.name!r}: {exc}"
+    return None
+
+
 class Replayer:
     """Replays dead letters through the broker adapters. Keeps the publishers it opened until
     :meth:`close` (use ``async with``): a job sends many letters to few targets."""
@@ -194,14 +214,7 @@ class Replayer:
                 f"({relay.policy.max_payload_bytes}): raise it to replay this letter",
                 error_class=ErrorClass.TOO_LARGE,
             )
-        try:
-            target: Target = msgspec.json.decode(target_row.spec, type=Target)
-            check_target_spec(target)
-            password = self.secrets.decrypt(target_row.secret) if target_row.secret else None
-        except (msgspec.ValidationError, OutboxRelayError) as exc:
-            raise ReplayRefused(
-                f"target {target_row.name!r} cannot be used: {exc}", error_class=ErrorClass.NOT_ALLOWED
-            ) from None
+        target, password = decode_target(target_row, self.secrets)
         refusal = await self._check(target_row, target)
         if refusal is not None:
             raise ReplayRefused(refusal, error_class=ErrorClass.NOT_ALLOWED)
@@ -236,11 +249,7 @@ class Replayer:
         """The address policy's refusal of the target, checked once per target version."""
         key = (row.id, row.updated_at)
         if key not in self._checked:
-            try:
-                await check_target(self.policy, target)
-                self._checked[key] = None
-            except (AddressNotAllowed, ValueError) as exc:
-                self._checked[key] = f"target {row.name!r}: {exc}"
+            self._checked[key] = await address_refusal(self.policy, row, target)
         return self._checked[key]
 
     # --- one ----------------------------------------------------------------------------------------

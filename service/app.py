@@ -146,7 +146,7 @@ _PROBLEM_TEXT = {
     403: "The key may not do this (admin routes need the admin key; tenant routes a tenant key)",
     404: "No such resource for this tenant",
     409: "Conflicts with the current state (resource in use, an immutable field changed, or a quota reached: "
-    "`quota-exceeded` names the quota, its limit and the use)",
+    "`quota-exceeded` names the quota, its limit and the use; `replays-in-flight` the limit of replays)",
     413: "The request body is over 1 MiB",
     422: "Well-formed but refused (e.g. a password inside a DSN, a DSN or URL parameter outside the allow-list, "
     "an address that is not allowed, a NUL character in a text field, a value past the service's bounds: "
@@ -191,8 +191,8 @@ def document_problems(openapi: OpenAPI) -> OpenAPI:
                     codes.add(422)
                 if operation.request_body is not None:
                     codes.add(413)
-                if path.endswith("/provision"):
-                    codes.add(502)
+                if path.endswith(("/provision", "/replays")):
+                    codes.add(502)  # both connect to the tenant database
             if path == "/readyz":
                 codes.add(503)
             if path in ("/healthz", "/readyz"):

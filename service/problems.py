@@ -32,6 +32,7 @@ from outbox_relay.errors import (
     RelayChanged,
     ReplayConflict,
     ReplayRefused,
+    ReplaysInFlight,
     TenantDatabaseError,
     TooMany,
     UnknownReference,
@@ -143,6 +144,9 @@ PROBLEMS: dict[type[OutboxRelayError], ProblemType] = {
     ReplayConflict: ProblemType(409, "conflict"),
     ReplayRefused: ProblemType(422, lambda exc: f"replay-{exc.error_class.replace('_', '-')}"),
     TooMany: ProblemType(422, "too-many"),
+    ReplaysInFlight: ProblemType(
+        409, "replays-in-flight", extra=lambda exc: {"limit": exc.limit, "in_flight": exc.in_flight}
+    ),
     QueueUnavailable: ProblemType(503, "queue-unavailable"),
 }
 """Exception class -> the API's answer. Every class of :mod:`outbox_relay.errors` a request can raise is

@@ -22,7 +22,7 @@ from outbox_relay.store.events import ControlEvents
 from outbox_relay.store.fleet import FleetStore
 from outbox_relay.tenant.db import SessionLimits
 from workers.jobs import maintain_outboxes
-from workers.replay import replay_dead_letters
+from workers.replay import replay_dead_letters, replay_history
 
 
 def worker_settings(settings: Settings | None = None, *, data_plane: bool = True) -> dict[str, Any]:
@@ -106,6 +106,7 @@ def _arq_options(settings: Settings) -> dict[str, Any]:
     return {
         "functions": [
             func(replay_dead_letters, name="replay_dead_letters", keep_result=0, max_tries=1, timeout=3600),
+            func(replay_history, name="replay_history", keep_result=0, max_tries=1, timeout=3600),
         ],
         # arq derives a cron run's job id from the cron's name and time alone, and job ids are
         # global to the Redis database: two deployments on different queues sharing a Redis

@@ -32,6 +32,11 @@ from outbox_relay.store.tenants import tenant_id_by_name
 
 STATUSES = tuple(LetterStatus)
 STALE_CLAIM_S = 600.0
+JOB_DEAD_LETTERS = "dead_letters"
+JOB_HISTORY = "history"
+STALE_JOB_S = 600.0
+"""A queued or running job unchanged for this long (its worker died, or no worker took it) is no longer
+counted in flight."""
 MAX_JOB_LETTERS = 100_000
 PREVIEW_BYTES = 160
 
@@ -54,7 +59,7 @@ _CLAIMABLE = "(d.status = 'dead' OR (d.status = 'replaying' AND d.claimed_at < n
 _JOB_COLUMNS = (
     "j.id, j.tenant_id, t.name AS tenant_name, j.actor, j.status, j.filter::text AS filter, j.target_name, "
     "j.destination, j.total, j.replayed, j.failed, j.skipped, j.error, j.created_at, j.started_at, "
-    "j.finished_at, j.updated_at"
+    "j.finished_at, j.updated_at, j.kind, j.relay_id, j.relay_name, j.spec::text AS spec"
 )
 
 
@@ -259,6 +264,13 @@ class JobRow:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    kind: str = JOB_DEAD_LETTERS
+    """``dead_letters`` (a bulk dead-letter replay) or ``history`` (a relay's retained rows)."""
+    relay_id: uuid.UUID | None = None
+    """A replay from history: its relay (None once the relay is deleted)."""
+    relay_name: str | None = None
+    spec: dict[str, Any] | None = None
+    """A replay from history: its :class:`~outbox_relay.history.HistorySpec`, as JSON."""
 
 
 class DeadLetterStore:
@@ -465,6 +477,43 @@ class DeadLetterStore:
         )
         return _job(row)
 
+    async def create_history_job(
+        self,
+        *,
+        tenant_id: uuid.UUID,
+        actor: str,
+        relay_id: uuid.UUID,
+        relay_name: str,
+        spec: bytes,
+        total: int,
+        target_name: str | None,
+        max_in_flight: int,
+    ) -> JobRow | None:
+        """A replay from history of ``relay_id``, queued; None when the tenant already has ``max_in_flight``
+        of them in flight (counted under a lock on the tenant's row, so concurrent requests cannot overshoot)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE", tenant_id)
+            if await _in_flight(conn, tenant_id) >= max_in_flight:
+                return None
+            row = await conn.fetchrow(
+                "WITH j AS (INSERT INTO dead_letter_jobs (tenant_id, actor, kind, letter_ids, total, relay_id, "
+                "relay_name, spec, target_name) VALUES ($1, $2, 'history', '{}', $3, $4, $5, $6::jsonb, $7) "
+                f"RETURNING *) SELECT {_JOB_COLUMNS} FROM j LEFT JOIN tenants t ON t.id = j.tenant_id",
+                tenant_id,
+                actor,
+                total,
+                relay_id,
+                relay_name,
+                spec.decode(),
+                target_name,
+            )
+            return _job(row)
+
+    async def history_in_flight(self, tenant_id: uuid.UUID) -> int:
+        """The tenant's replays from history queued or running (and not stale)."""
+        async with self.pool.acquire() as conn:
+            return await _in_flight(conn, tenant_id)
+
     async def get_job(self, job_id: uuid.UUID, tenant_id: uuid.UUID | None) -> JobRow | None:
         row = await self.pool.fetchrow(
             f"SELECT {_JOB_COLUMNS} FROM dead_letter_jobs j LEFT JOIN tenants t ON t.id = j.tenant_id "
@@ -528,8 +577,20 @@ def _letter(row: Any) -> Letter:
     return Letter(**values)
 
 
+async def _in_flight(conn: asyncpg.Connection, tenant_id: uuid.UUID) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM dead_letter_jobs WHERE tenant_id = $1 AND kind = 'history' "
+            "AND status IN ('queued', 'running') AND updated_at > now() - make_interval(secs => $2)",
+            tenant_id,
+            STALE_JOB_S,
+        )
+    )
+
+
 def _job(row: Any) -> JobRow:
     values = {k: row[k] for k in JobRow.__dataclass_fields__}
     values["filter"] = json.loads(values["filter"]) if values["filter"] is not None else None
+    values["spec"] = json.loads(values["spec"]) if values["spec"] is not None else None
     values["status"] = JobStatus(values["status"])  # the column's CHECK allows exactly these
     return JobRow(**values)

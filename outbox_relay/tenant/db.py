@@ -340,7 +340,8 @@ RELAY_FUNCTIONS = (
     "pg_catalog.to_regclass(text)",  # the version 2 upgrade, partitions made ahead
     "pg_catalog.pg_current_snapshot()",  # every read: the transaction horizon
     "pg_catalog.pg_snapshot_xmin(pg_snapshot)",
-    "pg_catalog.pg_snapshot_xmax(pg_snapshot)",  # a detected restore
+    "pg_catalog.pg_snapshot_xmax(pg_snapshot)",  # a detected restore, a replay from history
+    "pg_catalog.pg_visible_in_snapshot(xid8, pg_snapshot)",  # a replay from history
     "pg_catalog.clock_timestamp()",
     "pg_catalog.to_jsonb(anyelement)",  # reading outbox_meta
 )
@@ -688,3 +689,70 @@ async def next_row_at(conn: asyncpg.Connection | asyncpg.Pool, schema: str, afte
     except DRIVER_ERRORS as exc:
         raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
     return value
+
+
+# --- replay from history -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One retained outbox row a replay read: the row (its payload empty when not asked for), with its
+    payload's size and first bytes."""
+
+    row: OutboxRow
+    size: int
+    head: bytes
+
+
+async def snapshot(conn: asyncpg.Connection) -> str:
+    """The database's snapshot now (``pg_current_snapshot()`` as text): which transactions had committed."""
+    try:
+        return str(await conn.fetchval("SELECT pg_current_snapshot()::text"))
+    except DRIVER_ERRORS as exc:
+        raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
+
+
+async def history_count(
+    conn: asyncpg.Connection, schema: str, by: str, low: Any, high: Any, *, seen: str, cap: int
+) -> int:
+    """Rows of the range ``by`` (``inserted_at`` or ``ids``, ``low``/``high`` its bounds) that the
+    snapshot ``seen`` saw committed, counted up to ``cap``."""
+    try:
+        return int(await conn.fetchval(sql.history_count_sql(schema, by), low, high, seen, cap))
+    except DRIVER_ERRORS as exc:
+        raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
+
+
+async def history_page(
+    conn: asyncpg.Connection,
+    schema: str,
+    by: str,
+    low: Any,
+    high: Any,
+    *,
+    seen: str,
+    after: tuple[int, int],
+    limit: int,
+    payloads: bool,
+    head_bytes: int,
+    layout: OutboxLayout | None,
+) -> list[HistoryRow]:
+    """The next ``limit`` rows of the range after ``after`` (:func:`~outbox_relay.tenant.sql.history_page_sql`)."""
+    version = layout.version if layout is not None else sql.SCHEMA_VERSION
+    try:
+        records = await conn.fetch(
+            sql.history_page_sql(schema, by, version), low, high, seen, after[0], after[1], limit, payloads, head_bytes
+        )
+    except DRIVER_ERRORS as exc:
+        raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
+    rows = _rows(records, layout, first=2)
+    return [HistoryRow(row, r[0], bytes(r[1])) for r, row in zip(records, rows, strict=True)]
+
+
+async def oldest_row(conn: asyncpg.Connection, schema: str) -> tuple[int, datetime] | None:
+    """The id and insert time of the oldest retained row (lowest id); None for an empty outbox."""
+    try:
+        record = await conn.fetchrow(sql.oldest_row_sql(schema))
+    except DRIVER_ERRORS as exc:
+        raise TenantDatabaseError(f"reading the outbox failed: {describe(exc)}") from None
+    return (int(record["id"]), record["created_at"]) if record else None

@@ -204,3 +204,58 @@ def next_row_sql(schema: str) -> str:
         f"UNION ALL (SELECT o.created_at FROM {table} WHERE o.txid > $1::bigint::text::xid8 "
         "ORDER BY o.txid, o.id LIMIT 1)) AS q"
     )
+
+
+# --- replay from history (outbox_relay.history) ---------------------------------------------------
+# A replay reads a closed set: the rows of a range (insert time, or row id) whose transaction had
+# committed in the snapshot taken when the replay was asked for ($3, a pg_snapshot). A transaction that
+# snapshot does not see is left out even when it commits later, so the set can only shrink (maintenance
+# dropping a passed day), never grow, and paging through it in (txid, id) order misses nothing. The
+# snapshot, not the xmin horizon the relay reads below: a transaction left open anywhere on the server
+# would hold the horizon back and hide every recent row. A time range is on the partition key, so only
+# the days it covers are read.
+
+RANGES = ("inserted_at", "ids")
+
+
+def _history_range(by: str) -> str:
+    """The range condition over alias ``o``: $1 and $2 the bounds, $3 the snapshot (text)."""
+    if by == "inserted_at":
+        bounds = "o.created_at >= $1::timestamptz AND o.created_at < $2::timestamptz"
+    elif by == "ids":
+        bounds = "o.id >= $1::bigint AND o.id <= $2::bigint"
+    else:
+        raise ValueError(f"unknown range {by!r}: one of {', '.join(RANGES)}")
+    return (
+        f"{bounds} AND o.txid < pg_snapshot_xmax($3::text::pg_snapshot) "
+        "AND pg_visible_in_snapshot(o.txid, $3::text::pg_snapshot)"
+    )
+
+
+def history_count_sql(schema: str, by: str) -> str:
+    """How many rows the range holds, counted up to $4 (the caller asks for one more than its limit)."""
+    return (
+        f"SELECT count(*) FROM (SELECT 1 FROM {quote_ident(schema)}.outbox AS o "
+        f"WHERE {_history_range(by)} LIMIT $4) AS q"
+    )
+
+
+def history_page_sql(schema: str, by: str, version: int = SCHEMA_VERSION) -> str:
+    """The next rows of the range after ($4 txid, $5 id), in (txid, id) order, at most $6. Each row comes
+    with its payload's size and first $8 bytes; the payload itself only when $7 (a dry run of a filter
+    without a payload leaf reads none)."""
+    message_id = "o.message_id" if version >= 2 else "NULL::uuid AS message_id"
+    return (
+        "SELECT octet_length(o.payload) AS size, substring(o.payload FROM 1 FOR $8::int) AS head, "
+        "o.txid::text::bigint AS txid, o.id, o.topic, o.key, "
+        "CASE WHEN $7::boolean THEN o.payload ELSE ''::bytea END AS payload, "
+        f"o.headers::text AS headers, o.created_at, {message_id}, false AS fenced "
+        f"FROM {quote_ident(schema)}.outbox AS o WHERE {_history_range(by)} "
+        "AND (o.txid, o.id) > ($4::bigint::text::xid8, $5::bigint) ORDER BY o.txid, o.id LIMIT $6"
+    )
+
+
+def oldest_row_sql(schema: str) -> str:
+    """The retained row with the lowest id, and its insert time: where the retained history starts (one
+    probe of each day's primary key index)."""
+    return f"SELECT o.id, o.created_at FROM {quote_ident(schema)}.outbox AS o ORDER BY o.id LIMIT 1"

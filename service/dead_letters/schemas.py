@@ -10,6 +10,7 @@ import msgspec
 from msgspec import Meta
 
 from outbox_relay.domain import Destination, JobStatusName, LetterStatusName, Name
+from outbox_relay.history import HistorySpec
 from outbox_relay.store.dead_letters import DeadLetterFilter as DeadLetterFilter
 from outbox_relay.store.dead_letters import ErrorClassName
 
@@ -144,6 +145,9 @@ class ReplayJobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 
 
 class ReplayJob(msgspec.Struct, kw_only=True):
+    """A replay job: of dead letters (`kind: dead_letters`), or of a relay's retained outbox rows
+    (`kind: history`, from `POST /v1/relays/{name}/replays`; `relay` and `history` say which rows)."""
+
     id: uuid.UUID
     tenant: str | None
     """Null for an admin job over every tenant."""
@@ -163,6 +167,13 @@ class ReplayJob(msgspec.Struct, kw_only=True):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    kind: Literal["dead_letters", "history"] = "dead_letters"
+    relay: str | None = None
+    """A replay from history: the relay whose rows it publishes."""
+    history: HistorySpec | None = None
+    """A replay from history: the range, filter, target and mapping asked for, the rows the range held
+    (`in_range`, the job's `total`; `skipped` counts those it does not publish), and where the retained
+    history started when it was asked for (`oldest_retained_id`, `oldest_retained_at`)."""
 
 
 class ReplayJobList(msgspec.Struct, kw_only=True):

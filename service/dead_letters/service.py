@@ -30,6 +30,7 @@ from outbox_relay.errors import InvalidRequest, NotFound
 from outbox_relay.errors import NotAllowed as NotAllowed
 from outbox_relay.errors import QueueUnavailable as QueueUnavailable
 from outbox_relay.errors import TooMany as TooMany
+from outbox_relay.history import HistorySpec
 from outbox_relay.replay import REPLAY_JOB, Replayer, ReplayOutcome, replay_job_id
 from outbox_relay.store.control import TenantRow, hash_key
 from outbox_relay.store.dead_letters import (
@@ -203,6 +204,9 @@ def job(row: JobRow) -> ReplayJob:
         started_at=row.started_at,
         finished_at=row.finished_at,
         updated_at=row.updated_at,
+        kind=row.kind,  # type: ignore[arg-type]
+        relay=row.relay_name,
+        history=msgspec.convert(row.spec, HistorySpec) if row.spec is not None else None,
     )
 
 
@@ -379,11 +383,12 @@ class DeadLetters:
         await self.services.store.audit(tenant_id, self.caller.actor, action, resource, json.dumps(detail, default=str))
 
 
-async def enqueue_replay(services: Services, job_id: uuid.UUID) -> None:
+async def enqueue_replay(services: Services, job_id: uuid.UUID, function: str = REPLAY_JOB) -> None:
+    """Queue the arq job ``function`` (a dead-letter replay, or a replay from history) of the job row."""
     settings = services.settings
     redis_settings = dataclasses.replace(RedisSettings.from_dsn(settings.redis_url), conn_retries=1, conn_timeout=3)
     redis = await create_pool(redis_settings, default_queue_name=settings.queue_name)
     try:
-        await redis.enqueue_job(REPLAY_JOB, str(job_id), _job_id=replay_job_id(job_id))
+        await redis.enqueue_job(function, str(job_id), _job_id=replay_job_id(job_id))
     finally:
         await redis.aclose()

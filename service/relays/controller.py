@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from litestar import Controller, Response, delete, get, put
+from litestar import Controller, Response, delete, get, post, put
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from outbox_relay.domain import Relay
+from outbox_relay.store.dead_letters import JobRow
+from service.dead_letters.schemas import QueueProblem, ReplayJob
+from service.dead_letters.service import job
 from service.deps import authenticate_tenant
+from service.problems import MEDIA_TYPE
+from service.relays.replays import ReplayPreview, ReplayRequest, start_replay
 from service.relays.service import put_relay as put_relay_spec
 from service.relays.status import RelayStatus, relay_status
 from service.resources import CURSOR_PARAM, LIMIT_PARAM, NAME_PARAM, RELAYS, Page, Resources, provide_resources
@@ -66,3 +71,33 @@ class RelayController(Controller):
         row = await resources.row(name)
         relay = resources.read_back(row)
         return relay_status(name, relay.enabled, await resources.services.store.partition_states(row.id))
+
+    @post(
+        "/{name:str}/replays",
+        operation_id="startRelayReplay",
+        summary="Publish retained outbox rows again: a time or id range, as a background job",
+        description="Re-publishes the relay's rows of a range (`inserted_at` or `ids`) that the outbox still "
+        "holds, in outbox order, to the relay's target and topic mapping (or `target` / `topic_mapping`), of "
+        "the rows both the relay's filter and `filter` match; each message carries `outbox-replay: <job id>`. "
+        "The relay's cursor and its own delivery are not touched. `dry_run: true` answers 200 with the count "
+        "and a sample, publishing nothing; otherwise 202 with the replay job: poll "
+        "`GET /v1/dead-letters/replay-jobs/{id}`. 422 `invalid-range`, `invalid-filter`, `unknown-reference` "
+        "(no such target), `too-many` (more rows than `replay_max_rows`); 409 `replays-in-flight`.",
+        status_code=202,
+        responses={
+            200: ResponseSpec(data_container=ReplayPreview, description="A dry run", generate_examples=False),
+            503: ResponseSpec(
+                data_container=QueueProblem,
+                media_type=MEDIA_TYPE,
+                description="The job queue is down",
+                generate_examples=False,
+            ),
+        },
+    )
+    async def start_relay_replay(
+        self, resources: RelaysDep, name: Annotated[str, NAME_PARAM], data: JSONBody[ReplayRequest]
+    ) -> Response[ReplayJob]:
+        answer = await start_replay(resources, name, data)
+        if isinstance(answer, JobRow):
+            return Response(job(answer), status_code=202)
+        return Response(answer, status_code=200)  # type: ignore[arg-type]
