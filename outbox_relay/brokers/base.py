@@ -1,4 +1,4 @@
-"""The broker seam: every target (RabbitMQ, Redis Streams, Kafka) implements :class:`Publisher`.
+"""The broker seam: every target (RabbitMQ, Redis Streams, Kafka, NATS JetStream) implements :class:`Publisher`.
 
 Contract (checked for every adapter by ``tests/contract``):
 
