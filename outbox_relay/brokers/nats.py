@@ -276,7 +276,8 @@ class _Link:
         self.pending.clear()
 
 
-_PERMISSION = re.compile(r'Permissions Violation for Publish to "?([^"\s]+)"?', re.IGNORECASE)
+_PERMISSION = re.compile(r'Permissions Violation for Publish to "(.*)"', re.IGNORECASE)
+"""The server's ``-ERR`` for a publish it dropped; greedy, as a subject may hold a quote."""
 
 
 class NatsPublisher:

@@ -23,8 +23,10 @@ from outbox_relay.brokers.base import OutgoingMessage, PublishResult
 from outbox_relay.brokers.factory import open_publisher
 from outbox_relay.domain import NatsTarget
 from outbox_relay.errors import TargetUnavailable
+from outbox_relay.netguard import AddressPolicy
 from tests.brokers import TEST_PASSWORD, end_process, free_port, listening
 from tests.helpers import LOCAL
+from tests.tls import TestCA
 
 TOKEN = "t0ken/with:odd=chars&"
 ADMIN_PASSWORD = "admin-pw"
@@ -190,3 +192,40 @@ async def test_the_server_stopped_is_an_outage_and_back_is_published_to(open_ser
     async with jetstream(open_server.url) as js:
         stored = [(await js.get_msg("R", seq)).data for seq in range(1, (await js.stream_info("R")).state.last_seq + 1)]
     assert stored[0] == b"p1" and stored[-1] == b"p3"
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[NatsProcess, TestCA]]:
+    """A nats-server of this test's own, TLS required, its certificate naming nats.test only."""
+    ca = TestCA(tmp_path)
+    cert = ca.issue("nats.test")
+    tls = f"tls {{ cert_file: {json.dumps(str(cert.cert))}, key_file: {json.dumps(str(cert.key))} }}"
+    for server in _server(tmp_path, "tls", tls):
+        yield server, ca
+
+
+async def test_tls_verifies_the_name_while_dialling_the_checked_address(
+    tls_server: tuple[NatsProcess, TestCA], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tls://`` dials the address the policy checked and verifies the certificate for the server's
+    name (``tls_hostname``), against the system trust store (here the test CA, by SSL_CERT_FILE)."""
+    server, ca = tls_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.pem))
+
+    async def resolver(host: str, port: int) -> list[str]:
+        assert host in ("nats.test", "other.test"), host
+        return ["127.0.0.1"]
+
+    policy = AddressPolicy(allow_private=True, resolver=resolver)
+    good = NatsTarget(servers=[f"tls://nats.test:{server.port}"], timeout_ms=2000)
+    async with await open_publisher(good, password=None, policy=policy) as publisher:
+        result = await publisher.publish_batch([message(1, "tls.nostream")])
+        assert result.acked == 0 and result.rejected is not None  # an answer: connected and verified
+    bad_targets: list[tuple[str, str | None]] = [
+        ("tls://other.test", r"certificate verify failed|[Hh]ostname mismatch"),  # not the certificate's name
+        ("nats://nats.test", None),  # the server requires TLS
+    ]
+    for bad, why in bad_targets:
+        target = NatsTarget(servers=[f"{bad}:{server.port}"], timeout_ms=2000)
+        with pytest.raises(TargetUnavailable, match=why):
+            await open_publisher(target, password=None, policy=policy)
