@@ -8,6 +8,8 @@ into a keyword argument of its connection (``?path=`` and ``?connection_class=``
 connect with ``TypeError``); aiormq reads ``certfile``/``keyfile`` (the relay host's client
 certificate) and ``auth=external`` from an AMQP URL. So each scheme has an explicit allow-list
 of query parameters, each with the values it may take, and everything else is refused by name.
+A NATS server URL takes none, and no user, password or token either (nats-py would send those
+found in a URL; the target's secret is its write-only ``password``).
 
 The checks run where a spec is written (``PUT`` answers 422 naming the field and parameter) and
 again before a worker hands a stored spec to a driver (specs stored before a check existed), so
