@@ -42,8 +42,9 @@ How the answers map onto the seam's contract (``outbox_relay/brokers/base.py``):
   :data:`MAX_SUBJECT_BYTES`), a header value NATS headers cannot carry as it is (CR, LF, leading or
   trailing white space: nats-py would change it), and headers plus payload over the server's
   ``max_payload`` (the server would close the connection: every batch would fail for ever);
-* anything else (connect refused or timed out, authentication, the connection lost, no ack at all
-  within ``timeout_ms`` while acks are due, a server address the policy refuses) →
+* anything else (connect refused or timed out, authentication, the connection lost, a write that
+  stands still or no ack at all for ``timeout_ms`` while acks are due, a server address the policy
+  refuses) →
   :class:`TargetUnavailable`; the connection is dropped (failing every batch still in flight on it)
   and the next batch dials anew.
 
@@ -362,8 +363,13 @@ class NatsPublisher:
         publish, prefix, first = link.client.publish, link.prefix, batch.first
         try:
             try:
-                async with asyncio.timeout(self._timeout_s):
+                loop = asyncio.get_running_loop()
+                # nats-py waits for the socket once its 2 MiB buffer is full: the deadline is for a
+                # write that stands still, moved on every 64 messages (not one timer per message)
+                async with asyncio.timeout(self._timeout_s) as deadline:
                     for offset, message in enumerate(messages):
+                        if not offset & 63:
+                            deadline.reschedule(loop.time() + self._timeout_s)
                         reply = f"{prefix}.{first + offset}"
                         await publish(message.destination, message.payload, reply, headers[offset])
             except (nats.errors.Error, OSError) as exc:  # TimeoutError is an OSError
