@@ -5,6 +5,7 @@ would steer JetStream, the server stopped and started again."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -61,13 +62,14 @@ class NatsProcess:
             self.process = None
 
 
-def _server(tmp: Path, name: str, auth: str) -> Iterator[NatsProcess]:
+def _server(tmp: Path, name: str, auth: str, *, jetstream: bool = True) -> Iterator[NatsProcess]:
     if shutil.which("nats-server") is None:
         pytest.fail("nats-server is not installed (`make services` installs it)")
     port = free_port()
     store = tmp / f"{name}-store"
     config = tmp / f"{name}.conf"
-    config.write_text(f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: {json.dumps(str(store))} }}\n{auth}\n')
+    js = f"jetstream {{ store_dir: {json.dumps(str(store))} }}" if jetstream else ""
+    config.write_text(f'listen: "127.0.0.1:{port}"\n{js}\n{auth}\n')
     server = NatsProcess(config=config, port=port)
     server.start()
     try:
@@ -229,3 +231,51 @@ async def test_tls_verifies_the_name_while_dialling_the_checked_address(
         target = NatsTarget(servers=[f"{bad}:{server.port}"], timeout_ms=2000)
         with pytest.raises(TargetUnavailable, match=why):
             await open_publisher(target, password=None, policy=policy)
+
+
+async def test_servers_a_cluster_advertises_are_never_dialled(tmp_path: Path) -> None:
+    """nats-py adds the servers a cluster advertises (INFO ``connect_urls``) to its pool and would dial
+    them on a reconnect, unchecked. Server B advertises itself at 127.0.0.2, where a decoy listens:
+    with server A, the one the target names, gone, the next batch is an outage and the decoy is never
+    dialled."""
+    accepted = 0
+
+    def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    decoy_port = free_port()
+    decoy = await asyncio.start_server(accept, "127.0.0.2", decoy_port)
+    route_a, route_b = free_port(), free_port()
+    cluster_a = f"cluster {{ name: c, listen: 127.0.0.1:{route_a}, routes: [nats-route://127.0.0.1:{route_b}] }}"
+    cluster_b = f"cluster {{ name: c, listen: 127.0.0.1:{route_b}, routes: [nats-route://127.0.0.1:{route_a}] }}"
+    advertise_b = f'client_advertise: "127.0.0.2:{decoy_port}"'
+    a = next(servers_a := _server(tmp_path, "a", cluster_a, jetstream=False))
+    b = next(servers_b := _server(tmp_path, "b", f"{advertise_b}\n{cluster_b}", jetstream=False))
+    try:
+        watcher = await nats.connect(a.url, connect_timeout=5, allow_reconnect=False)
+        try:
+            for _ in range(200):  # until A advertises B: the route is up
+                if watcher.discovered_servers:
+                    break
+                await asyncio.sleep(0.05)
+            assert watcher.discovered_servers, "the cluster did not form"
+        finally:
+            await watcher.close()
+        target = NatsTarget(servers=[a.url], timeout_ms=1000)
+        async with await open_publisher(target, password=None, policy=LOCAL) as publisher:
+            answered = await publisher.publish_batch([message(1, "c.nostream")])
+            assert answered.acked == 0 and answered.rejected is not None  # connected, A's INFO names B
+            a.stop()
+            # a window for a reconnect of nats-py's own, were it on, to reach the advertised decoy
+            await asyncio.sleep(0.5)
+            for _ in range(2):
+                with pytest.raises(TargetUnavailable):
+                    await publisher.publish_batch([message(2, "c.nostream")])
+        assert b.process is not None and b.process.poll() is None
+    finally:
+        for servers in (servers_a, servers_b):
+            servers.close()
+        decoy.close()
+    assert accepted == 0
