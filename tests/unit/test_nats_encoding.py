@@ -3,15 +3,26 @@ without a server; the contract suite checks the same against JetStream."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from urllib.parse import unquote
 
 import pytest
 
 from outbox_relay.brokers.base import OutgoingMessage
-from outbox_relay.brokers.nats import MAX_SUBJECT_BYTES, header_name, invalid_subject, nats_headers
+from outbox_relay.brokers.nats import (
+    ACKED,
+    MAX_SUBJECT_BYTES,
+    PENDING,
+    REFUSED,
+    UNAVAILABLE,
+    _Link,
+    header_name,
+    invalid_subject,
+    nats_headers,
+)
 from outbox_relay.domain import NatsTarget
 from outbox_relay.errors import InvalidTargetSpec
-from outbox_relay.netguard import target_endpoints
+from outbox_relay.netguard import Endpoint, target_endpoints
 from outbox_relay.specs import check_target
 
 
@@ -102,3 +113,54 @@ def test_target_endpoints_and_checks() -> None:
         check_target(NatsTarget(servers=[f"nats://n{i}" for i in range(33)]))
     with pytest.raises(InvalidTargetSpec, match="username"):
         check_target(NatsTarget(servers=["nats://n1"], username="bad\nname"))
+
+
+@pytest.mark.parametrize(
+    ("data", "headers", "state", "words"),
+    [
+        (b'{"stream":"S","seq":1}', None, ACKED, ""),
+        (b'{"stream":"S","seq":1,"duplicate": true}', None, ACKED, ""),
+        (b"", {"Status": "503"}, REFUSED, "no responders"),
+        (
+            b'{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"}}',
+            None,
+            REFUSED,
+            "message size exceeds",
+        ),
+        (
+            b'{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}',
+            None,
+            REFUSED,
+            "maximum messages exceeded",
+        ),
+        (
+            b'{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}',
+            None,
+            UNAVAILABLE,
+            "temporarily unavailable",
+        ),
+        (
+            b'{"error":{"code":503,"err_code":10077,"description":"write error: no space left on device"}}',
+            None,
+            UNAVAILABLE,
+            "no space",
+        ),
+        (b"not json", None, UNAVAILABLE, "not a JetStream ack"),
+        (b"", {"Status": "408", "Description": "Request Timeout"}, UNAVAILABLE, "408"),
+    ],
+)
+async def test_how_each_jetstream_answer_settles_its_publish(
+    data: bytes, headers: dict[str, str] | None, state: int, words: str
+) -> None:
+    """What the server answers a publish with, as the adapter's reply handler reads it (a fake reply:
+    the contract suite produces the common ones on a real server)."""
+    link = _Link(SimpleNamespace(), Endpoint(name="n", address="127.0.0.1", port=4222))  # type: ignore[arg-type]
+    link.prefix, link._cut = "_INBOX.x", len("_INBOX.x") + 1
+    batch = link.register([message(), message()])
+    await link._on_reply(SimpleNamespace(subject=f"_INBOX.x.{batch.first + 1}", headers=headers, data=data))  # type: ignore[arg-type]
+    await link._on_reply(SimpleNamespace(subject="_INBOX.x.999", headers=None, data=b"{}"))  # type: ignore[arg-type]  # unknown: ignored
+    assert batch.states[1] == state and batch.states[0] == PENDING
+    assert words in batch.reasons.get(1, "")
+    await link._on_reply(SimpleNamespace(subject=f"_INBOX.x.{batch.first}", headers=None, data=b'{"seq":2}'))  # type: ignore[arg-type]
+    assert batch.done.done()
+    assert batch.outcome() == ((2, ACKED, "") if state == ACKED else (1, state, batch.reasons[1]))
