@@ -52,6 +52,7 @@ def machine() -> dict[str, Any]:
 PG_PORT = int(os.environ.get("BENCH_PG_PORT", "5432"))
 PG_USER = os.environ.get("BENCH_PG_USER", "postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+NATS_URL = os.environ.get("BENCH_NATS_URL", "nats://127.0.0.1:4222")
 RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
 
 

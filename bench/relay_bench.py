@@ -2,16 +2,18 @@
 adapter's own rate, a hand-written batched poller and a naive relay; the worker's CPU per message;
 commit-to-receive latency at a steady write rate.
 
-Usage: ``.venv/bin/python bench/relay_bench.py [--messages N] [--brokers redis,rabbitmq,kafka]``
-(``--help`` for the rest). Needs the local PostgreSQL, Redis and RabbitMQ (``rabbitmqctl``); Kafka
-is a private Tansu broker started for the run. Everything is throw-away (databases, a vhost, a
+Usage: ``.venv/bin/python bench/relay_bench.py [--messages N] [--brokers redis,rabbitmq,kafka,nats]``
+(``--help`` for the rest). Needs the local PostgreSQL, Redis and RabbitMQ (``rabbitmqctl``), and for
+``nats`` the local NATS server with JetStream (``BENCH_NATS_URL``); Kafka is a private
+Tansu broker started for the run. Everything is throw-away (databases, a vhost, a
 Redis key prefix, the Tansu process, the worker) and is removed at the end, also on failure.
 Prints a table, writes it as JSON to ``bench/results/latest.json``; never fails on a timing.
 
 Per broker, over the same ``--messages`` messages (``--keys`` keys, ~200-byte JSON payloads):
 
 plain  the broker's client library as a user would call it (redis-py pipelined XADD; aio-pika
-       with publisher confirms, a ``gather`` per batch; aiokafka ``acks=all``), 500 messages a
+       with publisher confirms, a ``gather`` per batch; aiokafka ``acks=all``; nats-py's
+       ``publish_async`` with ``Nats-Msg-Id``, every ack of a batch awaited together), 500 messages a
        round trip, no database: the broker's ceiling from Python.
 raw    ``publish_batch`` of the broker adapter in batches of ``--batch-size``, no database: the
        ceiling the relay works under.
@@ -62,14 +64,25 @@ from outbox_relay.tenant.db import OutboxRow
 from service.app import create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from infra import REDIS_URL, HorizonWatch, Scratch, cpu_seconds, delete_redis_keys, log, machine, pg_dsn, redis_db_url
-from kits import KafkaKit, Kit, RabbitMQKit, RedisKit, target_spec
+from infra import (
+    NATS_URL,
+    REDIS_URL,
+    HorizonWatch,
+    Scratch,
+    cpu_seconds,
+    delete_redis_keys,
+    log,
+    machine,
+    pg_dsn,
+    redis_db_url,
+)
+from kits import KafkaKit, Kit, NatsKit, RabbitMQKit, RedisKit, target_spec
 
 ADMIN_KEY = "bench-admin-key"
 LOCAL = AddressPolicy(allow_private=True)  # the bench's brokers are on loopback
 SCHEMA = "outbox_relay"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-BROKERS = ("redis", "rabbitmq", "kafka")
+BROKERS = ("redis", "rabbitmq", "kafka", "nats")
 
 ROWS_PER_TX = 10
 # Pre-load in transactions of ROWS_PER_TX messages (distinct txids, as real traffic has), server-side.
@@ -519,6 +532,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             kits.append(RabbitMQKit(vhost=await scratch.rabbitmq_vhost()))
         if "kafka" in args.brokers:
             kits.append(KafkaKit(bootstrap=await scratch.tansu()))
+        if "nats" in args.brokers:
+            kits.append(NatsKit(url=NATS_URL, prefix=f"orly-bench.{scratch.run_id}"))
         for kit in kits:
             scratch.on_close(f"{kit.name} connections", kit.close)
         relay_ids: set[str] = set()  # filled by Api as relays are created
@@ -648,7 +663,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=20_000, help="messages per broker (default 20000)")
     parser.add_argument("--keys", type=int, default=1_000, help="distinct message keys (default 1000)")
     parser.add_argument(
-        "--brokers", default=",".join(BROKERS), help="comma-separated subset of redis,rabbitmq,kafka (default all)"
+        "--brokers", default=",".join(BROKERS), help="comma-separated subset of redis,rabbitmq,kafka,nats (default all)"
     )
     parser.add_argument("--batch-size", type=int, default=100, help="relay policy batch_size and raw batch (100)")
     parser.add_argument("--partitions", type=int, default=16, help="relay partitions (default 16, the API default)")

@@ -47,6 +47,8 @@ Secret = (
 Destination = Annotated[str, Meta(min_length=1, max_length=249)]
 MAX_BOOTSTRAP_SERVERS = 32
 """More brokers than any cluster needs for bootstrapping; every one is resolved and checked."""
+MAX_NATS_SERVERS = 32
+"""As many NATS server URLs as a target may list; every one is resolved and checked."""
 MAX_STREAM_MAXLEN = 2**63 - 1
 """``XADD ... MAXLEN`` takes a signed 64-bit integer; Redis refuses every larger value."""
 # Checked by outbox_relay.specs rather than by these types (a stored spec over a cap still decodes,
@@ -283,8 +285,45 @@ class KafkaTarget(TargetBase, tag="kafka", kw_only=True, forbid_unknown_fields=T
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
 
 
-Target = RabbitMQTarget | RedisStreamsTarget | KafkaTarget
-TARGET_KINDS = ("rabbitmq", "redis_streams", "kafka")
+class NatsTarget(TargetBase, tag="nats", kw_only=True, forbid_unknown_fields=True):
+    """NATS JetStream through publish acks; the relay's destination is the subject, which a stream
+    must capture (a subject no stream captures is a refused message)."""
+
+    servers: Annotated[
+        list[
+            Annotated[
+                str,
+                Meta(
+                    min_length=1,
+                    max_length=512,
+                    description="nats://host[:port] or tls://host[:port] (port 4222 by default), without a user, "
+                    "password or token: those go in `username` and `password`.",
+                ),
+            ]
+        ],
+        Meta(
+            min_length=1,
+            extra_json_schema={"maxItems": MAX_NATS_SERVERS},
+            description="Servers of one cluster, tried in order until one connects.",
+            examples=[["nats://127.0.0.1:4222"]],
+        ),
+    ]
+    username: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                max_length=256,
+                description="With `password`: user and password authentication. Null: `password`, when set, "
+                "is a token.",
+            ),
+        ]
+        | None
+    ) = None
+
+
+Target = RabbitMQTarget | RedisStreamsTarget | KafkaTarget | NatsTarget
+TARGET_KINDS = ("rabbitmq", "redis_streams", "kafka", "nats")
 
 
 # --- relays ----------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from outbox_relay.domain import KafkaTarget, RabbitMQTarget, RedisStreamsTarget, Target
+from outbox_relay.domain import KafkaTarget, NatsTarget, RabbitMQTarget, RedisStreamsTarget, Target
 from outbox_relay.errors import AddressNotAllowed
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -305,6 +305,8 @@ def target_endpoints(target: Target) -> list[tuple[str, int]]:
                 raise ValueError(f"bootstrap server {server!r} is not host:port")
             out.extend(pairs)
         return out
+    if isinstance(target, NatsTarget):
+        return [nats_endpoint(server) for server in target.servers]
     schemes, default_port = SCHEMES[type(target)]
     parts = urlsplit(target.url)
     if parts.scheme not in schemes:
@@ -317,6 +319,24 @@ def target_endpoints(target: Target) -> list[tuple[str, int]]:
         return [(parts.hostname, parts.port or default_port)]
     except ValueError:
         raise ValueError("url has an invalid port") from None
+
+
+NATS_PORT = 4222
+
+
+def nats_endpoint(server: str) -> tuple[str, int]:
+    """The (host, port) of one NATS server URL (``nats://`` or ``tls://``); ValueError when malformed."""
+    parts = urlsplit(server)
+    if parts.scheme not in ("nats", "tls"):
+        raise ValueError(f"server {server!r} must start with nats:// or tls://")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("a server URL must not carry a user, password or token")
+    if not parts.hostname:
+        raise ValueError(f"server {server!r} must name a host")
+    try:
+        return (parts.hostname, parts.port or NATS_PORT)
+    except ValueError:
+        raise ValueError(f"server {server!r} has an invalid port") from None
 
 
 async def check_target(policy: AddressPolicy, target: Target) -> None:

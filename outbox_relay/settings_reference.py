@@ -64,7 +64,9 @@ Every connection to a tenant's database or broker, and to every broker a Kafka c
 (`outbox_relay/netguard.py`), resolves the host once, checks every address (link-local,
 metadata and unspecified addresses always refused; private and loopback ones unless
 `ALLOW_PRIVATE_NETWORKS`; `DENIED_NETWORKS` always; IPv6 forms carrying an IPv4 address by that address)
-and dials a checked IP, so a DNS answer that changes cannot steer it. TLS still verifies the host name:
+and dials a checked IP, so a DNS answer that changes cannot steer it (a NATS target's reconnects too: the
+relay dials them itself, not nats-py, which would also dial the servers a cluster advertises). TLS still
+verifies the host name:
 a DSN's `sslmode=verify-full` checks it against `sslrootcert` or the system trust store, and `rediss://`
 checks it unless the URL says `ssl_check_hostname=false`.
 

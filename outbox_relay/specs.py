@@ -8,6 +8,8 @@ into a keyword argument of its connection (``?path=`` and ``?connection_class=``
 connect with ``TypeError``); aiormq reads ``certfile``/``keyfile`` (the relay host's client
 certificate) and ``auth=external`` from an AMQP URL. So each scheme has an explicit allow-list
 of query parameters, each with the values it may take, and everything else is refused by name.
+A NATS server URL takes none, and no user, password or token either (nats-py would send those
+found in a URL; the target's secret is its write-only ``password``).
 
 The checks run where a spec is written (``PUT`` answers 422 naming the field and parameter) and
 again before a worker hands a stored spec to a driver (specs stored before a check existed), so
@@ -25,9 +27,11 @@ from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from outbox_relay.domain import (
     MAX_BOOTSTRAP_SERVERS,
+    MAX_NATS_SERVERS,
     MAX_STREAM_MAXLEN,
     Database,
     KafkaTarget,
+    NatsTarget,
     RabbitMQTarget,
     RedisStreamsTarget,
     Target,
@@ -172,6 +176,10 @@ def _check_target(target: Target) -> None:
             raise InvalidSpec("maxlen", f"must be from 1 to {MAX_STREAM_MAXLEN} (what XADD MAXLEN takes)")
     elif isinstance(target, KafkaTarget):
         check_bootstrap_servers(target.bootstrap_servers)
+    elif isinstance(target, NatsTarget):
+        check_nats_servers(target.servers)
+        if target.username is not None and _printable(256)(target.username) is not None:
+            raise InvalidSpec("username", "must be at most 256 printable ASCII characters")
     else:  # pragma: no cover - the union is closed
         raise TypeError(f"not a target spec: {type(target).__name__}")
 
@@ -220,6 +228,32 @@ def check_bootstrap_servers(servers: list[str]) -> None:
         raise InvalidSpec("bootstrap_servers", f"must name at most {MAX_BOOTSTRAP_SERVERS} brokers")
     for i, server in enumerate(servers):
         _host_port(f"bootstrap_servers[{i}]", server, what="host:port")
+
+
+def check_nats_servers(servers: list[str]) -> None:
+    """1 to :data:`MAX_NATS_SERVERS` URLs ``nats://host[:port]`` or ``tls://host[:port]``: no user,
+    password or token (nats-py would send one found in a URL; the secret is the write-only
+    ``password``), no path, no query (nats-py reads none, so nothing there could mean anything)."""
+    if not servers:
+        raise InvalidSpec("servers", "must name at least one server")
+    if len(servers) > MAX_NATS_SERVERS:
+        raise InvalidSpec("servers", f"must name at most {MAX_NATS_SERVERS} servers")
+    for i, url in enumerate(servers):
+        field = f"servers[{i}]"
+        parts = _split(field, url, ("nats", "tls"))
+        if "@" in parts.netloc:
+            raise InvalidSpec(
+                field,
+                "must not carry a user, password or token: put the user in `username` and the password or "
+                "token in the write-only `password` field",
+            )
+        if "," in parts.netloc:
+            raise InvalidSpec(field, "must name exactly one host (list each server on its own)")
+        if not parts.netloc:
+            raise InvalidSpec(field, "must name a host")
+        _host_port(field, parts.netloc)
+        if parts.path not in ("", "/") or parts.query:
+            raise InvalidSpec(field, "must be nats://host:port or tls://host:port, with no path or query")
 
 
 # --- parts -----------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
   local broker, created with ``rabbitmqctl`` and deleted at the end.
 * Redis: a throw-away ACL user limited to a key prefix unique to this run; its keys and the user are
   deleted at the end.
+* NATS: the local server with JetStream; each test makes its streams (subjects and names unique to
+  the run) and deletes them at its end.
 
 Names carry the process id and a random suffix, so concurrent pytest runs on one machine do not
 collide. A broker that is not running fails the test that needs it (``.ci/run`` starts them).
@@ -29,6 +31,7 @@ import pytest
 
 RABBITMQ_ADDRESS = ("127.0.0.1", 5672)
 REDIS_ADDRESS = ("127.0.0.1", 6379)
+NATS_ADDRESS = ("127.0.0.1", 4222)
 # Exercises the password being set into the connection, not formatted into a URL.
 TEST_PASSWORD = "p@ss:w/rd %#?&=+ü"
 
@@ -232,3 +235,23 @@ def redis_account(run_id: str) -> Iterator[RedisAccount]:
         if keys:
             admin.delete(*keys)
         admin.close()
+
+
+# --- NATS --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NatsServer:
+    prefix: str
+    """Of this run's subjects (``prefix.<label>``) and, with '-' for '.', its stream names."""
+
+    @property
+    def url(self) -> str:
+        return f"nats://{NATS_ADDRESS[0]}:{NATS_ADDRESS[1]}"
+
+
+@pytest.fixture(scope="session")
+def nats_server(run_id: str) -> NatsServer:
+    if not listening(NATS_ADDRESS):
+        pytest.fail("NATS (with JetStream) is not running on 127.0.0.1:4222; `make services` starts it")
+    return NatsServer(prefix=f"outbox-relay-test-{run_id}")

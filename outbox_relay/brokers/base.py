@@ -1,4 +1,4 @@
-"""The broker seam: every target (RabbitMQ, Redis Streams, Kafka) implements :class:`Publisher`.
+"""The broker seam: every target (RabbitMQ, Redis Streams, Kafka, NATS JetStream) implements :class:`Publisher`.
 
 Contract (checked for every adapter by ``tests/contract``):
 
@@ -8,8 +8,9 @@ Contract (checked for every adapter by ``tests/contract``):
 * Every published message carries its message id, key and relay name in its headers (the relay puts
   them in ``OutgoingMessage.headers``, the id as ``outbox-id``; adapters copy headers verbatim), the
   message id where the broker has a place for one (AMQP ``message_id``; a stream field
-  ``outbox-id``; a Kafka header ``outbox-id`` when the headers lack it) and the key where the broker
-  has one (Kafka message key; AMQP header ``outbox-key``; a stream field ``key``).
+  ``outbox-id``; a Kafka header ``outbox-id`` when the headers lack it; NATS headers ``outbox-id`` and
+  ``Nats-Msg-Id``) and the key where the broker has one (Kafka message key; AMQP header ``outbox-key``;
+  a stream field ``key``; NATS header ``outbox-key``).
 * It returns a :class:`PublishResult`: the first ``acked`` messages are acknowledged. When the broker
   refused message number ``acked`` the result carries a :class:`MessageRejected`; the messages after
   it may or may not have been delivered (they will be sent again, which at-least-once allows).
@@ -64,7 +65,7 @@ class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
     ``outbox_relay.tenant.db.OutboxRow.message_id``); also in ``headers['outbox-id']``. Empty: the
     row id in decimal (an outbox of schema version 1)."""
     destination: str
-    """Exchange routing key, stream name or Kafka topic, after the relay's topic mapping."""
+    """Exchange routing key, stream name, Kafka topic or NATS subject, after the relay's topic mapping."""
     key: str | None
     payload: bytes
     headers: dict[str, str]

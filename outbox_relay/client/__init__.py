@@ -14,7 +14,7 @@ SQLAlchemy session (sync and async). On an asynchronous connection the functions
 
 Writers: :func:`add`, :func:`add_many` (one statement per batch), :class:`Message`.
 Receivers: :class:`Inbox` (idempotent consumer) with :class:`MessageRef` and the broker helpers
-:func:`amqp_ref`, :func:`kafka_ref`, :func:`stream_ref`.
+:func:`amqp_ref`, :func:`kafka_ref`, :func:`stream_ref`, :func:`nats_ref`.
 
 Errors::
 
@@ -24,7 +24,7 @@ Errors::
 
 from __future__ import annotations
 
-from outbox_relay.client.inbox import Inbox, MessageRef, amqp_ref, kafka_ref, stream_ref
+from outbox_relay.client.inbox import Inbox, MessageRef, amqp_ref, kafka_ref, nats_ref, stream_ref
 from outbox_relay.client.message import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAX_TOPIC_LENGTH,
@@ -52,6 +52,7 @@ __all__ = [
     "current_trace_headers",
     "encode_payload",
     "kafka_ref",
+    "nats_ref",
     "schema_sql",
     "stream_ref",
 ]

@@ -120,6 +120,16 @@ def kafka_ref(record: Any) -> MessageRef:
     return _ref(headers.get(ID_HEADER), headers.get(RELAY_HEADER), "Kafka headers")
 
 
+def nats_ref(message: Any) -> MessageRef:
+    """The :class:`MessageRef` of a nats-py message (JetStream or core NATS): header ``outbox-id``,
+    else ``Nats-Msg-Id``; relay from header ``outbox-relay``."""
+    headers: Mapping[str, Any] = getattr(message, "headers", None) or {}
+    raw_id = headers.get(ID_HEADER)
+    if raw_id is None:
+        raw_id = headers.get("Nats-Msg-Id")
+    return _ref(raw_id, headers.get(RELAY_HEADER), "NATS headers")
+
+
 def stream_ref(fields: Mapping[Any, Any]) -> MessageRef:
     """The :class:`MessageRef` of a Redis Streams entry's fields (``str`` or ``bytes`` keys)."""
 

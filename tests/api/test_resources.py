@@ -121,7 +121,7 @@ async def test_bad_input_is_4xx_problem(tenant: TenantClient) -> None:
         ("/v1/databases/d", {"dsn": pg_dsn("x"), "bogus": 1}, 400, "bogus"),
         ("/v1/databases/d", {"dsn": pg_dsn("x"), "schema": "Bad-Name"}, 400, "schema"),
         ("/v1/databases/Bad_Name", {"dsn": pg_dsn("x")}, 400, "name"),
-        ("/v1/targets/q", {"kind": "nats", "url": "x"}, 400, "kind"),
+        ("/v1/targets/q", {"kind": "carrier-pigeon", "url": "x"}, 400, "kind"),
         ("/v1/targets/q", {"kind": "rabbitmq", "url": "http://h"}, 422, "amqp"),
         ("/v1/targets/q", {"kind": "redis_streams", "url": "redis://:pw@h:6379"}, 422, "password"),
         ("/v1/targets/q", {"kind": "kafka", "bootstrap_servers": []}, 400, "bootstrap_servers"),
@@ -160,6 +160,45 @@ async def test_a_refused_spec_names_its_problem_type_and_field(tenant: TenantCli
         assert [(e["key"], e["source"]) for e in problem["errors"]] == [(field, "body")]
     r = await tenant.put("/v1/targets/m", {"kind": "redis_streams", "url": "redis://169.254.169.254:6379/0"})
     assert r.json()["type"] == "urn:outbox-relay:problem:address-not-allowed"
+
+
+async def test_nats_target_roundtrip_write_only_secret_and_refusals(tenant: TenantClient) -> None:
+    """A NATS target reads back as written; its password (or token, without a username) is
+    write-only; a server URL with credentials, a path or another scheme is a 422 naming the server."""
+    body = {"kind": "nats", "servers": ["nats://127.0.0.1:4222", "tls://localhost"], "username": "relay"}
+    r = await tenant.put("/v1/targets/js", {**body, "password": "nats-s3cret", "timeout_ms": 3000})
+    assert r.status_code == 201, r.text
+    got = r.json()
+    assert "password" not in got and got["password_set"] is True and "nats-s3cret" not in r.text
+    assert got["servers"] == body["servers"] and got["username"] == "relay" and got["timeout_ms"] == 3000
+    again = (await tenant.get("/v1/targets/js")).json()
+    assert again == got
+    r = await tenant.put("/v1/targets/js", again)  # a GET result PUT back keeps the secret
+    assert r.status_code == 200 and r.json()["password_set"] is True
+    r = await tenant.put("/v1/targets/tok", {"kind": "nats", "servers": ["nats://127.0.0.1"], "password": "t0ken"})
+    assert r.status_code == 201 and r.json()["password_set"] is True and r.json()["username"] is None
+    assert "t0ken" not in (await tenant.get("/v1/targets")).text
+
+    cases = [
+        ({"servers": ["nats://relay:pw@127.0.0.1:4222"]}, "servers[0]", "password"),
+        ({"servers": ["nats://127.0.0.1:4222", "nats://s3cret-token@127.0.0.1"]}, "servers[1]", "token"),
+        ({"servers": ["http://127.0.0.1:4222"]}, "servers[0]", "nats://"),
+        ({"servers": ["nats://127.0.0.1:4222/stream"]}, "servers[0]", "path"),
+        ({"servers": ["nats://127.0.0.1:99999"]}, "servers[0]", "port"),
+        ({"servers": ["nats://a:1,b:2"]}, "servers[0]", "one host"),
+    ]
+    for overrides, field, word in cases:
+        r = await tenant.put("/v1/targets/bad", {"kind": "nats", **overrides})
+        assert r.status_code == 422, (overrides, r.text)
+        problem = r.json()
+        assert problem["type"] == "urn:outbox-relay:problem:invalid-target", problem
+        assert problem["detail"].startswith(f"invalid {field}") and word in problem["detail"], problem
+        assert "s3cret" not in r.text
+    for bad in ({"servers": []}, {"servers": ["nats://h"], "username": ""}, {"servers": ["nats://h"], "stream": "x"}):
+        r = await tenant.put("/v1/targets/bad", {"kind": "nats", **bad})
+        assert r.status_code == 400, (bad, r.text)
+    r = await tenant.put("/v1/targets/bad", {"kind": "nats", "servers": ["nats://169.254.169.254:4222"]})
+    assert r.status_code == 422 and r.json()["type"] == "urn:outbox-relay:problem:address-not-allowed"
 
 
 async def test_address_policy_refuses_metadata(tenant: TenantClient) -> None:

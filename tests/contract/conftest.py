@@ -10,6 +10,7 @@ from tests.brokers import RabbitMQAccount
 from tests.contract.harness import (
     Harness,
     KafkaHarness,
+    NatsHarness,
     RabbitMQEnv,
     RabbitMQHarness,
     RabbitMQTopicHarness,
@@ -41,6 +42,8 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         h = RedisStreamsHarness(request.getfixturevalue("redis_account"))
     elif name == KafkaHarness.name:
         h = KafkaHarness(request.getfixturevalue("tansu"))
+    elif name == NatsHarness.name:
+        h = NatsHarness(request.getfixturevalue("nats_server"))
     else:
         raise ValueError(name)
     try:

@@ -12,22 +12,38 @@ Kafka promises per key (partition) only.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+from urllib.parse import unquote
 
 import aio_pika
 import msgspec
+import nats
+import nats.aio.client
+import nats.js
+import nats.js.api
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 from yarl import URL
 
 from outbox_relay.brokers.base import OutgoingMessage
-from outbox_relay.domain import KafkaTarget, RabbitMQTarget, RedisStreamsTarget, Target
-from tests.brokers import RabbitMQAccount, RedisAccount, TansuBroker, free_port, listening, rabbitmqctl, tansu_command
+from outbox_relay.domain import KafkaTarget, NatsTarget, RabbitMQTarget, RedisStreamsTarget, Target
+from tests.brokers import (
+    NATS_ADDRESS,
+    NatsServer,
+    RabbitMQAccount,
+    RedisAccount,
+    TansuBroker,
+    free_port,
+    listening,
+    rabbitmqctl,
+    tansu_command,
+)
 from tests.contract.proxy import TcpProxy
 
 # Short enough to keep the outage tests quick, long enough for a loaded CI machine.
@@ -478,6 +494,118 @@ class KafkaHarness(_ProxiedHarness):
                 await process.wait()
 
 
+# --- NATS JetStream ----------------------------------------------------------------------------------
+
+
+class NatsHarness(_ProxiedHarness):
+    """Subject = destination, one stream per destination. NATS headers: the message's headers (names
+    percent-decoded) + ``outbox-id`` when missing, ``outbox-key`` for the key, ``Nats-Msg-Id`` = the
+    message id when it is a UUID. Outages through the proxy in front of the shared server."""
+
+    name = "nats"
+    refusals = ("no_stream", "stream_max_msg_size", "stream_full", "invalid_subject", "too_large", "header_value")
+
+    def __init__(self, server: NatsServer) -> None:
+        super().__init__()
+        self.server = server
+        self.upstream = NATS_ADDRESS
+        self._admin: nats.aio.client.Client | None = None
+        self._streams: list[str] = []
+
+    async def _js(self) -> nats.js.JetStreamContext:
+        if self._admin is None:
+            self._admin = await nats.connect(self.server.url, connect_timeout=5, allow_reconnect=False)
+        return self._admin.jetstream(timeout=10)
+
+    def target(self, *, timeout_ms: int = TIMEOUT_MS, via_proxy: bool = False, **overrides: Any) -> Target:
+        url = self.server.url
+        if via_proxy:
+            assert self._proxy is not None, "call proxy() first"
+            url = f"nats://127.0.0.1:{self._proxy.port}"
+        options: dict[str, Any] = {"servers": [url], "timeout_ms": timeout_ms}
+        options.update(overrides)
+        return NatsTarget(**options)
+
+    def closed_port_target(self, *, timeout_ms: int) -> Target:
+        return self.target(servers=[f"nats://127.0.0.1:{free_port()}"], timeout_ms=timeout_ms)
+
+    async def _stream(self, label: str, **config: Any) -> str:
+        """A new stream capturing one new subject; returns the subject."""
+        name = unique(f"{self.server.prefix}-{label}")
+        subject = name.replace("-", ".")
+        js = await self._js()
+        await js.add_stream(nats.js.api.StreamConfig(name=name, subjects=[subject], **config))
+        self._streams.append(name)
+        return subject
+
+    async def destination(self, label: str) -> str:
+        return await self._stream(label)
+
+    def expected_headers(self, message: OutgoingMessage) -> dict[str, str]:
+        return {"outbox-id": message.dedupe_id, **message.headers}
+
+    async def read(self, destination: str) -> list[Received]:
+        js = await self._js()
+        name = await js.find_stream_name_by_subject(destination)
+        info = await js.stream_info(name)
+        out: list[Received] = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else ():
+            raw = await js.get_msg(name, seq)
+            assert raw.subject == destination
+            headers = _nats_header_block(raw.hdrs)
+            key = headers.pop("outbox-key", None)
+            msg_id = headers.pop("Nats-Msg-Id", None)
+            outbox_id = headers["outbox-id"]
+            assert msg_id is None or msg_id == outbox_id, (msg_id, outbox_id)
+            out.append(received(outbox_id, key=key, headers=headers, payload=raw.data or b""))
+        return out
+
+    async def refusal(self, kind: str) -> Refusal:
+        if kind == "no_stream":  # no stream captures the subject: no responders
+            subject = f"{self.server.prefix.replace('-', '.')}.nostream.{uuid.uuid4().hex[:10]}"
+            return Refusal(lambda m: msgspec.structs.replace(m, destination=subject))
+        if kind == "stream_max_msg_size":  # the stream's own limit: a PubAck error
+            subject = await self._stream("small", max_msg_size=64)
+            return Refusal(lambda m: msgspec.structs.replace(m, destination=subject, payload=b"x" * 100))
+        if kind == "stream_full":  # discard new: "maximum messages exceeded"
+            subject = await self._stream("full", max_msgs=1, discard=nats.js.api.DiscardPolicy.NEW)
+            await (await self._js()).publish(subject, b"filler")
+            return Refusal(lambda m: msgspec.structs.replace(m, destination=subject))
+        if kind == "invalid_subject":  # a wildcard token: refused before it is sent
+            return Refusal(lambda m: msgspec.structs.replace(m, destination=m.destination + ".*"))
+        if kind == "too_large":  # over the server's max_payload (1 MiB): refused before it is sent
+            return Refusal(lambda m: msgspec.structs.replace(m, payload=b"x" * (1024 * 1024)))
+        if kind == "header_value":  # NATS headers cannot carry a line break
+            return Refusal(lambda m: msgspec.structs.replace(m, headers={**m.headers, "x": "two\r\nlines"}))
+        raise ValueError(kind)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._admin is not None:
+            js = await self._js()
+            for name in self._streams:
+                with contextlib.suppress(Exception):
+                    await js.delete_stream(name)
+            await self._admin.close()
+
+
+def _nats_header_block(encoded: bytes | None) -> dict[str, str]:
+    """The headers of a stored message (base64 of ``NATS/1.0`` and ``Name: value`` lines), names
+    percent-decoded; strict, where nats-py's own ``get_msg`` reads non-ASCII values as email headers."""
+    if not encoded:
+        return {}
+    first, *lines = base64.b64decode(encoded).split(b"\r\n")
+    assert first == b"NATS/1.0", first
+    assert lines[-2:] == [b"", b""], lines
+    headers: dict[str, str] = {}
+    for line in lines[:-2]:
+        name, sep, value = line.partition(b": ")
+        assert sep and name.isascii(), line
+        assert unquote(name.decode()) not in headers, f"duplicate header {name!r}"
+        headers[unquote(name.decode())] = value.decode()
+    return headers
+
+
 HARNESSES: dict[str, type[Harness]] = {
-    cls.name: cls for cls in (RabbitMQHarness, RabbitMQTopicHarness, RedisStreamsHarness, KafkaHarness)
+    cls.name: cls for cls in (RabbitMQHarness, RabbitMQTopicHarness, RedisStreamsHarness, KafkaHarness, NatsHarness)
 }

@@ -1,6 +1,6 @@
 """The publisher contract (``outbox_relay/brokers/base.py``), checked against every adapter on a real
-broker: RabbitMQ (default exchange, and a topic exchange with topic permissions), Redis Streams, and
-Kafka (Tansu).
+broker: RabbitMQ (default exchange, and a topic exchange with topic permissions), Redis Streams,
+Kafka (Tansu) and NATS JetStream.
 
 Each test talks to the adapter only through :func:`open_publisher` and to the broker only through its
 :class:`~tests.contract.harness.Harness`. Cases that an adapter does not promise are not generated:

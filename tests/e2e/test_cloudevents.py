@@ -1,5 +1,5 @@
 """CloudEvents binary content mode end to end: one worker process relays the same rows to Kafka
-(Tansu), RabbitMQ and Redis Streams with ``cloudevents`` set, and every message that arrives parses
+(Tansu), RabbitMQ, Redis Streams and NATS JetStream with ``cloudevents`` set, and every message that arrives parses
 with the CloudEvents SDK in its broker's binding: ``id`` the message id, ``source`` the relay (or
 the configured one), ``type`` the named header or the topic, ``time`` the row's insert time,
 ``datacontenttype`` as configured, the payload as the event's data; per-key order kept."""
@@ -16,6 +16,8 @@ from typing import Any
 
 import aio_pika
 import asyncpg
+import nats
+import nats.js.api
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -26,8 +28,9 @@ from cloudevents.core.formats.json import JSONFormat
 from litestar.testing import AsyncTestClient
 
 from outbox_relay.client import add
-from tests.brokers import RabbitMQAccount, RedisAccount, TansuBroker
+from tests.brokers import NatsServer, RabbitMQAccount, RedisAccount, TansuBroker
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.e2e.test_nats_relay import stored_headers
 from tests.helpers import TenantClient, make_tenant
 from tests.workers import WorkerPool
 
@@ -126,6 +129,18 @@ async def redis_events(redis_account: RedisAccount, stream: str) -> list[Any]:
     return events
 
 
+async def nats_events(js: Any, stream: str) -> list[Any]:
+    """The Python SDK has no NATS binding: its binary mode's ``ce-`` headers and ``content-type`` are
+    the HTTP binding's names."""
+    info = await js.stream_info(stream)
+    events = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        raw = await js.get_msg(stream, seq)
+        message = ce_http.HTTPMessage(headers=stored_headers(raw.hdrs), body=raw.data or b"")
+        events.append(ce_http.from_binary(message, JSONFormat()))
+    return events
+
+
 async def put_relay(t: TenantClient, name: str, target: str, destination: str, cloudevents: dict[str, Any]) -> None:
     body = {
         "database": "app",
@@ -146,6 +161,7 @@ async def test_every_broker_receives_cloudevents_in_its_binding(
     tansu: TansuBroker,
     rabbitmq: RabbitMQAccount,
     redis_account: RedisAccount,
+    nats_server: NatsServer,
     worker_pool: WorkerPool,
 ) -> None:
     t = await make_tenant(client, "cloudevents")
@@ -155,20 +171,28 @@ async def test_every_broker_receives_cloudevents_in_its_binding(
     kafka_target = {"kind": "kafka", "bootstrap_servers": [tansu.bootstrap], "enable_idempotence": False}
     rabbit_target = {"kind": "rabbitmq", "url": rabbitmq.url, "password": rabbitmq.password}
     redis_target = {"kind": "redis_streams", "url": redis_account.url, "password": redis_account.password}
-    for name, target in (("kafka", kafka_target), ("rabbit", rabbit_target), ("redis", redis_target)):
+    nats_target = {"kind": "nats", "servers": [nats_server.url]}
+    targets = {"kafka": kafka_target, "rabbit": rabbit_target, "redis": redis_target, "nats": nats_target}
+    for name, target in targets.items():
         assert (await t.put(f"/v1/targets/{name}", target)).status_code == 201
     topic, queue_name, stream = f"ce-{t.name}", f"ce-{t.name}", f"{redis_account.prefix}ce"
+    js_stream = f"{nats_server.prefix}-{t.name}-ce"
+    subject = js_stream.replace("-", ".")
     connection = await aio_pika.connect(rabbitmq.admin_url)
+    nats_admin = await nats.connect(nats_server.url, connect_timeout=5, allow_reconnect=False)
+    js = nats_admin.jetstream(timeout=10)
+    await js.add_stream(nats.js.api.StreamConfig(name=js_stream, subjects=[subject]))
     try:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, durable=True)  # mandatory publishes need it
         await put_relay(t, "ce-kafka", "kafka", topic, {"type_header": "event-type"})
         await put_relay(t, "ce-rabbit", "rabbit", queue_name, {"type_header": "event-type"})
         await put_relay(t, "ce-redis", "redis", stream, {"type_header": "event-type", "source": "urn:example:shop"})
+        await put_relay(t, "ce-nats", "nats", subject, {"type_header": "event-type"})
         ids, started = await write_rows(pg_dsn(app_db))
         worker_pool.start()
         deadline = time.monotonic() + 90  # a bound on the wait, not an assertion about speed
-        for relay in ("ce-kafka", "ce-rabbit", "ce-redis"):
+        for relay in ("ce-kafka", "ce-rabbit", "ce-redis", "ce-nats"):
             while time.monotonic() < deadline:
                 if (await t.get(f"/v1/relays/{relay}/status")).json()["published"] >= ROWS:
                     break
@@ -177,11 +201,19 @@ async def test_every_broker_receives_cloudevents_in_its_binding(
             "kafka": await kafka_events(tansu, topic, deadline),
             "rabbitmq": await rabbitmq_events(queue, deadline),
             "redis": await redis_events(redis_account, stream),
+            "nats": await nats_events(js, js_stream),
         }
         await queue.delete(if_empty=False)
     finally:
         await connection.close()
-    sources = {"kafka": "/relays/ce-kafka", "rabbitmq": "/relays/ce-rabbit", "redis": "urn:example:shop"}
+        await js.delete_stream(js_stream)
+        await nats_admin.close()
+    sources = {
+        "kafka": "/relays/ce-kafka",
+        "rabbitmq": "/relays/ce-rabbit",
+        "redis": "urn:example:shop",
+        "nats": "/relays/ce-nats",
+    }
     for broker, events in received.items():
         assert len(events) >= ROWS, (broker, len(events), worker_pool.logs())
         check_order(broker, [check_event(e, ids, sources[broker], started) for e in events])

@@ -159,6 +159,9 @@ def test_target_fields_follow_the_kind() -> None:
         ({"kind": "kafka"}, "kafka targets need bootstrap_servers"),
         ({"kind": "rabbitmq"}, "rabbitmq targets need url"),
         ({"kind": "sqs", "url": "x"}, "Unknown target kind"),
+        ({"kind": "nats"}, "nats targets need servers"),
+        ({"kind": "nats", "servers": ["nats://h"], "url": "x"}, "url does not apply to nats"),
+        ({"kind": "nats", "servers": ["nats://h"], "username": "u", "password": "p"}, None),
         ({"kind": "rabbitmq", "url": "amqp://h", "exchange": "e", "mandatory": False}, None),
         ({"kind": tft.Unknown, "url": "x"}, None),
     ],
@@ -257,6 +260,42 @@ def test_create_refuses_to_adopt_and_import_needs_an_object(provider: OutboxRela
 
     state = target.import_(ImportContext(Diagnostics(), "outboxrelay_target"), "t")
     assert state is not None and state["url"] == "redis://127.0.0.1:6379/0" and state["timeout_ms"] is None
+
+
+def test_a_nats_target_lifecycle(provider: OutboxRelayProvider) -> None:
+    """Create, read back, update, import and delete a NATS target; its password stays in the state
+    (never read back from the API), a refused server URL is a diagnostic naming the field."""
+    target = TargetResource(provider)
+    diags = Diagnostics()
+    planned = planned_state(
+        TargetResource, name="js", kind="nats", servers=["nats://127.0.0.1:4222"], username="relay", password="pw"
+    )
+    state = target.create(CreateContext(diags, "outboxrelay_target"), planned)
+    assert not diags.has_errors(), diags
+    assert state is not None and state["password"] == "pw" and state["password_set"] is True
+    assert state["servers"] == ["nats://127.0.0.1:4222"] and state["timeout_ms"] is None
+    assert target.read(ReadContext(diags, "outboxrelay_target"), state) == state
+
+    changed = {**state, "servers": ["nats://127.0.0.1:4222", "tls://localhost:4223"], "timeout_ms": 3000}
+    updated = target.update(UpdateContext(diags, "outboxrelay_target"), state, changed)
+    assert not diags.has_errors(), diags
+    assert updated is not None and updated["servers"] == changed["servers"] and updated["timeout_ms"] == 3000
+    assert updated["password"] == "pw" and updated["password_set"] is True
+    api = provider.client.get("/v1/targets/js")  # type: ignore[union-attr]
+    assert api["servers"] == changed["servers"] and "password" not in api
+
+    imported = target.import_(ImportContext(Diagnostics(), "outboxrelay_target"), "js")
+    assert imported is not None and imported["kind"] == "nats" and imported["username"] == "relay"
+    assert imported["password"] is None and imported["password_set"] is True  # never read back
+
+    diags = Diagnostics()
+    bad = {**updated, "servers": ["nats://relay:pw@127.0.0.1:4222"]}
+    assert target.update(UpdateContext(diags, "outboxrelay_target"), updated, bad) == updated  # the state stays
+    assert diags.has_errors() and "(422)" in diags.diagnostics[-1].summary
+    assert "servers[0]" in str(diags.diagnostics[-1].detail)
+
+    target.delete(DeleteContext(Diagnostics(), "outboxrelay_target"), updated)
+    assert target.read(ReadContext(Diagnostics(), "outboxrelay_target"), updated) is None
 
 
 def test_api_refusals_become_diagnostics(provider: OutboxRelayProvider) -> None:

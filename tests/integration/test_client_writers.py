@@ -345,6 +345,7 @@ def test_public_api() -> None:
         "current_trace_headers",
         "encode_payload",
         "kafka_ref",
+        "nats_ref",
         "schema_sql",
         "stream_ref",
     }

@@ -16,6 +16,8 @@ from urllib.parse import quote
 import aio_pika
 import asyncpg
 import msgspec
+import nats
+import nats.js.api
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from litestar.testing import AsyncTestClient
@@ -23,7 +25,7 @@ from redis.asyncio import Redis
 
 from outbox_relay.client import add, schema_sql
 from outbox_relay.config import Settings
-from tests.brokers import RabbitMQAccount, RedisAccount, TansuBroker
+from tests.brokers import NatsServer, RabbitMQAccount, RedisAccount, TansuBroker
 from tests.conftest import RUN_ID, DatabaseFactory, pg_dsn
 from tests.helpers import TenantClient, admin, example, make_tenant, run_example
 from tests.workers import WorkerPool
@@ -179,6 +181,32 @@ async def test_kafka_consumer_example(shop_dsn: str, tansu: TansuBroker, relayin
         assert await admin_client.list_consumer_groups() == groups
     finally:
         await admin_client.close()
+    assert f"message {message_id}: shipped" in first.splitlines(), first
+    assert f"message {message_id}: duplicate, skipped" in again.splitlines(), again
+    await check_shipped_once(shop_dsn, order_id, message_id)
+
+
+@pytest.mark.e2e
+async def test_nats_consumer_example(shop_dsn: str, nats_server: NatsServer, relaying: TenantClient) -> None:
+    """It reads the stream from its first message through an ephemeral pull consumer, acknowledging
+    after the inbox commits: a second run reads the same message again and the inbox skips it; no
+    consumer is left on the stream."""
+    subject = f"{nats_server.prefix}.shop.orders".replace("-", ".")
+    stream = subject.replace(".", "-")
+    client = await nats.connect(nats_server.url, connect_timeout=5, allow_reconnect=False)
+    js = client.jetstream(timeout=10)
+    await js.add_stream(nats.js.api.StreamConfig(name=stream, subjects=[subject]))  # before the relay: it refuses
+    try:
+        target = {"kind": "nats", "servers": [nats_server.url], "timeout_ms": 5000}
+        await relay_topic(relaying, "to-nats", target, "orders-nats", subject)
+        order_id, message_id = await write_order(shop_dsn, "orders-nats")
+        env = {"DATABASE_URL": shop_dsn, "NATS_URL": nats_server.url, "NATS_SUBJECT": subject, "COUNT": "1"}
+        first = await run_example("consume_nats.py", **env)
+        again = await run_example("consume_nats.py", **env)
+        assert (await js.stream_info(stream)).state.consumer_count == 0
+    finally:
+        await js.delete_stream(stream)
+        await client.close()
     assert f"message {message_id}: shipped" in first.splitlines(), first
     assert f"message {message_id}: duplicate, skipped" in again.splitlines(), again
     await check_shipped_once(shop_dsn, order_id, message_id)

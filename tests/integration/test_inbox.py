@@ -23,7 +23,7 @@ from outbox_relay.brokers.base import OutgoingMessage
 from outbox_relay.brokers.kafka import KafkaPublisher
 from outbox_relay.brokers.rabbitmq import RabbitMQPublisher
 from outbox_relay.brokers.redis_streams import RedisStreamsPublisher
-from outbox_relay.client import ClientError, Inbox, MessageRef, amqp_ref, kafka_ref, stream_ref
+from outbox_relay.client import ClientError, Inbox, MessageRef, amqp_ref, kafka_ref, nats_ref, stream_ref
 from outbox_relay.domain import Relay
 from outbox_relay.engine import build_messages
 from outbox_relay.tenant.db import OutboxRow
@@ -243,6 +243,12 @@ def test_message_refs_from_each_broker() -> None:
         mid, "r"
     )
     assert stream_ref({b"outbox-id": mid.encode(), b"h:outbox-relay": b"r", b"payload": b"{}"}) == MessageRef(mid, "r")
+    assert nats_ref(SimpleNamespace(headers={"outbox-id": mid, "Nats-Msg-Id": mid, "outbox-relay": "r"})) == MessageRef(
+        mid, "r"
+    )
+    assert nats_ref(SimpleNamespace(headers={"Nats-Msg-Id": mid.upper()})) == MessageRef(mid, "")
+    with pytest.raises(ClientError, match="NATS headers"):
+        nats_ref(SimpleNamespace(headers=None))
     # what relays published before message ids (and still do for an outbox of schema version 1)
     assert stream_ref({"outbox-id": "42"}) == MessageRef("42", "")
     assert amqp_ref(SimpleNamespace(headers={}, message_id="007")) == MessageRef("7", "")

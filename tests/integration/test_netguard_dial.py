@@ -36,13 +36,14 @@ from outbox_relay.brokers.base import OutgoingMessage, Publisher
 from outbox_relay.brokers.rabbitmq import GuardedTransport
 from outbox_relay.brokers.redis_streams import RedisStreamsPublisher
 from outbox_relay.config import Settings
-from outbox_relay.domain import Database, KafkaTarget, RabbitMQTarget, RedisStreamsTarget
+from outbox_relay.domain import Database, KafkaTarget, NatsTarget, RabbitMQTarget, RedisStreamsTarget
 from outbox_relay.engine import TenantConnections
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.tenant import db as tenant_db
-from tests.brokers import RabbitMQAccount, RedisAccount, TansuBroker, free_port, listening
+from tests.brokers import NATS_ADDRESS, RabbitMQAccount, RedisAccount, TansuBroker, free_port, listening
 from tests.conftest import PG_PORT, PG_USER, DatabaseFactory, pg_dsn
+from tests.contract.proxy import TcpProxy
 from tests.helpers import make_tenant
 from tests.tls import TestCA
 from workers.settings import worker_settings
@@ -256,6 +257,41 @@ async def test_rabbitmq_connects_and_reconnects_only_to_checked_addresses(
             assert errors and "denied" in str(errors[-1]), errors
         finally:
             await publisher.close()
+    assert decoy.accepted == 0
+
+
+async def test_nats_connects_and_reconnects_only_to_checked_addresses(
+    settings: Settings, rebinding: Rebinding, decoy: Decoy
+) -> None:
+    """nats-py's own reconnect would dial the name again: the adapter dials each connection itself,
+    through the policy. A proxy on 127.0.0.1 stands for the server (so its connections can be cut);
+    the decoy listens on 127.0.0.2 at the proxy's port."""
+    proxy = TcpProxy(NATS_ADDRESS)
+    await proxy.up()
+    await decoy.listen(proxy.port)
+    target = NatsTarget(servers=[f"nats://{REBIND}:{proxy.port}"], timeout_ms=2000)
+    try:
+        async with worker_factory(settings) as factory:
+            publisher: Publisher = await factory(target, None)
+            try:
+                first = await publisher.publish_batch([message(f"nowhere.{uuid.uuid4().hex}")])
+                assert first.acked == 0 and first.rejected is not None  # no stream: an answer, so connected
+                await proxy.drop()  # the next batch dials again: REBIND answers the decoy now
+                errors: list[TargetUnavailable] = []
+                for _ in range(3):
+                    try:
+                        await publisher.publish_batch([message("nowhere")])
+                    except TargetUnavailable as exc:
+                        errors.append(exc)
+                        if "denied" in str(exc):
+                            break
+                    else:
+                        await asyncio.sleep(0.5)  # the cut may not have reached the client yet
+                assert errors and "denied" in str(errors[-1]), errors
+            finally:
+                await publisher.close()
+    finally:
+        await proxy.close()
     assert decoy.accepted == 0
 
 

@@ -110,6 +110,8 @@ async def worker_runner(settings: Settings, store: ControlStore) -> AsyncIterato
             {"kind": "kafka", "bootstrap_servers": [f"no-such-host-{i}.invalid:9092" for i in range(33)]},
             "at most 32",
         ),
+        # a token in a stored NATS URL would be sent to the server: never handed to nats-py
+        ({"kind": "nats", "servers": ["nats://s3cret-token@127.0.0.1:4222"]}, "invalid servers[0]"),
     ],
 )
 async def test_a_stored_target_the_checks_refuse_pauses_and_names_the_cause(

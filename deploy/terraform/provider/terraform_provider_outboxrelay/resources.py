@@ -249,11 +249,12 @@ class DatabaseResource(ApiResource):
 class TargetResource(ApiResource):
     type_name = "target"
     collection = "targets"
-    description = "A broker that relays publish to: RabbitMQ, Redis Streams or Kafka (`kind`)."
+    description = "A broker that relays publish to: RabbitMQ, Redis Streams, Kafka or NATS JetStream (`kind`)."
     structs: ClassVar[dict[str, type[msgspec.Struct]]] = {
         "rabbitmq": domain.RabbitMQTarget,
         "redis_streams": domain.RedisStreamsTarget,
         "kafka": domain.KafkaTarget,
+        "nats": domain.NatsTarget,
     }
     fields = fields_of(structs)
     has_password = True
@@ -264,7 +265,7 @@ class TargetResource(ApiResource):
             Attribute(
                 "kind",
                 tft.String(),
-                description="`rabbitmq`, `redis_streams` or `kafka`. Each kind takes its own attributes.",
+                description="`rabbitmq`, `redis_streams`, `kafka` or `nats`. Each kind takes its own attributes.",
                 required=True,
             )
         ]
