@@ -216,7 +216,8 @@ async def test_a_table_that_does_not_fit_is_422_and_changes_nothing(
         assert await conn.fetchval("SELECT to_regnamespace('outbox_relay')") is None
         assert (
             await conn.fetchval(
-                "SELECT count(*) FROM pg_attribute WHERE attrelid = 'public.outbox'::regclass AND attname LIKE 'outbox_relay%'"
+                "SELECT count(*) FROM pg_attribute "
+                "WHERE attrelid = 'public.outbox'::regclass AND attname LIKE 'outbox_relay%'"
             )
             == 0
         )
