@@ -178,9 +178,10 @@ def removal_sql(schema: str, table: OutboxTable) -> str:
         f"DROP TRIGGER IF EXISTS {TRIGGER} ON {t};\n"
         f"DROP VIEW IF EXISTS {quote_ident(schema)}.outbox;\n"
         f"DROP FUNCTION IF EXISTS {quote_ident(schema)}.{NOTIFY_FUNCTION}();\n"
+        f"DROP TABLE IF EXISTS {quote_ident(schema)}.outbox_meta;\n"
         f"DROP INDEX CONCURRENTLY IF EXISTS {quote_ident(table.schema)}.{quote_ident(index_name(table))};\n"
-        f"ALTER TABLE {t} DROP COLUMN IF EXISTS {TXID_COLUMN}, DROP COLUMN IF EXISTS {SEQ_COLUMN}, "
-        f"DROP COLUMN IF EXISTS {AT_COLUMN};  -- drops the sequence with it\n"
+        f"ALTER TABLE {t} DROP COLUMN IF EXISTS {TXID_COLUMN}, DROP COLUMN IF EXISTS {SEQ_COLUMN},\n"
+        f"    DROP COLUMN IF EXISTS {AT_COLUMN};  -- drops the sequence with it (catalog only, no rewrite)\n"
     )
 
 

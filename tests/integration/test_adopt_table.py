@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -33,6 +34,7 @@ DEBEZIUM_OUTBOX = (
 )
 INSERT = "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES ($1, $2, $3, $4, $5::jsonb)"
 OLD_ROWS = 20_000
+DOCS = Path(__file__).parents[2] / "docs" / "delivery.md"
 
 
 async def debezium_database(databases: DatabaseFactory, prefix: str) -> str:
@@ -151,6 +153,23 @@ async def test_provision_adopts_a_debezium_table_online(
 
         # provisioning again changes nothing and fails nothing
         assert (await t.post("/v1/databases/app/provision")).status_code == 200
+
+        # the removal the docs give takes it all out again, without rewriting the table either
+        removal = adopt.removal_sql("outbox_relay", OutboxTable(name="outbox"))
+        assert removal in DOCS.read_text()
+        for statement in removal.split(";"):  # one at a time: DROP INDEX CONCURRENTLY needs its own
+            if statement.strip() and not statement.strip().startswith("--"):
+                await conn.execute(statement)
+        columns = await conn.fetch(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'public.outbox'::regclass AND attnum > 0 "
+            "AND NOT attisdropped ORDER BY attnum"
+        )
+        assert [c["attname"] for c in columns] == ["id", "aggregatetype", "aggregateid", "type", "payload"]
+        assert await conn.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.outbox'::regclass") == 0
+        assert await conn.fetchval("SELECT to_regclass('public.outbox_outbox_relay_seq')") is None
+        assert await conn.fetchval("SELECT to_regnamespace('outbox_relay')") is not None
+        assert await conn.fetchval("SELECT to_regclass('outbox_relay.outbox')") is None
+        assert await conn.fetchval("SELECT pg_relation_filenode('public.outbox')") == file_before
     finally:
         await conn.close()
 
