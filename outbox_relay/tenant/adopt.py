@@ -6,10 +6,11 @@ as three columns whose defaults fill them at insert, without rewriting the table
 for more than an instant:
 
 1. one short transaction (``lock_timeout``, given way to and retried: writers never queue behind it
-   for long): a sequence, the columns added **without** a default (catalog only: a volatile default
-   in ``ADD COLUMN`` would rewrite the table under ACCESS EXCLUSIVE), then ``SET DEFAULT`` (catalog
-   only, applies to new rows), the insert trigger that NOTIFYs the relay, and in the relay's schema a
-   view ``outbox`` that shows the table in the relay's own outbox's columns, plus ``outbox_meta``;
+   for long): a sequence in the relay's schema, the columns added **without** a default (catalog
+   only: a volatile default in ``ADD COLUMN`` would rewrite the table under ACCESS EXCLUSIVE), then
+   ``SET DEFAULT`` (catalog only, applies to new rows), the insert trigger that NOTIFYs the relay, and
+   in the relay's schema a view ``outbox`` that shows the table in the relay's own outbox's columns,
+   plus ``outbox_meta``;
 2. ``CREATE INDEX CONCURRENTLY`` of ``(txid, seq)`` over the rows that have a txid (outside a
    transaction: it never blocks writers).
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -47,9 +48,9 @@ PAYLOAD_TYPES = ("jsonb", "json", "text", "character varying", "bytea")
 ID_TYPE = "uuid"
 
 
-def sequence_name(table: OutboxTable) -> str:
-    """The sequence numbering the table's rows, beside it (at most 63 characters)."""
-    return f"{table.name[:46]}_outbox_relay_seq"
+SEQUENCE = "adopted_outbox_seq"
+"""The sequence numbering the adopted table's rows, in the relay's schema (where the relay's role may
+create objects; it need not have CREATE on the table's schema)."""
 
 
 def index_name(table: OutboxTable) -> str:
@@ -60,8 +61,8 @@ def _table(table: OutboxTable) -> str:
     return f"{quote_ident(table.schema)}.{quote_ident(table.name)}"
 
 
-def _sequence(table: OutboxTable) -> str:
-    return f"{quote_ident(table.schema)}.{quote_ident(sequence_name(table))}"
+def _sequence(schema: str) -> str:
+    return f"{quote_ident(schema)}.{SEQUENCE}"
 
 
 def _bucket(alias: str, table: OutboxTable) -> str:
@@ -109,18 +110,29 @@ def notify_sql(schema: str, table: OutboxTable) -> list[str]:
     ]
 
 
-def columns_sql(table: OutboxTable) -> list[str]:
-    """The columns, added without a default and then given one: both touch only the catalog."""
+def columns_sql(schema: str, table: OutboxTable) -> list[str]:
+    """The columns, added without a default and then given one: both touch only the catalog.
+
+    A default's ``nextval`` runs as the inserting role, so the table's owner (often the application's
+    role) and every role granted INSERT on the table get ``USAGE`` on the sequence."""
     t = _table(table)
-    seq_literal = quote_literal(_sequence(table))
+    seq_literal = quote_literal(_sequence(schema))
+    inserters = (
+        "SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END "
+        "AS grantee FROM pg_class AS c CROSS JOIN LATERAL aclexplode(c.relacl) AS a "
+        f"WHERE c.oid = {quote_literal(t)}::regclass AND a.privilege_type = 'INSERT' "
+        "UNION SELECT quote_ident(pg_get_userbyid(c.relowner)) FROM pg_class AS c "
+        f"WHERE c.oid = {quote_literal(t)}::regclass"
+    )
     return [
-        f"CREATE SEQUENCE IF NOT EXISTS {_sequence(table)}",
+        f"CREATE SEQUENCE IF NOT EXISTS {_sequence(schema)}",
+        f"DO $grant$ DECLARE r record; BEGIN FOR r IN {inserters} LOOP "
+        f"EXECUTE format('GRANT USAGE ON SEQUENCE %s TO %s', {seq_literal}, r.grantee); END LOOP; END $grant$",
         f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {TXID_COLUMN} xid8, ADD COLUMN IF NOT EXISTS {SEQ_COLUMN} bigint, "
         f"ADD COLUMN IF NOT EXISTS {AT_COLUMN} timestamptz",
         f"ALTER TABLE {t} ALTER COLUMN {TXID_COLUMN} SET DEFAULT pg_current_xact_id(), "
         f"ALTER COLUMN {SEQ_COLUMN} SET DEFAULT nextval({seq_literal}::regclass), "
         f"ALTER COLUMN {AT_COLUMN} SET DEFAULT clock_timestamp()",
-        f"ALTER SEQUENCE {_sequence(table)} OWNED BY {t}.{SEQ_COLUMN}",
     ]
 
 
@@ -150,7 +162,7 @@ def transaction_sql(schema: str, table: OutboxTable, payload_type: str) -> list[
     )
     return [
         create_schema,
-        *columns_sql(table),
+        *columns_sql(schema, table),
         *notify_sql(schema, table),
         view_sql(schema, table, payload_type),
         *meta_sql(schema),
@@ -163,8 +175,8 @@ def script(schema: str, table: OutboxTable, payload_type: str = "jsonb") -> str:
     return (
         f"-- Outbox Relay: adopting {table.schema}.{table.name} (docs/delivery.md, 'Adopting an existing outbox').\n"
         "-- Step 1 touches only the catalog; run it with a short lock_timeout and retry when it gives way.\n"
-        "-- Roles that INSERT into the table also need: GRANT USAGE ON SEQUENCE "
-        f"{_sequence(table)} TO <role>;\n"
+        "-- A role granted INSERT on the table later also needs: GRANT USAGE ON SEQUENCE "
+        f"{_sequence(schema)} TO <role>;\n"
         f"BEGIN;\nSET LOCAL lock_timeout = '2s';\n{steps};\nCOMMIT;\n"
         "-- Step 2, outside a transaction (it never blocks writers):\n"
         f"{index_sql(table)};\n"
@@ -181,15 +193,17 @@ def removal_sql(schema: str, table: OutboxTable) -> str:
         f"DROP TABLE IF EXISTS {quote_ident(schema)}.outbox_meta;\n"
         f"DROP INDEX CONCURRENTLY IF EXISTS {quote_ident(table.schema)}.{quote_ident(index_name(table))};\n"
         f"ALTER TABLE {t} DROP COLUMN IF EXISTS {TXID_COLUMN}, DROP COLUMN IF EXISTS {SEQ_COLUMN},\n"
-        f"    DROP COLUMN IF EXISTS {AT_COLUMN};  -- drops the sequence with it (catalog only, no rewrite)\n"
+        f"    DROP COLUMN IF EXISTS {AT_COLUMN};  -- catalog only, no rewrite\n"
+        f"DROP SEQUENCE IF EXISTS {_sequence(schema)};\n"
     )
 
 
 # --- checking the table, at provision --------------------------------------------------------------
 
 _TABLE_SQL = """
-SELECT c.oid::regclass::text AS name, c.relkind::text AS relkind, pg_has_role(c.relowner, 'USAGE') AS owned,
-       quote_ident(current_user) AS role,
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS name, quote_ident(n.nspname) AS schema,
+       c.relkind::text AS relkind, pg_has_role(c.relowner, 'USAGE') AS owned,
+       has_schema_privilege(n.oid, 'CREATE') AS schema_create, quote_ident(current_user) AS role,
        (SELECT jsonb_object_agg(a.attname, format_type(a.atttypid, a.atttypmod)) FROM pg_attribute AS a
         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns
 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
@@ -198,11 +212,6 @@ WHERE n.nspname = $1 AND c.relname = $2
 _RELAY_OUTBOX_SQL = """
 SELECT c.relkind::text FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = 'outbox'
-"""
-_INSERTERS_SQL = """
-SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END AS grantee
-FROM pg_class AS c CROSS JOIN LATERAL aclexplode(c.relacl) AS a LEFT JOIN pg_roles AS r ON r.oid = a.grantee
-WHERE c.oid = $1::regclass AND a.privilege_type = 'INSERT' AND a.grantee <> c.relowner
 """
 _INVALID_INDEX_SQL = """
 SELECT NOT i.indisvalid FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid
@@ -217,9 +226,10 @@ class TableCheck:
 
     problems: list[str]
     payload_type: str
-    owner_grant: tuple[str, str] | None = None
-    """The table and ``ALTER TABLE ... OWNER TO ...`` when the connecting role does not own it
-    (adding columns, an index and a trigger are the owner's)."""
+    missing: list[tuple[str, str, str]] = field(default_factory=list)
+    """Privileges the connecting role lacks on the table: (privilege, object, the grant). Adding
+    columns, an index and a trigger are the owner's (or a member's), and ``CREATE INDEX`` also wants
+    CREATE on the table's schema."""
 
 
 async def check_table(conn: asyncpg.Connection, schema: str, table: OutboxTable) -> TableCheck:
@@ -238,9 +248,9 @@ async def check_table(conn: asyncpg.Connection, schema: str, table: OutboxTable)
     if cols.key:
         mapped["key"] = cols.key
     mapped.update({f"headers[{name!r}]": column for name, column in cols.headers.items()})
-    for field, column in mapped.items():
+    for mapping, column in mapped.items():
         if column not in types:
-            problems.append(f"table.columns.{field}: table {where} has no column {column!r}")
+            problems.append(f"table.columns.{mapping}: table {where} has no column {column!r}")
     if cols.id in types and types[cols.id] != ID_TYPE:
         problems.append(f"table.columns.id: column {cols.id!r} is {types[cols.id]}, not uuid (the message id)")
     payload_type = types.get(cols.payload, "")
@@ -256,8 +266,13 @@ async def check_table(conn: asyncpg.Connection, schema: str, table: OutboxTable)
         problems.append(
             f"schema {schema} holds the relay's own outbox table; adopt a table with another `schema` for the relay"
         )
-    grant = None if row["owned"] else (row["name"], f"ALTER TABLE {row['name']} OWNER TO {row['role']}")
-    return TableCheck(problems, "bytea" if payload_type == "bytea" else payload_type, grant)
+    missing: list[tuple[str, str, str]] = []
+    name, role = row["name"], row["role"]
+    if not row["owned"]:
+        missing.append(("OWNER", f"table {name}", f"ALTER TABLE {name} OWNER TO {role}"))
+    if not row["schema_create"]:
+        missing.append(("CREATE", f"schema {row['schema']}", f"GRANT CREATE ON SCHEMA {row['schema']} TO {role}"))
+    return TableCheck(problems, "bytea" if payload_type == "bytea" else payload_type, missing)
 
 
 async def adopt(
@@ -272,9 +287,6 @@ async def adopt(
             await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
             for statement in transaction_sql(schema, table, payload_type):
                 await conn.execute(statement)
-            inserters = await conn.fetch(_INSERTERS_SQL, _table(table))
-            for grantee in (r["grantee"] for r in inserters):
-                await conn.execute(f"GRANT USAGE ON SEQUENCE {_sequence(table)} TO {grantee}")
 
     async def index() -> None:
         # An earlier build that gave way leaves an invalid index behind: drop it and build again.

@@ -507,9 +507,7 @@ async def provision_for_tenant(conn: asyncpg.Connection, schema: str, table: Out
     if table_check is not None:
         if table_check.problems:
             raise ProvisionFailed("cannot adopt the table (nothing was changed): " + "; ".join(table_check.problems))
-        if table_check.owner_grant is not None:
-            owned_by_other, grant = table_check.owner_grant
-            check.missing.append(MissingGrant("OWNER", f"table {owned_by_other}", grant))
+        check.missing.extend(MissingGrant(*lacking) for lacking in table_check.missing)
     if check.missing:
         raise MissingPrivileges(
             f"role {check.role} lacks what the relay needs to provision and read the outbox (nothing was changed): "

@@ -21,10 +21,11 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from outbox_relay.domain import OutboxTable
+from outbox_relay.errors import MissingPrivileges
 from outbox_relay.tenant import adopt
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import scan_sql
-from tests.conftest import DatabaseFactory, pg_dsn
+from tests.conftest import PG_HOST, PG_PORT, RUN_ID, DatabaseFactory, pg_dsn
 from tests.helpers import make_tenant
 
 # As Debezium's documentation creates it (the outbox event router's expected layout).
@@ -157,8 +158,9 @@ async def test_provision_adopts_a_debezium_table_online(
         # the removal the docs give takes it all out again, without rewriting the table either
         removal = adopt.removal_sql("outbox_relay", OutboxTable(name="outbox"))
         assert removal in DOCS.read_text()
-        for statement in removal.split(";"):  # one at a time: DROP INDEX CONCURRENTLY needs its own
-            if statement.strip() and not statement.strip().startswith("--"):
+        uncommented = "\n".join(line.split("--")[0] for line in removal.splitlines())
+        for statement in uncommented.split(";"):  # one at a time: DROP INDEX CONCURRENTLY needs its own
+            if statement.strip():
                 await conn.execute(statement)
         columns = await conn.fetch(
             "SELECT attname FROM pg_attribute WHERE attrelid = 'public.outbox'::regclass AND attnum > 0 "
@@ -166,7 +168,7 @@ async def test_provision_adopts_a_debezium_table_online(
         )
         assert [c["attname"] for c in columns] == ["id", "aggregatetype", "aggregateid", "type", "payload"]
         assert await conn.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.outbox'::regclass") == 0
-        assert await conn.fetchval("SELECT to_regclass('public.outbox_outbox_relay_seq')") is None
+        assert await conn.fetchval("SELECT to_regclass('outbox_relay.adopted_outbox_seq')") is None
         assert await conn.fetchval("SELECT to_regnamespace('outbox_relay')") is not None
         assert await conn.fetchval("SELECT to_regclass('outbox_relay.outbox')") is None
         assert await conn.fetchval("SELECT pg_relation_filenode('public.outbox')") == file_before
@@ -242,3 +244,68 @@ async def test_a_table_that_does_not_fit_is_422_and_changes_nothing(
         )
     finally:
         await conn.close()
+
+
+async def test_a_member_of_the_tables_owner_adopts_it_and_every_writer_keeps_inserting() -> None:
+    """The relay's role need not be the application's: a member of the table's owner role adopts it.
+    The sequence then belongs to the owner and every role that may insert gets USAGE on it (a default's
+    ``nextval`` runs as the inserting role: without it, the application's inserts would fail). A role
+    that neither owns the table nor is a member of its owner is refused before anything changes."""
+    app, writer, relay, stranger = (f"orly_adopt_{who}_{RUN_ID}" for who in ("app", "writer", "relay", "stranger"))
+    database = f"orly_adopt_roles_{RUN_ID}"
+    admin = await asyncpg.connect(pg_dsn("postgres"))
+    try:
+        for role in (app, writer, stranger):
+            await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute(f"CREATE ROLE {relay} LOGIN IN ROLE {app}")
+        await admin.execute(f"CREATE DATABASE {database}")
+        owner = await asyncpg.connect(pg_dsn(database))
+        try:
+            await owner.execute(DEBEZIUM_OUTBOX)
+            await owner.execute(f"ALTER TABLE outbox OWNER TO {app}")
+            await owner.execute(f"GRANT INSERT, SELECT ON outbox TO {writer}")
+            await owner.execute(f"GRANT CREATE ON DATABASE {database} TO {relay}, {stranger}")
+            await owner.execute(f"GRANT CREATE ON SCHEMA public TO {relay}")  # CREATE INDEX wants it
+        finally:
+            await owner.close()
+
+        def dsn(role: str) -> str:
+            return f"postgresql://{role}@{PG_HOST}:{PG_PORT}/{database}"
+
+        conn = await asyncpg.connect(dsn(stranger))
+        try:
+            with pytest.raises(MissingPrivileges) as refused:
+                await tenant_db.provision_for_tenant(conn, "outbox_relay", OutboxTable(name="outbox"))
+        finally:
+            await conn.close()
+        assert refused.value.missing == [
+            {
+                "privilege": "OWNER",
+                "object": "table public.outbox",
+                "grant": f"ALTER TABLE public.outbox OWNER TO {stranger}",
+            },
+            {"privilege": "CREATE", "object": "schema public", "grant": f"GRANT CREATE ON SCHEMA public TO {stranger}"},
+        ]
+
+        conn = await asyncpg.connect(dsn(relay))
+        try:
+            await tenant_db.provision_for_tenant(conn, "outbox_relay", OutboxTable(name="outbox"))
+        finally:
+            await conn.close()
+        for role in (app, writer):
+            conn = await asyncpg.connect(dsn(role))
+            try:
+                await conn.execute(INSERT, uuid.uuid4(), "order", "order-1", "OrderPaid", "{}")
+            finally:
+                await conn.close()
+        conn = await asyncpg.connect(pg_dsn(database))
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM outbox_relay.outbox") == 2
+            assert await conn.fetchval("SELECT to_regclass('outbox_relay.adopted_outbox_seq')") is not None
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        for role in (relay, app, writer, stranger):
+            await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
