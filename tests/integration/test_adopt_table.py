@@ -20,13 +20,19 @@ import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 
+from outbox_relay.config import Settings
+from outbox_relay.crypto import SecretBox
 from outbox_relay.domain import OutboxTable
+from outbox_relay.engine import TenantConnections
 from outbox_relay.errors import MissingPrivileges
+from outbox_relay.netguard import AddressPolicy
+from outbox_relay.store.control import ControlStore
 from outbox_relay.tenant import adopt
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import scan_sql
 from tests.conftest import PG_HOST, PG_PORT, RUN_ID, DatabaseFactory, pg_dsn
 from tests.helpers import make_tenant
+from workers.jobs import maintain_outboxes
 
 # As Debezium's documentation creates it (the outbox event router's expected layout).
 DEBEZIUM_OUTBOX = (
@@ -309,3 +315,35 @@ async def test_a_member_of_the_tables_owner_adopts_it_and_every_writer_keeps_ins
         for role in (relay, app, writer, stranger):
             await admin.execute(f"DROP ROLE IF EXISTS {role}")
         await admin.close()
+
+
+async def test_outbox_maintenance_leaves_an_adopted_table_alone(
+    client: AsyncTestClient[Any], databases: DatabaseFactory, store: ControlStore, settings: Settings
+) -> None:
+    """The table is the application's: no daily partitions are made in it and nothing is dropped; the
+    maintenance run records the database as maintained, without an error (it has no
+    ``outbox_ensure_partitions`` to call)."""
+    t = await make_tenant(client, "adopt_maint")
+    db_name = await debezium_database(databases, "adopt_maint")
+    assert (await t.put("/v1/databases/app", {"dsn": pg_dsn(db_name), "table": {"name": "outbox"}})).status_code == 201
+    assert (await t.post("/v1/databases/app/provision")).status_code == 200
+    target = {"kind": "redis_streams", "url": "redis://127.0.0.1:6379/0"}
+    assert (await t.put("/v1/targets/stream", target)).status_code == 201
+    assert (await t.put("/v1/relays/r", {"database": "app", "target": "stream"})).status_code == 201
+    tenants = TenantConnections(policy=AddressPolicy(allow_private=True), timeout_s=2)
+    try:
+        await maintain_outboxes({"store": store, "tenants": tenants, "secrets": SecretBox(settings.secret_keys)})
+    finally:
+        await tenants.close()
+    tenant = await store.get_tenant(t.name)
+    assert tenant is not None
+    row = await store.pool.fetchrow(
+        "SELECT maintained_at, maintenance_error FROM databases WHERE tenant_id = $1 AND name = 'app'", tenant.id
+    )
+    assert row["maintained_at"] is not None and row["maintenance_error"] is None, dict(row)
+    conn = await asyncpg.connect(pg_dsn(db_name))
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM pg_inherits") == 0
+        assert await conn.fetchval("SELECT count(*) FROM public.outbox") == OLD_ROWS
+    finally:
+        await conn.close()
