@@ -8,11 +8,11 @@ for more than an instant:
 1. one short transaction (``lock_timeout``, given way to and retried: writers never queue behind it
    for long): a sequence in the relay's schema, the columns added **without** a default (catalog
    only: a volatile default in ``ADD COLUMN`` would rewrite the table under ACCESS EXCLUSIVE), then
-   ``SET DEFAULT`` (catalog only, applies to new rows), the insert trigger that NOTIFYs the relay, and
-   in the relay's schema a view ``outbox`` that shows the table in the relay's own outbox's columns,
-   plus ``outbox_meta``;
+   ``SET DEFAULT`` (catalog only, applies to new rows);
 2. ``CREATE INDEX CONCURRENTLY`` of ``(txid, seq)`` over the rows that have a txid (outside a
-   transaction: it never blocks writers).
+   transaction: it never blocks writers);
+3. another short transaction: the insert trigger that NOTIFYs the relay, and in the relay's schema a
+   view ``outbox`` that shows the table in the relay's own outbox's columns, plus ``outbox_meta``.
 
 Rows that were in the table before are never relayed: their new columns stay NULL (no backfill) and
 the view leaves them out. That is exact, because ``ALTER TABLE`` waits for every transaction that
@@ -154,32 +154,42 @@ def index_sql(table: OutboxTable) -> str:
     )
 
 
-def transaction_sql(schema: str, table: OutboxTable, payload_type: str) -> list[str]:
-    """Step 1, in one transaction."""
+def columns_step_sql(schema: str, table: OutboxTable) -> list[str]:
+    """Step 1, in one transaction: the relay's schema when it is missing, the sequence, the columns."""
     create_schema = (
         f"DO $schema$ BEGIN IF to_regnamespace({quote_literal(schema)}) IS NULL THEN "
         f"CREATE SCHEMA {quote_ident(schema)}; END IF; END $schema$"
     )
-    return [
-        create_schema,
-        *columns_sql(schema, table),
-        *notify_sql(schema, table),
-        view_sql(schema, table, payload_type),
-        *meta_sql(schema),
-    ]
+    return [create_schema, *columns_sql(schema, table)]
+
+
+def relay_step_sql(schema: str, table: OutboxTable, payload_type: str) -> list[str]:
+    """Step 3, in one transaction, once the index is there: the trigger, the view, ``outbox_meta``.
+    Until the view exists no relay reads the table, so none reads it without the index; the rows
+    written since step 1 have their txid and are in the view from the start."""
+    return [*notify_sql(schema, table), view_sql(schema, table, payload_type), *meta_sql(schema)]
 
 
 def script(schema: str, table: OutboxTable, payload_type: str = "jsonb") -> str:
     """What provision runs, as one script to apply by hand (``GET .../schema.sql``)."""
-    steps = ";\n".join(transaction_sql(schema, table, payload_type))
+    payload_note = (
+        "-- The view publishes the payload column's text as UTF-8 (jsonb, json, text); for a bytea payload,\n"
+        "-- provision (which reads the column's type) publishes the bytes as they are.\n"
+    )
     return (
         f"-- Outbox Relay: adopting {table.schema}.{table.name} (docs/delivery.md, 'Adopting an existing outbox').\n"
-        "-- Step 1 touches only the catalog; run it with a short lock_timeout and retry when it gives way.\n"
+        "-- Steps 1 and 3 touch only the catalog: run them with a short lock_timeout, and again when they give way.\n"
         "-- A role granted INSERT on the table later also needs: GRANT USAGE ON SEQUENCE "
         f"{_sequence(schema)} TO <role>;\n"
-        f"BEGIN;\nSET LOCAL lock_timeout = '2s';\n{steps};\nCOMMIT;\n"
+        "-- Step 1:\n"
+        "BEGIN;\nSET LOCAL lock_timeout = '2s';\n" + ";\n".join(columns_step_sql(schema, table)) + ";\nCOMMIT;\n"
         "-- Step 2, outside a transaction (it never blocks writers):\n"
         f"{index_sql(table)};\n"
+        "-- Step 3:\n"
+        + payload_note
+        + "BEGIN;\nSET LOCAL lock_timeout = '2s';\n"
+        + ";\n".join(relay_step_sql(schema, table, payload_type))
+        + ";\nCOMMIT;\n"
     )
 
 
@@ -275,18 +285,35 @@ async def check_table(conn: asyncpg.Connection, schema: str, table: OutboxTable)
     return TableCheck(problems, "bytea" if payload_type == "bytea" else payload_type, missing)
 
 
-async def adopt(
-    conn: asyncpg.Connection, schema: str, table: OutboxTable, payload_type: str, *, lock_timeout_ms: int, attempts: int
-) -> None:
-    """Steps 1 and 2, each waiting at most ``lock_timeout_ms`` for a lock and then giving way and
-    trying again, up to ``attempts`` times (``asyncpg.LockNotAvailableError`` after the last)."""
+INDEX_LOCK_TIMEOUT_MS = 10_000
+"""How long the index build waits for its lock and for the transactions it must outlast: its lock
+(SHARE UPDATE EXCLUSIVE) conflicts with no writer's, so writers do not queue behind it meanwhile."""
 
-    async def catalog() -> None:
+
+async def adopt(
+    conn: asyncpg.Connection,
+    schema: str,
+    table: OutboxTable,
+    payload_type: str,
+    *,
+    lock_timeout_ms: int,
+    attempts: int,
+    index_lock_timeout_ms: int = INDEX_LOCK_TIMEOUT_MS,
+) -> None:
+    """Steps 1 to 3 (:func:`script`); steps 1 and 3 wait at most ``lock_timeout_ms`` for the table's
+    lock, then give way and try again, up to ``attempts`` times, as the index build does with
+    ``index_lock_timeout_ms`` (``asyncpg.LockNotAvailableError`` after the last). Each step is done
+    again harmlessly, so a provision that gave way resumes where it stopped."""
+
+    async def in_transaction(statements: list[str]) -> None:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", "outbox_relay.provision." + schema)
             await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
-            for statement in transaction_sql(schema, table, payload_type):
+            for statement in statements:
                 await conn.execute(statement)
+
+    async def columns() -> None:
+        await in_transaction(columns_step_sql(schema, table))
 
     async def index() -> None:
         # An earlier build that gave way leaves an invalid index behind: drop it and build again.
@@ -294,14 +321,17 @@ async def adopt(
             await conn.execute(
                 f"DROP INDEX CONCURRENTLY IF EXISTS {quote_ident(table.schema)}.{quote_ident(index_name(table))}"
             )
-        await conn.execute(f"SET lock_timeout = {int(lock_timeout_ms)}")
+        await conn.execute(f"SET lock_timeout = {int(index_lock_timeout_ms)}")
         await conn.execute("SET statement_timeout = 0")  # a big table's build may take long; it blocks no one
         try:
             await conn.execute(index_sql(table))
         finally:
             await conn.execute("RESET lock_timeout; RESET statement_timeout")
 
-    for step in (catalog, index):
+    async def relay() -> None:
+        await in_transaction(relay_step_sql(schema, table, payload_type))
+
+    for step in (columns, index, relay):
         for attempt in range(1, attempts + 1):
             try:
                 await step()

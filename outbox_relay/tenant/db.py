@@ -535,7 +535,8 @@ async def provision_for_tenant(conn: asyncpg.Connection, schema: str, table: Out
         tries = f"{PROVISION_ATTEMPTS} tries of {PROVISION_LOCK_TIMEOUT_MS / 1000:g} s"
         raise ProvisionFailed(
             f"other transactions held the outbox table throughout ({tries}: provision gives way rather than "
-            "keep writers waiting); nothing was changed, try again"
+            "keep writers waiting); "
+            + ("the steps done stay done, try again" if table is not None else "nothing was changed, try again")
         ) from None
     except asyncpg.PostgresError as exc:
         raise ProvisionFailed(f"provisioning failed: {describe(exc)}") from None
