@@ -13,10 +13,12 @@ import asyncio
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -347,3 +349,45 @@ async def test_outbox_maintenance_leaves_an_adopted_table_alone(
         assert await conn.fetchval("SELECT count(*) FROM public.outbox") == OLD_ROWS
     finally:
         await conn.close()
+
+
+async def test_another_layout_maps_a_bytea_payload_no_key_and_a_timestamp_header(databases: DatabaseFactory) -> None:
+    """Not Debezium's layout: a bytea payload is published as its bytes, a table without a key column
+    spreads its rows by number, and a timestamp column becomes a header (a NULL one sends none)."""
+    db_name = await databases.create("adopt_other")
+    conn = await asyncpg.connect(pg_dsn(db_name))
+    try:
+        await conn.execute(
+            "CREATE SCHEMA app; CREATE TABLE app.events (event_id uuid PRIMARY KEY, kind text NOT NULL, "
+            "body bytea, created timestamptz DEFAULT '2026-01-02 03:04:05+00')"
+        )
+        mapping = msgspec.json.decode(
+            b'{"name": "events", "schema": "app", "columns": {"id": "event_id", "topic": "kind", "key": null, '
+            b'"payload": "body", "headers": {"occurredAt": "created"}}}',
+            type=OutboxTable,
+        )
+        await tenant_db.provision_for_tenant(conn, "relay_side", mapping)
+        first, second = uuid.uuid4(), uuid.uuid4()
+        await conn.execute("INSERT INTO app.events (event_id, kind, body) VALUES ($1, 'audit', $2)", first, b"\x00\xff")
+        await conn.execute("INSERT INTO app.events (event_id, kind, created) VALUES ($1, 'audit', NULL)", second)
+        newest = await conn.fetchval("SELECT max(outbox_relay_txid) FROM app.events")
+        deadline = time.monotonic() + 120
+        while await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot()) <= $1::xid8", newest):
+            assert time.monotonic() < deadline, "a transaction on the server held the horizon for 2 minutes"
+            await asyncio.sleep(0.2)
+        layout = await tenant_db.read_layout(conn, "relay_side")
+        rows = [
+            r
+            for _, r in await tenant_db.scan(
+                conn, "relay_side", after=(0, 0), partitions=1, wanted=None, limit=10, layout=layout
+            )
+        ]
+    finally:
+        await conn.close()
+    assert [(r.message_id, r.topic, r.key, r.payload) for r in rows] == [
+        (str(first), "audit", None, b"\x00\xff"),
+        (str(second), "audit", None, b""),
+    ]
+    occurred = json.loads(rows[0].headers)["occurredAt"]  # the column's text, in the server's TimeZone
+    assert datetime.fromisoformat(occurred) == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert json.loads(rows[1].headers) == {}
