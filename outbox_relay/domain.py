@@ -173,6 +173,43 @@ class Resource(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 # --- databases -------------------------------------------------------------------------------------
 
 
+Ident = Annotated[str, Meta(pattern=IDENT_PATTERN, description="A SQL identifier: lower-case letters, digits, '_'.")]
+HEADER_NAME_PATTERN = r"^(?!outbox-)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""A header an adopted table's column is published as: not one of the relay's own ``outbox-*``."""
+ADOPTED_MAX_HEADERS = 16
+
+
+class OutboxColumns(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Which column of an adopted table is which part of a message; the defaults are Debezium's
+    outbox layout."""
+
+    id: Annotated[Ident, Meta(description="A uuid column: the message id (`outbox-id`) consumers dedupe on.")] = "id"
+    topic: Annotated[Ident, Meta(description="The outbox topic a relay's topic_mapping routes by.")] = "aggregatetype"
+    key: Annotated[Ident | None, Meta(description="The message key (per-key order, the partition). Null: no key.")] = (
+        "aggregateid"
+    )
+    payload: Annotated[Ident, Meta(description="The payload (jsonb, json, text or bytea), published as its bytes.")] = (
+        "payload"
+    )
+    headers: Annotated[
+        dict[Annotated[str, Meta(pattern=HEADER_NAME_PATTERN)], Ident],
+        Meta(
+            description="Header name -> column, published as the column's text (a NULL column: no header). "
+            "A timestamp column goes here too.",
+            extra_json_schema={"maxProperties": ADOPTED_MAX_HEADERS},
+        ),
+    ] = msgspec.field(default_factory=lambda: {"eventType": "type"})
+
+
+class OutboxTable(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An existing outbox table the relay adopts instead of installing its own (Debezium's layout by
+    default). Provision adds what the write-free read needs to it, online (docs/delivery.md)."""
+
+    name: Annotated[Ident, Meta(description="The table's name.")]
+    schema: Annotated[Ident, Meta(description="The table's schema.")] = "public"
+    columns: OutboxColumns = msgspec.field(default_factory=OutboxColumns)
+
+
 class Database(Resource, kw_only=True, forbid_unknown_fields=True):
     """A tenant PostgreSQL database holding an outbox table."""
 
@@ -189,6 +226,15 @@ class Database(Resource, kw_only=True, forbid_unknown_fields=True):
     ]
     password: Secret = UNSET
     schema: Annotated[str, Meta(pattern=IDENT_PATTERN, description="Schema holding the outbox table.")] = "outbox_relay"
+    table: Annotated[
+        OutboxTable | None,
+        Meta(
+            description="Adopt an existing outbox table (Debezium's layout by default) instead of installing the "
+            "relay's own: provision adds a transaction id, a sequence number and an insert time column, an index "
+            "and an insert trigger to it, and a view `outbox` and `outbox_meta` in `schema`. Null: the relay's own.",
+            examples=[{"name": "outbox", "schema": "public"}],
+        ),
+    ] = None
     password_set: ReadOnlyFlag = UNSET
 
 

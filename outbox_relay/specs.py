@@ -26,12 +26,14 @@ from collections.abc import Callable
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from outbox_relay.domain import (
+    ADOPTED_MAX_HEADERS,
     MAX_BOOTSTRAP_SERVERS,
     MAX_NATS_SERVERS,
     MAX_STREAM_MAXLEN,
     Database,
     KafkaTarget,
     NatsTarget,
+    OutboxTable,
     RabbitMQTarget,
     RedisStreamsTarget,
     Target,
@@ -131,11 +133,34 @@ def check_spec(spec: Database | Target) -> None:
 
 
 def check_database(db: Database) -> None:
-    """InvalidDatabaseSpec naming the field at fault."""
+    """InvalidDatabaseSpec naming the field at fault; InvalidSpec for an adopted ``table`` that
+    cannot work whatever the database holds (whether it does is checked at provision)."""
     try:
         check_dsn(db.dsn)
     except InvalidSpec as exc:
         raise InvalidDatabaseSpec(exc.field, exc.reason) from None
+    if db.table is not None:
+        _check_table(db.schema, db.table)
+
+
+ADDED_COLUMNS = ("outbox_relay_txid", "outbox_relay_seq", "outbox_relay_at")
+"""The columns provision adds to an adopted table (``outbox_relay.tenant.adopt``)."""
+
+
+def _check_table(schema: str, table: OutboxTable) -> None:
+    if table.schema == schema:
+        raise InvalidSpec(
+            "table.schema", f"the relay's schema ({schema}) gets a view named outbox: adopt a table of another schema"
+        )
+    cols = table.columns
+    if len(cols.headers) > ADOPTED_MAX_HEADERS:
+        raise InvalidSpec("table.columns.headers", f"at most {ADOPTED_MAX_HEADERS} headers")
+    mapped = {"id": cols.id, "topic": cols.topic, "key": cols.key, "payload": cols.payload}
+    for field, column in [*mapped.items(), *((f"headers[{n!r}]", c) for n, c in cols.headers.items())]:
+        if column in ADDED_COLUMNS:
+            raise InvalidSpec(f"table.columns.{field}", f"{column} is a column provision adds; map the table's own")
+    if cols.id in (cols.topic, cols.key, cols.payload):
+        raise InvalidSpec("table.columns.id", "the message id column must be a column of its own")
 
 
 def usable_database(db: Database) -> None:

@@ -43,6 +43,9 @@ async def _maintain_outboxes(ctx: dict[str, Any]) -> int:
     for row in databases:
         database = msgspec.json.decode(row["spec"], type=Database)
         error = None
+        if database.table is not None:  # an adopted table is the application's: no partitions, no drops
+            await store.record_maintenance(row["id"], None)
+            continue
         try:
             relays = [
                 RelayCursors(partitions=n, retention_hours=hours, cursors=cursors)

@@ -22,10 +22,10 @@ import asyncpg
 import msgspec
 
 from outbox_relay.config import TENANT_COMMAND_TIMEOUT_FLOOR_S, Settings
-from outbox_relay.domain import Database
+from outbox_relay.domain import Database, OutboxTable
 from outbox_relay.errors import AddressNotAllowed, MissingPrivileges, ProvisionFailed, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy, Endpoint, NameBoundSSLContext, hosts_of
-from outbox_relay.tenant import sql
+from outbox_relay.tenant import adopt, sql
 
 APPLICATION_NAME = "outbox-relay"
 
@@ -495,14 +495,20 @@ class Provisioned:
     warnings: list[RoleWarning]
 
 
-async def provision_for_tenant(conn: asyncpg.Connection, schema: str) -> Provisioned:
-    """:func:`check_role`, then :func:`provision`. Its failures are told as :class:`ProvisionFailed`
-    for the tenant (the API's 422 ``provision-failed``) rather than as the driver's errors; a role
-    lacking privileges gets :class:`MissingPrivileges` naming every one, and nothing is changed."""
+async def provision_for_tenant(conn: asyncpg.Connection, schema: str, table: OutboxTable | None = None) -> Provisioned:
+    """:func:`check_role`, then :func:`provision` (or, with ``table``, :func:`adopt.adopt` after
+    :func:`adopt.check_table`). Its failures are told as :class:`ProvisionFailed` for the tenant (the
+    API's 422 ``provision-failed``) rather than as the driver's errors; a role lacking privileges gets
+    :class:`MissingPrivileges` naming every one, and nothing is changed."""
     try:
         check = await check_role(conn, schema)
+        table_check = await adopt.check_table(conn, schema, table) if table is not None else None
     except asyncpg.PostgresError as exc:
         raise ProvisionFailed(f"reading the role's privileges failed: {describe(exc)}") from None
+    if table_check is not None:
+        if table_check.problems:
+            raise ProvisionFailed("cannot adopt the table (nothing was changed): " + "; ".join(table_check.problems))
+        check.missing.extend(MissingGrant(*lacking) for lacking in table_check.missing)
     if check.missing:
         raise MissingPrivileges(
             f"role {check.role} lacks what the relay needs to provision and read the outbox (nothing was changed): "
@@ -512,14 +518,26 @@ async def provision_for_tenant(conn: asyncpg.Connection, schema: str) -> Provisi
             missing=[{"privilege": m.privilege, "object": m.target, "grant": m.grant} for m in check.missing],
         )
     try:
-        version = await provision(conn, schema)
+        if table is not None and table_check is not None:
+            await adopt.adopt(
+                conn,
+                schema,
+                table,
+                table_check.payload_type,
+                lock_timeout_ms=PROVISION_LOCK_TIMEOUT_MS,
+                attempts=PROVISION_ATTEMPTS,
+            )
+            version = sql.SCHEMA_VERSION
+        else:
+            version = await provision(conn, schema)
     except asyncpg.InsufficientPrivilegeError as exc:
         raise ProvisionFailed(f"the database user may not create the outbox: {exc}") from None
     except asyncpg.LockNotAvailableError:
         tries = f"{PROVISION_ATTEMPTS} tries of {PROVISION_LOCK_TIMEOUT_MS / 1000:g} s"
         raise ProvisionFailed(
             f"other transactions held the outbox table throughout ({tries}: provision gives way rather than "
-            "keep writers waiting); nothing was changed, try again"
+            "keep writers waiting); "
+            + ("the steps done stay done, try again" if table is not None else "nothing was changed, try again")
         ) from None
     except asyncpg.PostgresError as exc:
         raise ProvisionFailed(f"provisioning failed: {describe(exc)}") from None

@@ -12,6 +12,7 @@ from litestar.params import JSONBody
 
 from outbox_relay.domain import Database
 from outbox_relay.specs import check_database
+from outbox_relay.tenant import adopt
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import schema_sql
 from service.deps import authenticate_tenant
@@ -125,7 +126,9 @@ class DatabaseController(Controller):
         "/{name:str}/provision",
         operation_id="provisionDatabase",
         summary="Install the outbox schema into the database",
-        description="Checks the database role's privileges first: a role that lacks some gets 422 "
+        description="With `table` set, adopts that existing table instead (checked first: a missing table or "
+        "column is 422 `provision-failed`), adding three columns, an index and a trigger to it online. "
+        "Checks the database role's privileges first: a role that lacks some gets 422 "
         "`missing-privileges` naming each one in `missing` (with the `grant` to run), and nothing is changed. "
         "`warnings` says when the role reaches more than the relay needs (a superuser, or one that owns "
         "tables outside the outbox's schema).",
@@ -155,7 +158,7 @@ class DatabaseController(Controller):
         )
         try:
             # MissingPrivileges, ProvisionFailed: 422 (service.problems.PROBLEMS)
-            done = await tenant_db.provision_for_tenant(conn, db.schema)
+            done = await tenant_db.provision_for_tenant(conn, db.schema, db.table)
         finally:
             await conn.close()
         await resources.audit("provision", name)
@@ -171,4 +174,7 @@ class DatabaseController(Controller):
         media_type="text/plain",
     )
     async def schema_sql(self, resources: DatabasesDep, name: Annotated[str, NAME_PARAM]) -> str:
-        return schema_sql(msgspec.json.decode((await resources.row(name)).spec, type=Database).schema)
+        db = msgspec.json.decode((await resources.row(name)).spec, type=Database)
+        if db.table is not None:  # the payload column's type is read at provision; jsonb is Debezium's
+            return adopt.script(db.schema, db.table)
+        return schema_sql(db.schema)

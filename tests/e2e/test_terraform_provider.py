@@ -326,6 +326,29 @@ def test_api_refusals_become_diagnostics(provider: OutboxRelayProvider) -> None:
     assert relay.read(ReadContext(Diagnostics(), "outboxrelay_relay"), {"name": "r"}) is None
 
 
+def test_an_adopted_table_is_a_json_attribute_whose_filled_in_defaults_are_no_drift(
+    provider: OutboxRelayProvider,
+) -> None:
+    assert isinstance(attrs(DatabaseResource)["table"].type, tft.String) and attrs(DatabaseResource)["table"].optional
+    diags = Diagnostics()
+    database = DatabaseResource(provider)
+    written = '{"name":"outbox"}'  # jsonencode({ name = "outbox" }): the service fills in schema and columns
+    planned = planned_state(DatabaseResource, name="adopting", dsn="postgresql://a@127.0.0.1/d", table=written)
+    state = database.create(CreateContext(diags, "outboxrelay_database"), planned)
+    assert not diags.has_errors(), diags
+    assert state is not None and state["table"] == written
+    assert database.read(ReadContext(diags, "outboxrelay_database"), state) == state
+    # changed behind Terraform's back: the read says so
+    doc = provider.client.get("/v1/databases/adopting")  # type: ignore[union-attr]
+    doc["table"]["columns"]["key"] = None
+    provider.client.put("/v1/databases/adopting", {"dsn": doc["dsn"], "table": doc["table"]})  # type: ignore[union-attr]
+    changed = database.read(ReadContext(diags, "outboxrelay_database"), state)
+    assert changed is not None and changed["table"] != written and '"key":null' in changed["table"]
+    bad = planned_state(DatabaseResource, name="adopting2", dsn="postgresql://a@127.0.0.1/d", table='{"name": "A"}')
+    assert database.create(CreateContext(diags, "outboxrelay_database"), bad) is None
+    assert "table.name" in diags.diagnostics[-1].summary + (diags.diagnostics[-1].detail or "")
+
+
 def test_a_relay_filter_round_trips_and_a_bad_one_is_a_diagnostic(provider: OutboxRelayProvider) -> None:
     diags = Diagnostics()
     DatabaseResource(provider).create(

@@ -15,9 +15,10 @@ How optional attributes behave (the rule that keeps plans free of drift):
   holds the effective value, so writing the default explicitly never plans a replacement.
 * Nested objects (the relay ``policy``) are flattened into top-level attributes named after their
   fields: ``tf`` supports no single-nested blocks or object types.
-* A nullable object (the relay ``filter``, a recursive expression) is a string attribute holding
-  its JSON (write it with ``jsonencode(...)``): read back, a document equal to the one in the state
-  keeps the state's text, so formatting and key order never show as drift.
+* A nullable object (the relay ``filter``, a recursive expression; a database's adopted ``table``) is
+  a string attribute holding its JSON (write it with ``jsonencode(...)``): read back, a document equal
+  to the one in the state (once both are read as the API's type, so the defaults the service fills in
+  count as written) keeps the state's text, so formatting, key order and defaults never show as drift.
 * Fields the provider does not know (a newer server) are ignored on read and never sent.
 """
 
@@ -157,7 +158,7 @@ def _struct_fields(struct: type[msgspec.Struct], kind: str, prefix: tuple[str, .
             description = description or inner
         if isinstance(typ, mi.StructType):
             if nullable:
-                out.append(_json_field(f, kind, prefix, description))
+                out.append(_json_field(f, kind, prefix, description, typ.cls))
                 continue
             out.extend(_struct_fields(typ.cls, kind, (*prefix, f.encode_name)))
             continue
@@ -205,7 +206,28 @@ def same_json(state: Any, read_back: Any) -> bool:
         return False
 
 
-def _json_field(f: Any, kind: str, prefix: tuple[str, ...], description: str | None) -> Field:
+def same_document(struct: type[msgspec.Struct]) -> Callable[[Any, Any], bool]:
+    """:func:`same_json`, or the same once both are read as ``struct``: the service fills in the
+    defaults of a document's left-out fields (an adopted ``table``'s ``schema`` and ``columns``), and
+    a configuration that leaves them out is not a change."""
+
+    def same_as(state: Any, read_back: Any) -> bool:
+        if same_json(state, read_back):
+            return True
+        if not isinstance(state, str) or not isinstance(read_back, str):
+            return False
+        try:  # compared as canonical text again: Python's ``True == 1`` must not hide a change
+            ours, theirs = (msgspec.to_builtins(msgspec.json.decode(t, type=struct)) for t in (state, read_back))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        return json_text(ours) == json_text(theirs)
+
+    return same_as
+
+
+def _json_field(
+    f: Any, kind: str, prefix: tuple[str, ...], description: str | None, struct: type[msgspec.Struct]
+) -> Field:
     return Field(
         name=f.name,
         path=(*prefix, f.encode_name),
@@ -216,7 +238,7 @@ def _json_field(f: Any, kind: str, prefix: tuple[str, ...], description: str | N
         description=f"JSON (jsonencode): {description}" if description else "JSON (jsonencode).",
         encode=json_value,
         decode=json_text,
-        same_as=same_json,
+        same_as=same_document(struct),
     )
 
 

@@ -226,6 +226,9 @@ class DatabaseResource(ApiResource):
         descriptions={
             "dsn": "postgresql://user@host:port/dbname?sslmode=... without the password (put it in `password`).",
             "schema": "Schema holding the outbox table (default `outbox_relay`).",
+            "table": "JSON (jsonencode): adopt this existing outbox table instead of installing the relay's own, "
+            'e.g. jsonencode({ name = "outbox", schema = "public" }) for Debezium\'s layout; `columns` maps id, '
+            "topic, key, payload and headers. `provision` then adds its columns, index and trigger online.",
         },
     )
     has_password = True
