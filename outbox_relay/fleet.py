@@ -60,6 +60,7 @@ from outbox_relay.engine import (
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.fairness import FairScheduler, TargetLimits
 from outbox_relay.outages import CONTROL_DB, Outages
+from outbox_relay.rotation import Rotator
 from outbox_relay.store import fleet as fleet_store
 from outbox_relay.store.control import Lease, RelayPlan, control_unavailable
 from outbox_relay.store.fleet import CursorWrite, FleetStore, LagSample
@@ -385,6 +386,15 @@ class FleetEngine:
             events=runner.events,
         )
         self.store = runner.store
+        self.rotator = Rotator(
+            store=runner.store,
+            secrets=runner.secrets,
+            tenants=runner.tenants,
+            publishers=runner.publishers,
+            events=runner.events,
+            worker_key=lambda: self.key,
+            ttl_s=settings.lease_ttl_s,
+        )
         self.tenants = runner.tenants
         self.publishers = runner.publishers
         self.events = runner.events
@@ -402,6 +412,7 @@ class FleetEngine:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="fleet")
+        self.rotator.start()
         instruments().fleet_sources.append(self.metrics)
 
     def metrics(self) -> dict[str, list[tuple[float, dict[str, Any]]]]:
@@ -599,6 +610,7 @@ class FleetEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._task, timeout=5)
         await cancel_and_wait(self._lag_task)
+        await self.rotator.close()
         await self._drop_all()
         await self.cursors.close()
         await self.identities.close()  # a first read's identity write in flight: done before we leave
@@ -702,7 +714,11 @@ class FleetEngine:
         backlog still waits for rows a transaction open at its detection holds back."""
         plan = reader.plan
         pool = await self.tenants.pool(
-            plan.database_id, plan.database_version, reader.database, reader.database_password
+            plan.database_id,
+            plan.database_version,
+            reader.database,
+            reader.database_password,
+            secret_version=plan.database_secret_version,
         )
         if reader._inserts is None:
             reader._inserts = self.tenants.watch(plan.database_id, reader.on_insert)
@@ -979,7 +995,13 @@ class FleetEngine:
 
     async def _publisher(self, reader: RelayReader) -> Publisher:
         plan = reader.plan
-        return await self.publishers.get(plan.target_id, plan.target_version, reader.target, reader.target_password)
+        return await self.publishers.get(
+            plan.target_id,
+            plan.target_version,
+            reader.target,
+            reader.target_password,
+            secret_version=plan.target_secret_version,
+        )
 
     # --- lag ---------------------------------------------------------------------------------------
 
@@ -1009,7 +1031,11 @@ class FleetEngine:
             if empty and (reader.last_scan_full or reader.notified_at is not None):
                 try:
                     pool = await self.tenants.pool(
-                        reader.plan.database_id, reader.plan.database_version, reader.database, reader.database_password
+                        reader.plan.database_id,
+                        reader.plan.database_version,
+                        reader.database,
+                        reader.database_password,
+                        secret_version=reader.plan.database_secret_version,
                     )
                     after = min(lane.read_pos for lane in empty)
                     waiting_at = await tenant_db.next_row_at(pool, reader.database.schema, after)

@@ -54,6 +54,17 @@ class PgCluster:
         self.start()
         return self
 
+    def require_passwords(self) -> None:
+        """Every role but ``postgres`` logs in over TCP with its password (SCRAM), as a hosted tenant
+        database does; ``postgres`` stays trusted, for the test's own setup."""
+        conf = Path("/etc/postgresql/15") / self.name
+        (conf / "pg_hba.conf").write_text(
+            "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        )
+        with (conf / "conf.d" / "tests.conf").open("a") as extra:
+            extra.write("password_encryption = 'scram-sha-256'\n")
+        self._ctl("reload")
+
     def start(self) -> None:
         self._ctl("start")
         _wait_port(self.port, up=True, timeout_s=30)
