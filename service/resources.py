@@ -195,7 +195,7 @@ class Resources(Generic[R]):
             started = await store.start_rotation(table, self.tenant.id, name, spec, None)
             if started is None:
                 return None
-            return Response(await self.shown(started[0]), status_code=200)  # already rotating to it
+            return await self.written(name, started[0], False)  # already rotating to it: nothing changes
         started = await store.start_rotation(table, self.tenant.id, name, spec, box.encrypt(password))
         if started is None:
             return None

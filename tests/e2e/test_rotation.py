@@ -27,11 +27,12 @@ from litestar.testing import AsyncTestClient
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from tests.conftest import RUN_ID
-from tests.faults import PgCluster
+from tests.faults import PgCluster, password_cluster
 from tests.helpers import TenantClient, make_tenant
 from tests.workers import WorkerPool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+__all__ = ["password_cluster"]  # the fixture
 
 RATE = 1000
 """Messages a second the writer commits (in transactions of ``RATE // 100`` rows every 10 ms)."""
@@ -124,20 +125,6 @@ async def rotated(t: TenantClient, path: str, timeout_s: float = 30) -> float:
         assert time.monotonic() - started < timeout_s, f"{path}: still rotating: {rotation}"
         await asyncio.sleep(0.1)
     return time.monotonic() - started
-
-
-@pytest.fixture
-async def password_cluster() -> AsyncIterator[PgCluster]:
-    cluster = PgCluster(f"orly_rot_{RUN_ID}").create()
-    try:
-        cluster.require_passwords()
-        admin = await asyncpg.connect(cluster.dsn())
-        await admin.execute("CREATE ROLE orly_app LOGIN PASSWORD 'db-old-secret'")
-        await admin.execute("CREATE DATABASE app OWNER orly_app")
-        await admin.close()
-        yield cluster
-    finally:
-        cluster.drop()
 
 
 @pytest.fixture
