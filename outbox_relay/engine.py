@@ -228,9 +228,12 @@ class TenantConnections:
         """The databases this worker has open, with the credential version each uses."""
         return {database_id: entry.secret_version for database_id, entry in self._dbs.items()}
 
-    async def rotate(self, database_id: uuid.UUID, secret_version: int, password: str | None) -> bool:
+    async def rotate(
+        self, database_id: uuid.UUID, secret_version: int, password: str | None, db: Database | None = None
+    ) -> bool:
         """Switch the database's pool and LISTEN connection to ``password`` (credential version
-        ``secret_version``), make-before-break: the new pool opens a connection first (a refused
+        ``secret_version``; ``db``: the spec with the user it goes with, when that changes too),
+        make-before-break: the new pool opens a connection first (a refused
         password raises TenantDatabaseError and leaves the old pool in use), readers get the new
         pool from their next read, and the old one closes once the reads in flight gave their
         connections back (asyncpg's graceful close). False when the worker does not have it open."""
@@ -240,13 +243,15 @@ class TenantConnections:
                 return False
             if entry.secret_version == secret_version and entry.password == password:
                 return True
-            key = (entry.db.dsn, password)
+            db = db or entry.db
+            usable_database(db)
+            key = (db.dsn, password)
             if key == entry.server:  # the same password under a new version (a rotation cancelled)
                 entry.secret_version = secret_version
                 return True
             server = self._servers.get(key)
             if server is None:
-                pool = await self._open_pool(entry.db, password)
+                pool = await self._open_pool(db, password)
                 try:
                     async with asyncio.timeout(self.timeout_s + 1):
                         await pool.execute("SELECT 1")  # the credential works; the connection stays pooled
@@ -257,9 +262,9 @@ class TenantConnections:
                 server = self._servers[key] = _Server(pool=pool)
             server.users.add(database_id)
             old_key, old_listener = entry.server, entry.listener
-            entry.server, entry.password, entry.secret_version = key, password, secret_version
+            entry.server, entry.password, entry.secret_version, entry.db = key, password, secret_version, db
             entry.up.clear()
-            entry.listener = asyncio.create_task(self._listen(entry, entry.db, password))
+            entry.listener = asyncio.create_task(self._listen(entry, db, password))
             self._retire(database_id, old_key, old_listener)
             return True
 
@@ -472,19 +477,24 @@ class PublisherCache:
         """The targets this worker has a publisher of, with the credential version each uses."""
         return {target_id: cached.secret_version for target_id, cached in self._publishers.items()}
 
-    async def rotate(self, target_id: uuid.UUID, secret_version: int, password: str | None) -> bool:
-        """Switch the target's publisher to ``password`` (credential version ``secret_version``),
-        make-before-break: the new one connects (and authenticates) first, a refusal raises
-        TargetUnavailable and leaves the old one in use; batches handed to the old one are answered by
-        it before it closes. False when the worker has no publisher of the target."""
+    async def rotate(
+        self, target_id: uuid.UUID, secret_version: int, password: str | None, target: Target | None = None
+    ) -> bool:
+        """Switch the target's publisher to ``password`` (credential version ``secret_version``;
+        ``target``: the spec with the user it goes with, when that changes too), make-before-break:
+        the new one connects (and authenticates) first, a refusal raises TargetUnavailable and leaves
+        the old one in use; batches handed to the old one are answered by it before it closes. False
+        when the worker has no publisher of the target."""
         async with self._locks.setdefault(target_id, asyncio.Lock()):
             cached = self._publishers.get(target_id)
             if cached is None:
                 return False
             if cached.secret_version == secret_version:
                 return True
-            publisher = GroupPublisher(await self.factory(cached.target, password))
-            self._publishers[target_id] = _Cached(cached.version, secret_version, cached.target, publisher)
+            target = target or cached.target
+            usable_target(target)
+            publisher = GroupPublisher(await self.factory(target, password))
+            self._publishers[target_id] = _Cached(cached.version, secret_version, target, publisher)
         old = cached.publisher
 
         async def retire() -> None:

@@ -22,7 +22,10 @@ import time
 import uuid
 from collections.abc import Callable
 
+import msgspec
+
 from outbox_relay.crypto import SecretBox
+from outbox_relay.domain import Database, Target
 from outbox_relay.engine import PublisherCache, TenantConnections, wait_event
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.store.control import ControlStore, control_unavailable
@@ -114,10 +117,12 @@ class Rotator:
         password = self.secrets.decrypt(due.token) if due.token else None
         try:
             if due.table == "databases":
-                switched = await self.tenants.rotate(due.id, due.version, password)
+                db = msgspec.json.decode(due.target_spec, type=Database)
+                switched = await self.tenants.rotate(due.id, due.version, password, db)
             else:
-                switched = await self.publishers.rotate(due.id, due.version, password)
-        except (TenantDatabaseError, TargetUnavailable, AddressNotAllowed) as exc:
+                target: Target = msgspec.json.decode(due.target_spec, type=Target)
+                switched = await self.publishers.rotate(due.id, due.version, password, target)
+        except (TenantDatabaseError, TargetUnavailable, AddressNotAllowed, ValueError) as exc:
             self._refused_at[attempt] = time.monotonic()
             log.warning("%s %s: the new credential (version %d) does not work: %s", due.table, due.id, due.version, exc)
             await self._report(due.table, due.id, (using, due.version, str(exc)))

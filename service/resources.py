@@ -8,6 +8,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from litestar import Response
@@ -75,6 +76,21 @@ def secret_of(body: Resource, box: SecretBox) -> bytes | Unchanged | None:
     if password is None:
         return None
     return box.encrypt(password)
+
+
+def without_user(spec: Any) -> Any:
+    """The spec without the user it logs in as (a DSN's or URL's user, Kafka's ``username``): what a
+    rotation may change along with the password (PostgreSQL has one password per role: a rotation
+    without a gap there can move to a second role)."""
+    changes: dict[str, Any] = {}
+    for field in ("dsn", "url"):
+        value = getattr(spec, field, None)
+        if isinstance(value, str):
+            parts = urlsplit(value)
+            changes[field] = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    if hasattr(spec, "username"):
+        changes["username"] = None
+    return msgspec.structs.replace(spec, **changes)
 
 
 def read_back(kind: Any, row: ResourceRow) -> Any:
@@ -173,10 +189,11 @@ class Resources(Generic[R]):
         return await self.written(name, row, created)
 
     async def rotate(self, name: str, body: R) -> Response[R] | None:
-        """Rotate the password of a resource that has one, when the PUT changes nothing else: the new
-        password is stored as pending next to the current one (the relays keep running; the workers
-        switch to it one by one, see ``outbox_relay/rotation.py``). The current password again
-        cancels a pending rotation; the pending one again changes nothing. None: not a rotation."""
+        """Rotate the credential of a resource that has a password, when the PUT changes nothing else
+        but the password (and perhaps the user it logs in as): the new one is stored as pending next to
+        the current one (the relays keep running; the workers switch to it one by one, see
+        ``outbox_relay/rotation.py``). The current credential again cancels a pending rotation; the
+        pending one again changes nothing. None: not a rotation (an ordinary replace)."""
         password = getattr(body, "password", UNSET)
         if not isinstance(password, str) or self.kind.table == "relays":
             return None
@@ -186,23 +203,36 @@ class Resources(Generic[R]):
         if stored is None or stored.secret is None:
             return None
         spec = spec_json(body)
-        if password == box.decrypt(stored.secret):
-            if stored.pending is None or not await store.cancel_rotation(table, self.tenant.id, name, spec):
+        new, now = self._spec(spec), self._spec(stored.spec)
+        if new != now and without_user(new) != without_user(now):
+            return None  # more than the credential changes
+        pending_spec = spec if new != now else None
+        if pending_spec is None and password == box.decrypt(stored.secret):
+            if stored.pending is None or not await store.cancel_rotation(table, self.tenant.id, name, stored.spec):
                 return None
             await self.audit("rotation-cancel", name)
             return Response(await self.shown(await self.row(name)), status_code=200)
-        if stored.pending is not None and password == box.decrypt(stored.pending):
-            started = await store.start_rotation(table, self.tenant.id, name, spec, None)
+        if (
+            stored.pending is not None
+            and password == box.decrypt(stored.pending)
+            and new == self._spec(stored.pending_spec or stored.spec)
+        ):
+            started = await store.start_rotation(table, self.tenant.id, name, stored.spec, None)
             if started is None:
                 return None
             return await self.written(name, started[0], False)  # already rotating to it: nothing changes
-        started = await store.start_rotation(table, self.tenant.id, name, spec, box.encrypt(password))
+        encrypted = box.encrypt(password)
+        started = await store.start_rotation(table, self.tenant.id, name, stored.spec, encrypted, pending_spec)
         if started is None:
             return None
-        await self.audit("rotation-start", name, {"version": started[1]})
+        detail: dict[str, Any] = {"version": started[1], "user_changes": pending_spec is not None}
+        await self.audit("rotation-start", name, detail)
         # nobody uses it (no relay runs on it): nothing to wait for, the new password replaces the old now
         await store.complete_rotations(self.services.settings.lease_ttl_s, self.actor)
         return Response(await self.shown(await self.row(name)), status_code=200)
+
+    def _spec(self, spec: bytes) -> Any:
+        return msgspec.json.decode(spec, type=self.kind.type)
 
     async def delete(self, name: str) -> None:
         """Idempotent; 409 ``in-use`` (:class:`InUse`) while relays use a database or target."""

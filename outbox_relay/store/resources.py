@@ -96,6 +96,7 @@ class ResourcesStore(StoreBase):
                 f"secret_version = greatest({_table(table)}.secret_version, "
                 f"coalesce({_table(table)}.pending_version, 0)) + 1",
                 "pending_secret = NULL",
+                "pending_spec = NULL",
                 "pending_version = NULL",
                 "rotation_started_at = NULL",
             ]

@@ -44,7 +44,8 @@ def _live_users(table: SecretTable, resource: str = "x.id") -> str:
 class RotationsStore(StoreBase):
     async def stored_secrets(self, table: SecretTable, tenant_id: uuid.UUID, name: str) -> StoredSecrets | None:
         row = await self.pool.fetchrow(
-            f"SELECT id, secret, pending_secret FROM {_table(table)} WHERE tenant_id = $1 AND name = $2",
+            f"SELECT id, spec::text AS spec, secret, pending_secret, pending_spec::text AS pending_spec "
+            f"FROM {_table(table)} WHERE tenant_id = $1 AND name = $2",
             tenant_id,
             name,
         )
@@ -52,19 +53,29 @@ class RotationsStore(StoreBase):
             return None
         return StoredSecrets(
             id=row["id"],
+            spec=row["spec"].encode(),
             secret=bytes(row["secret"]) if row["secret"] is not None else None,
             pending=bytes(row["pending_secret"]) if row["pending_secret"] is not None else None,
+            pending_spec=row["pending_spec"].encode() if row["pending_spec"] is not None else None,
         )
 
     async def start_rotation(
-        self, table: SecretTable, tenant_id: uuid.UUID, name: str, spec: bytes, pending: bytes | None
+        self,
+        table: SecretTable,
+        tenant_id: uuid.UUID,
+        name: str,
+        spec: bytes,
+        pending: bytes | None,
+        pending_spec: bytes | None = None,
     ) -> tuple[ResourceRow, int] | None:
         """Store ``pending`` next to the current secret (replacing an earlier pending one) under a new
-        version; returns the row and that version (``pending`` None: the rotation pending now, as it
-        is). None when the stored spec is not ``spec`` or there is no current secret: that PUT is an
+        version, with ``pending_spec`` when the user changes too; returns the row and that version
+        (``pending`` None: the rotation pending now, as it is). None when the stored spec is not
+        ``spec`` (it changed since the caller read it) or there is no current secret: that PUT is an
         ordinary replace."""
         row = await self.pool.fetchrow(
             f"UPDATE {_table(table)} SET pending_secret = coalesce($4, pending_secret), "
+            "pending_spec = CASE WHEN $4::bytea IS NULL THEN pending_spec ELSE $5::jsonb END, "
             "pending_version = CASE WHEN $4::bytea IS NULL THEN pending_version "
             "ELSE greatest(secret_version, coalesce(pending_version, 0)) + 1 END, "
             "rotation_started_at = CASE WHEN $4::bytea IS NULL THEN rotation_started_at ELSE now() END "
@@ -76,6 +87,7 @@ class RotationsStore(StoreBase):
             name,
             spec.decode(),
             pending,
+            pending_spec.decode() if pending_spec is not None else None,
         )
         return (_resource(row), row["pending_version"]) if row else None
 
@@ -83,7 +95,7 @@ class RotationsStore(StoreBase):
         """Forget a pending secret (the PUT sent the current password again); whether one was pending.
         Workers that switched to it go back to the current one (its version moves on)."""
         cancelled = await self.pool.fetchval(
-            f"UPDATE {_table(table)} SET pending_secret = NULL, "
+            f"UPDATE {_table(table)} SET pending_secret = NULL, pending_spec = NULL, "
             "secret_version = greatest(secret_version, coalesce(pending_version, 0)) + 1, "
             "pending_version = NULL, rotation_started_at = NULL "
             "WHERE tenant_id = $1 AND name = $2 AND spec = $3::jsonb AND pending_secret IS NOT NULL RETURNING true",
@@ -99,7 +111,8 @@ class RotationsStore(StoreBase):
         if not in_use:
             return []
         rows = await self.pool.fetch(
-            "SELECT x.id, x.spec::text AS spec, x.secret, x.secret_version, x.pending_secret, x.pending_version "
+            "SELECT x.id, x.spec::text AS spec, x.secret, x.secret_version, x.pending_secret, x.pending_version, "
+            "x.pending_spec::text AS pending_spec "
             f"FROM unnest($1::uuid[], $2::int[]) AS u(id, version) JOIN {_table(table)} x ON x.id = u.id "
             "WHERE (x.pending_secret IS NOT NULL AND x.pending_version <> u.version) "
             "OR (x.pending_secret IS NULL AND x.secret_version <> u.version)",
@@ -115,6 +128,7 @@ class RotationsStore(StoreBase):
                 secret_version=r["secret_version"],
                 pending=bytes(r["pending_secret"]) if r["pending_secret"] is not None else None,
                 pending_version=r["pending_version"],
+                pending_spec=r["pending_spec"].encode() if r["pending_spec"] is not None else None,
             )
             for r in rows
         ]
@@ -144,6 +158,8 @@ class RotationsStore(StoreBase):
             refused_version,
             error,
         )
+        if written:  # the other workers look at once whether the rotation can complete
+            await self.pool.execute("SELECT pg_notify('outbox_relay_config', 'rotations:reported')")
         return written is True
 
     async def complete_rotations(self, ttl_s: float, actor: str) -> list[tuple[uuid.UUID, str]]:
@@ -155,6 +171,7 @@ class RotationsStore(StoreBase):
         for table in ("databases", "targets"):
             rows = await self.pool.fetch(
                 f"WITH done AS (UPDATE {_table(table)} x SET secret = x.pending_secret, "
+                "spec = coalesce(x.pending_spec, x.spec), pending_spec = NULL, "
                 "secret_version = x.pending_version, pending_secret = NULL, pending_version = NULL, "
                 "rotation_started_at = NULL "
                 f"WHERE x.pending_secret IS NOT NULL AND NOT EXISTS ({_live_users(table)} AND NOT EXISTS ("

@@ -310,8 +310,11 @@ class StoredSecrets:
     """A database's or target's spec and secrets, encrypted: what a PUT compares its password with."""
 
     id: uuid.UUID
+    spec: bytes
     secret: bytes | None
     pending: bytes | None
+    pending_spec: bytes | None
+    """The spec the pending secret goes with, when the rotation also changes the user (None: ``spec``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -327,16 +330,27 @@ class CredentialDue:
     secret_version: int
     pending: bytes | None
     pending_version: int | None
+    pending_spec: bytes | None = None
+    """The spec that goes with ``pending`` when the rotation changes the user too (None: ``spec``)."""
+
+    @property
+    def rotating(self) -> bool:
+        return self.pending_version is not None and self.pending is not None
+
+    @property
+    def target_spec(self) -> bytes:
+        """The spec of :attr:`version` (the user it logs in as may change with the password)."""
+        return self.pending_spec if self.rotating and self.pending_spec is not None else self.spec
 
     @property
     def version(self) -> int:
         """The version the worker should use."""
-        return self.pending_version if self.pending_version is not None and self.pending else self.secret_version
+        return self.pending_version if self.pending_version is not None and self.rotating else self.secret_version
 
     @property
     def token(self) -> bytes | None:
         """The (encrypted) secret of :attr:`version`."""
-        return self.pending if self.pending_version is not None and self.pending else self.secret
+        return self.pending if self.rotating else self.secret
 
 
 class RotationWorker(msgspec.Struct, kw_only=True):

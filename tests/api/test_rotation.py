@@ -162,3 +162,28 @@ async def test_the_current_password_cancels_and_a_spec_change_replaces(
         "rotation-start",
         "put",
     ]
+
+
+async def test_a_new_user_with_its_password_is_a_rotation_too(
+    tenant: TenantClient, settings: Settings, control: asyncpg.Connection, store: ControlStore, live_worker: Any
+) -> None:
+    """PostgreSQL has one password per role: a rotation without a gap moves to a second role, so a PUT
+    that changes the DSN's user along with the password rotates (the new user shows once done)."""
+    box = SecretBox(settings.secret_keys)
+    assert (await tenant.put("/v1/databases/app", {"dsn": DSN, "password": "one"})).status_code == 201
+    assert (await tenant.put("/v1/targets/out", {**TARGET, "password": "t"})).status_code == 201
+    relay = {"database": "app", "target": "out", "topic_mapping": {"*": "x"}}
+    assert (await tenant.put("/v1/relays/r", relay)).status_code == 201
+    relay_id, database_id = await control.fetchrow(
+        "SELECT r.id, r.database_id FROM relays r JOIN tenants t ON t.id = r.tenant_id WHERE t.name = $1", tenant.name
+    )
+    await live_worker.own(relay_id)
+    new_dsn = DSN.replace("app@", "app_b@")
+    r = await tenant.put("/v1/databases/app", {"dsn": new_dsn, "password": "two"})
+    assert r.status_code == 200 and r.json()["rotation"] is not None, r.text
+    assert r.json()["dsn"] == DSN
+    version = await control.fetchval("SELECT pending_version FROM databases WHERE id = $1", database_id)
+    await store.report_credential(live_worker.name, "databases", database_id, version)
+    assert [res for _, res in await store.complete_rotations(settings.lease_ttl_s, "test")] == ["databases/app"]
+    assert (await tenant.get("/v1/databases/app")).json()["dsn"] == new_dsn
+    assert await secrets_of(control, box, tenant.name, "databases") == ("two", None)

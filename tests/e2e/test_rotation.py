@@ -2,9 +2,9 @@
 
 A private PostgreSQL cluster where the tenant's role logs in with its password (SCRAM), and a Redis
 ACL user of the test's own (a name unique to the run) on the shared Redis. The tenant rotates as
-docs/api.md says: the new password is made valid on the server next to the old one (PostgreSQL keeps
-the sessions that logged in with the old one; Redis ACL users take two passwords), then PUT; the old
-one goes once the resource's GET no longer shows the rotation. Checked: every message delivered,
+docs/api.md says: the new credential is made valid on the server next to the old one (PostgreSQL: a
+second login role, since a role has one password; Redis: an ACL user takes two passwords), then PUT;
+the old one goes once the resource's GET no longer shows the rotation. Checked: every message delivered,
 in order per key, no partition error, the old secret gone from the control DB, the audit entries.
 The longest delivery gap is printed.
 """
@@ -127,6 +127,22 @@ async def rotated(t: TenantClient, path: str, timeout_s: float = 30) -> float:
     return time.monotonic() - started
 
 
+async def balanced(settings: Settings, tenant: str, *, workers: int) -> None:
+    """Wait until ``workers`` workers own the tenant's partitions, each its share."""
+    control = await asyncpg.connect(settings.database_url)
+    owners = (
+        "SELECT count(DISTINCT p.lease_holder) FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
+        "JOIN tenants t ON t.id = r.tenant_id WHERE t.name = $1"
+    )
+    try:
+        async with asyncio.timeout(60):
+            while await control.fetchval(owners, tenant) < workers:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # the lanes of the last claim started
+    finally:
+        await control.close()
+
+
 @pytest.fixture
 async def broker_user() -> AsyncIterator[tuple[aioredis.Redis, str]]:
     admin = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
@@ -171,17 +187,27 @@ async def test_rotating_passwords_mid_stream_loses_nothing_and_leaves_no_gap(
 
     with TimedReader(redis, stream) as reader:
         writer = asyncio.create_task(write_steadily(password_cluster.dsn("app"), 14.0))
-        await reader.until(1000, timeout_s=60)  # both workers relaying
-        started = min(at for _, _, at in reader.received)
+        await reader.until(1000, timeout_s=60)
+        await balanced(settings, t.name, workers=2)  # both workers relaying: no rebalance in the window
+        started = time.monotonic()
 
-        # the database: PostgreSQL has one password per role, and keeps the sessions that logged in
-        # with the old one: set it, then PUT it at once (new sessions take only the new one)
+        # the database: PostgreSQL has one password per role, so the new credential is a second login
+        # role with the first one's rights; PUT its user and password; once the rotation is done no
+        # session of the old role is left, and the tenant can drop it
         admin = await asyncpg.connect(password_cluster.dsn())
-        await admin.execute("ALTER ROLE orly_app PASSWORD 'db-new-secret'")
-        await admin.close()
-        r = await t.put("/v1/databases/app", {"dsn": app_dsn, "password": "db-new-secret"})
+        await admin.execute("CREATE ROLE orly_app_b LOGIN PASSWORD 'db-new-secret' IN ROLE orly_app")
+        new_dsn = app_dsn.replace("orly_app@", "orly_app_b@")
+        r = await t.put("/v1/databases/app", {"dsn": new_dsn, "password": "db-new-secret"})
         assert r.status_code == 200, r.text
+        assert r.json()["dsn"] == app_dsn, "the new user shows once the rotation is done"
         database_s = await rotated(t, "/v1/databases/app")
+        assert (await t.get("/v1/databases/app")).json()["dsn"] == new_dsn
+        old_sessions = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'orly_app'"
+        async with asyncio.timeout(30):
+            while await admin.fetchval(old_sessions):  # noqa: ASYNC110 (the old pools close after their reads)
+                await asyncio.sleep(0.1)
+        await admin.execute("ALTER ROLE orly_app NOLOGIN")
+        await admin.close()
 
         # the broker: the ACL user takes the new password next to the old one, PUT, then the old one goes
         await redis.acl_setuser(user, enabled=True, passwords=["+broker-new-secret"])
@@ -216,7 +242,8 @@ async def test_rotating_passwords_mid_stream_loses_nothing_and_leaves_no_gap(
             t.name,
         )
         audit = await control.fetch(
-            "SELECT action, resource, detail::text AS detail FROM audit_log a JOIN tenants t ON t.id = a.tenant_id "
+            "SELECT action, resource, actor, detail::text AS detail "
+            "FROM audit_log a JOIN tenants t ON t.id = a.tenant_id "
             "WHERE t.name = $1 AND action LIKE 'rotation-%' ORDER BY a.id",
             t.name,
         )
@@ -238,6 +265,9 @@ async def test_rotating_passwords_mid_stream_loses_nothing_and_leaves_no_gap(
         ("rotation-complete", "targets/stream"),
     ]
     assert not any("secret" in a["detail"] for a in audit), "a secret in the audit log"
+    completed_by = [a["actor"] for a in audit if a["action"] == "rotation-complete"]
+    assert all(actor.startswith("worker:") for actor in completed_by), completed_by  # in use: workers finish it
+    assert (await t.delete("/v1/relays/events")).status_code == 204
 
 
 async def test_a_new_password_the_broker_refuses_keeps_the_old_one_in_use(
@@ -298,3 +328,4 @@ async def test_a_new_password_the_broker_refuses_keeps_the_old_one_in_use(
     )
     assert "Traceback" not in worker.log(), worker.log()[-3000:]
     assert not errors, [dict(e) for e in errors]
+    assert (await t.delete("/v1/relays/events")).status_code == 204

@@ -1,5 +1,6 @@
 -- Rotating a database's or a target's password without a gap (issue 19, item 5). A PUT that changes
--- only the password of a resource that has one starts a rotation: the new secret waits in
+-- only the password of a resource that has one (or the password and the user it logs in as: the
+-- spec with the new user waits in pending_spec) starts a rotation: the new secret waits in
 -- pending_secret next to the current one (both are valid on the server meanwhile), each worker
 -- switches to it make-before-break and reports the version it uses in worker_credentials, and once
 -- every live worker owning a partition of a relay using the resource reports the pending version, the
@@ -8,11 +9,13 @@
 ALTER TABLE databases
     ADD COLUMN secret_version integer NOT NULL DEFAULT 0,
     ADD COLUMN pending_secret bytea,
+    ADD COLUMN pending_spec jsonb,
     ADD COLUMN pending_version integer,
     ADD COLUMN rotation_started_at timestamptz;
 ALTER TABLE targets
     ADD COLUMN secret_version integer NOT NULL DEFAULT 0,
     ADD COLUMN pending_secret bytea,
+    ADD COLUMN pending_spec jsonb,
     ADD COLUMN pending_version integer,
     ADD COLUMN rotation_started_at timestamptz;
 CREATE INDEX databases_rotating ON databases (id) WHERE pending_secret IS NOT NULL;
