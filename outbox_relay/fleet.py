@@ -256,6 +256,9 @@ class RelayReader:
         self.target: Target = msgspec.json.decode(plan.target_spec, type=Target)
         self.database_password = engine.runner._decrypt(plan.database_secret)
         self.target_password = engine.runner._decrypt(plan.target_secret)
+        self.target_secret_version = plan.target_secret_version
+        self.pending_first = True
+        """Which credential the next refresh takes while a rotation is pending (:meth:`FleetEngine._refresh_target`)."""
         self.lanes: dict[int, Lane] = {}
         # one log line when this relay's database or target goes away, one when it is back
         self.database_outage = f"tenant {plan.tenant_name}: database of relay {plan.relay_name}"
@@ -966,6 +969,9 @@ class FleetEngine:
         leases = [lane.part.lease for lane in lanes]
         if isinstance(exc, TargetUnavailable):
             self.outages.down(reader.target_outage, exc)
+            if reader.plan.target_id not in self.publishers.in_use():
+                with contextlib.suppress(Exception):
+                    await self._refresh_target(reader)
             with contextlib.suppress(Exception):
                 await self.fleet.record_errors(
                     leases, f"target unavailable: {exc}", PartitionErrorClass.TARGET_UNAVAILABLE
@@ -1000,8 +1006,25 @@ class FleetEngine:
             plan.target_version,
             reader.target,
             reader.target_password,
-            secret_version=plan.target_secret_version,
+            secret_version=reader.target_secret_version,
         )
+
+    async def _refresh_target(self, reader: RelayReader) -> None:
+        """After the target refused to connect with no publisher of it open here: take its newest
+        credential from the store (a PUT that fixed a wrong password is a rotation, which does not
+        restart the relay, and only switches publishers that are open). While a rotation is pending,
+        the pending and the current credential are tried in turn."""
+        due = await self.store.credential_of("targets", reader.plan.target_id)
+        if due is None:
+            return
+        token, spec, version = due.secret, due.spec, due.secret_version
+        if due.rotating and due.pending_version is not None:
+            if reader.pending_first:
+                token, spec, version = due.pending, due.target_spec, due.pending_version
+            reader.pending_first = not reader.pending_first
+        reader.target = msgspec.json.decode(spec, type=Target)
+        reader.target_password = self.runner._decrypt(token)
+        reader.target_secret_version = version
 
     # --- lag ---------------------------------------------------------------------------------------
 

@@ -133,6 +133,11 @@ class RotationsStore(StoreBase):
             for r in rows
         ]
 
+    async def credential_of(self, table: SecretTable, resource_id: uuid.UUID) -> CredentialDue | None:
+        """A resource's credentials as they are now (current and pending)."""
+        due = await self.credentials_due(table, {resource_id: -1})
+        return due[0] if due else None
+
     async def report_credential(
         self,
         worker_key: str,

@@ -329,3 +329,36 @@ async def test_a_new_password_the_broker_refuses_keeps_the_old_one_in_use(
     assert "Traceback" not in worker.log(), worker.log()[-3000:]
     assert not errors, [dict(e) for e in errors]
     assert (await t.delete("/v1/relays/events")).status_code == 204
+
+
+async def test_a_put_that_fixes_a_wrong_password_gets_the_relay_going(
+    client: AsyncTestClient[Any],
+    settings: Settings,
+    password_cluster: PgCluster,
+    broker_user: tuple[aioredis.Redis, str],
+    worker_pool: WorkerPool,
+) -> None:
+    """A target created with a wrong password never connected: the PUT of the right one is a rotation
+    (it restarts nothing), and the worker, with no publisher open to switch, takes it from the store."""
+    redis, user = broker_user
+    stream = f"{user}:orders"
+    app_dsn = f"postgresql://orly_app@127.0.0.1:{password_cluster.port}/app"
+    t = await make_tenant(client, "rotation-fix")
+    assert (await t.put("/v1/databases/app", {"dsn": app_dsn, "password": "db-old-secret"})).status_code == 201
+    assert (await t.post("/v1/databases/app/provision")).status_code == 200
+    target = {"kind": "redis_streams", "url": f"redis://{user}@127.0.0.1:6379/0"}
+    assert (await t.put("/v1/targets/stream", {**target, "password": "mistyped"})).status_code == 201
+    relay = {"database": "app", "target": "stream", "partitions": 2, "topic_mapping": {"*": stream}}
+    assert (await t.put("/v1/relays/events", relay)).status_code == 201
+    worker_pool.start()
+    with TimedReader(redis, stream) as reader:
+        written = await write_steadily(password_cluster.dsn("app"), 1.0)
+        async with asyncio.timeout(60):
+            while "invalid username-password" not in json.dumps((await t.get("/v1/relays/events/status")).json()):  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+        assert not reader.received
+        assert (await t.put("/v1/targets/stream", {**target, "password": "broker-old-secret"})).status_code == 200
+        await reader.until(written, timeout_s=60)
+        await rotated(t, "/v1/targets/stream")
+        reader.check(written)
+    assert (await t.delete("/v1/relays/events")).status_code == 204
