@@ -1,7 +1,7 @@
 """Domain types shared by the control plane and the data plane.
 
 Each tenant resource is one msgspec struct used for both directions of the API, as OpenAPI intends:
-fields marked ``readOnly`` (name, timestamps, ``password_set``) are filled in by the service and
+fields marked ``readOnly`` (name, timestamps, ``password_set``, ``rotation``) are filled in by the service and
 ignored when a client sends them back (so ``GET`` → edit → ``PUT`` works); fields marked
 ``writeOnly`` (passwords) are accepted on write, encrypted at rest and never returned. Everything
 else reads back exactly as written, which keeps Terraform plans free of drift.

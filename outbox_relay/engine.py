@@ -473,6 +473,9 @@ class PublisherCache:
             self._publishers[target_id] = _Cached(version, secret_version, target, publisher)
             return publisher
 
+    def has(self, target_id: uuid.UUID) -> bool:
+        return target_id in self._publishers
+
     def in_use(self) -> dict[uuid.UUID, int]:
         """The targets this worker has a publisher of, with the credential version each uses."""
         return {target_id: cached.secret_version for target_id, cached in self._publishers.items()}

@@ -397,6 +397,7 @@ class FleetEngine:
             events=runner.events,
             worker_key=lambda: self.key,
             ttl_s=settings.lease_ttl_s,
+            read_targets=self.idle_targets,
         )
         self.tenants = runner.tenants
         self.publishers = runner.publishers
@@ -1001,6 +1002,11 @@ class FleetEngine:
 
     async def _publisher(self, reader: RelayReader) -> Publisher:
         plan = reader.plan
+        if not self.publishers.has(plan.target_id):
+            # about to connect: with the newest credential, which the rotator promised for this
+            # worker's targets that had no publisher open (an idle relay's, see ``idle_targets``)
+            with contextlib.suppress(Exception):
+                await self._refresh_target(reader)
         return await self.publishers.get(
             plan.target_id,
             plan.target_version,
@@ -1009,11 +1015,15 @@ class FleetEngine:
             secret_version=reader.target_secret_version,
         )
 
+    def idle_targets(self) -> set[uuid.UUID]:
+        """The targets of the relays this worker reads, whether or not a publisher of them is open."""
+        return {reader.plan.target_id for reader in self.readers.values()}
+
     async def _refresh_target(self, reader: RelayReader) -> None:
-        """After the target refused to connect with no publisher of it open here: take its newest
-        credential from the store (a PUT that fixed a wrong password is a rotation, which does not
-        restart the relay, and only switches publishers that are open). While a rotation is pending,
-        the pending and the current credential are tried in turn."""
+        """Before connecting to the target (and after it refused to connect) with no publisher of it
+        open here: take its newest credential from the store (a PUT that fixed a wrong password is a
+        rotation, which does not restart the relay, and only switches publishers that are open).
+        While a rotation is pending, the pending and the current credential are tried in turn."""
         due = await self.store.credential_of("targets", reader.plan.target_id)
         if due is None:
             return

@@ -56,6 +56,7 @@ class Rotator:
         events: ControlEvents | None,
         worker_key: Callable[[], str],
         ttl_s: float,
+        read_targets: Callable[[], set[uuid.UUID]] = set,
     ) -> None:
         self.store = store
         self.secrets = secrets
@@ -64,6 +65,9 @@ class Rotator:
         self.events = events
         self.worker_key = worker_key
         self.ttl_s = ttl_s
+        self.read_targets = read_targets
+        """The targets of the relays this worker reads: one without a publisher open yet (an idle
+        relay's) is reported at its newest version, which the worker connects with when it does."""
         self._reported: dict[tuple[str, SecretTable, uuid.UUID], Report] = {}
         self._refused_at: dict[tuple[SecretTable, uuid.UUID, int], float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -96,7 +100,12 @@ class Rotator:
     async def check(self) -> None:
         """One pass: switch what moved on, report, complete what every worker switched to."""
         await self._switch_all("databases", self.tenants.in_use())
-        await self._switch_all("targets", self.publishers.in_use())
+        open_targets = self.publishers.in_use()
+        await self._switch_all("targets", open_targets)
+        idle = self.read_targets() - open_targets.keys()
+        if idle:
+            for due in await self.store.credentials_due("targets", dict.fromkeys(idle, -1)):
+                await self._report("targets", due.id, (due.version, None, None))
         for tenant_id, resource in await self.store.complete_rotations(self.ttl_s, f"worker:{self.worker_key()}"):
             log.info("tenant %s: credential rotation of %s complete; the old secret is deleted", tenant_id, resource)
 

@@ -362,3 +362,36 @@ async def test_a_put_that_fixes_a_wrong_password_gets_the_relay_going(
         await rotated(t, "/v1/targets/stream")
         reader.check(written)
     assert (await t.delete("/v1/relays/events")).status_code == 204
+
+
+async def test_an_idle_relay_does_not_hold_a_rotation_up(
+    client: AsyncTestClient[Any],
+    settings: Settings,
+    password_cluster: PgCluster,
+    broker_user: tuple[aioredis.Redis, str],
+    worker_pool: WorkerPool,
+) -> None:
+    """A relay that has published nothing yet has no publisher open to switch: its worker promises the
+    new password (and connects with it when the first rows come), so the rotation completes."""
+    redis, user = broker_user
+    stream = f"{user}:orders"
+    app_dsn = f"postgresql://orly_app@127.0.0.1:{password_cluster.port}/app"
+    t = await make_tenant(client, "rotation-idle")
+    assert (await t.put("/v1/databases/app", {"dsn": app_dsn, "password": "db-old-secret"})).status_code == 201
+    assert (await t.post("/v1/databases/app/provision")).status_code == 200
+    target = {"kind": "redis_streams", "url": f"redis://{user}@127.0.0.1:6379/0"}
+    assert (await t.put("/v1/targets/stream", {**target, "password": "broker-old-secret"})).status_code == 201
+    relay = {"database": "app", "target": "stream", "partitions": 2, "topic_mapping": {"*": stream}}
+    assert (await t.put("/v1/relays/events", relay)).status_code == 201
+    worker_pool.start()
+    await balanced(settings, t.name, workers=1)
+    await redis.acl_setuser(user, enabled=True, passwords=["+broker-new-secret"])
+    r = await t.put("/v1/targets/stream", {**target, "password": "broker-new-secret"})
+    assert r.status_code == 200 and r.json()["rotation"]["workers"] == 1, r.text
+    await rotated(t, "/v1/targets/stream")
+    await redis.acl_setuser(user, enabled=True, passwords=["-broker-old-secret"])
+    with TimedReader(redis, stream) as reader:
+        written = await write_steadily(password_cluster.dsn("app"), 0.5)
+        await reader.until(written, timeout_s=60)
+        reader.check(written)
+    assert (await t.delete("/v1/relays/events")).status_code == 204
