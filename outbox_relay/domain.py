@@ -1,7 +1,7 @@
 """Domain types shared by the control plane and the data plane.
 
 Each tenant resource is one msgspec struct used for both directions of the API, as OpenAPI intends:
-fields marked ``readOnly`` (name, timestamps, ``password_set``) are filled in by the service and
+fields marked ``readOnly`` (name, timestamps, ``password_set``, ``rotation``) are filled in by the service and
 ignored when a client sends them back (so ``GET`` → edit → ``PUT`` works); fields marked
 ``writeOnly`` (passwords) are accepted on write, encrypted at rest and never returned. Everything
 else reads back exactly as written, which keeps Terraform plans free of drift.
@@ -44,6 +44,29 @@ Secret = (
     | None
     | UnsetType
 )
+
+
+class Rotation(msgspec.Struct, kw_only=True):
+    """A password rotation in progress: the new password is pending next to the current one (both
+    must work on the server meanwhile) until every worker reading or publishing through the resource
+    has switched to it; the old one is then deleted and this field goes away. No secrets."""
+
+    state: Annotated[
+        Literal["switching", "refused"],
+        Meta(
+            description="`switching`: workers are moving to the new password. `refused`: the server refused "
+            "the new password (see `error`); the workers keep using the current one and try the new one again "
+            "every few seconds."
+        ),
+    ]
+    started_at: datetime
+    workers: Annotated[int, Meta(description="Live workers that use the resource.")]
+    switched: Annotated[int, Meta(description="Of those, the workers that use the new password.")]
+    error: str | None = None
+    """Why the new password did not work (authentication failed ...), as a worker last saw it."""
+
+
+ReadOnlyRotation = Annotated[Rotation | UnsetType, Meta(extra_json_schema={"readOnly": True})]
 Destination = Annotated[str, Meta(min_length=1, max_length=249)]
 MAX_BOOTSTRAP_SERVERS = 32
 """More brokers than any cluster needs for bootstrapping; every one is resolved and checked."""
@@ -236,6 +259,7 @@ class Database(Resource, kw_only=True, forbid_unknown_fields=True):
         ),
     ] = None
     password_set: ReadOnlyFlag = UNSET
+    rotation: ReadOnlyRotation = UNSET
 
 
 # --- targets ---------------------------------------------------------------------------------------
@@ -244,6 +268,7 @@ class Database(Resource, kw_only=True, forbid_unknown_fields=True):
 class TargetBase(Resource, tag_field="kind", kw_only=True, forbid_unknown_fields=True):
     password: Secret = UNSET
     password_set: ReadOnlyFlag = UNSET
+    rotation: ReadOnlyRotation = UNSET
     timeout_ms: Annotated[int, Meta(ge=100, le=120_000)] = 10_000
     rate_limit_per_s: (
         Annotated[

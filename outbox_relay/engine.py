@@ -111,6 +111,8 @@ class _TenantDb:
     server: tuple[str, str | None]
     db: Database
     password: str | None
+    secret_version: int = 0
+    """The credential version ``password`` is (:mod:`outbox_relay.rotation` moves it)."""
     waiters: dict[asyncio.Event, tuple[int, int]] = field(default_factory=dict)
     """Each waiting partition's event, with its relay's (partitions, partition)."""
     watchers: dict[int, BucketCallback] = field(default_factory=dict)
@@ -122,6 +124,8 @@ class _TenantDb:
     listener: asyncio.Task[None] | None = None
     listening: bool = False
     """True while the LISTEN connection is up: polling can then be rare."""
+    up: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while :attr:`listening` (what a rotation waits for before it stops the old connection)."""
 
     def mute(self) -> bool:
         """Whether nobody needs the notifications now."""
@@ -180,10 +184,21 @@ class TenantConnections:
         self._servers: dict[tuple[str, str | None], _Server] = {}
         self._lock = asyncio.Lock()
         self._watch_ids = itertools.count()
+        self._retiring: set[asyncio.Task[None]] = set()
+        """Old pools and LISTEN connections of a rotated credential, closing."""
 
     async def pool(
-        self, database_id: uuid.UUID, version: datetime, db: Database, password: str | None
+        self,
+        database_id: uuid.UUID,
+        version: datetime,
+        db: Database,
+        password: str | None,
+        *,
+        secret_version: int = 0,
     ) -> tenant_db.Pool:
+        """The pool of the database at spec ``version``; opened with ``password`` (credential version
+        ``secret_version``) when the worker has none open at that version. A pool switched to a
+        rotated credential since (:meth:`rotate`) is returned as it is."""
         entry = self._dbs.get(database_id)
         if entry is not None and entry.version == version:  # the common case: no waiting
             return self._servers[entry.server].pool
@@ -197,25 +212,96 @@ class TenantConnections:
             key = (db.dsn, password)
             server = self._servers.get(key)
             if server is None:
-                try:
-                    pool = await tenant_db.create_pool(
-                        db,
-                        password,
-                        policy=self.policy,
-                        timeout_s=self.timeout_s,
-                        max_size=self.pool_size,
-                        session=self.session,
-                    )
-                except AddressNotAllowed:
-                    raise
-                except tenant_db.DRIVER_ERRORS as exc:
-                    raise TenantDatabaseError(f"cannot connect to the database: {tenant_db.describe(exc)}") from None
-                server = self._servers[key] = _Server(pool=pool)
+                server = self._servers[key] = _Server(pool=await self._open_pool(db, password))
             server.users.add(database_id)
-            entry = _TenantDb(version=version, server=key, db=db, password=password)
+            entry = _TenantDb(version=version, server=key, db=db, password=password, secret_version=secret_version)
             entry.listener = asyncio.create_task(self._listen(entry, db, password))
             self._dbs[database_id] = entry
             return server.pool
+
+    async def _open_pool(self, db: Database, password: str | None) -> tenant_db.Pool:
+        try:
+            return await tenant_db.create_pool(
+                db,
+                password,
+                policy=self.policy,
+                timeout_s=self.timeout_s,
+                max_size=self.pool_size,
+                session=self.session,
+            )
+        except AddressNotAllowed:
+            raise
+        except tenant_db.DRIVER_ERRORS as exc:
+            raise TenantDatabaseError(f"cannot connect to the database: {tenant_db.describe(exc)}") from None
+
+    def in_use(self) -> dict[uuid.UUID, int]:
+        """The databases this worker has open, with the credential version each uses."""
+        return {database_id: entry.secret_version for database_id, entry in self._dbs.items()}
+
+    async def rotate(
+        self, database_id: uuid.UUID, secret_version: int, password: str | None, db: Database | None = None
+    ) -> bool:
+        """Switch the database's pool and LISTEN connection to ``password`` (credential version
+        ``secret_version``; ``db``: the spec with the user it goes with, when that changes too),
+        make-before-break: the new pool opens a connection first (a refused
+        password raises TenantDatabaseError and leaves the old pool in use), readers get the new
+        pool from their next read, and the old one closes once the reads in flight gave their
+        connections back (asyncpg's graceful close). False when the worker does not have it open."""
+        async with self._lock:
+            entry = self._dbs.get(database_id)
+            if entry is None:
+                return False
+            if entry.secret_version == secret_version and entry.password == password:
+                return True
+            db = db or entry.db
+            usable_database(db)
+            key = (db.dsn, password)
+            if key == entry.server:  # the same password under a new version (a rotation cancelled)
+                entry.secret_version = secret_version
+                return True
+            server = self._servers.get(key)
+            if server is None:
+                pool = await self._open_pool(db, password)
+                try:
+                    async with asyncio.timeout(self.timeout_s + 1):
+                        await pool.execute("SELECT 1")  # the credential works; the connection stays pooled
+                except tenant_db.DRIVER_ERRORS as exc:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(pool.close(), timeout=5)
+                    raise TenantDatabaseError(f"cannot connect to the database: {tenant_db.describe(exc)}") from None
+                server = self._servers[key] = _Server(pool=pool)
+            server.users.add(database_id)
+            old_key, old_listener = entry.server, entry.listener
+            entry.server, entry.password, entry.secret_version, entry.db = key, password, secret_version, db
+            entry.up.clear()
+            entry.listener = asyncio.create_task(self._listen(entry, db, password))
+            self._retire(database_id, old_key, old_listener)
+            return True
+
+    def _retire(self, database_id: uuid.UUID, key: tuple[str, str | None], listener: asyncio.Task[None] | None) -> None:
+        """After a switch: stop the old LISTEN connection once the new one listens, and close the old
+        pool (gracefully) when no other resource shares it."""
+        old = self._servers.get(key)
+        if old is not None:
+            old.users.discard(database_id)
+            if not old.users and key not in (e.server for e in self._dbs.values()):
+                self._servers.pop(key, None)
+            else:
+                old = None
+
+        async def retire() -> None:
+            entry = self._dbs.get(database_id)
+            if entry is not None:  # the old LISTEN connection goes once the new one listens
+                await wait_event(entry.up, self.timeout_s + 5)
+            await cancel_and_wait(listener)
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(old.pool.close(), timeout=30)
+                old.pool.terminate()
+
+        task = asyncio.create_task(retire(), name="retire-credential")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def listening(self, database_id: uuid.UUID) -> bool:
         entry = self._dbs.get(database_id)
@@ -279,6 +365,8 @@ class TenantConnections:
             try:
                 await conn.add_listener(channel, wake)
                 entry.listening = True
+                if entry.listener is asyncio.current_task():
+                    entry.up.set()
                 muted = False
                 wake()  # catch what was inserted while we were not listening
                 newest = await conn.fetchrow(newest_sql(db.schema), timeout=self.timeout_s)
@@ -315,7 +403,9 @@ class TenantConnections:
                 log.debug("LISTEN connection lost: %s", exc)
                 attempt += 1
             finally:
-                entry.listening = False
+                if entry.listener is asyncio.current_task():  # not the one a rotation replaced
+                    entry.listening = False
+                    entry.up.clear()
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(2):
                         await conn.close()
@@ -338,6 +428,16 @@ class TenantConnections:
     async def close(self) -> None:
         for database_id in list(self._dbs):
             await self._drop(database_id)
+        for task in list(self._retiring):
+            await cancel_and_wait(task)
+
+
+@dataclass(slots=True)
+class _Cached:
+    version: datetime
+    secret_version: int
+    target: Target
+    publisher: Publisher
 
 
 class PublisherCache:
@@ -351,36 +451,88 @@ class PublisherCache:
 
     def __init__(self, factory: PublisherFactory) -> None:
         self.factory = factory
-        self._publishers: dict[uuid.UUID, tuple[datetime, Publisher]] = {}
+        self._publishers: dict[uuid.UUID, _Cached] = {}
         self._locks: dict[uuid.UUID, asyncio.Lock] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
 
-    async def get(self, target_id: uuid.UUID, version: datetime, target: Target, password: str | None) -> Publisher:
+    async def get(
+        self,
+        target_id: uuid.UUID,
+        version: datetime,
+        target: Target,
+        password: str | None,
+        *,
+        secret_version: int = 0,
+    ) -> Publisher:
+        """The target's publisher at spec ``version``; connected with ``password`` (credential version
+        ``secret_version``) when there is none at that version. One switched to a rotated credential
+        since (:meth:`rotate`) is returned as it is."""
         cached = self._publishers.get(target_id)
-        if cached is not None and cached[0] == version:
-            return cached[1]
+        if cached is not None and cached.version == version:
+            return cached.publisher
         async with self._locks.setdefault(target_id, asyncio.Lock()):
             cached = self._publishers.get(target_id)
-            if cached is not None and cached[0] == version:
-                return cached[1]
+            if cached is not None and cached.version == version:
+                return cached.publisher
             if cached is not None:
                 self._publishers.pop(target_id)
                 with contextlib.suppress(Exception):
-                    await cached[1].close()
+                    await cached.publisher.close()
             usable_target(target)  # before the factory resolves any of its hosts
-            publisher: Publisher = GroupPublisher(await self.factory(target, password))
-            self._publishers[target_id] = (version, publisher)
+            publisher = GroupPublisher(await self.factory(target, password))
+            self._publishers[target_id] = _Cached(version, secret_version, target, publisher)
             return publisher
+
+    def has(self, target_id: uuid.UUID) -> bool:
+        return target_id in self._publishers
+
+    def in_use(self) -> dict[uuid.UUID, int]:
+        """The targets this worker has a publisher of, with the credential version each uses."""
+        return {target_id: cached.secret_version for target_id, cached in self._publishers.items()}
+
+    async def rotate(
+        self, target_id: uuid.UUID, secret_version: int, password: str | None, target: Target | None = None
+    ) -> bool:
+        """Switch the target's publisher to ``password`` (credential version ``secret_version``;
+        ``target``: the spec with the user it goes with, when that changes too), make-before-break:
+        the new one connects (and authenticates) first, a refusal raises TargetUnavailable and leaves
+        the old one in use; batches handed to the old one are answered by it before it closes. False
+        when the worker has no publisher of the target."""
+        async with self._locks.setdefault(target_id, asyncio.Lock()):
+            cached = self._publishers.get(target_id)
+            if cached is None:
+                return False
+            if cached.secret_version == secret_version:
+                return True
+            target = target or cached.target
+            usable_target(target)
+            publisher = GroupPublisher(await self.factory(target, password))
+            self._publishers[target_id] = _Cached(cached.version, secret_version, target, publisher)
+        old = cached.publisher
+
+        async def retire() -> None:
+            if isinstance(old, GroupPublisher):
+                await old.drain(cached.target.timeout_ms / 1000 + 1)
+            with contextlib.suppress(Exception):
+                await old.close()
+
+        task = asyncio.create_task(retire(), name="retire-publisher")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return True
 
     async def discard(self, target_id: uuid.UUID) -> None:
         async with self._locks.setdefault(target_id, asyncio.Lock()):
             cached = self._publishers.pop(target_id, None)
         if cached is not None:
             with contextlib.suppress(Exception):
-                await cached[1].close()
+                await cached.publisher.close()
 
     async def close(self) -> None:
         for target_id in list(self._publishers):
             await self.discard(target_id)
+        for task in list(self._retiring):
+            await task
 
 
 # --- the slice ----------------------------------------------------------------------------------
@@ -810,7 +962,13 @@ class RelayRunner:
 
         while remaining() > 0 and not part.stop.is_set():
             try:
-                pool = await self.tenants.pool(plan.database_id, plan.database_version, database, database_password)
+                pool = await self.tenants.pool(
+                    plan.database_id,
+                    plan.database_version,
+                    database,
+                    database_password,
+                    secret_version=plan.database_secret_version,
+                )
                 if not identity_checked:
                     await self._check_identity(pool, part)
                     identity_checked = True
@@ -859,7 +1017,9 @@ class RelayRunner:
             },
         ):
             tracer.start_span("outbox.poll", start_time=poll_started).end()
-            publisher = await self.publishers.get(plan.target_id, plan.target_version, target, password)
+            publisher = await self.publishers.get(
+                plan.target_id, plan.target_version, target, password, secret_version=plan.target_secret_version
+            )
             await self._publish(publisher, part, rows)
 
     async def _publish(self, publisher: Publisher, part: _Partition, rows: list[tenant_db.OutboxRow]) -> None:

@@ -60,6 +60,7 @@ from outbox_relay.engine import (
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.fairness import FairScheduler, TargetLimits
 from outbox_relay.outages import CONTROL_DB, Outages
+from outbox_relay.rotation import Rotator
 from outbox_relay.store import fleet as fleet_store
 from outbox_relay.store.control import Lease, RelayPlan, control_unavailable
 from outbox_relay.store.fleet import CursorWrite, FleetStore, LagSample
@@ -255,6 +256,9 @@ class RelayReader:
         self.target: Target = msgspec.json.decode(plan.target_spec, type=Target)
         self.database_password = engine.runner._decrypt(plan.database_secret)
         self.target_password = engine.runner._decrypt(plan.target_secret)
+        self.target_secret_version = plan.target_secret_version
+        self.pending_first = True
+        """Which credential the next refresh takes while a rotation is pending (:meth:`FleetEngine._refresh_target`)."""
         self.lanes: dict[int, Lane] = {}
         # one log line when this relay's database or target goes away, one when it is back
         self.database_outage = f"tenant {plan.tenant_name}: database of relay {plan.relay_name}"
@@ -385,6 +389,16 @@ class FleetEngine:
             events=runner.events,
         )
         self.store = runner.store
+        self.rotator = Rotator(
+            store=runner.store,
+            secrets=runner.secrets,
+            tenants=runner.tenants,
+            publishers=runner.publishers,
+            events=runner.events,
+            worker_key=lambda: self.key,
+            ttl_s=settings.lease_ttl_s,
+            read_targets=self.idle_targets,
+        )
         self.tenants = runner.tenants
         self.publishers = runner.publishers
         self.events = runner.events
@@ -402,6 +416,7 @@ class FleetEngine:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="fleet")
+        self.rotator.start()
         instruments().fleet_sources.append(self.metrics)
 
     def metrics(self) -> dict[str, list[tuple[float, dict[str, Any]]]]:
@@ -599,6 +614,7 @@ class FleetEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._task, timeout=5)
         await cancel_and_wait(self._lag_task)
+        await self.rotator.close()
         await self._drop_all()
         await self.cursors.close()
         await self.identities.close()  # a first read's identity write in flight: done before we leave
@@ -702,7 +718,11 @@ class FleetEngine:
         backlog still waits for rows a transaction open at its detection holds back."""
         plan = reader.plan
         pool = await self.tenants.pool(
-            plan.database_id, plan.database_version, reader.database, reader.database_password
+            plan.database_id,
+            plan.database_version,
+            reader.database,
+            reader.database_password,
+            secret_version=plan.database_secret_version,
         )
         if reader._inserts is None:
             reader._inserts = self.tenants.watch(plan.database_id, reader.on_insert)
@@ -950,6 +970,9 @@ class FleetEngine:
         leases = [lane.part.lease for lane in lanes]
         if isinstance(exc, TargetUnavailable):
             self.outages.down(reader.target_outage, exc)
+            if reader.plan.target_id not in self.publishers.in_use():
+                with contextlib.suppress(Exception):
+                    await self._refresh_target(reader)
             with contextlib.suppress(Exception):
                 await self.fleet.record_errors(
                     leases, f"target unavailable: {exc}", PartitionErrorClass.TARGET_UNAVAILABLE
@@ -979,7 +1002,39 @@ class FleetEngine:
 
     async def _publisher(self, reader: RelayReader) -> Publisher:
         plan = reader.plan
-        return await self.publishers.get(plan.target_id, plan.target_version, reader.target, reader.target_password)
+        if not self.publishers.has(plan.target_id):
+            # about to connect: with the newest credential, which the rotator promised for this
+            # worker's targets that had no publisher open (an idle relay's, see ``idle_targets``)
+            with contextlib.suppress(Exception):
+                await self._refresh_target(reader)
+        return await self.publishers.get(
+            plan.target_id,
+            plan.target_version,
+            reader.target,
+            reader.target_password,
+            secret_version=reader.target_secret_version,
+        )
+
+    def idle_targets(self) -> set[uuid.UUID]:
+        """The targets of the relays this worker reads, whether or not a publisher of them is open."""
+        return {reader.plan.target_id for reader in self.readers.values()}
+
+    async def _refresh_target(self, reader: RelayReader) -> None:
+        """Before connecting to the target (and after it refused to connect) with no publisher of it
+        open here: take its newest credential from the store (a PUT that fixed a wrong password is a
+        rotation, which does not restart the relay, and only switches publishers that are open).
+        While a rotation is pending, the pending and the current credential are tried in turn."""
+        due = await self.store.credential_of("targets", reader.plan.target_id)
+        if due is None:
+            return
+        token, spec, version = due.secret, due.spec, due.secret_version
+        if due.rotating and due.pending_version is not None:
+            if reader.pending_first:
+                token, spec, version = due.pending, due.target_spec, due.pending_version
+            reader.pending_first = not reader.pending_first
+        reader.target = msgspec.json.decode(spec, type=Target)
+        reader.target_password = self.runner._decrypt(token)
+        reader.target_secret_version = version
 
     # --- lag ---------------------------------------------------------------------------------------
 
@@ -1009,7 +1064,11 @@ class FleetEngine:
             if empty and (reader.last_scan_full or reader.notified_at is not None):
                 try:
                     pool = await self.tenants.pool(
-                        reader.plan.database_id, reader.plan.database_version, reader.database, reader.database_password
+                        reader.plan.database_id,
+                        reader.plan.database_version,
+                        reader.database,
+                        reader.database_password,
+                        secret_version=reader.plan.database_secret_version,
                     )
                     after = min(lane.read_pos for lane in empty)
                     waiting_at = await tenant_db.next_row_at(pool, reader.database.schema, after)

@@ -4,14 +4,20 @@ are never touched. Each removes itself at the end, also when the test fails."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
+import pytest
+
 from tests.brokers import free_port
+from tests.conftest import RUN_ID
 
 
 def _wait_port(port: int, *, up: bool, timeout_s: float) -> None:
@@ -53,6 +59,17 @@ class PgCluster:
         )
         self.start()
         return self
+
+    def require_passwords(self) -> None:
+        """Every role but ``postgres`` logs in over TCP with its password (SCRAM), as a hosted tenant
+        database does; ``postgres`` stays trusted, for the test's own setup."""
+        conf = Path("/etc/postgresql/15") / self.name
+        (conf / "pg_hba.conf").write_text(
+            "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        )
+        with (conf / "conf.d" / "tests.conf").open("a") as extra:
+            extra.write("password_encryption = 'scram-sha-256'\n")
+        self._ctl("reload")
 
     def start(self) -> None:
         self._ctl("start")
@@ -103,3 +120,22 @@ class RedisServer:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_clusters = itertools.count()
+
+
+@pytest.fixture
+async def password_cluster() -> AsyncIterator[PgCluster]:
+    """A private cluster where role ``orly_app`` (password ``db-old-secret``) owns database ``app``
+    and logs in with its password."""
+    cluster = PgCluster(f"orly_pw_{RUN_ID}_{next(_clusters)}").create()
+    try:
+        cluster.require_passwords()
+        admin = await asyncpg.connect(cluster.dsn())
+        await admin.execute("CREATE ROLE orly_app LOGIN PASSWORD 'db-old-secret'")
+        await admin.execute("CREATE DATABASE app OWNER orly_app")
+        await admin.close()
+        yield cluster
+    finally:
+        cluster.drop()

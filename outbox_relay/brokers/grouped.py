@@ -65,6 +65,9 @@ class GroupPublisher:
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        """Set while no batch is queued or in flight (:meth:`drain`)."""
+        self._idle.set()
         self.groups = 0
         """Groups sent so far (for tests and the bench)."""
 
@@ -73,6 +76,7 @@ class GroupPublisher:
             return PublishResult(acked=0)
         batch = _Batch(messages)
         self._queue.append(batch)
+        self._idle.clear()
         self._kick()
         return await batch.future  # a cancelled caller leaves its batch behind: it is skipped or its answer dropped
 
@@ -127,6 +131,15 @@ class GroupPublisher:
         finally:
             self._in_flight -= 1
             self._kick()
+            if not self._in_flight and not self._queue:
+                self._idle.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until no batch is queued or in flight: a publisher replaced by
+        one with a rotated credential answers what was handed to it before it is closed."""
+        if self._in_flight or self._queue:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
 
     async def close(self) -> None:
         for task in list(self._tasks):

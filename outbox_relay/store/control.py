@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from outbox_relay.store.partitions import PartitionsStore
 from outbox_relay.store.resources import ResourcesStore
+from outbox_relay.store.rotations import RotationsStore
 from outbox_relay.store.rows import (
     HELD_BY_LEASE as HELD_BY_LEASE,
 )
@@ -89,7 +90,8 @@ from outbox_relay.store.rows import (
 from outbox_relay.store.tenants import TenantsStore
 
 
-class ControlStore(TenantsStore, ResourcesStore, PartitionsStore):
+class ControlStore(TenantsStore, ResourcesStore, PartitionsStore, RotationsStore):
     """Every store of the control DB over one pool: tenants and keys (:class:`TenantsStore`), resources
-    (:class:`ResourcesStore`), the data plane's partitions and leases (:class:`PartitionsStore`); the dead
+    (:class:`ResourcesStore`), the data plane's partitions and leases (:class:`PartitionsStore`), credential
+    rotations (:class:`RotationsStore`); the dead
     letters are :class:`~outbox_relay.store.dead_letters.DeadLetterStore`."""

@@ -54,9 +54,9 @@ class PartitionsStore(StoreBase):
             "g.name AS target_name, r.spec::text AS relay_spec, "
             "r.updated_at AS relay_version, r.enabled, r.partitions, "
             "d.id AS database_id, d.spec::text AS database_spec, d.secret AS database_secret, "
-            "d.updated_at AS database_version, "
+            "d.updated_at AS database_version, d.secret_version AS database_secret_version, "
             "g.id AS target_id, g.spec::text AS target_spec, g.secret AS target_secret, "
-            "g.updated_at AS target_version "
+            "g.updated_at AS target_version, g.secret_version AS target_secret_version "
             "FROM relays r JOIN tenants t ON t.id = r.tenant_id JOIN databases d ON d.id = r.database_id "
             "JOIN targets g ON g.id = r.target_id WHERE r.id = ANY($1::uuid[])",
             list(relay_ids),

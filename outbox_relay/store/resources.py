@@ -89,7 +89,17 @@ class ResourcesStore(StoreBase):
         if not isinstance(secret, Unchanged):
             cols.append("secret")
             values.append(secret)
-            updates.append("secret = EXCLUDED.secret")
+            # an ordinary replace of the secret (with its spec) restarts the relays; a rotation pending
+            # then is forgotten, and workers that switched to it are told by the version
+            updates += [
+                "secret = EXCLUDED.secret",
+                f"secret_version = greatest({_table(table)}.secret_version, "
+                f"coalesce({_table(table)}.pending_version, 0)) + 1",
+                "pending_secret = NULL",
+                "pending_spec = NULL",
+                "pending_version = NULL",
+                "rotation_started_at = NULL",
+            ]
         placeholders = ", ".join(f"${i + 1}" + ("::jsonb" if c == "spec" else "") for i, c in enumerate(cols))
         async with self.transaction() as conn:
             limit = (await self._limits(conn, tenant_id, quotas, table))[table]
@@ -104,7 +114,7 @@ class ResourcesStore(StoreBase):
                 f"INSERT INTO {_table(table)} ({', '.join(cols)}) VALUES ({placeholders}) "
                 f"ON CONFLICT (tenant_id, name) DO UPDATE SET {', '.join(updates)}, updated_at = now() "
                 "RETURNING id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, "
-                "created_at, updated_at, (xmax = 0) AS inserted",
+                "created_at, updated_at, rotation_started_at, (xmax = 0) AS inserted",
                 *values,
             )
         return _resource(row), bool(row["inserted"])

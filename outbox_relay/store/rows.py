@@ -112,6 +112,8 @@ class ResourceRow:
     has_secret: bool
     created_at: datetime
     updated_at: datetime
+    rotation_started_at: datetime | None = None
+    """Set while a rotation of the resource's password is in progress (a pending secret is stored)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +137,9 @@ class RelayPlan:
     target_spec: bytes
     target_secret: bytes | None
     target_version: datetime
+    database_secret_version: int = 0
+    """The version of ``database_secret`` (a rotation's completion moves it, not ``database_version``)."""
+    target_secret_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +216,8 @@ KEEP = Unchanged()
 
 def _select(table: ResourceTable) -> str:
     return (
-        "SELECT id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, created_at, updated_at "
-        f"FROM {_table(table)}"
+        "SELECT id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, created_at, updated_at, "
+        f"rotation_started_at FROM {_table(table)}"
         if table != "relays"
         else "SELECT id, name, spec::text AS spec, false AS has_secret, created_at, updated_at FROM relays"
     )
@@ -236,6 +241,7 @@ def _resource(row: Any) -> ResourceRow:
         has_secret=bool(row["has_secret"]),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        rotation_started_at=row.get("rotation_started_at"),
     )
 
 
@@ -297,3 +303,77 @@ class TargetRow:
     spec: bytes
     secret: bytes | None
     updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredSecrets:
+    """A database's or target's spec and secrets, encrypted: what a PUT compares its password with."""
+
+    id: uuid.UUID
+    spec: bytes
+    secret: bytes | None
+    pending: bytes | None
+    pending_spec: bytes | None
+    """The spec the pending secret goes with, when the rotation also changes the user (None: ``spec``)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CredentialDue:
+    """A resource a worker has open whose credential moved on from the version the worker uses: a
+    rotation is pending (switch to ``pending`` at ``pending_version``), or one completed meanwhile
+    (switch to ``secret`` at ``secret_version``)."""
+
+    table: Literal["databases", "targets"]
+    id: uuid.UUID
+    spec: bytes
+    secret: bytes | None
+    secret_version: int
+    pending: bytes | None
+    pending_version: int | None
+    pending_spec: bytes | None = None
+    """The spec that goes with ``pending`` when the rotation changes the user too (None: ``spec``)."""
+
+    @property
+    def rotating(self) -> bool:
+        return self.pending_version is not None and self.pending is not None
+
+    @property
+    def target_spec(self) -> bytes:
+        """The spec of :attr:`version` (the user it logs in as may change with the password)."""
+        return self.pending_spec if self.rotating and self.pending_spec is not None else self.spec
+
+    @property
+    def version(self) -> int:
+        """The version the worker should use."""
+        return self.pending_version if self.pending_version is not None and self.rotating else self.secret_version
+
+    @property
+    def token(self) -> bytes | None:
+        """The (encrypted) secret of :attr:`version`."""
+        return self.pending if self.rotating else self.secret
+
+
+class RotationWorker(msgspec.Struct, kw_only=True):
+    """One live worker's part in a rotation (the status of a resource's GET): no secrets."""
+
+    worker: str
+    version: int | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RotationStatus:
+    """Where a rotation stands: the version it moves to, the live workers that use the resource, which
+    of them switched, and the refusals (authentication failed with the new password ...)."""
+
+    started_at: datetime
+    version: int
+    workers: list[RotationWorker]
+
+    @property
+    def switched(self) -> int:
+        return sum(1 for w in self.workers if w.version == self.version)
+
+    @property
+    def error(self) -> str | None:
+        return next((w.error for w in self.workers if w.error and w.version != self.version), None)

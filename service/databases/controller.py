@@ -25,7 +25,6 @@ from service.resources import (
     Page,
     Resources,
     provide_resources,
-    secret_of,
     spec_json,
 )
 
@@ -104,14 +103,17 @@ class DatabaseController(Controller):
         services = resources.services
         check_database(data)  # InvalidDatabaseSpec: 422 invalid-dsn
         await tenant_db.check_address(data.dsn, services.policy)
-        row, created = await services.store.put_database(
-            resources.tenant.id,
+        return await resources.put_with_secret(
             name,
-            spec_json(data),
-            secret_of(data, services.secrets),
-            quotas=services.settings.quota_defaults(),
+            data,
+            lambda secret: services.store.put_database(
+                resources.tenant.id,
+                name,
+                spec_json(data),
+                secret,
+                quotas=services.settings.quota_defaults(),
+            ),
         )
-        return await resources.written(name, row, created)
 
     @delete(
         "/{name:str}",

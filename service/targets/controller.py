@@ -22,7 +22,6 @@ from service.resources import (
     Page,
     Resources,
     provide_resources,
-    secret_of,
     spec_json,
 )
 
@@ -73,15 +72,18 @@ class TargetController(Controller):
         except ValueError as exc:
             raise Problem(422, str(exc), slug="invalid-target") from None
         kind = type(data).__struct_config__.tag
-        row, created = await services.store.put_target(
-            resources.tenant.id,
+        return await resources.put_with_secret(
             name,
-            str(kind),
-            spec_json(data),
-            secret_of(data, services.secrets),
-            quotas=services.settings.quota_defaults(),
+            data,
+            lambda secret: services.store.put_target(
+                resources.tenant.id,
+                name,
+                str(kind),
+                spec_json(data),
+                secret,
+                quotas=services.settings.quota_defaults(),
+            ),
         )
-        return await resources.written(name, row, created)
 
     @delete(
         "/{name:str}",

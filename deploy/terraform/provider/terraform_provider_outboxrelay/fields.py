@@ -37,8 +37,9 @@ from tf.schema import Attribute
 UNSET_KIND = ""
 """The kind of a resource that is not a tagged union."""
 
-# Filled in by the service, or write-only: the resources declare these themselves.
-SERVICE_FIELDS = frozenset({"name", "created_at", "updated_at", "password", "password_set"})
+# Filled in by the service, or write-only: the resources declare these themselves (``rotation``, a
+# password rotation in progress, is the service's own and no Terraform attribute).
+SERVICE_FIELDS = frozenset({"name", "created_at", "updated_at", "password", "password_set", "rotation"})
 
 _MISSING: Any = msgspec.NODEFAULT
 
