@@ -14,7 +14,9 @@ from tests.contract.harness import (
     RabbitMQHarness,
     RabbitMQTopicHarness,
     RedisStreamsHarness,
+    WebhookHarness,
     rabbitmq_env,
+    webhook_harness,
 )
 
 _rabbitmq_envs: dict[str, RabbitMQEnv] = {}
@@ -41,6 +43,8 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         h = RedisStreamsHarness(request.getfixturevalue("redis_account"))
     elif name == KafkaHarness.name:
         h = KafkaHarness(request.getfixturevalue("tansu"))
+    elif name == WebhookHarness.name:
+        h = await webhook_harness()
     else:
         raise ValueError(name)
     try:
