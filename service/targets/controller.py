@@ -1,4 +1,4 @@
-"""Broker targets: RabbitMQ, Redis Streams, Kafka. Passwords are write-only."""
+"""Broker targets: RabbitMQ, Redis Streams, Kafka, webhooks. Passwords (a webhook's signing secrets) are write-only."""
 
 from __future__ import annotations
 
@@ -57,7 +57,9 @@ class TargetController(Controller):
         "/{name:str}",
         operation_id="putTarget",
         summary="Create or replace a target",
-        description="Idempotent. `password` is write-only: omit it to keep the stored one, send null to clear it. "
+        description="Idempotent. `password` is write-only: omit it to keep the stored one, send null to clear it "
+        "(a webhook's is its signing secret, `whsec_...`, or two separated by a space during a rotation; it cannot "
+        "be cleared). "
         "Creating one counts against the tenant's `targets` quota (409 `quota-exceeded`).",
         # Target is a union, which litestar documents as a oneOf; ResponseSpec's annotation names single types
         # (mypy sees it once pydantic is installed: openapi-python-client, a dev dependency, brings it)
