@@ -167,7 +167,9 @@ async def test_400_dead_letters_after_the_policys_attempts(
     assert "400" in letter["last_error"] and "unknown order" in letter["last_error"], letter
     assert receiver.refused[400] == 3  # each attempt one request, and none after the last
     await until(lambda: len(receiver.all) >= 2, "the messages behind it arrived", worker_pool)
-    assert sorted(d.webhook_id for d in receiver.all) == sorted(str(i) for i in good)  # two keys: either first
+    # either key first; a message that went out beside a refused one in one group may come twice (sent
+    # again, as the batches after a refusal are: at least once)
+    assert {d.webhook_id for d in receiver.all} == {str(i) for i in good}
 
     # the dashboard's replay form offers the webhook target by name
     page = await client.get("/ui/login")
