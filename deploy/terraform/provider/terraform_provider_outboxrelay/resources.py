@@ -249,11 +249,15 @@ class DatabaseResource(ApiResource):
 class TargetResource(ApiResource):
     type_name = "target"
     collection = "targets"
-    description = "A broker that relays publish to: RabbitMQ, Redis Streams or Kafka (`kind`)."
+    description = (
+        "A broker that relays publish to: RabbitMQ, Redis Streams, Kafka or an HTTP webhook (`kind`). A webhook's "
+        "`password` is its signing secret (`whsec_...`, or two separated by a space during a rotation)."
+    )
     structs: ClassVar[dict[str, type[msgspec.Struct]]] = {
         "rabbitmq": domain.RabbitMQTarget,
         "redis_streams": domain.RedisStreamsTarget,
         "kafka": domain.KafkaTarget,
+        "webhook": domain.WebhookTarget,
     }
     fields = fields_of(structs)
     has_password = True
@@ -264,7 +268,7 @@ class TargetResource(ApiResource):
             Attribute(
                 "kind",
                 tft.String(),
-                description="`rabbitmq`, `redis_streams` or `kafka`. Each kind takes its own attributes.",
+                description="`rabbitmq`, `redis_streams`, `kafka` or `webhook`. Each kind takes its own attributes.",
                 required=True,
             )
         ]
