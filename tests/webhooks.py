@@ -16,6 +16,7 @@ import asyncio
 import base64
 import hmac
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import unquote
@@ -88,6 +89,8 @@ class WebhookReceiver:
         self._keys_in_flight: Counter[str] = Counter()
         self.overlaps = 0
         """Requests that arrived while another of the same key was in flight (must stay 0)."""
+        self.listeners: list[Callable[[Delivery], None]] = []
+        """Called with each delivery as it is recorded (the bench's latency consumer)."""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -183,6 +186,8 @@ class WebhookReceiver:
                 return answer
             self.deliveries[delivery.destination].append(delivery)
             self.all.append(delivery)
+            for listener in self.listeners:
+                listener(delivery)
             return Answer(204)
         finally:
             self.in_flight -= 1
