@@ -227,13 +227,6 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
         )
 
 
-class _Outage(Exception):
-    """A lane's request found the target unavailable (carried out of the task group)."""
-
-    def __init__(self, error: TargetUnavailable) -> None:
-        self.error = error
-
-
 class WebhookPublisher:
     """POSTs each message to one URL, signed; see the module docstring."""
 
@@ -306,7 +299,7 @@ class WebhookPublisher:
                 async with self._client.stream("OPTIONS", self._url) as response:
                     await _read_some(response)
         except (httpx.TransportError, AddressNotAllowed, OSError) as exc:  # TimeoutError is an OSError
-            raise self._outage(exc).error from exc
+            raise self._outage(exc) from exc
         status = response.status_code
         if status >= 500 or status in _OUTAGE_STATUSES:
             raise TargetUnavailable(f"webhook at {self._where} answered {status} {response.reason_phrase}")
@@ -336,10 +329,10 @@ class WebhookPublisher:
             async with asyncio.TaskGroup() as group:
                 for _ in range(min(self._concurrency, len(lanes))):
                     group.create_task(worker())
-        except* _Outage as outages:
+        except* TargetUnavailable as outages:  # the first one; the task group cancelled the rest
             first = outages.exceptions[0]
-            assert isinstance(first, _Outage)
-            raise first.error from None
+            assert isinstance(first, TargetUnavailable)
+            raise first from None
         acked = next((i for i, outcome in enumerate(outcomes) if outcome is not True), len(messages))
         if acked == len(messages):
             return PublishResult(acked=acked)
@@ -349,7 +342,7 @@ class WebhookPublisher:
         return PublishResult(acked=acked, rejected=refusal)
 
     async def _deliver(self, message: OutgoingMessage) -> MessageRejected | None:
-        """POST one message: None when acknowledged, its refusal; :class:`_Outage` raised."""
+        """POST one message: None when acknowledged, else its refusal; TargetUnavailable raised."""
         try:
             headers = self._headers(message)
         except MessageRejected as exc:
@@ -365,9 +358,9 @@ class WebhookPublisher:
                 raise self._outage(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _outage(self, exc: BaseException) -> _Outage:
+    def _outage(self, exc: BaseException) -> TargetUnavailable:
         reason = "timed out" if isinstance(exc, TimeoutError | httpx.TimeoutException) else repr(exc)
-        return _Outage(TargetUnavailable(f"webhook at {self._where}: {reason}"))
+        return TargetUnavailable(f"webhook at {self._where}: {reason}")
 
     async def _post(self, body: bytes, headers: list[tuple[str, str]]) -> MessageRejected | None:
         async with self._client.stream("POST", self._url, content=body, headers=headers) as response:
@@ -378,7 +371,7 @@ class WebhookPublisher:
         if status >= 500 or status in _OUTAGE_STATUSES:
             error = TargetUnavailable(f"webhook at {self._where} answered {status} {response.reason_phrase}")
             error.retry_after_s = retry_after_s(response.headers.get("retry-after"))
-            raise _Outage(error)
+            raise error
         if 300 <= status < 400:
             where = response.headers.get("location", "")[:MAX_ERROR_BODY]
             return MessageRejected(
