@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import ssl
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class WebhookReceiver:
         self.path = path
         self.hold_s = hold_s
         self.port = 0
+        self.scheme = "http"
         self.deliveries: dict[str, list[Delivery]] = defaultdict(list)
         self.all: list[Delivery] = []
         self.answers: dict[str, Answer] = {}
@@ -96,11 +98,18 @@ class WebhookReceiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{self.path}"
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+    async def start(self, *, tls: ssl.SSLContext | None = None) -> None:
+        """Listen on 127.0.0.1 (https with ``tls``, a server context)."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, ssl=tls)
+        self.scheme = "https" if tls is not None else "http"
         self.port = self._server.sockets[0].getsockname()[1]
+
+    def drop(self) -> None:
+        """Close every connection now (the receiver stays up): clients must connect again."""
+        for task in list(self._tasks):
+            task.cancel()
 
     async def close(self) -> None:
         server, self._server = self._server, None

@@ -240,9 +240,11 @@ class WebhookPublisher:
         timeout_ms: int = 10_000,
         connect_timeout_ms: int = 5_000,
         max_concurrent_requests: int = 16,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """``secrets`` are the signing keys (decoded, one or two); nothing connects before
-        :meth:`connect` or the first batch."""
+        """``secrets`` are the signing keys (decoded, one or two); ``ssl_context`` the trust for
+        https (the system's by default; a tenant cannot choose it, tests bring their CA). Nothing
+        connects before :meth:`connect` or the first batch."""
         if not 1 <= len(secrets) <= 2:
             raise ValueError("a webhook publisher signs with one or two secrets")
         if timeout_ms <= 0 or connect_timeout_ms <= 0 or max_concurrent_requests < 1:
@@ -258,7 +260,7 @@ class WebhookPublisher:
         self._timeout_s = timeout_ms / 1000
         self._connect_timeout_s = min(connect_timeout_ms, timeout_ms) / 1000
         self._concurrency = max_concurrent_requests
-        self._ssl = ssl.create_default_context()
+        self._ssl = ssl_context or ssl.create_default_context()
         self._client = httpx.AsyncClient(
             transport=GuardedTransport(policy=policy, max_connections=max_concurrent_requests, ssl_context=self._ssl),
             timeout=httpx.Timeout(self._timeout_s, connect=self._connect_timeout_s),
