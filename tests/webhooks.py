@@ -83,6 +83,8 @@ class WebhookReceiver:
         self.all: list[Delivery] = []
         self.answers: dict[str, Answer] = {}
         self.outage: Answer | None = None
+        self.options_answer = Answer(204, [("allow", "POST, OPTIONS")])
+        """What an OPTIONS request (the adapter's connect) is answered."""
         self.bad_signatures = 0
         self.options = 0
         self.refused: Counter[int] = Counter()
@@ -162,7 +164,7 @@ class WebhookReceiver:
     async def _answer(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> Answer:
         if method == "OPTIONS":
             self.options += 1
-            return Answer(204, [("allow", "POST, OPTIONS")])
+            return self.options_answer
         if method != "POST" or target.split("?")[0] != self.path:
             return Answer(404)
         raw = dict(headers)
