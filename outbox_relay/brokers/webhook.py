@@ -44,18 +44,19 @@ What an answer means, per request:
 Order and concurrency: a batch's messages are grouped by key; each key's messages are sent one at a
 time, in batch order (the next only once the previous one was acknowledged), and different keys in
 parallel, at most ``max_concurrent_requests`` requests in flight for the publisher, shared by every
-batch on it (the connection pool's size: HTTP/1.1, one request per connection at a time; a request
-waits for a connection within its ``timeout_ms``). A keyless message is ordered with nothing. An
+batch on it (HTTP/1.1, one request per connection at a time; a request waits for a connection
+within its ``timeout_ms``). A keyless message is ordered with nothing. An
 outage on any request cancels the rest of the batch and raises :class:`TargetUnavailable` (the
 relay sends the batch again: at least once); a refusal stops only what comes after it in batch
 order, and the result is the acknowledged prefix and the refusal, as :mod:`outbox_relay.brokers.base`
 says.
 
-Addresses: every connection the pool opens resolves the URL's host through the
-:class:`~outbox_relay.netguard.AddressPolicy`, checks every address and dials a checked IP literal
-(:class:`GuardedBackend`, httpcore's network backend); TLS verifies the certificate for, and sends
-SNI of, the host *name*. No proxy from the environment is used (``trust_env`` off), so nothing but
-the checked addresses is ever dialled.
+Connections: the publisher's own (:class:`Connections`), on httpcore (httpx's HTTP core), at most
+``max_concurrent_requests``, each kept alive for the next request. Every connection resolves the URL's
+host through the :class:`~outbox_relay.netguard.AddressPolicy`, checks every address and dials a
+checked IP literal (:class:`GuardedBackend`, httpcore's network backend); TLS verifies the certificate
+for, and sends SNI of, the host *name*. There is no proxy (httpcore reads none from the environment),
+so nothing but the checked addresses is ever dialled.
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ from typing import Self
 from urllib.parse import quote, urlsplit
 
 import httpcore
-import httpx
 
 from outbox_relay.brokers.base import OutgoingMessage, PublishResult
 from outbox_relay.domain import WebhookTarget
@@ -88,6 +88,8 @@ MAX_RETRY_AFTER_S = 300.0
 """A ``Retry-After`` longer than this is taken as this (a receiver cannot park a relay for a day)."""
 MAX_ERROR_BODY = 512
 """Characters of a refusing answer's body kept in the refusal's message (and the dead letter)."""
+KEEPALIVE_S = 30.0
+"""An idle connection older than this is not reused (closed and opened anew)."""
 MAX_READ_BYTES = 64 * 1024
 """An answer's body is read up to this much, for the connection's reuse; a longer one closes it."""
 
@@ -124,9 +126,17 @@ _NAME_SAFE = "!#$&'*+^`|"
 _VALUE_SAFE = "!\"#$&'()*+,/:;<=>?@[\\]^`{|}"
 """Visible ASCII besides letters, digits, ``_.-~`` and ``%``."""
 _OUTAGE_STATUSES = frozenset({408, 429})
-_RETRYABLE_ERRORS = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+_RETRYABLE_ERRORS = (httpcore.ReadError, httpcore.WriteError, httpcore.RemoteProtocolError)
 """A kept-alive connection the receiver closed as the request went out: sent again once on a new
 connection (at least once allows the duplicate); timeouts and connect errors are not retried."""
+_TRANSPORT_ERRORS = (
+    httpcore.NetworkError,
+    httpcore.TimeoutException,
+    httpcore.ProtocolError,
+    AddressNotAllowed,
+    OSError,
+)
+"""What means the endpoint could not be reached or did not answer (TimeoutError is an OSError)."""
 
 
 def header_name(name: str) -> str:
@@ -183,7 +193,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        endpoints = await self.policy.resolve(host, port)  # AddressNotAllowed: raised through httpx as it is
+        endpoints = await self.policy.resolve(host, port)  # AddressNotAllowed: raised through httpcore as it is
         error: Exception | None = None
         for endpoint in endpoints:
             if endpoint.address.startswith("/"):  # a unix socket is no webhook address
@@ -209,22 +219,88 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self.inner.sleep(seconds)
 
 
-class GuardedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport over a connection pool whose every connection goes through
-    :class:`GuardedBackend`; no proxy, no retries of its own."""
+class Connections:
+    """The publisher's connections to its endpoint, at most ``limit`` open: each request takes one
+    (waiting, in order, while all are in use) and gives it back when its answer was read, so a
+    connection carries one request at a time (HTTP/1.1, no pipelining) and is kept alive for the next.
 
-    def __init__(self, *, policy: AddressPolicy, max_connections: int, ssl_context: ssl.SSLContext) -> None:
-        super().__init__(trust_env=False, proxy=None)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
-            http1=True,
-            http2=False,
-            retries=0,
-            network_backend=GuardedBackend(policy),
+    Its own rather than httpcore's connection pool: with 16 connections and the requests of many keys
+    queued, the pool re-examines every connection for every queued request each time one finishes
+    (``has_expired``, a ``getpeername`` each), over half of a relayed message's CPU; here a request
+    takes the connection it is handed."""
+
+    def __init__(self, *, origin: httpcore.Origin, limit: int, ssl_context: ssl.SSLContext, backend: GuardedBackend):
+        self.origin, self.limit, self.ssl_context, self.backend = origin, limit, ssl_context, backend
+        self._idle: list[httpcore.AsyncHTTPConnection] = []
+        self._open = 0
+        self._waiters: deque[asyncio.Future[httpcore.AsyncHTTPConnection | None]] = deque()
+        self._closed = False
+
+    def _new(self) -> httpcore.AsyncHTTPConnection:
+        return httpcore.AsyncHTTPConnection(
+            self.origin, ssl_context=self.ssl_context, keepalive_expiry=KEEPALIVE_S, network_backend=self.backend
         )
+
+    async def take(self) -> httpcore.AsyncHTTPConnection:
+        """A connection no other request is using (connected at its first request)."""
+        if self._closed:
+            raise RuntimeError("publisher is closed")
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.is_available() and not conn.has_expired():
+                return conn
+            await self._discard(conn, reopen=False)
+        if self._open < self.limit:
+            self._open += 1
+            return self._new()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            handed = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed over as it was cancelled: pass it on
+                self.give(waiter.result())
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+        return handed if handed is not None else self._new()  # None: its slot, to connect anew
+
+    def give(self, conn: httpcore.AsyncHTTPConnection | None) -> None:
+        """Back after a request whose answer was read whole (``None``: the connection was closed,
+        its slot is free)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        if conn is None:
+            self._open -= 1
+        elif self._closed:
+            self._open -= 1
+            asyncio.get_running_loop().create_task(conn.aclose())
+        else:
+            self._idle.append(conn)
+
+    async def _discard(self, conn: httpcore.AsyncHTTPConnection, *, reopen: bool = True) -> None:
+        if reopen:  # the slot first: closing may be cut short by a cancellation
+            self.give(None)
+        else:
+            self._open -= 1
+        with contextlib.suppress(Exception):
+            await conn.aclose()
+
+    async def drop(self, conn: httpcore.AsyncHTTPConnection) -> None:
+        """After a request that failed or was cancelled: close the connection, free its slot."""
+        await self._discard(conn)
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._discard(conn, reopen=False)
+        for waiter in self._waiters:
+            waiter.cancel()
 
 
 class WebhookPublisher:
@@ -261,13 +337,14 @@ class WebhookPublisher:
         self._connect_timeout_s = min(connect_timeout_ms, timeout_ms) / 1000
         self._concurrency = max_concurrent_requests
         self._ssl = ssl_context or ssl.create_default_context()
-        self._client = httpx.AsyncClient(
-            transport=GuardedTransport(policy=policy, max_connections=max_concurrent_requests, ssl_context=self._ssl),
-            timeout=httpx.Timeout(self._timeout_s, connect=self._connect_timeout_s),
-            follow_redirects=False,
-            trust_env=False,
-            headers={"user-agent": "outbox-relay"},
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        origin = httpcore.Origin(parts.scheme.encode(), parts.hostname.encode("idna"), port)
+        self._connections = Connections(
+            origin=origin, limit=max_concurrent_requests, ssl_context=self._ssl, backend=GuardedBackend(policy)
         )
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._request_url = httpcore.URL(scheme=origin.scheme, host=origin.host, port=port, target=target)
+        self._fixed_headers = [(b"host", parts.netloc.encode("idna")), (b"user-agent", b"outbox-relay")]
         self._closed = False
 
     @classmethod
@@ -295,16 +372,14 @@ class WebhookPublisher:
         9110's way to ask a resource about itself), which a TCP or TLS connect alone would not show
         of an endpoint that accepts and then hangs. Any answer but an outage's (408, 429, 5xx)
         will do: 404 or 405 from a receiver that takes only POST is still a receiver.
-        TargetUnavailable when it does not answer (the connection stays in the pool)."""
+        TargetUnavailable when it does not answer (the connection is kept for the first batch)."""
         try:
             async with asyncio.timeout(self._timeout_s):
-                async with self._client.stream("OPTIONS", self._url) as response:
-                    await _read_some(response)
-        except (httpx.TransportError, AddressNotAllowed, OSError) as exc:  # TimeoutError is an OSError
+                status, reason, _, _ = await self._request(b"OPTIONS", b"", [])
+        except _TRANSPORT_ERRORS as exc:
             raise self._outage(exc) from exc
-        status = response.status_code
         if status >= 500 or status in _OUTAGE_STATUSES:
-            raise TargetUnavailable(f"webhook at {self._where} answered {status} {response.reason_phrase}")
+            raise TargetUnavailable(f"webhook at {self._where} answered {status} {reason}")
 
     async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
         if self._closed:
@@ -356,44 +431,70 @@ class WebhookPublisher:
             except _RETRYABLE_ERRORS as exc:
                 if attempt == 2:
                     raise self._outage(exc) from exc
-            except (httpx.TransportError, AddressNotAllowed, OSError) as exc:  # TimeoutError is an OSError
-                raise self._outage(exc) from exc
+            except _TRANSPORT_ERRORS as exc:
+                raise self._outage(exc) from exc  # TimeoutError is an OSError
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _outage(self, exc: BaseException) -> TargetUnavailable:
-        reason = "timed out" if isinstance(exc, TimeoutError | httpx.TimeoutException) else repr(exc)
+        reason = "timed out" if isinstance(exc, TimeoutError | httpcore.TimeoutException) else repr(exc)
         return TargetUnavailable(f"webhook at {self._where}: {reason}")
 
-    async def _post(self, body: bytes, headers: list[tuple[str, str]]) -> MessageRejected | None:
-        async with self._client.stream("POST", self._url, content=body, headers=headers) as response:
-            text = await _read_some(response)
-        status = response.status_code
+    async def _request(
+        self, method: bytes, body: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[int, str, dict[bytes, bytes], str]:
+        """One request on a connection of its own: (status, reason, headers lower-cased, the start of
+        the body as text). The connection goes back for the next request once the answer was read
+        whole, and is closed when anything went wrong (or the answer is longer than we read)."""
+        conn = await self._connections.take()
+        try:
+            length = [(b"content-length", b"%d" % len(body))] if method == b"POST" else []
+            request = httpcore.Request(
+                method, self._request_url, headers=[*self._fixed_headers, *length, *headers], content=body or None
+            )
+            response = await conn.handle_async_request(request)
+            try:
+                text, whole = await _read_some(response)
+            finally:
+                await response.aclose()
+        except BaseException:
+            await self._connections.drop(conn)
+            raise
+        if whole:
+            self._connections.give(conn)
+        else:
+            await self._connections.drop(conn)
+        reason = response.extensions.get("reason_phrase", b"")
+        answer_headers = {name.lower(): value for name, value in response.headers}
+        return response.status, reason.decode("latin-1") if isinstance(reason, bytes) else "", answer_headers, text
+
+    async def _post(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> MessageRejected | None:
+        status, reason, answer, text = await self._request(b"POST", body, headers)
         if 200 <= status < 300:
             return None
         if status >= 500 or status in _OUTAGE_STATUSES:
-            error = TargetUnavailable(f"webhook at {self._where} answered {status} {response.reason_phrase}")
-            error.retry_after_s = retry_after_s(response.headers.get("retry-after"))
+            error = TargetUnavailable(f"webhook at {self._where} answered {status} {reason}")
+            error.retry_after_s = retry_after_s(answer.get(b"retry-after", b"").decode("latin-1"))
             raise error
         if 300 <= status < 400:
-            where = response.headers.get("location", "")[:MAX_ERROR_BODY]
+            where = answer.get(b"location", b"").decode("latin-1")[:MAX_ERROR_BODY]
             return MessageRejected(
                 f"webhook at {self._where} answered {status} (a redirect to {where!r}); redirects are not followed: "
                 "point the target at the final URL"
             )
-        return MessageRejected(f"webhook at {self._where} answered {status} {response.reason_phrase}: {text}")
+        return MessageRejected(f"webhook at {self._where} answered {status} {reason}: {text}")
 
-    def _headers(self, message: OutgoingMessage) -> list[tuple[str, str]]:
+    def _headers(self, message: OutgoingMessage) -> list[tuple[bytes, bytes]]:
         """The request's headers (the module docstring); MessageRejected for a reserved header name."""
         message_id = message.dedupe_id
         timestamp = math.floor(time.time())
         headers = [
-            (ID_HEADER, header_value(message_id)),
-            (TIMESTAMP_HEADER, str(timestamp)),
-            (SIGNATURE_HEADER, sign(self._keys, message_id, timestamp, message.payload)),
-            (DESTINATION_HEADER, header_value(message.destination)),
+            (b"webhook-id", header_value(message_id).encode()),
+            (b"webhook-timestamp", b"%d" % timestamp),
+            (b"webhook-signature", sign(self._keys, message_id, timestamp, message.payload).encode()),
+            (b"outbox-destination", header_value(message.destination).encode()),
         ]
         if message.key is not None:
-            headers.append((KEY_HEADER, header_value(message.key)))
+            headers.append((b"outbox-key", header_value(message.key).encode()))
         content_type = self._content_type
         for name, value in message.headers.items():
             lowered = name.lower()
@@ -402,8 +503,8 @@ class WebhookPublisher:
             if lowered == "content-type":
                 content_type = value
                 continue
-            headers.append((header_name(name), header_value(value)))
-        headers.append(("content-type", header_value(content_type)))
+            headers.append((header_name(name).encode(), header_value(value).encode()))
+        headers.append((b"content-type", header_value(content_type).encode()))
         return headers
 
     async def close(self) -> None:
@@ -412,7 +513,7 @@ class WebhookPublisher:
             return
         self._closed = True
         with contextlib.suppress(Exception):
-            await self._client.aclose()
+            await self._connections.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -437,14 +538,14 @@ def _lanes(messages: Sequence[OutgoingMessage]) -> list[list[int]]:
     return lanes
 
 
-async def _read_some(response: httpx.Response) -> str:
-    """Up to :data:`MAX_READ_BYTES` of the body (the rest unread: the connection is then closed),
-    as text for a refusal's message."""
+async def _read_some(response: httpcore.Response) -> tuple[str, bool]:
+    """Up to :data:`MAX_READ_BYTES` of the body, as text for a refusal's message, and whether that
+    was all of it (else the connection is closed rather than reused)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_raw():
+    async for chunk in response.aiter_stream():
         chunks.append(chunk)
         size += len(chunk)
         if size >= MAX_READ_BYTES:
-            break
-    return b"".join(chunks)[:MAX_ERROR_BODY].decode("utf-8", "replace")
+            return b"".join(chunks)[:MAX_ERROR_BODY].decode("utf-8", "replace"), False
+    return b"".join(chunks)[:MAX_ERROR_BODY].decode("utf-8", "replace"), True

@@ -472,7 +472,7 @@ async def test_postgres_tls_verifies_the_name_while_dialling_the_address(tls_pos
 async def test_webhook_connects_and_reconnects_only_to_checked_addresses(
     settings: Settings, rebinding: Rebinding, decoy: Decoy
 ) -> None:
-    """httpx's connection pool dials through the address policy: the first connection reaches the
+    """The adapter's connections dial through the address policy: the first connection reaches the
     receiver; once the receiver closed it, the next one resolves the name again, which now answers
     the denied decoy, and is refused: the decoy never sees a connection."""
     secret = new_secret(7)
