@@ -4,6 +4,7 @@ what each kind of answer becomes (Retry-After carried to the relay, a redirect n
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -82,3 +83,24 @@ async def test_a_missing_or_malformed_stored_secret_pauses_the_relay(receiver: W
         with pytest.raises(TargetUnavailable, match="signing secret") as failed:
             await open_publisher(target, password=password, policy=LOCAL)
         assert "tooshort" not in str(failed.value)
+
+
+async def test_a_request_cancelled_while_waiting_for_a_connection_gives_nothing_away() -> None:
+    """One connection: a batch waiting for it is cancelled (its caller went away), another times
+    out waiting; neither leaks the connection's slot, and the next batches still go through."""
+    async with WebhookReceiver(SECRETS, hold_s=0.6) as receiver:
+        target = WebhookTarget(url=receiver.url, max_concurrent_requests=1, timeout_ms=1000)
+        async with await open_publisher(target, password=BOTH, policy=LOCAL) as publisher:
+            holding = asyncio.ensure_future(publisher.publish_batch([message(1, "a")]))
+            await asyncio.sleep(0.05)
+            waiting = asyncio.ensure_future(publisher.publish_batch([message(3, "b")]))
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+            with pytest.raises(TargetUnavailable, match="timed out"):  # waits ~0.5 s, then held 0.6 s: over 1 s
+                await publisher.publish_batch([message(4, "c")])
+            assert await holding == PublishResult(acked=1)
+            receiver.hold_s = 0
+            results = await asyncio.gather(*(publisher.publish_batch([message(n, f"k{n}")]) for n in range(5, 10)))
+            assert results == [PublishResult(acked=1)] * 5
+        got = {int(d.webhook_id) for d in receiver.all}
+        assert got >= {1, 5, 6, 7, 8, 9} and 3 not in got, got
