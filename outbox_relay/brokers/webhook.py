@@ -328,13 +328,14 @@ class WebhookPublisher:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
             raise ValueError("url must be http:// or https://, with a host and no user")
-        self._url = url
         self._where = f"{parts.scheme}://{parts.netloc}"
         self._keys = list(secrets)
         self._policy = policy
         self._content_type = content_type
         self._timeout_s = timeout_ms / 1000
-        self._connect_timeout_s = min(connect_timeout_ms, timeout_ms) / 1000
+        connect_s = min(connect_timeout_ms, timeout_ms) / 1000
+        # per operation (httpcore's); the whole request is bounded by timeout_ms besides (_deliver)
+        self._timeouts = {"connect": connect_s, "read": self._timeout_s, "write": self._timeout_s, "pool": None}
         self._concurrency = max_concurrent_requests
         self._ssl = ssl_context or ssl.create_default_context()
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -449,7 +450,11 @@ class WebhookPublisher:
         try:
             length = [(b"content-length", b"%d" % len(body))] if method == b"POST" else []
             request = httpcore.Request(
-                method, self._request_url, headers=[*self._fixed_headers, *length, *headers], content=body or None
+                method,
+                self._request_url,
+                headers=[*self._fixed_headers, *length, *headers],
+                content=body or None,
+                extensions={"timeout": self._timeouts},
             )
             response = await conn.handle_async_request(request)
             try:
