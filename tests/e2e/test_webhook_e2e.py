@@ -5,7 +5,7 @@ to a local receiver (``tests.webhooks``) that verifies every request's signature
 * 1,000 messages over 100 keys, about a fifth rolled back: exactly the committed ones arrive, each
   key's in the order written, never two requests of one key in flight at once, every request signed
   with both secrets of a rotation under way.
-* The receiver answers 503 with a Retry-After: the relay pauses (its status says the target is
+* The receiver answers 503 with a Retry-After: the relay pauses for it (its status says the target is
   unreachable), charges no attempt and dead-letters nothing; once it answers again everything arrives.
 * The receiver answers 400 for one destination: that message is dead-lettered after the policy's
   attempts, the others arrive, and the dashboard's replay form offers the webhook target.
@@ -178,4 +178,21 @@ async def test_400_dead_letters_after_the_policys_attempts(
     assert r.status_code == 303, r.text
     detail = await client.get(f"/ui/dead-letters/{letter['id']}")
     assert detail.status_code == 200 and '<option value="hook"' in detail.text, detail.text
+    assert (await t.delete("/v1/relays/to-hook")).status_code == 204
+
+
+async def test_the_pause_is_the_retry_after_not_the_backoff(
+    client: AsyncTestClient[Any], databases: DatabaseFactory, receiver: WebhookReceiver, worker_pool: WorkerPool
+) -> None:
+    """Retry-After 30 s against a backoff of at most 0.5 s: after the first 503 the relay stays away.
+    (No timing bound: a slow machine can only send fewer requests; one that ignored the Retry-After
+    would have sent several more within the two seconds.)"""
+    t = await make_tenant(client, "hook-retry-after")
+    dsn = await set_up(t, databases, receiver, "retry_after", policy=FAST)
+    receiver.outage = Answer(503, [("retry-after", "30")])
+    worker_pool.start()
+    await write(dsn, "orders", ["only"])
+    await until(lambda: receiver.refused[503] >= 1, "the relay tried the unavailable receiver", worker_pool)
+    await asyncio.sleep(2.0)
+    assert receiver.refused[503] == 1, f"{receiver.refused[503]} requests within 2 s of a Retry-After: 30"
     assert (await t.delete("/v1/relays/to-hook")).status_code == 204
