@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import ssl
+import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import unquote
@@ -219,3 +221,31 @@ class WebhookReceiver:
             except (WebhookVerificationError, ValueError, KeyError):
                 return None
         return len(signature.split(" "))
+
+
+@contextlib.contextmanager
+def receiver_thread(secrets: list[str], *, hold_s: float = 0.0) -> Iterator[WebhookReceiver]:
+    """A receiver on an event loop of its own thread: for tests whose own loop blocks on a call that
+    needs the receiver to answer meanwhile (the in-process API client runs a replay while the test
+    waits for it). Its counters and lists are read from the test's thread (whole values: the GIL)."""
+    loop = asyncio.new_event_loop()
+    receiver = WebhookReceiver(secrets, hold_s=hold_s)
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(receiver.start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(receiver.close())
+        loop.close()
+
+    thread = threading.Thread(target=run, name="webhook-receiver", daemon=True)
+    thread.start()
+    if not ready.wait(10):
+        raise RuntimeError("the receiver thread did not start")
+    try:
+        yield receiver
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -8,7 +8,8 @@ to a local receiver (``tests.webhooks``) that verifies every request's signature
 * The receiver answers 503 with a Retry-After: the relay pauses for it (its status says the target is
   unreachable), charges no attempt and dead-letters nothing; once it answers again everything arrives.
 * The receiver answers 400 for one destination: that message is dead-lettered after the policy's
-  attempts, the others arrive, and the dashboard's replay form offers the webhook target.
+  attempts, the others arrive; replayed once the receiver takes it, it arrives; the dashboard's
+  replay form offers the webhook target.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -27,7 +28,7 @@ from outbox_relay.client import add
 from tests.conftest import DatabaseFactory, pg_dsn
 from tests.helpers import TenantClient, make_tenant
 from tests.traffic import check_delivery, write_messages
-from tests.webhooks import Answer, WebhookReceiver, new_secret
+from tests.webhooks import Answer, WebhookReceiver, new_secret, receiver_thread
 from tests.workers import WorkerPool
 
 pytestmark = pytest.mark.e2e
@@ -37,9 +38,10 @@ FAST = {"batch_size": 50, "poll_interval_ms": 100, "backoff_base_ms": 50, "backo
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[WebhookReceiver]:
-    # two secrets: a rotation under way, so every request must carry (and verify under) both
-    async with WebhookReceiver([new_secret(11), new_secret(12)], hold_s=0.002) as r:
+def receiver() -> Iterator[WebhookReceiver]:
+    # two secrets: a rotation under way, so every request must carry (and verify under) both; on a
+    # thread of its own, since the in-process API client's replay blocks the test's loop
+    with receiver_thread([new_secret(11), new_secret(12)], hold_s=0.002) as r:
         yield r
 
 
@@ -178,6 +180,14 @@ async def test_400_dead_letters_after_the_policys_attempts(
     assert r.status_code == 303, r.text
     detail = await client.get(f"/ui/dead-letters/{letter['id']}")
     assert detail.status_code == 200 and '<option value="hook"' in detail.text, detail.text
+
+    # replayed once the receiver takes it: it arrives, signed, as the same message
+    del receiver.answers["poison"]
+    r = await t.post(f"/v1/dead-letters/{summary['id']}/replay")
+    assert r.status_code == 200, r.text
+    replayed = [d for d in receiver.all if d.webhook_id == str(poison)]
+    assert len(replayed) == 1 and replayed[0].destination == "poison" and replayed[0].signatures == 2
+    assert (await t.get(f"/v1/dead-letters/{summary['id']}")).json()["status"] == "replayed"
     assert (await t.delete("/v1/relays/to-hook")).status_code == 204
 
 
