@@ -234,6 +234,7 @@ class Connections:
         self._idle: list[httpcore.AsyncHTTPConnection] = []
         self._open = 0
         self._waiters: deque[asyncio.Future[httpcore.AsyncHTTPConnection | None]] = deque()
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def _new(self) -> httpcore.AsyncHTTPConnection:
@@ -276,9 +277,11 @@ class Connections:
                 return
         if conn is None:
             self._open -= 1
-        elif self._closed:
+        elif self._closed:  # a request that finished after close(): its connection is closed too
             self._open -= 1
-            asyncio.get_running_loop().create_task(conn.aclose())
+            task = asyncio.get_running_loop().create_task(conn.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         else:
             self._idle.append(conn)
 
