@@ -8,8 +8,10 @@ from litestar import Controller, Response, delete, get, put
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
+from msgspec import UNSET
 
-from outbox_relay.domain import Target
+from outbox_relay.domain import Target, WebhookTarget
+from outbox_relay.errors import InvalidTargetSpec
 from outbox_relay.netguard import check_target
 from outbox_relay.specs import check_target as check_target_spec
 from service.deps import authenticate_tenant
@@ -70,6 +72,10 @@ class TargetController(Controller):
     ) -> Response[Target]:
         services = resources.services
         check_target_spec(data)  # InvalidTargetSpec: 422 invalid-target
+        if isinstance(data, WebhookTarget) and data.password is UNSET:  # keep the stored secret: is there one?
+            stored = await services.store.get_resource(TARGETS.table, resources.tenant.id, name)
+            if stored is None or not stored.has_secret:
+                raise InvalidTargetSpec("password", "a webhook target signs every request: it needs a signing secret")
         try:
             await check_target(services.policy, data)
         except ValueError as exc:
