@@ -400,3 +400,95 @@ class NatsKit:
                 await js.delete_stream(name)
         with contextlib.suppress(Exception):
             await self._admin.close()
+
+
+class WebhookKit:
+    """A webhook receiver in the bench's process (``tests.webhooks.WebhookReceiver``: it verifies every
+    request's signature with the ``standardwebhooks`` package, as a real receiver would), the target
+    signing with one secret and ``concurrency`` requests in flight. Destinations are what the receiver
+    records per ``outbox-destination`` header."""
+
+    name = "webhook"
+
+    def __init__(self, *, concurrency: int = 16) -> None:
+        from tests.webhooks import WebhookReceiver, new_secret
+
+        self.concurrency = concurrency
+        self.secret = new_secret(42)
+        self.receiver = WebhookReceiver([self.secret])
+        self.target_body: dict[str, Any] = {}
+        self.password: str | None = self.secret
+
+    async def start(self) -> None:
+        await self.receiver.start()
+        self.target_body = {
+            "kind": "webhook",
+            "url": self.receiver.url,
+            "password": self.secret,
+            "max_concurrent_requests": self.concurrency,
+        }
+
+    def destination(self, purpose: str) -> str:
+        return f"bench-{purpose}"
+
+    async def prepare(self, destinations: list[str]) -> None:
+        pass
+
+    async def count(self, destination: str) -> int:
+        if self.receiver.bad_signatures:
+            raise RuntimeError(f"{self.receiver.bad_signatures} request(s) did not verify")
+        return len(self.receiver.deliveries[destination])
+
+    async def consume(self, destination: str, on_message: OnMessage, stop: asyncio.Event) -> None:
+        def delivered(delivery: Any) -> None:
+            if delivery.destination == destination:
+                on_message(delivery.payload, time.perf_counter())
+
+        self.receiver.listeners.append(delivered)
+        try:
+            await stop.wait()
+        finally:
+            self.receiver.listeners.remove(delivered)
+
+    @contextlib.asynccontextmanager
+    async def plain(self) -> AsyncIterator[PlainSend]:
+        """httpx, ``concurrency`` POSTs in flight (as many connections), each signed with the
+        ``standardwebhooks`` package's ``Webhook.sign``; no per-key order (the ceiling, not a relay)."""
+        import datetime as dt
+        from collections import deque
+
+        import httpx
+        from standardwebhooks import Webhook
+
+        hook = Webhook(self.secret)
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        client = httpx.AsyncClient(limits=limits, timeout=10.0)
+
+        async def post(m: OutgoingMessage) -> None:
+            now = dt.datetime.now(dt.UTC)
+            headers = {
+                "webhook-id": m.dedupe_id,
+                "webhook-timestamp": str(int(now.timestamp())),
+                "webhook-signature": hook.sign(m.dedupe_id, now, m.payload.decode()),
+                "outbox-destination": m.destination,
+                "content-type": "application/json",
+            }
+            response = await client.post(self.receiver.url, content=m.payload, headers=headers)
+            response.raise_for_status()
+
+        async def send(batch: list[OutgoingMessage]) -> None:
+            queue = deque(batch)
+
+            async def worker() -> None:
+                while queue:
+                    await post(queue.popleft())
+
+            await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(batch)))))
+
+        try:
+            yield send
+        finally:
+            await client.aclose()
+
+    async def close(self) -> None:
+        await self.receiver.close()

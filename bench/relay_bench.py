@@ -2,7 +2,7 @@
 adapter's own rate, a hand-written batched poller and a naive relay; the worker's CPU per message;
 commit-to-receive latency at a steady write rate.
 
-Usage: ``.venv/bin/python bench/relay_bench.py [--messages N] [--brokers redis,rabbitmq,kafka,nats]``
+Usage: ``.venv/bin/python bench/relay_bench.py [--messages N] [--brokers redis,rabbitmq,kafka,nats,webhook]``
 (``--help`` for the rest). Needs the local PostgreSQL, Redis and RabbitMQ (``rabbitmqctl``), and for
 ``nats`` the local NATS server with JetStream (``BENCH_NATS_URL``); Kafka is a private
 Tansu broker started for the run. Everything is throw-away (databases, a vhost, a
@@ -13,8 +13,9 @@ Per broker, over the same ``--messages`` messages (``--keys`` keys, ~200-byte JS
 
 plain  the broker's client library as a user would call it (redis-py pipelined XADD; aio-pika
        with publisher confirms, a ``gather`` per batch; aiokafka ``acks=all``; nats-py's
-       ``publish_async`` with ``Nats-Msg-Id``, every ack of a batch awaited together), 500 messages a
-       round trip, no database: the broker's ceiling from Python.
+       ``publish_async`` with ``Nats-Msg-Id``, every ack of a batch awaited together; httpx POSTs
+       signed with ``standardwebhooks``, ``--webhook-concurrency`` in flight, to the receiver in
+       this process), 500 messages a round trip, no database: the broker's ceiling from Python.
 raw    ``publish_batch`` of the broker adapter in batches of ``--batch-size``, no database: the
        ceiling the relay works under.
 poller a hand-written batched outbox poller with the plain library: select 500 unpublished rows
@@ -76,13 +77,13 @@ from infra import (
     pg_dsn,
     redis_db_url,
 )
-from kits import KafkaKit, Kit, NatsKit, RabbitMQKit, RedisKit, target_spec
+from kits import KafkaKit, Kit, NatsKit, RabbitMQKit, RedisKit, WebhookKit, target_spec
 
 ADMIN_KEY = "bench-admin-key"
 LOCAL = AddressPolicy(allow_private=True)  # the bench's brokers are on loopback
 SCHEMA = "outbox_relay"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-BROKERS = ("redis", "rabbitmq", "kafka", "nats")
+BROKERS = ("redis", "rabbitmq", "kafka", "nats", "webhook")
 
 ROWS_PER_TX = 10
 # Pre-load in transactions of ROWS_PER_TX messages (distinct txids, as real traffic has), server-side.
@@ -93,7 +94,7 @@ BEGIN
         INSERT INTO {SCHEMA}.outbox (topic, key, payload, headers)
         SELECT 'orders', 'key-' || lpad((g % {{keys}})::text, 4, '0'),
                convert_to(json_build_object('order_id', g, 'state', 'paid', 'amount_cents', (g * 7919) % 100000,
-                                            'customer', 'customer-' || (g % 997), 'note', repeat('x', 100))::text,
+                                            'customer', 'customer-' || (g % 997), 'note', repeat('x', {{pad}}))::text,
                           'UTF8'),
                '{{{{"source": "bench"}}}}'::jsonb
         FROM generate_series(t * {ROWS_PER_TX} + 1, least((t + 1) * {ROWS_PER_TX}, {{messages}})) g;
@@ -366,7 +367,7 @@ async def measure_latency(
         # One message per transaction: outside a transaction block the INSERT commits on its own,
         # and has committed when it returns (half the writer's cost of BEGIN/INSERT/COMMIT, which
         # leaves the 2-core machine room for the relay).
-        await add(conn, "latency", f"key-{seq % args.keys:04d}", {"seq": seq, "note": "x" * 100})
+        await add(conn, "latency", f"key-{seq % args.keys:04d}", {"seq": seq, "note": "x" * args.pad})
         committed[seq] = time.perf_counter()
 
     try:
@@ -452,7 +453,7 @@ async def bench_broker(kit: Kit, scratch: Scratch, api: Api, args: argparse.Name
 
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(PRELOAD_SQL.format(messages=int(args.messages), keys=int(args.keys)))
+        await conn.execute(PRELOAD_SQL.format(messages=int(args.messages), keys=int(args.keys), pad=int(args.pad)))
         await conn.execute(NAIVE_SCHEMA_SQL)
         await conn.execute(POLLER_SCHEMA_SQL)
         await conn.execute(f"ANALYZE {SCHEMA}.outbox")
@@ -534,6 +535,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             kits.append(KafkaKit(bootstrap=await scratch.tansu()))
         if "nats" in args.brokers:
             kits.append(NatsKit(url=NATS_URL, prefix=f"orly-bench.{scratch.run_id}"))
+        if "webhook" in args.brokers:
+            webhook = WebhookKit(concurrency=args.webhook_concurrency)
+            await webhook.start()
+            kits.append(webhook)
         for kit in kits:
             scratch.on_close(f"{kit.name} connections", kit.close)
         relay_ids: set[str] = set()  # filled by Api as relays are created
@@ -663,7 +668,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=20_000, help="messages per broker (default 20000)")
     parser.add_argument("--keys", type=int, default=1_000, help="distinct message keys (default 1000)")
     parser.add_argument(
-        "--brokers", default=",".join(BROKERS), help="comma-separated subset of redis,rabbitmq,kafka,nats (default all)"
+        "--brokers",
+        default=",".join(BROKERS),
+        help="comma-separated subset of redis,rabbitmq,kafka,nats,webhook (default all)",
+    )
+    parser.add_argument(
+        "--pad",
+        type=int,
+        default=100,
+        help="characters of the payloads' note field (100: ~200-byte payloads; 900: ~1 KiB)",
+    )
+    parser.add_argument(
+        "--webhook-concurrency",
+        type=int,
+        default=16,
+        help="webhook: the target's max_concurrent_requests, and the plain httpx loop's POSTs in flight (16)",
     )
     parser.add_argument("--batch-size", type=int, default=100, help="relay policy batch_size and raw batch (100)")
     parser.add_argument("--partitions", type=int, default=16, help="relay partitions (default 16, the API default)")

@@ -393,8 +393,50 @@ class NatsTarget(TargetBase, tag="nats", kw_only=True, forbid_unknown_fields=Tru
     ) = None
 
 
-Target = RabbitMQTarget | RedisStreamsTarget | KafkaTarget | NatsTarget
-TARGET_KINDS = ("rabbitmq", "redis_streams", "kafka", "nats")
+WEBHOOK_MAX_CONCURRENCY = 256
+"""Requests in flight to one webhook target, per worker, at most (``max_concurrent_requests``)."""
+
+
+class WebhookTarget(TargetBase, tag="webhook", kw_only=True, forbid_unknown_fields=True):
+    """An HTTP endpoint: one POST per message, signed the Standard Webhooks way
+    (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``); the body is the payload. The
+    signing secret goes in the write-only ``password``: ``whsec_<base64>``, or two of them separated
+    by a space during a rotation (each request is then signed with both)."""
+
+    url: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=2048,
+            description="http:// or https:// URL the messages are POSTed to; no user or password in it. "
+            "Redirects are not followed.",
+            examples=["https://hooks.example.com/outbox"],
+        ),
+    ]
+    content_type: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=255,
+            description="The requests' content-type, unless a message carries a content-type header.",
+        ),
+    ] = "application/json"
+    connect_timeout_ms: Annotated[
+        int, Meta(ge=100, le=60_000, description="Opening a connection (TCP and TLS), at most this long.")
+    ] = 5_000
+    max_concurrent_requests: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=WEBHOOK_MAX_CONCURRENCY,
+            description="Requests in flight to the endpoint at once, per worker; one per message key at a time "
+            "whatever this is, so each key's messages arrive in order.",
+        ),
+    ] = 16
+
+
+Target = RabbitMQTarget | RedisStreamsTarget | KafkaTarget | NatsTarget | WebhookTarget
+TARGET_KINDS = ("rabbitmq", "redis_streams", "kafka", "nats", "webhook")
 
 
 # --- relays ----------------------------------------------------------------------------------------

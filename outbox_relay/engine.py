@@ -952,12 +952,14 @@ class RelayRunner:
         def remaining() -> float:
             return max(0.0, deadline - time.monotonic())
 
-        async def pause(reason: str, error_class: str) -> None:
+        async def pause(reason: str, error_class: str, outage: TargetUnavailable | None = None) -> None:
             nonlocal failures
             failures += 1
             with contextlib.suppress(Exception):
                 await self.store.record_error(lease, reason, error_class)
             delay = backoff_s(failures, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000)
+            if outage is not None:  # the target's own Retry-After, when it gave one
+                delay = outage.pause_s(delay, floor_s=policy.backoff_base_ms / 1000)
             await self._sleep(part, min(delay, remaining()))
 
         while remaining() > 0 and not part.stop.is_set():
@@ -992,7 +994,7 @@ class RelayRunner:
                 # the publisher stays cached: it is shared with this worker's other partitions of
                 # the target, and every adapter reconnects by itself on its next batch (the contract
                 # suite's outage-then-recovery case); closing it would fail their batches in flight
-                await pause(f"target unavailable: {exc}", PartitionErrorClass.TARGET_UNAVAILABLE)
+                await pause(f"target unavailable: {exc}", PartitionErrorClass.TARGET_UNAVAILABLE, exc)
             except (TenantDatabaseError, AddressNotAllowed) as exc:
                 await pause(str(exc), PartitionErrorClass.DATABASE_UNAVAILABLE)
         return SliceResult(

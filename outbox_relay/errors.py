@@ -101,7 +101,17 @@ class TargetUnavailable(PublishError):
     """The broker is unreachable or timed out; no message is to blame.
 
     The relay pauses the partition with backoff and charges no attempt to any message.
+    ``retry_after_s``, when the target said how long to stay away (an HTTP ``Retry-After``, bounded
+    by the adapter), is that pause instead (:meth:`pause_s`).
     """
+
+    retry_after_s: float | None = None
+
+    def pause_s(self, backoff_s: float, *, floor_s: float) -> float:
+        """The pause before the next try: the target's ``retry_after_s`` (at least ``floor_s``, so a
+        ``Retry-After: 0`` loops no faster than the relay's first backoff) when it gave one, else
+        ``backoff_s``."""
+        return backoff_s if self.retry_after_s is None else max(self.retry_after_s, floor_s)
 
 
 class MessageRejected(PublishError):

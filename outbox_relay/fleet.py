@@ -978,7 +978,9 @@ class FleetEngine:
                     leases, f"target unavailable: {exc}", PartitionErrorClass.TARGET_UNAVAILABLE
                 )
             policy = lanes[0].part.relay.policy
-            return backoff_s(reader.failures, base_s=policy.backoff_base_ms / 1000, cap_s=policy.backoff_max_ms / 1000)
+            base_s = policy.backoff_base_ms / 1000
+            backoff = backoff_s(reader.failures, base_s=base_s, cap_s=policy.backoff_max_ms / 1000)
+            return exc.pause_s(backoff, floor_s=base_s)  # the target's Retry-After, when it gave one
         if isinstance(exc, (TenantDatabaseError, AddressNotAllowed)):
             with contextlib.suppress(Exception):
                 await self.fleet.record_errors(leases, str(exc), PartitionErrorClass.DATABASE_UNAVAILABLE)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from outbox_relay.domain import KafkaTarget, NatsTarget, RabbitMQTarget, RedisStreamsTarget, Target
+from outbox_relay.domain import KafkaTarget, NatsTarget, RabbitMQTarget, RedisStreamsTarget, Target, WebhookTarget
 from outbox_relay.errors import AddressNotAllowed
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -292,7 +292,10 @@ def hosts_of(netloc: str, default_port: int) -> list[tuple[str, int]]:
 SCHEMES = {
     RabbitMQTarget: (("amqp", "amqps"), 5672),
     RedisStreamsTarget: (("redis", "rediss"), 6379),
+    WebhookTarget: (("http", "https"), 443),
 }
+DEFAULT_PORTS = {"http": 80}
+"""Where a scheme's default port is not its SCHEMES entry's (that one is the secure scheme's)."""
 
 
 def target_endpoints(target: Target) -> list[tuple[str, int]]:
@@ -316,7 +319,7 @@ def target_endpoints(target: Target) -> list[tuple[str, int]]:
     if not parts.hostname:
         raise ValueError("url must name a host")
     try:
-        return [(parts.hostname, parts.port or default_port)]
+        return [(parts.hostname, parts.port or DEFAULT_PORTS.get(parts.scheme, default_port))]
     except ValueError:
         raise ValueError("url has an invalid port") from None
 

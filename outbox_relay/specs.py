@@ -20,6 +20,8 @@ a cap still decodes, reads back and can be fixed with ``PUT``; it is just not us
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 from collections.abc import Callable
@@ -37,6 +39,7 @@ from outbox_relay.domain import (
     RabbitMQTarget,
     RedisStreamsTarget,
     Target,
+    WebhookTarget,
 )
 from outbox_relay.errors import (
     InvalidDatabaseSpec,
@@ -205,6 +208,13 @@ def _check_target(target: Target) -> None:
         check_nats_servers(target.servers)
         if target.username is not None and _printable(256)(target.username) is not None:
             raise InvalidSpec("username", "must be at most 256 printable ASCII characters")
+    elif isinstance(target, WebhookTarget):
+        check_webhook_url(target.url)
+        _no_controls("content_type", target.content_type)
+        if isinstance(target.password, str):  # what a PUT sends (a stored spec has none: it is encrypted apart)
+            webhook_secrets(target.password)
+        elif target.password is None:
+            raise InvalidSpec("password", "a webhook target signs every request: it needs a signing secret")
     else:  # pragma: no cover - the union is closed
         raise TypeError(f"not a target spec: {type(target).__name__}")
 
@@ -243,6 +253,49 @@ def check_amqp_url(url: str) -> None:
     _host_port("url", hosts)
     _no_controls("url", unquote(userinfo or ""), unquote(parts.path))
     _check_query("url", parts.query, AMQPS_PARAMS if parts.scheme == "amqps" else AMQP_PARAMS, _URL_REFUSALS)
+
+
+def check_webhook_url(url: str) -> None:
+    """``http[s]://host[:port][/path][?query]``: no user or password (the relay would send them to
+    every address the name resolves to), no fragment."""
+    parts = _split("url", url, ("http", "https"))
+    userinfo, hosts = _userinfo_and_hosts("url", parts)
+    if userinfo is not None:
+        raise InvalidSpec("url", "must not contain a user or password: webhooks authenticate by their signature")
+    _host_port("url", hosts)
+    _no_controls("url", unquote(parts.path), unquote(parts.query))
+    if any(c.isspace() for c in url):
+        raise InvalidSpec("url", "must not contain spaces (percent-encode them as %20)")
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+WEBHOOK_MAX_SECRETS = 2
+WEBHOOK_SECRET_BYTES = (24, 64)
+"""Standard Webhooks recommends secrets of 24 to 64 random bytes."""
+
+
+def webhook_secrets(password: str) -> list[bytes]:
+    """The signing keys of a webhook target's ``password``: one ``whsec_<base64>`` secret, or two
+    separated by a space while a rotation is under way (both sign). InvalidSpec naming ``password``
+    (without echoing the secret) when it is malformed."""
+    secrets = password.split(" ")
+    if not 1 <= len(secrets) <= WEBHOOK_MAX_SECRETS:
+        raise InvalidSpec("password", "must be one signing secret, or two separated by one space during a rotation")
+    keys: list[bytes] = []
+    low, high = WEBHOOK_SECRET_BYTES
+    for n, secret in enumerate(secrets, 1):
+        if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+            raise InvalidSpec("password", f"secret {n} must start with {WEBHOOK_SECRET_PREFIX!r} (whsec_<base64>)")
+        try:
+            key = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX) :], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidSpec("password", f"secret {n} is not whsec_ followed by standard base64") from None
+        if not low <= len(key) <= high:
+            raise InvalidSpec("password", f"secret {n} must decode to {low} to {high} bytes, not {len(key)}")
+        keys.append(key)
+    if len(set(keys)) != len(keys):
+        raise InvalidSpec("password", "the two secrets of a rotation must differ")
+    return keys
 
 
 def check_bootstrap_servers(servers: list[str]) -> None:

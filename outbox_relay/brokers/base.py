@@ -1,16 +1,17 @@
-"""The broker seam: every target (RabbitMQ, Redis Streams, Kafka, NATS JetStream) implements :class:`Publisher`.
+"""The broker seam: every target (RabbitMQ, Redis Streams, Kafka, NATS JetStream, webhooks) implements
+:class:`Publisher`.
 
 Contract (checked for every adapter by ``tests/contract``):
 
 * ``publish_batch(messages)`` sends the messages **in the given order** and returns only once the
-  broker has acknowledged each of them (publisher confirms, stream ids, Kafka acks). Messages that
+  broker has acknowledged each of them (publisher confirms, stream ids, Kafka acks, 2xx answers). Messages that
   share a key therefore reach the broker in batch order.
 * Every published message carries its message id, key and relay name in its headers (the relay puts
   them in ``OutgoingMessage.headers``, the id as ``outbox-id``; adapters copy headers verbatim), the
   message id where the broker has a place for one (AMQP ``message_id``; a stream field
   ``outbox-id``; a Kafka header ``outbox-id`` when the headers lack it; NATS headers ``outbox-id`` and
-  ``Nats-Msg-Id``) and the key where the broker has one (Kafka message key; AMQP header ``outbox-key``;
-  a stream field ``key``; NATS header ``outbox-key``).
+  ``Nats-Msg-Id``; a webhook's ``webhook-id``) and the key where the broker has one (Kafka message key;
+  AMQP header ``outbox-key``; a stream field ``key``; a NATS or webhook ``outbox-key`` header).
 * It returns a :class:`PublishResult`: the first ``acked`` messages are acknowledged. When the broker
   refused message number ``acked`` the result carries a :class:`MessageRejected`; the messages after
   it may or may not have been delivered (they will be sent again, which at-least-once allows).

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from outbox_relay.brokers.base import Publisher
-from outbox_relay.domain import KafkaTarget, NatsTarget, RabbitMQTarget, RedisStreamsTarget, Target
+from outbox_relay.domain import KafkaTarget, NatsTarget, RabbitMQTarget, RedisStreamsTarget, Target, WebhookTarget
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.specs import usable_target
 
@@ -57,6 +57,10 @@ async def open_publisher(target: Target, *, password: str | None, policy: Addres
         from outbox_relay.brokers.nats import NatsPublisher
 
         publisher = NatsPublisher.from_target(target, password=password, policy=policy)
+    elif isinstance(target, WebhookTarget):
+        from outbox_relay.brokers.webhook import WebhookPublisher
+
+        publisher = WebhookPublisher.from_target(target, password=password, policy=policy)
     else:
         raise TypeError(f"not a target spec: {type(target).__name__}")
     try:

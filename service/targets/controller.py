@@ -1,4 +1,4 @@
-"""Broker targets: RabbitMQ, Redis Streams, Kafka. Passwords are write-only."""
+"""Broker targets: RabbitMQ, Redis Streams, Kafka, webhooks. Passwords (a webhook's signing secrets) are write-only."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from litestar import Controller, Response, delete, get, put
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
+from msgspec import UNSET
 
-from outbox_relay.domain import Target
+from outbox_relay.domain import Target, WebhookTarget
+from outbox_relay.errors import InvalidTargetSpec
 from outbox_relay.netguard import check_target
 from outbox_relay.specs import check_target as check_target_spec
 from service.deps import authenticate_tenant
@@ -56,7 +58,9 @@ class TargetController(Controller):
         "/{name:str}",
         operation_id="putTarget",
         summary="Create or replace a target",
-        description="Idempotent. `password` is write-only: omit it to keep the stored one, send null to clear it. "
+        description="Idempotent. `password` is write-only: omit it to keep the stored one, send null to clear it "
+        "(a webhook's is its signing secret, `whsec_...`, or two separated by a space during a rotation; it cannot "
+        "be cleared). "
         "Creating one counts against the tenant's `targets` quota (409 `quota-exceeded`).",
         # Target is a union, which litestar documents as a oneOf; ResponseSpec's annotation names single types
         # (mypy sees it once pydantic is installed: openapi-python-client, a dev dependency, brings it)
@@ -67,6 +71,10 @@ class TargetController(Controller):
     ) -> Response[Target]:
         services = resources.services
         check_target_spec(data)  # InvalidTargetSpec: 422 invalid-target
+        if isinstance(data, WebhookTarget) and data.password is UNSET:  # keep the stored secret: is there one?
+            stored = await services.store.get_resource(TARGETS.table, resources.tenant.id, name)
+            if stored is None or not stored.has_secret:
+                raise InvalidTargetSpec("password", "a webhook target signs every request: it needs a signing secret")
         try:
             await check_target(services.policy, data)
         except ValueError as exc:

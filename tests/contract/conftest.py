@@ -15,7 +15,9 @@ from tests.contract.harness import (
     RabbitMQHarness,
     RabbitMQTopicHarness,
     RedisStreamsHarness,
+    WebhookHarness,
     rabbitmq_env,
+    webhook_harness,
 )
 
 _rabbitmq_envs: dict[str, RabbitMQEnv] = {}
@@ -44,6 +46,8 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         h = KafkaHarness(request.getfixturevalue("tansu"))
     elif name == NatsHarness.name:
         h = NatsHarness(request.getfixturevalue("nats_server"))
+    elif name == WebhookHarness.name:
+        h = await webhook_harness()
     else:
         raise ValueError(name)
     try:

@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from yarl import URL
 
 from outbox_relay.brokers.base import OutgoingMessage
-from outbox_relay.domain import KafkaTarget, NatsTarget, RabbitMQTarget, RedisStreamsTarget, Target
+from outbox_relay.domain import KafkaTarget, NatsTarget, RabbitMQTarget, RedisStreamsTarget, Target, WebhookTarget
 from tests.brokers import (
     NATS_ADDRESS,
     NatsServer,
@@ -45,6 +45,7 @@ from tests.brokers import (
     tansu_command,
 )
 from tests.contract.proxy import TcpProxy
+from tests.webhooks import Answer, WebhookReceiver, new_secret
 
 # Short enough to keep the outage tests quick, long enough for a loaded CI machine.
 TIMEOUT_MS = 2000
@@ -91,6 +92,8 @@ class Harness:
     refusals: ClassVar[tuple[str, ...]]
     outages: ClassVar[tuple[str, ...]] = ("down", "stall", "dropped")
     ordered_destination: ClassVar[bool] = True
+    parallel_keys: ClassVar[bool] = False
+    """Different keys are delivered in parallel: a destination's arrival order holds per key only."""
     password: str | None = None
 
     proxied_modes: ClassVar[tuple[str, ...]] = ()
@@ -606,6 +609,101 @@ def _nats_header_block(encoded: bytes | None) -> dict[str, str]:
     return headers
 
 
+# --- webhooks ----------------------------------------------------------------------------------------
+
+
+class WebhookHarness(_ProxiedHarness):
+    """One signed POST per message to a local receiver (:class:`tests.webhooks.WebhookReceiver`), which
+    verifies every signature with the ``standardwebhooks`` package; the target holds two secrets (a
+    rotation under way), so every request carries, and must verify under, both. Destination, key and
+    headers travel percent-encoded in HTTP headers; different keys are delivered in parallel.
+
+    Refusals: statuses the receiver answers for a destination (400, 422, a redirect) and a message
+    header the adapter may not send. Outages: the proxy's, and the receiver answering 503 or 429."""
+
+    name = "webhook"
+    refusals = ("bad_request", "unprocessable", "redirect", "reserved_header")
+    outages = ("down", "stall", "dropped", "http_503", "http_429")
+    ordered_destination = False
+    parallel_keys = True
+
+    def __init__(self, receiver: WebhookReceiver) -> None:
+        super().__init__()
+        self.receiver = receiver
+        self.password = " ".join(receiver.secrets)
+        self.upstream = ("127.0.0.1", receiver.port)
+
+    def target(self, *, timeout_ms: int = TIMEOUT_MS, via_proxy: bool = False, **overrides: Any) -> Target:
+        url = URL(self.receiver.url)
+        if via_proxy:
+            assert self._proxy is not None, "call proxy() first"
+            url = url.with_port(self._proxy.port)
+        options: dict[str, Any] = {"url": str(url), "timeout_ms": timeout_ms}
+        options.update(overrides)
+        return WebhookTarget(**options)
+
+    def closed_port_target(self, *, timeout_ms: int) -> Target:
+        return self.target(url=str(URL(self.receiver.url).with_port(free_port())), timeout_ms=timeout_ms)
+
+    async def destination(self, label: str) -> str:
+        return unique(label)
+
+    async def read(self, destination: str) -> list[Received]:
+        assert self.receiver.bad_signatures == 0, "a request did not verify"
+        out: list[Received] = []
+        for delivery in self.receiver.deliveries[destination]:
+            assert delivery.signatures == len(self.receiver.secrets), delivery
+            assert delivery.content_type == "application/json"
+            headers, payload = delivery.headers, delivery.payload
+            out.append(received(delivery.webhook_id, key=delivery.key, headers=headers, payload=payload))
+        return out
+
+    async def refusal(self, kind: str) -> Refusal:
+        statuses = {"bad_request": Answer(400, body=b"no such order"), "unprocessable": Answer(422)}
+        if kind in statuses:
+            destination = unique(kind)
+            self.receiver.answers[destination] = statuses[kind]
+            return Refusal(lambda m: msgspec.structs.replace(m, destination=destination))
+        if kind == "redirect":  # never followed, whatever the target of the redirect
+            destination = unique(kind)
+            self.receiver.answers[destination] = Answer(307, [("location", self.receiver.url)])
+            return Refusal(lambda m: msgspec.structs.replace(m, destination=destination))
+        if kind == "reserved_header":  # a header HTTP itself sets: refused before anything is sent
+            return Refusal(lambda m: msgspec.structs.replace(m, headers={**m.headers, "Content-Length": "0"}))
+        raise ValueError(kind)
+
+    @contextlib.asynccontextmanager
+    async def outage(self, mode: str) -> AsyncIterator[None]:
+        statuses = {"http_503": 503, "http_429": 429}
+        if mode not in statuses:
+            async with super().outage(mode):
+                yield
+            return
+        self.receiver.outage = Answer(statuses[mode], [("retry-after", "1")])
+        try:
+            yield
+        finally:
+            self.receiver.outage = None
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.receiver.close()
+
+
+async def webhook_harness() -> WebhookHarness:
+    receiver = WebhookReceiver([new_secret(1), new_secret(2)])
+    await receiver.start()
+    return WebhookHarness(receiver)
+
+
 HARNESSES: dict[str, type[Harness]] = {
-    cls.name: cls for cls in (RabbitMQHarness, RabbitMQTopicHarness, RedisStreamsHarness, KafkaHarness, NatsHarness)
+    cls.name: cls
+    for cls in (
+        RabbitMQHarness,
+        RabbitMQTopicHarness,
+        RedisStreamsHarness,
+        KafkaHarness,
+        NatsHarness,
+        WebhookHarness,
+    )
 }

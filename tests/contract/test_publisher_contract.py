@@ -1,6 +1,6 @@
 """The publisher contract (``outbox_relay/brokers/base.py``), checked against every adapter on a real
 broker: RabbitMQ (default exchange, and a topic exchange with topic permissions), Redis Streams,
-Kafka (Tansu) and NATS JetStream.
+Kafka (Tansu), NATS JetStream, and webhooks (a local HTTP receiver that verifies every signature).
 
 Each test talks to the adapter only through :func:`open_publisher` and to the broker only through its
 :class:`~tests.contract.harness.Harness`. Cases that an adapter does not promise are not generated:
@@ -205,7 +205,10 @@ async def test_refused_message(harness: Harness, kind: str) -> None:
             assert again.acked == 0 and again.rejected is not None and again.rejected.index == 0
             return
         got = ids(await harness.read(destination))
-        assert got[:at] == ids(batch[:at])
+        if harness.parallel_keys:  # the keys in parallel: only each key's arrival order is the batch's
+            assert set(got) >= set(ids(batch[:at]))
+        else:
+            assert got[:at] == ids(batch[:at])
         assert batch[at].id not in got
         # the messages after it may have been delivered; the publisher is still usable
         more = [message(n, destination, key="after") for n in range(100, 105)]

@@ -1,6 +1,6 @@
 """CloudEvents binary content mode end to end: one worker process relays the same rows to Kafka
-(Tansu), RabbitMQ, Redis Streams and NATS JetStream with ``cloudevents`` set, and every message that arrives parses
-with the CloudEvents SDK in its broker's binding: ``id`` the message id, ``source`` the relay (or
+(Tansu), RabbitMQ, Redis Streams, NATS JetStream and a webhook receiver with ``cloudevents`` set,
+and every message that arrives parses with the CloudEvents SDK in its broker's binding: ``id`` the message id, ``source`` the relay (or
 the configured one), ``type`` the named header or the topic, ``time`` the row's insert time,
 ``datacontenttype`` as configured, the payload as the event's data; per-key order kept."""
 
@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,6 +33,7 @@ from tests.brokers import NatsServer, RabbitMQAccount, RedisAccount, TansuBroker
 from tests.conftest import DatabaseFactory, pg_dsn
 from tests.e2e.test_nats_relay import stored_headers
 from tests.helpers import TenantClient, make_tenant
+from tests.webhooks import WebhookReceiver, new_secret, receiver_thread
 from tests.workers import WorkerPool
 
 pytestmark = pytest.mark.e2e
@@ -141,6 +143,21 @@ async def nats_events(js: Any, stream: str) -> list[Any]:
     return events
 
 
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    with receiver_thread([new_secret(21)]) as r:
+        yield r
+
+
+def webhook_events(receiver: WebhookReceiver) -> list[Any]:
+    events = []
+    for delivery in receiver.all:
+        headers = {k: v for k, v in delivery.headers.items() if k.lower().startswith("ce-")}
+        headers["content-type"] = delivery.content_type
+        events.append(ce_http.from_binary(ce_http.HTTPMessage(headers=headers, body=delivery.payload), JSONFormat()))
+    return events
+
+
 async def put_relay(t: TenantClient, name: str, target: str, destination: str, cloudevents: dict[str, Any]) -> None:
     body = {
         "database": "app",
@@ -162,6 +179,7 @@ async def test_every_broker_receives_cloudevents_in_its_binding(
     rabbitmq: RabbitMQAccount,
     redis_account: RedisAccount,
     nats_server: NatsServer,
+    receiver: WebhookReceiver,
     worker_pool: WorkerPool,
 ) -> None:
     t = await make_tenant(client, "cloudevents")
@@ -172,7 +190,9 @@ async def test_every_broker_receives_cloudevents_in_its_binding(
     rabbit_target = {"kind": "rabbitmq", "url": rabbitmq.url, "password": rabbitmq.password}
     redis_target = {"kind": "redis_streams", "url": redis_account.url, "password": redis_account.password}
     nats_target = {"kind": "nats", "servers": [nats_server.url]}
+    webhook_target = {"kind": "webhook", "url": receiver.url, "password": receiver.secrets[0]}
     targets = {"kafka": kafka_target, "rabbit": rabbit_target, "redis": redis_target, "nats": nats_target}
+    targets["hook"] = webhook_target
     for name, target in targets.items():
         assert (await t.put(f"/v1/targets/{name}", target)).status_code == 201
     topic, queue_name, stream = f"ce-{t.name}", f"ce-{t.name}", f"{redis_account.prefix}ce"
@@ -189,10 +209,11 @@ async def test_every_broker_receives_cloudevents_in_its_binding(
         await put_relay(t, "ce-rabbit", "rabbit", queue_name, {"type_header": "event-type"})
         await put_relay(t, "ce-redis", "redis", stream, {"type_header": "event-type", "source": "urn:example:shop"})
         await put_relay(t, "ce-nats", "nats", subject, {"type_header": "event-type"})
+        await put_relay(t, "ce-hook", "hook", "hooks", {"type_header": "event-type"})
         ids, started = await write_rows(pg_dsn(app_db))
         worker_pool.start()
         deadline = time.monotonic() + 90  # a bound on the wait, not an assertion about speed
-        for relay in ("ce-kafka", "ce-rabbit", "ce-redis", "ce-nats"):
+        for relay in ("ce-kafka", "ce-rabbit", "ce-redis", "ce-nats", "ce-hook"):
             while time.monotonic() < deadline:
                 if (await t.get(f"/v1/relays/{relay}/status")).json()["published"] >= ROWS:
                     break
@@ -202,6 +223,7 @@ async def test_every_broker_receives_cloudevents_in_its_binding(
             "rabbitmq": await rabbitmq_events(queue, deadline),
             "redis": await redis_events(redis_account, stream),
             "nats": await nats_events(js, js_stream),
+            "webhook": webhook_events(receiver),
         }
         await queue.delete(if_empty=False)
     finally:
@@ -213,6 +235,7 @@ async def test_every_broker_receives_cloudevents_in_its_binding(
         "rabbitmq": "/relays/ce-rabbit",
         "redis": "urn:example:shop",
         "nats": "/relays/ce-nats",
+        "webhook": "/relays/ce-hook",
     }
     for broker, events in received.items():
         assert len(events) >= ROWS, (broker, len(events), worker_pool.logs())

@@ -370,3 +370,54 @@ def test_a_relay_filter_round_trips_and_a_bad_one_is_a_diagnostic(provider: Outb
     assert relay.create(CreateContext(diags, "outboxrelay_relay"), bad) is None
     assert "(422)" in diags.diagnostics[-1].summary
     assert "filter.topic" in diags.diagnostics[-1].summary + (diags.diagnostics[-1].detail or "")
+
+
+def test_a_webhook_target_lifecycle_with_a_secret_rotation(provider: OutboxRelayProvider) -> None:
+    """Create, read, rotate the signing secret (two at once), finish the rotation, import, delete: the
+    secrets stay write-only (state keeps what the configuration says, the API never returns them) and
+    a read after each step plans no change."""
+    target = TargetResource(provider)
+    old, new = "whsec_" + "A" * 43 + "=", "whsec_" + "B" * 43 + "="
+    diags = Diagnostics()
+    planned = planned_state(
+        TargetResource, name="hook", kind="webhook", url="http://127.0.0.1:9/in", password=old,
+        max_concurrent_requests=4,
+    )  # fmt: skip
+    state = target.create(CreateContext(diags, "outboxrelay_target"), planned)
+    assert not diags.has_errors(), diags
+    assert state is not None and state["password"] == old and state["password_set"] is True
+    assert state["max_concurrent_requests"] == 4 and state["content_type"] is None  # the default, not written
+    assert target.read(ReadContext(diags, "outboxrelay_target"), state) == state
+    stored = provider.client.get("/v1/targets/hook")  # type: ignore[union-attr]
+    assert old not in str(stored) and stored["password_set"] is True
+
+    for password in (f"{new} {old}", new):  # the rotation: both secrets sign, then the new one alone
+        updated = target.update(UpdateContext(diags, "outboxrelay_target"), state, {**state, "password": password})
+        assert not diags.has_errors(), diags
+        assert updated is not None and updated["password"] == password and updated["password_set"] is True
+        assert target.read(ReadContext(diags, "outboxrelay_target"), updated) == updated
+        state = updated
+
+    bad = target.update(UpdateContext(diags, "outboxrelay_target"), state, {**state, "password": "whsec_short"})
+    assert bad == state and "(422)" in diags.diagnostics[-1].summary  # refused: the state stays as it was
+    assert "whsec_short" not in diags.diagnostics[-1].summary + (diags.diagnostics[-1].detail or "")
+
+    imported = target.import_(ImportContext(Diagnostics(), "outboxrelay_target"), "hook")
+    assert imported is not None and imported["kind"] == "webhook" and imported["url"] == "http://127.0.0.1:9/in"
+    assert imported["password"] is None and imported["password_set"] is True
+    diags = Diagnostics()
+    target.delete(DeleteContext(diags, "outboxrelay_target"), state)
+    assert target.read(ReadContext(diags, "outboxrelay_target"), state) is None
+    assert not diags.has_errors(), [(d.summary, d.detail) for d in diags.diagnostics]
+
+
+def test_webhook_target_validation() -> None:
+    diags = Diagnostics()
+    full = {a: None for a in attrs(TargetResource)} | {"kind": "webhook", "url": "https://h/x", "exchange": "e"}
+    TargetResource(None).validate(diags, "outboxrelay_target", full)
+    assert any("exchange does not apply to webhook" in d.summary for d in diags.diagnostics), diags
+    diags = Diagnostics()
+    TargetResource(None).validate(
+        diags, "outboxrelay_target", {a: None for a in attrs(TargetResource)} | {"kind": "webhook"}
+    )
+    assert any("webhook targets need url" in d.summary for d in diags.diagnostics), diags

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import uuid
@@ -33,19 +34,23 @@ from litestar.testing import AsyncTestClient
 from yarl import URL
 
 from outbox_relay.brokers.base import OutgoingMessage, Publisher
+from outbox_relay.brokers.factory import open_publisher
 from outbox_relay.brokers.rabbitmq import GuardedTransport
 from outbox_relay.brokers.redis_streams import RedisStreamsPublisher
+from outbox_relay.brokers.webhook import WebhookPublisher
 from outbox_relay.config import Settings
-from outbox_relay.domain import Database, KafkaTarget, NatsTarget, RabbitMQTarget, RedisStreamsTarget
+from outbox_relay.domain import Database, KafkaTarget, NatsTarget, RabbitMQTarget, RedisStreamsTarget, WebhookTarget
 from outbox_relay.engine import TenantConnections
 from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantDatabaseError
 from outbox_relay.netguard import AddressPolicy
+from outbox_relay.specs import webhook_secrets
 from outbox_relay.tenant import db as tenant_db
 from tests.brokers import NATS_ADDRESS, RabbitMQAccount, RedisAccount, TansuBroker, free_port, listening
 from tests.conftest import PG_PORT, PG_USER, DatabaseFactory, pg_dsn
 from tests.contract.proxy import TcpProxy
 from tests.helpers import make_tenant
 from tests.tls import TestCA
+from tests.webhooks import WebhookReceiver, new_secret
 from workers.settings import worker_settings
 
 REBIND = "rebind.outbox-relay.test"
@@ -495,3 +500,70 @@ async def test_postgres_tls_verifies_the_name_while_dialling_the_address(tls_pos
             await conn.close()
     with pytest.raises(TenantDatabaseError, match="certificate verify failed"):
         await connect("pg.test", "sslmode=verify-ca")  # the system trust store does not know this CA
+
+
+# --- webhooks ------------------------------------------------------------------------------------------
+
+
+async def test_webhook_connects_and_reconnects_only_to_checked_addresses(
+    settings: Settings, rebinding: Rebinding, decoy: Decoy
+) -> None:
+    """The adapter's connections dial through the address policy: the first connection reaches the
+    receiver; once the receiver closed it, the next one resolves the name again, which now answers
+    the denied decoy, and is refused: the decoy never sees a connection."""
+    secret = new_secret(7)
+    async with WebhookReceiver([secret]) as receiver:
+        await decoy.listen(receiver.port)
+        target = WebhookTarget(url=f"http://{REBIND}:{receiver.port}/hooks", timeout_ms=2000)
+        async with worker_factory(settings) as factory:
+            publisher: Publisher = await factory(target, secret)
+            try:
+                assert (await publisher.publish_batch([message("d")])).acked == 1
+                receiver.drop()  # the next batch needs a new connection
+                await asyncio.sleep(0.05)
+                with pytest.raises(TargetUnavailable, match="denied"):
+                    await publisher.publish_batch([message("d")])
+            finally:
+                await publisher.close()
+        assert [d.destination for d in receiver.all] == ["d"] and receiver.bad_signatures == 0
+    assert rebinding.asked >= 2 and decoy.accepted == 0
+
+
+async def test_webhook_refuses_a_private_address_unless_allowed() -> None:
+    secret = new_secret(8)
+    async with WebhookReceiver([secret]) as receiver:
+        target = WebhookTarget(url=receiver.url, timeout_ms=2000)
+        with pytest.raises(TargetUnavailable, match="private"):
+            await open_publisher(target, password=secret, policy=AddressPolicy(allow_private=False))
+        async with await open_publisher(target, password=secret, policy=AddressPolicy(allow_private=True)) as ok:
+            assert (await ok.publish_batch([message("d")])).acked == 1
+        # a name is checked as its address: localhost is loopback whatever a resolver says
+        named = WebhookTarget(url=f"http://localhost:{receiver.port}/hooks", timeout_ms=2000)
+        with pytest.raises(TargetUnavailable, match="private"):
+            await open_publisher(named, password=secret, policy=AddressPolicy(allow_private=False))
+
+
+async def test_https_webhook_verifies_the_name_while_dialling_the_address(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    sni: list[str | None] = []
+    secret = new_secret(9)
+    trust = ssl.create_default_context(cafile=str(ca.pem))
+    policy = AddressPolicy(
+        allow_private=True, resolver=resolver_for(**{"hook.test": "127.0.0.1", "other.test": "127.0.0.1"})
+    )
+    async with WebhookReceiver([secret]) as receiver:
+        await receiver.close()
+        await receiver.start(tls=ca.server_context(ca.issue("hook.test"), sni))
+        keys = webhook_secrets(secret)
+        good = WebhookPublisher(url=f"https://hook.test:{receiver.port}/hooks", secrets=keys, policy=policy,
+                                ssl_context=trust)  # fmt: skip
+        async with good:
+            await good.connect()
+            assert (await good.publish_batch([message("tls")])).acked == 1
+        assert set(sni) == {"hook.test"} and [d.destination for d in receiver.all] == ["tls"]
+        # the certificate does not name other.test, though it is the same address
+        bad = WebhookPublisher(url=f"https://other.test:{receiver.port}/hooks", secrets=keys, policy=policy,
+                               ssl_context=trust)  # fmt: skip
+        async with bad:
+            with pytest.raises(TargetUnavailable, match=r"certificate verify failed|Hostname mismatch"):
+                await bad.connect()

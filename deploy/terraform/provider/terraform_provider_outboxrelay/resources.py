@@ -252,12 +252,17 @@ class DatabaseResource(ApiResource):
 class TargetResource(ApiResource):
     type_name = "target"
     collection = "targets"
-    description = "A broker that relays publish to: RabbitMQ, Redis Streams, Kafka or NATS JetStream (`kind`)."
+    description = (
+        "A broker that relays publish to: RabbitMQ, Redis Streams, Kafka, NATS JetStream or an HTTP webhook "
+        "(`kind`). A webhook's `password` is its signing secret (`whsec_...`, or two separated by a space "
+        "during a rotation)."
+    )
     structs: ClassVar[dict[str, type[msgspec.Struct]]] = {
         "rabbitmq": domain.RabbitMQTarget,
         "redis_streams": domain.RedisStreamsTarget,
         "kafka": domain.KafkaTarget,
         "nats": domain.NatsTarget,
+        "webhook": domain.WebhookTarget,
     }
     fields = fields_of(structs)
     has_password = True
@@ -268,7 +273,8 @@ class TargetResource(ApiResource):
             Attribute(
                 "kind",
                 tft.String(),
-                description="`rabbitmq`, `redis_streams`, `kafka` or `nats`. Each kind takes its own attributes.",
+                description="`rabbitmq`, `redis_streams`, `kafka`, `nats` or `webhook`. "
+                "Each kind takes its own attributes.",
                 required=True,
             )
         ]
