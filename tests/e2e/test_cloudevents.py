@@ -1,8 +1,9 @@
 """CloudEvents binary content mode end to end: one worker process relays the same rows to Kafka
 (Tansu), RabbitMQ, Redis Streams, NATS JetStream and a webhook receiver with ``cloudevents`` set,
-and every message that arrives parses with the CloudEvents SDK in its broker's binding: ``id`` the message id, ``source`` the relay (or
-the configured one), ``type`` the named header or the topic, ``time`` the row's insert time,
-``datacontenttype`` as configured, the payload as the event's data; per-key order kept."""
+and every message that arrives parses with the CloudEvents SDK in its broker's binding: ``id`` the
+message id, ``source`` the relay (or the configured one), ``type`` the named header or the topic,
+``time`` the row's insert time, ``datacontenttype`` as configured, the payload as the event's data;
+per-key order kept."""
 
 from __future__ import annotations
 
