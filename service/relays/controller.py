@@ -15,7 +15,7 @@ from service.dead_letters.schemas import QueueProblem, ReplayJob
 from service.dead_letters.service import job
 from service.deps import authenticate_tenant
 from service.problems import MEDIA_TYPE
-from service.relays.replays import ReplayPreview, ReplayRequest, start_replay
+from service.relays.replays import HistoryReplayRequest, ReplayPreview, start_replay
 from service.relays.service import put_relay as put_relay_spec
 from service.relays.status import RelayStatus, relay_status
 from service.resources import CURSOR_PARAM, LIMIT_PARAM, NAME_PARAM, RELAYS, Page, Resources, provide_resources
@@ -95,7 +95,7 @@ class RelayController(Controller):
         },
     )
     async def start_relay_replay(
-        self, resources: RelaysDep, name: Annotated[str, NAME_PARAM], data: JSONBody[ReplayRequest]
+        self, resources: RelaysDep, name: Annotated[str, NAME_PARAM], data: JSONBody[HistoryReplayRequest]
     ) -> Response[ReplayJob]:
         answer = await start_replay(resources, name, data)
         if isinstance(answer, JobRow):

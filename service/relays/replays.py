@@ -35,7 +35,7 @@ from service.resources import Resources
 log = logging.getLogger("outbox_relay.api")
 
 
-class ReplayRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class HistoryReplayRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Exactly one range: `inserted_at` or `ids`. Only rows the outbox still holds can be replayed."""
 
     inserted_at: history.TimeRange | None = None
@@ -100,7 +100,7 @@ class ReplayPreview(msgspec.Struct, kw_only=True):
 
 
 async def start_replay(
-    relays: Resources[Relay], name: str, body: ReplayRequest, *, via: str = "api"
+    relays: Resources[Relay], name: str, body: HistoryReplayRequest, *, via: str = "api"
 ) -> ReplayPreview | JobRow:
     """Check the request, then answer a dry run's preview or queue the replay job (audited)."""
     services, tenant = relays.services, relays.tenant

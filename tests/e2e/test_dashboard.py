@@ -126,7 +126,10 @@ async def login_csrf(client: AsyncTestClient[Any]) -> str:
 
 
 async def ui_login(client: AsyncTestClient[Any], key: str) -> str:
-    """Sign in through the form; the session cookie's value."""
+    """Sign in through the form; the session cookie's value. The API client is shared by the session:
+    a sign-in an earlier test left in its jar is dropped first (signed in, ``/ui/login`` redirects to
+    the dashboard, whose forms carry the session's CSRF token, not the sign-in form's)."""
+    client.cookies.clear()
     r = await client.post("/ui/login", data={"key": key, "csrf": await login_csrf(client)}, follow_redirects=False)
     assert r.status_code == 303, r.text
     token = client.cookies.get(SESSION_COOKIE)

@@ -37,6 +37,7 @@ MESSAGE = re.compile(r"^message ([0-9a-f-]{36})$", re.MULTILINE)
 ENTRY_ID = re.compile(r"\d+-\d+")
 CONSUMERS = re.compile(r"^## The consumer examples\n(.*?)^## ", re.DOTALL | re.MULTILINE)
 SH_BLOCK = re.compile(r"^( *)```sh\n(.*?)^\1```", re.DOTALL | re.MULTILINE)
+KINDS = re.compile(r'"kind": "([a-z_]+)"')
 NAME = f"orly_shop_{RUN_ID}"
 
 
@@ -58,7 +59,10 @@ def consumer_relay_scripts(rabbitmq: RabbitMQAccount, tansu: TansuBroker) -> tup
     """docs/client.md's commands for the RabbitMQ relay and for the Kafka relay."""
     section = CONSUMERS.search((ROOT / "docs" / "client.md").read_text())
     assert section, "docs/client.md has no consumer examples section"
-    rabbit, kafka = (textwrap.dedent(block) for _, block in SH_BLOCK.findall(section[1]))
+    blocks = {
+        kind: textwrap.dedent(block) for _, block in SH_BLOCK.findall(section[1]) for kind in KINDS.findall(block)
+    }
+    rabbit, kafka = blocks["rabbitmq"], blocks["kafka"]
     return (
         replaced(rabbit, ("amqp://guest@127.0.0.1:5672/", f"amqp://guest@127.0.0.1:5672/{rabbitmq.vhost}")),
         replaced(

@@ -26,6 +26,7 @@ from litestar.testing import AsyncTestClient
 
 from outbox_relay.client import add
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.e2e.test_dashboard import ui_login
 from tests.helpers import TenantClient, make_tenant
 from tests.traffic import check_delivery, write_messages
 from tests.webhooks import Answer, WebhookReceiver, new_secret, receiver_thread
@@ -174,10 +175,7 @@ async def test_400_dead_letters_after_the_policys_attempts(
     assert {d.webhook_id for d in receiver.all} == {str(i) for i in good}
 
     # the dashboard's replay form offers the webhook target by name
-    page = await client.get("/ui/login")
-    token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
-    r = await client.post("/ui/login", data={"key": t.key, "csrf": token}, follow_redirects=False)
-    assert r.status_code == 303, r.text
+    await ui_login(client, t.key)
     detail = await client.get(f"/ui/dead-letters/{letter['id']}")
     assert detail.status_code == 200 and '<option value="hook"' in detail.text, detail.text
 
