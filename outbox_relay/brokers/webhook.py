@@ -323,11 +323,12 @@ class WebhookPublisher:
         max_concurrent_requests: int = 16,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """``secrets`` are the signing keys (decoded, one or two); ``ssl_context`` the trust for
-        https (the system's by default; a tenant cannot choose it, tests bring their CA). Nothing
-        connects before :meth:`connect` or the first batch."""
-        if not 1 <= len(secrets) <= 2:
-            raise ValueError("a webhook publisher signs with one or two secrets")
+        """``secrets`` are the signing keys (decoded, one or two; none for an alert channel without a
+        secret, whose requests go unsigned); ``ssl_context`` the trust for https (the system's by
+        default; a tenant cannot choose it, tests bring their CA). Nothing connects before
+        :meth:`connect` or the first batch."""
+        if not 0 <= len(secrets) <= 2:
+            raise ValueError("a webhook publisher signs with one or two secrets, or none")
         if timeout_ms <= 0 or connect_timeout_ms <= 0 or max_concurrent_requests < 1:
             raise ValueError("timeouts and max_concurrent_requests must be positive")
         parts = urlsplit(url)
@@ -500,9 +501,10 @@ class WebhookPublisher:
         headers = [
             (b"webhook-id", header_value(message_id).encode()),
             (b"webhook-timestamp", b"%d" % timestamp),
-            (b"webhook-signature", sign(self._keys, message_id, timestamp, message.payload).encode()),
             (b"outbox-destination", header_value(message.destination).encode()),
         ]
+        if self._keys:  # an unsigned alert channel has none
+            headers.insert(2, (b"webhook-signature", sign(self._keys, message_id, timestamp, message.payload).encode()))
         if message.key is not None:
             headers.append((b"outbox-key", header_value(message.key).encode()))
         content_type = self._content_type
