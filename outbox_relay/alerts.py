@@ -67,7 +67,7 @@ class AlertBody(msgspec.Struct, kw_only=True):
     last_seen: datetime
     raised_at: datetime
     details: dict[str, Any]
-    """Per event: ``dead_letter`` {count, newest: {id, outbox_id, error_class, error}}, ``restore``
+    """Per event: ``dead_letter`` {count, newest: {id, outbox_id, message_id, error_class, error}}, ``restore``
     {partitions, rows, policy}, ``lease_lost`` {count, partitions, window_s}, ``quota`` {quota, count,
     detail}, ``stall`` {stalled_for_s}."""
 
@@ -316,6 +316,7 @@ class AlertEvaluator:
             newest = {
                 "id": str(row["id"]),
                 "outbox_id": row["outbox_id"],
+                "message_id": row["message_id"],
                 "error_class": row["error_class"],
                 "error": row["last_error"],
             }

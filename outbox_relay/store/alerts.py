@@ -148,7 +148,7 @@ async def new_dead_letters(conn: asyncpg.Connection, since: datetime, now: datet
     """Per relay, the dead letters that appeared in ``(since, now]``: count, first and the newest one."""
     return list(
         await conn.fetch(
-            "SELECT DISTINCT ON (d.relay_id) d.relay_id, d.id, d.outbox_id, d.error_class, d.last_error, "
+            "SELECT DISTINCT ON (d.relay_id) d.relay_id, d.id, d.outbox_id, d.message_id, d.error_class, d.last_error, "
             "d.created_at, count(*) OVER w AS count, min(d.created_at) OVER w AS first_at "
             "FROM dead_letters d WHERE d.created_at > $1 AND d.created_at <= $2 AND d.relay_id IS NOT NULL "
             "WINDOW w AS (PARTITION BY d.relay_id) ORDER BY d.relay_id, d.created_at DESC, d.id",
@@ -229,7 +229,7 @@ async def raise_alert(
     """Owe a new alert on the triple (replacing the one sent before it, whose period has passed)."""
     await conn.execute(
         "INSERT INTO alert_deliveries (channel, alert_id, subject, kind, id, tenant_id, body, raised_at) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8) ON CONFLICT (channel, subject, kind) DO UPDATE SET "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7::json, $8) ON CONFLICT (channel, subject, kind) DO UPDATE SET "
         "id = EXCLUDED.id, alert_id = EXCLUDED.alert_id, tenant_id = EXCLUDED.tenant_id, body = EXCLUDED.body, "
         "raised_at = EXCLUDED.raised_at, sent_at = NULL, attempts = 0, last_error = NULL, claimed_until = NULL",
         channel,

@@ -72,7 +72,7 @@ CREATE TABLE alert_deliveries (
     id          uuid NOT NULL,
     alert_id    uuid REFERENCES alerts(id) ON DELETE CASCADE,
     tenant_id   uuid REFERENCES tenants(id) ON DELETE CASCADE,
-    body        jsonb NOT NULL,
+    body        json NOT NULL,
     raised_at   timestamptz NOT NULL,
     sent_at     timestamptz,
     attempts    integer NOT NULL DEFAULT 0,
