@@ -34,7 +34,7 @@ from outbox_relay.brokers.base import OutgoingMessage
 from outbox_relay.brokers.webhook import WebhookPublisher
 from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
-from outbox_relay.domain import Alert, AlertKind, AlertKindName
+from outbox_relay.domain import ALERT_PERIOD_MAX_S, Alert, AlertKind, AlertKindName
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.specs import webhook_secrets
 from outbox_relay.status import Cause, RelayStatus, relay_status
@@ -221,6 +221,7 @@ class AlertEvaluator:
             if window is None:
                 return 0
             since, now = window
+            await db.forget_old_deliveries(conn, ALERT_PERIOD_MAX_S + 86_400)
             events = await self._collect(conn, since, now)
             if not events:
                 return 0

@@ -169,8 +169,26 @@ class Settings:
             raise ConfigError("alert_channels_per_tenant must not be negative, alert_lease_lost_threshold at least 1")
         if self.alert_lease_lost_window_s <= 0:
             raise ConfigError("alert_lease_lost_window_s must be positive")
+        self._check_operator_alerts()
         if self.auth_failure_limit < 0 or self.auth_failure_window_s <= 0:
             raise ConfigError("auth_failure_limit must not be negative and auth_failure_window_s must be positive")
+
+    def _check_operator_alerts(self) -> None:
+        """The operator's alert URL and secret, checked as a tenant's channel is (but for the address
+        policy: the operator may name a private address), never echoing the secret."""
+        from outbox_relay.errors import InvalidSpec
+        from outbox_relay.specs import check_webhook_url, webhook_secrets  # specs needs domain, not config
+
+        try:
+            if self.alert_operator_url:
+                check_webhook_url(self.alert_operator_url)
+            if self.alert_operator_secret:
+                webhook_secrets(self.alert_operator_secret)
+        except InvalidSpec as exc:
+            name = "ALERT_OPERATOR_URL" if exc.field == "url" else "ALERT_OPERATOR_SECRET"
+            raise ConfigError(f"{PREFIX}{name}: {exc.reason}") from None
+        if self.alert_operator_secret and not self.alert_operator_url:
+            raise ConfigError(f"{PREFIX}ALERT_OPERATOR_SECRET is set without {PREFIX}ALERT_OPERATOR_URL")
 
     def quota_defaults(self) -> dict[str, int]:
         """The service-wide default of every per-tenant quota, by name."""

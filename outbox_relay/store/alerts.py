@@ -95,16 +95,23 @@ async def evaluations(pool: asyncpg.Pool) -> int:
 
 
 async def relays_with_causes(conn: asyncpg.Connection, ttl_s: float) -> list[uuid.UUID]:
-    """The enabled relays with a partition that may have a status cause: a recent error, a message
-    retrying, a transaction holding the horizon, or a lapsed lease over waiting rows (the status's
-    own rules then decide, from every partition of these relays)."""
+    """The enabled relays with a partition that may have a status cause (the status's own rules then
+    decide, from every partition of these relays): a message retrying or a transaction holding the
+    horizon (the partial index ``relay_partitions_troubled``), a recent error (``relay_partitions_errors``),
+    or a lapsed lease over
+    waiting rows: a fleet worker whose heartbeat stopped (from the few such workers through
+    ``relay_partitions_owner``) or a per-slice lease past its expiry (``relay_partitions_expiring``)."""
+    waits = "(coalesce(p.pending_estimate, 0) > 0 OR coalesce(p.lag_s, 0) > 0)"
     rows = await conn.fetch(
-        "SELECT DISTINCT p.relay_id FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
-        "LEFT JOIN workers w ON w.key = p.lease_holder WHERE r.enabled AND ("
-        "p.last_error_at > now() - interval '60 seconds' OR p.retry_outbox_id IS NOT NULL OR p.stall IS NOT NULL "
-        "OR (p.lease_holder IS NOT NULL AND (coalesce(p.pending_estimate, 0) > 0 OR coalesce(p.lag_s, 0) > 0) "
-        "AND coalesce(p.lease_expires_at, w.heartbeat_at + make_interval(secs => $1)) "
-        "< now() - interval '30 seconds'))",
+        "SELECT DISTINCT c.relay_id FROM ("
+        "SELECT p.relay_id FROM relay_partitions p WHERE p.retry_outbox_id IS NOT NULL OR p.stall IS NOT NULL "
+        "UNION ALL SELECT p.relay_id FROM relay_partitions p WHERE p.last_error_at > now() - interval '60 seconds' "
+        "UNION ALL SELECT p.relay_id FROM workers w JOIN relay_partitions p ON p.lease_holder = w.key "
+        "WHERE w.heartbeat_at + make_interval(secs => $1) < now() - interval '30 seconds' "
+        f"AND p.lease_expires_at IS NULL AND {waits} "
+        "UNION ALL SELECT p.relay_id FROM relay_partitions p WHERE p.lease_expires_at IS NOT NULL "
+        f"AND p.lease_holder IS NOT NULL AND p.lease_expires_at < now() - interval '30 seconds' AND {waits}"
+        ") c JOIN relays r ON r.id = c.relay_id WHERE r.enabled",
         ttl_s,
     )
     return [r["relay_id"] for r in rows]
@@ -203,6 +210,11 @@ async def alert_channels(conn: asyncpg.Connection, tenant_ids: Sequence[uuid.UUI
             list(tenant_ids),
         )
     )
+
+
+async def forget_old_deliveries(conn: asyncpg.Connection, older_than_s: float) -> None:
+    """Alerts taken longer ago than any period: nothing is decided by them any more (a deleted relay's)."""
+    await conn.execute("DELETE FROM alert_deliveries WHERE sent_at < now() - make_interval(secs => $1)", older_than_s)
 
 
 async def deliveries_of(conn: asyncpg.Connection, channels: Sequence[str]) -> dict[tuple[str, str, str], Any]:

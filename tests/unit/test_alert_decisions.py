@@ -7,8 +7,13 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from outbox_relay.alerts import Channel, Event, delivery_due, matches, stall_due, wants
+from outbox_relay.config import Settings
 from outbox_relay.domain import Alert, AlertKind
+from outbox_relay.errors import ConfigError
+from tests.webhooks import new_secret
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 TENANT, OTHER = uuid.uuid4(), uuid.uuid4()
@@ -60,3 +65,14 @@ def test_which_channels_want_an_event() -> None:
     assert wants(channel(relays=["orders"]), event())
     assert not wants(channel(relays=["billing"]), event())
     assert wants(channel(relays=["billing"]), event(AlertKind.QUOTA, relay=None))  # a tenant's quota: no relay
+
+
+def test_the_operator_url_and_secret_are_checked_at_start_up() -> None:
+    Settings(alert_operator_url="https://ops.example/alerts", alert_operator_secret=new_secret(1))
+    with pytest.raises(ConfigError, match="ALERT_OPERATOR_URL") as url:
+        Settings(alert_operator_url="ftp://ops.example/alerts")
+    with pytest.raises(ConfigError, match="ALERT_OPERATOR_SECRET") as secret:
+        Settings(alert_operator_url="https://ops.example/alerts", alert_operator_secret="whsec_c2hvcnQ=")
+    assert "c2hvcnQ" not in str(secret.value) and "http" in str(url.value)
+    with pytest.raises(ConfigError, match="without"):
+        Settings(alert_operator_secret=new_secret(1))

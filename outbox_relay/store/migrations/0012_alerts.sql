@@ -52,9 +52,13 @@ CREATE TABLE quota_refusals (
 );
 CREATE INDEX quota_refusals_last ON quota_refusals (last_at);
 
--- The partitions that may have a status cause (the evaluation's first read).
+-- The partitions that may have a status cause (the evaluation's first read), and the per-slice leases
+-- (the fleet's partitions have none: their holder's heartbeat is their lease).
 CREATE INDEX relay_partitions_troubled ON relay_partitions (relay_id)
-    WHERE retry_outbox_id IS NOT NULL OR stall IS NOT NULL OR last_error_at IS NOT NULL;
+    WHERE retry_outbox_id IS NOT NULL OR stall IS NOT NULL;
+CREATE INDEX relay_partitions_errors ON relay_partitions (last_error_at) WHERE last_error_at IS NOT NULL;
+CREATE INDEX relay_partitions_expiring ON relay_partitions (lease_expires_at)
+    WHERE lease_expires_at IS NOT NULL;
 
 -- The evaluation reads the dead letters (dead_letters_created, 0003) and restores that appeared since
 -- its last run.
