@@ -1,5 +1,5 @@
-"""The alert evaluation in-process against the run's control DB: a quota refusal and lost leases become
-``quota`` and ``lease_lost`` alerts on the tenant's channels (signed, or unsigned without a secret) and
+"""The alert evaluation in-process against the run's control DB: a quota refusal, lost leases and a
+detected restore become ``quota``, ``lease_lost`` and ``restore`` alerts on the tenant's channels (signed, or unsigned without a secret) and
 the operator's, never on another tenant's; a second evaluation inside the period sends nothing more;
 an alert an endpoint refused is sent again, the same id, once it takes it."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from datetime import UTC, datetime
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -57,7 +58,12 @@ async def test_quota_and_lease_lost_alerts(
         await t.put("/v1/targets/q", {"kind": "redis_streams", "url": "redis://127.0.0.1:6379/0"})
     ).status_code == 201
     assert (await t.put("/v1/relays/orders", {"database": "app", "target": "q", "partitions": 2})).status_code == 201
-    channel = {"url": signed.url, "password": TENANT_SECRET, "events": ["quota", "lease_lost"], "period_s": 3600}
+    channel = {
+        "url": signed.url,
+        "password": TENANT_SECRET,
+        "events": ["quota", "lease_lost", "restore"],
+        "period_s": 3600,
+    }
     assert (await t.put("/v1/alerts/signed", channel)).status_code == 201
     assert (await t.put("/v1/alerts/plain", {"url": plain.url, "events": ["quota"]})).status_code == 201
     assert (await other.put("/v1/alerts/theirs", {"url": signed.url, "password": TENANT_SECRET})).status_code == 201
@@ -74,6 +80,16 @@ async def test_quota_and_lease_lost_alerts(
     for partition in (0, 1, 0):
         await alerts_db.record_lease_losses(store.pool, [(relay_id, partition)])
 
+    # a partition detects a restore of the database (the store's own write, as the engine makes it)
+    lease = await store.acquire_lease(relay_id, 1, "test-holder", 10)
+    assert lease is not None
+    started = await store.start_restore(
+        lease, "7000000000000000001", "system identifier changed", policy="skip", next_xid=1, max_id=9,
+        max_created_at=datetime.now(UTC), rows=5,
+    )  # fmt: skip
+    assert started is not None
+    await store.release_lease(lease)
+
     fast = dataclasses.replace(
         settings, alert_interval_s=0.2, alert_operator_url=operator.url, alert_operator_secret=OPERATOR_SECRET
     )
@@ -82,11 +98,14 @@ async def test_quota_and_lease_lost_alerts(
     )
     plain.outage = Answer(503)  # the unsigned channel is down for the first send
     await asyncio.sleep(0.2)  # the interval since any evaluation before this test
-    assert await evaluator.evaluate() >= 4
+    assert await evaluator.evaluate() >= 5
     await evaluator.send()
 
     kinds = sorted(a["event"] for a in alerts_of(signed, t.name))
-    assert kinds == ["lease_lost", "quota"], alerts_of(signed, t.name)
+    assert kinds == ["lease_lost", "quota", "restore"], alerts_of(signed, t.name)
+    [restore] = [a for a in alerts_of(signed, t.name) if a["event"] == "restore"]
+    assert restore["relay"] == "orders" and restore["details"] == {"partitions": 1, "rows": 5, "policy": "skip"}
+    assert restore["cause"] is None and "restore (or failover)" in restore["summary"]
     assert signed.bad_signatures == 0 and {d.signatures for d in signed.all} == {1}
     [quota] = [a for a in alerts_of(signed, t.name) if a["event"] == "quota"]
     assert quota["relay"] is None and quota["details"]["quota"] == "targets" and quota["details"]["count"] == 1
@@ -94,7 +113,7 @@ async def test_quota_and_lease_lost_alerts(
     [lost] = [a for a in alerts_of(signed, t.name) if a["event"] == "lease_lost"]
     assert lost["relay"] == "orders" and lost["details"]["count"] == 3 and lost["details"]["partitions"] == 2
     assert alerts_of(signed, other.name) == []  # the bystander's channel hears nothing of this tenant
-    assert sorted(a["event"] for a in alerts_of(operator, t.name)) == ["lease_lost", "quota"]
+    assert sorted(a["event"] for a in alerts_of(operator, t.name)) == ["lease_lost", "quota", "restore"]
     assert operator.bad_signatures == 0
     assert plain.refused[503] == 1 and plain.all == []
 
@@ -103,7 +122,7 @@ async def test_quota_and_lease_lost_alerts(
     await asyncio.sleep(0.2)
     await evaluator.evaluate()
     await evaluator.send()
-    assert len(alerts_of(signed, t.name)) == 2 and len(alerts_of(operator, t.name)) == 2
+    assert len(alerts_of(signed, t.name)) == 3 and len(alerts_of(operator, t.name)) == 3
     [unsigned] = alerts_of(plain, t.name)
     assert unsigned["event"] == "quota" and plain.all[0].signatures == 0 and plain.bad_signatures == 0
     assert plain.all[0].webhook_id == unsigned["id"]
