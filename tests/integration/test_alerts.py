@@ -1,15 +1,16 @@
 """The alert evaluation in-process against the run's control DB: a quota refusal, lost leases and a
-detected restore become ``quota``, ``lease_lost`` and ``restore`` alerts on the tenant's channels (signed, or unsigned without a secret) and
-the operator's, never on another tenant's; a second evaluation inside the period sends nothing more;
-an alert an endpoint refused is sent again, the same id, once it takes it."""
+detected restore become ``quota``, ``lease_lost`` and ``restore`` alerts on the tenant's channels
+(signed, or unsigned without a secret) and the operator's, never on another tenant's; a second
+evaluation inside the period sends nothing more; an alert an endpoint refused is sent again, the same
+id, once it takes it."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
-from datetime import UTC, datetime
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
