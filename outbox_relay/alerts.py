@@ -176,6 +176,9 @@ class AlertEvaluator:
         self.store = store
         self.secrets = secrets
         self.policy = policy
+        self.operator_policy = AddressPolicy(allow_private=True, extra_denied=settings.denied_networks)
+        """The operator's own URL may be a private address (an in-cluster receiver); never a link-local
+        or metadata one."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -433,7 +436,7 @@ class AlertEvaluator:
         return WebhookPublisher(
             url=url,
             secrets=keys,
-            policy=self.policy,
+            policy=self.operator_policy if channel == OPERATOR else self.policy,
             timeout_ms=timeout_ms,
             connect_timeout_ms=min(5_000, timeout_ms),
             max_concurrent_requests=1,

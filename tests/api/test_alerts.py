@@ -21,9 +21,19 @@ SECRET = new_secret(1)
 ALERT = {"url": "http://127.0.0.1:9/alerts", "password": SECRET, "events": ["stall", "dead_letter"]}
 
 
-async def test_alert_roundtrip_with_a_write_only_secret(tenant: TenantClient) -> None:
+async def test_alert_roundtrip_with_a_write_only_secret(tenant: TenantClient, control_dsn: str) -> None:
     r = await tenant.put("/v1/alerts/ops", ALERT)
     assert r.status_code == 201, r.text
+    conn = await asyncpg.connect(control_dsn)
+    try:  # at rest: the spec without the secret, the secret encrypted
+        stored = await conn.fetchrow(
+            "SELECT a.spec::text AS spec, a.secret FROM alerts a JOIN tenants t ON t.id = a.tenant_id "
+            "WHERE t.name = $1 AND a.name = 'ops'",
+            tenant.name,
+        )
+    finally:
+        await conn.close()
+    assert stored is not None and "password" not in stored["spec"] and SECRET.encode() not in bytes(stored["secret"])
     got = r.json()
     assert "password" not in got and got["password_set"] is True and SECRET not in r.text
     assert (got["url"], got["events"], got["relays"], got["stall_after_s"], got["period_s"]) == (
