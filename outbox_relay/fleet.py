@@ -968,7 +968,8 @@ class FleetEngine:
             log.warning("partition %s of relay %s was taken over", part.lease.partition, plan.relay_name)
             part.stop.set()
             self.tick.set()
-        await self._record_lost([part.lease for part in lost])
+        if lost:
+            await self._record_lost([part.lease for part in lost])
         for lane in lanes:
             part = lane.part
             while lane.buffer and (lane.buffer[0].txid, lane.buffer[0].id) <= part.cursor:
