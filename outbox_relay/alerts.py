@@ -25,7 +25,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -46,6 +46,10 @@ OPERATOR = "operator"
 """The channel of the operator's URL (``alert_operator_url``)."""
 SEND_BATCH = 100
 """Alerts sent per evaluation at most (the rest, the next time)."""
+SETTLE_S = 2.0
+"""New dead letters, restores and refusals are read this far behind the evaluation's time: their rows
+carry their transaction's start time (``now()``), and one that committed after the evaluation read
+must still fall into the next window."""
 
 
 class AlertBody(msgspec.Struct, kw_only=True):
@@ -171,8 +175,17 @@ class AlertEvaluator:
     """One worker's part in the fleet's alert evaluation: :meth:`evaluate` (and :meth:`send`) every
     ``alert_interval_s`` (:meth:`start`), until :meth:`close`."""
 
-    def __init__(self, *, settings: Settings, store: ControlStore, secrets: SecretBox, policy: AddressPolicy) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: ControlStore,
+        secrets: SecretBox,
+        policy: AddressPolicy,
+        settle_s: float = SETTLE_S,
+    ) -> None:
         self.settings = settings
+        self.settle_s = settle_s
         self.store = store
         self.secrets = secrets
         self.policy = policy
@@ -272,8 +285,12 @@ class AlertEvaluator:
         """What there is to report: stalls, new dead letters, new restores, lease losses, refusals."""
         ttl_s = self.settings.lease_ttl_s
         troubled = await db.relays_with_causes(conn, ttl_s)
-        dead = await db.new_dead_letters(conn, since, now)
-        restores = await db.new_restores(conn, since, now)
+        # what appeared in (since, now], each a settle behind: a row stamped with its transaction's start
+        # and committed after this snapshot is still read next time
+        settle = timedelta(seconds=self.settle_s)
+        since_settled, now_settled = since - settle, now - settle
+        dead = await db.new_dead_letters(conn, since_settled, now_settled)
+        restores = await db.new_restores(conn, since_settled, now_settled)
         window_s = self.settings.alert_lease_lost_window_s
         losses = await db.lease_loss_counts(conn, window_s, self.settings.alert_lease_lost_threshold)
         involved = {*troubled, *(r["relay_id"] for r in [*dead, *restores, *losses])}
@@ -373,7 +390,7 @@ class AlertEvaluator:
                 partitions=row["partitions"],
                 window_s=window_s,
             )
-        for row in await db.new_quota_refusals(conn, since, now):
+        for row in await db.new_quota_refusals(conn, since_settled, now_settled):
             summary = (
                 f"a request of tenant {row['tenant']!r} was refused by its {row['quota']} quota "
                 f"({row['count']} time(s) so far): {row['detail']}"

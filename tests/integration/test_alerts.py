@@ -95,7 +95,11 @@ async def test_quota_and_lease_lost_alerts(
         settings, alert_interval_s=0.2, alert_operator_url=operator.url, alert_operator_secret=OPERATOR_SECRET
     )
     evaluator = AlertEvaluator(
-        settings=fast, store=store, secrets=SecretBox(settings.secret_keys), policy=AddressPolicy(allow_private=True)
+        settings=fast,
+        store=store,
+        secrets=SecretBox(settings.secret_keys),
+        policy=AddressPolicy(allow_private=True),
+        settle_s=0,  # read what this test just wrote at once
     )
     plain.outage = Answer(503)  # the unsigned channel is down for the first send
     await asyncio.sleep(0.2)  # the interval since any evaluation before this test
