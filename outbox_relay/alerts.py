@@ -242,31 +242,26 @@ class AlertEvaluator:
             if not events:
                 return 0
             channels = await self._channels(conn, {e.tenant_id for e in events})
-            previous = await db.deliveries_of(conn, [c.key for c in channels])
+            wanted = [(event, channel) for event in events for channel in channels if matches(event, channel, now)]
+            previous = await db.deliveries_of(conn, [(c.key, e.subject, e.kind.value) for e, c in wanted])
             raised = 0
-            for event in events:
-                for channel in channels:
-                    if not matches(event, channel, now):
-                        continue
-                    last = previous.get((channel.key, event.subject, event.kind.value))
-                    if not delivery_due(
-                        (last["raised_at"], last["sent_at"]) if last else None, now, channel.spec.period_s
-                    ):
-                        continue
-                    delivery_id = uuid.uuid4()
-                    body = body_of(event, delivery_id, now)
-                    await db.raise_alert(
-                        conn,
-                        channel=channel.key,
-                        alert_id=channel.alert_id,
-                        subject=event.subject,
-                        kind=event.kind.value,
-                        delivery_id=delivery_id,
-                        tenant_id=event.tenant_id,
-                        body=msgspec.json.encode(body),
-                        raised_at=now,
-                    )
-                    raised += 1
+            for event, channel in wanted:
+                last = previous.get((channel.key, event.subject, event.kind.value))
+                if not delivery_due((last["raised_at"], last["sent_at"]) if last else None, now, channel.spec.period_s):
+                    continue
+                delivery_id = uuid.uuid4()
+                await db.raise_alert(
+                    conn,
+                    channel=channel.key,
+                    alert_id=channel.alert_id,
+                    subject=event.subject,
+                    kind=event.kind.value,
+                    delivery_id=delivery_id,
+                    tenant_id=event.tenant_id,
+                    body=msgspec.json.encode(body_of(event, delivery_id, now)),
+                    raised_at=now,
+                )
+                raised += 1
             return raised
 
     async def _channels(self, conn: Any, tenant_ids: set[uuid.UUID]) -> list[Channel]:

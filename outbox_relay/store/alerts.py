@@ -217,11 +217,17 @@ async def forget_old_deliveries(conn: asyncpg.Connection, older_than_s: float) -
     await conn.execute("DELETE FROM alert_deliveries WHERE sent_at < now() - make_interval(secs => $1)", older_than_s)
 
 
-async def deliveries_of(conn: asyncpg.Connection, channels: Sequence[str]) -> dict[tuple[str, str, str], Any]:
-    """The last alert owed to each (channel, subject, kind) of these channels: raised and sent when."""
+async def deliveries_of(
+    conn: asyncpg.Connection, triples: Sequence[tuple[str, str, str]]
+) -> dict[tuple[str, str, str], Any]:
+    """The last alert owed on each of these (channel, subject, kind): raised and sent when."""
     rows = await conn.fetch(
-        "SELECT channel, subject, kind, raised_at, sent_at FROM alert_deliveries WHERE channel = ANY($1::text[])",
-        list(channels),
+        "SELECT d.channel, d.subject, d.kind, d.raised_at, d.sent_at FROM unnest($1::text[], $2::text[], $3::text[]) "
+        "AS t(channel, subject, kind) JOIN alert_deliveries d "
+        "ON (d.channel, d.subject, d.kind) = (t.channel, t.subject, t.kind)",
+        [t[0] for t in triples],
+        [t[1] for t in triples],
+        [t[2] for t in triples],
     )
     return {(r["channel"], r["subject"], r["kind"]): r for r in rows}
 
