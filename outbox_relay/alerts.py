@@ -432,6 +432,10 @@ class AlertEvaluator:
                 error = await self._post(publisher, row)
                 await db.settle(self.store.pool, row, error)
                 sent += error is None
+                if error is not None and row["attempts"] == 0:  # once per alert, not at every retry
+                    log.warning(
+                        "alert %s (%s) to %s not taken, sent again later: %s", row["id"], row["kind"], channel, error
+                    )
         return sent
 
     def _publisher(self, channel: str, row: Any) -> WebhookPublisher:

@@ -51,6 +51,17 @@ class AlertsStore(StoreBase):
             )
         return _resource(row), bool(row["inserted"])
 
+    async def alert_deliveries(self, alert_id: uuid.UUID, limit: int) -> list[asyncpg.Record]:
+        """The channel's alerts, newest first: what each is about, when raised and sent, how often tried."""
+        return list(
+            await self.pool.fetch(
+                "SELECT id, kind, body->>'relay' AS relay, body->>'summary' AS summary, raised_at, sent_at, attempts, "
+                "last_error FROM alert_deliveries WHERE alert_id = $1 ORDER BY raised_at DESC, id LIMIT $2",
+                alert_id,
+                limit,
+            )
+        )
+
     async def record_quota_refusal(self, tenant_id: uuid.UUID, quota: str, detail: str) -> None:
         """A request of the tenant a quota refused (one row per tenant and quota, counted)."""
         await self.pool.execute(

@@ -4,14 +4,16 @@ The signing secret (``password``) is write-only, encrypted at rest like a target
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
+import msgspec
 from litestar import Controller, Response, delete, get, put
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from msgspec import UNSET
 
-from outbox_relay.domain import Alert, WebhookTarget
+from outbox_relay.domain import Alert, AlertKindName, WebhookTarget
 from outbox_relay.errors import InvalidSpec
 from outbox_relay.netguard import check_target
 from outbox_relay.specs import check_webhook_url, webhook_secrets
@@ -34,6 +36,25 @@ AlertsDep = NamedDependency[Resources[Alert]]
 
 class AlertPage(Page, kw_only=True):
     items: list[Alert]
+
+
+class AlertDelivery(msgspec.Struct, kw_only=True):
+    """One alert owed to the channel: taken (``sent_at``) or still being sent (``last_error`` says why not)."""
+
+    id: str
+    """The alert body's ``id`` (the ``webhook-id``)."""
+    event: AlertKindName
+    relay: str | None
+    summary: str
+    raised_at: datetime
+    sent_at: datetime | None
+    """Null: the endpoint has not taken it yet; it is sent again at every evaluation."""
+    attempts: int
+    last_error: str | None
+
+
+class AlertDeliveries(msgspec.Struct, kw_only=True):
+    items: list[AlertDelivery]
 
 
 async def check_alert(resources: Resources[Alert], data: Alert) -> None:
@@ -97,6 +118,34 @@ class AlertController(Controller):
             {"secret": "set" if isinstance(data.password, str) else "cleared"} if data.password is not UNSET else None
         )
         return await resources.written(name, row, created, detail)
+
+    @get(
+        "/{name:str}/deliveries",
+        operation_id="listAlertDeliveries",
+        summary="The channel's alerts, newest first",
+        description="What was raised for the channel and whether its endpoint took it: an alert not taken "
+        "(`sent_at` null) is sent again at every evaluation, `last_error` says why it was not.",
+    )
+    async def list_deliveries(
+        self, resources: AlertsDep, name: Annotated[str, NAME_PARAM], limit: Annotated[int, LIMIT_PARAM] = 50
+    ) -> AlertDeliveries:
+        row = await resources.row(name)  # NotFound: 404
+        rows = await resources.services.store.alert_deliveries(row.id, limit)
+        return AlertDeliveries(
+            items=[
+                AlertDelivery(
+                    id=str(r["id"]),
+                    event=r["kind"],
+                    relay=r["relay"],
+                    summary=r["summary"] or "",
+                    raised_at=r["raised_at"],
+                    sent_at=r["sent_at"],
+                    attempts=r["attempts"],
+                    last_error=r["last_error"],
+                )
+                for r in rows
+            ]
+        )
 
     @delete("/{name:str}", operation_id="deleteAlert", summary="Delete an alert channel (idempotent)")
     async def delete_alert(self, resources: AlertsDep, name: Annotated[str, NAME_PARAM]) -> None:

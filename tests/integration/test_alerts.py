@@ -121,6 +121,9 @@ async def test_quota_and_lease_lost_alerts(
     assert sorted(a["event"] for a in alerts_of(operator, t.name)) == ["lease_lost", "quota", "restore"]
     assert operator.bad_signatures == 0
     assert plain.refused[503] == 1 and plain.all == []
+    [owed] = (await t.get("/v1/alerts/plain/deliveries")).json()["items"]  # not taken: it says why
+    assert (owed["event"], owed["sent_at"], owed["attempts"]) == ("quota", None, 1) and "503" in owed["last_error"]
+    assert (await other.get("/v1/alerts/plain/deliveries")).status_code == 404  # not the bystander's
 
     # the next evaluation, inside the period: nothing new; the unsigned channel's alert is sent again
     plain.outage = None
@@ -135,3 +138,9 @@ async def test_quota_and_lease_lost_alerts(
     await evaluator.evaluate()
     await evaluator.send()
     assert len(alerts_of(plain, t.name)) == 1  # taken: never sent again
+    [taken] = (await t.get("/v1/alerts/plain/deliveries")).json()["items"]
+    assert taken["id"] == owed["id"] == unsigned["id"] and taken["sent_at"] and taken["attempts"] == 2
+    assert taken["last_error"] is None
+    signed_log = (await t.get("/v1/alerts/signed/deliveries")).json()["items"]
+    assert sorted(d["event"] for d in signed_log) == ["lease_lost", "quota", "restore"]
+    assert all(d["sent_at"] and d["attempts"] == 1 for d in signed_log)
