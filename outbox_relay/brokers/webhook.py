@@ -6,7 +6,9 @@ Each request: ``POST <target url>``, the body the payload verbatim, and these he
 ``webhook-id``            the message id (``OutgoingMessage.dedupe_id``, a UUID): dedupe on it
 ``webhook-timestamp``     the time of signing, in whole seconds since the epoch
 ``webhook-signature``     ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``; two, space-separated,
-                          while the target holds two secrets (a rotation): the receiver accepts either
+                          while the target holds two secrets (a rotation): the receiver accepts either;
+                          absent for a publisher without a secret (an alert channel without one,
+                          ``outbox_relay/alerts.py``; a target always has one)
 ``content-type``          the target's ``content_type``, unless the message has a content-type header
 ``outbox-key``            the outbox key; absent when the message has none
 ``outbox-destination``    the destination the relay's topic mapping chose for the message
