@@ -3,7 +3,7 @@
 with the cause as the status shows it; the receiver is down at first (503), so the alert is sent again
 at the next evaluation, arrives once taken and never again within the period however many
 evaluations follow; a message the target refuses to the end is a ``dead_letter`` alert naming the
-dead letter and its error."""
+dead letter and its error, and a second one inside the period is none."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 
+from outbox_relay.alerts import SETTLE_S
 from outbox_relay.client import add
 from tests.conftest import DatabaseFactory, pg_dsn
 from tests.helpers import TenantClient, make_tenant
@@ -134,7 +135,11 @@ async def _more(control_dsn: str, at_least: int) -> bool:
 
 
 async def test_a_dead_letter_sends_a_dead_letter_alert(
-    client: AsyncTestClient[Any], databases: DatabaseFactory, alerts: WebhookReceiver, worker_pool: WorkerPool
+    client: AsyncTestClient[Any],
+    databases: DatabaseFactory,
+    alerts: WebhookReceiver,
+    worker_pool: WorkerPool,
+    control_dsn: str,
 ) -> None:
     t = await make_tenant(client, "alert-dead")
     async with WebhookReceiver([new_secret(32)]) as target:
@@ -154,3 +159,31 @@ async def test_a_dead_letter_sends_a_dead_letter_alert(
         assert "400" in alert["details"]["newest"]["error"] and "unknown order" in alert["summary"]
         assert alert["details"]["newest"]["message_id"] == message_id
         assert bodies(alerts, "stall") == []  # not subscribed
+
+        # a second dead letter inside the period (900 s by default): no second alert
+        await write(dsn, "poison", "q")
+
+        async def two_letters() -> bool:
+            return len((await t.get("/v1/dead-letters")).json()["items"]) == 2
+
+        await until(two_letters, "the second message was dead-lettered", worker_pool)
+        await until(lambda: _read_past_letters(control_dsn, t.name), "an evaluation read past it", worker_pool)
+        seen = await evaluations(control_dsn)
+        await until(lambda: _more(control_dsn, seen + 2), "two more evaluations ran (and sent)", worker_pool)
+        assert len(bodies(alerts, "dead_letter")) == 1
+
+
+async def _read_past_letters(control_dsn: str, tenant: str) -> bool:
+    """Whether an evaluation's window (a settle behind its time) has passed the tenant's newest dead letter."""
+    conn = await asyncpg.connect(control_dsn)
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT m.evaluated_at - make_interval(secs => $2) >= max(d.created_at) FROM alert_marks m, "
+                "dead_letters d JOIN tenants t ON t.id = d.tenant_id WHERE t.name = $1 GROUP BY m.evaluated_at",
+                tenant,
+                SETTLE_S,
+            )
+        )
+    finally:
+        await conn.close()
