@@ -7,6 +7,7 @@ provider are built on.
     outbox-relay api targets put events -f target.json           (-f - reads standard input)
     outbox-relay api relays list --names
     outbox-relay api relays status shop-events
+    outbox-relay api alerts put ops -d '{"url": "https://hooks.example.com/alerts"}'
 
 Every command reads ``OUTBOX_RELAY_ENDPOINT`` (default ``http://127.0.0.1:8080``) and
 ``OUTBOX_RELAY_API_KEY`` (or ``--endpoint`` / ``--api-key``), prints the JSON the API answers on
@@ -34,7 +35,7 @@ from outbox_relay.errors import ApiUnreachable as ApiUnreachable
 ENDPOINT_ENV = "OUTBOX_RELAY_ENDPOINT"
 API_KEY_ENV = "OUTBOX_RELAY_API_KEY"
 DEFAULT_ENDPOINT = "http://127.0.0.1:8080"
-RESOURCES = ("databases", "targets", "relays")
+RESOURCES = ("databases", "targets", "relays", "alerts")
 
 
 class ApiClient:
@@ -142,8 +143,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the ``api`` subcommand to ``outbox-relay``'s subparsers."""
     api = sub.add_parser(
         "api",
-        help="tenants, databases, targets and relays over the REST API (for scripts)",
-        description="Tenants, databases, targets and relays over the REST API, for scripts. Prints JSON; "
+        help="tenants, databases, targets, relays and alerts over the REST API (for scripts)",
+        description="Tenants, databases, targets, relays and alerts over the REST API, for scripts. Prints JSON; "
         "exits 0 on success, 1 when the API refuses, 2 on usage or connection errors.",
     )
     build_parser(api)

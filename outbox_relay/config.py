@@ -106,6 +106,27 @@ class Settings:
     """Replays from history one tenant may have queued or running at once (one idle for 10 minutes,
     its worker gone, no longer counts)."""
 
+    # --- alerts (docs/delivery.md, "Alerts")
+    alert_interval_s: float = 5.0
+    """How often the fleet evaluates alerts (one worker at a time, under an advisory lock); an alert an
+    endpoint did not take is sent again at the next evaluation."""
+    alert_channels_per_tenant: int = 10
+    """Alert channels (``/v1/alerts``) one tenant may have (409 ``quota-exceeded``, quota ``alerts``)."""
+    alert_operator_url: str | None = None
+    """An http(s) URL that receives every tenant's alerts (the tenant's name in each body). Unset: none."""
+    alert_operator_secret: str | None = None
+    """The operator URL's signing secret (``whsec_...``): its requests are signed the Standard Webhooks
+    way. Unset: plain unsigned POSTs."""
+    alert_operator_stall_after_s: float = 300.0
+    """How long a relay's stall lasts before the operator URL hears of it."""
+    alert_operator_period_s: float = 900.0
+    """At most one alert per relay and event kind in this long to the operator URL."""
+    alert_lease_lost_threshold: int = 3
+    """A ``lease_lost`` alert goes out when a relay's partitions lost at least this many leases within
+    ``alert_lease_lost_window_s``."""
+    alert_lease_lost_window_s: float = 900.0
+    """The window of ``alert_lease_lost_threshold``."""
+
     # --- authentication
     auth_failure_limit: int = 20
     """Failed authentications (a wrong, unknown or revoked key) one client address may make in
@@ -142,8 +163,32 @@ class Settings:
             )
         if self.tenant_idle_in_transaction_timeout_s < 1:
             raise ConfigError("tenant_idle_in_transaction_timeout_s must be at least 1")
+        if self.alert_interval_s <= 0 or self.alert_operator_stall_after_s < 0 or self.alert_operator_period_s <= 0:
+            raise ConfigError("alert_interval_s and alert_operator_period_s must be positive")
+        if self.alert_channels_per_tenant < 0 or self.alert_lease_lost_threshold < 1:
+            raise ConfigError("alert_channels_per_tenant must not be negative, alert_lease_lost_threshold at least 1")
+        if self.alert_lease_lost_window_s <= 0:
+            raise ConfigError("alert_lease_lost_window_s must be positive")
+        self._check_operator_alerts()
         if self.auth_failure_limit < 0 or self.auth_failure_window_s <= 0:
             raise ConfigError("auth_failure_limit must not be negative and auth_failure_window_s must be positive")
+
+    def _check_operator_alerts(self) -> None:
+        """The operator's alert URL and secret, checked as a tenant's channel is (but for the address
+        policy: the operator may name a private address), never echoing the secret."""
+        from outbox_relay.errors import InvalidSpec
+        from outbox_relay.specs import check_webhook_url, webhook_secrets  # specs needs domain, not config
+
+        try:
+            if self.alert_operator_url:
+                check_webhook_url(self.alert_operator_url)
+            if self.alert_operator_secret:
+                webhook_secrets(self.alert_operator_secret)
+        except InvalidSpec as exc:
+            name = "ALERT_OPERATOR_URL" if exc.field == "url" else "ALERT_OPERATOR_SECRET"
+            raise ConfigError(f"{PREFIX}{name}: {exc.reason}") from None
+        if self.alert_operator_secret and not self.alert_operator_url:
+            raise ConfigError(f"{PREFIX}ALERT_OPERATOR_SECRET is set without {PREFIX}ALERT_OPERATOR_URL")
 
     def quota_defaults(self) -> dict[str, int]:
         """The service-wide default of every per-tenant quota, by name."""

@@ -608,3 +608,80 @@ def route(mapping: dict[str, str], topic: str) -> str | None:
     if template is None:
         return None
     return template.replace("{topic}", topic)
+
+
+# --- alerts ----------------------------------------------------------------------------------------
+
+
+class AlertKind(StrEnum):
+    """What an alert is about (an alert channel's ``events``, the alert body's ``event``)."""
+
+    STALL = "stall"
+    """The relay's status has had a cause (stalled or failing) for longer than ``stall_after_s``."""
+    DEAD_LETTER = "dead_letter"
+    """New dead letters of the relay since the last evaluation."""
+    RESTORE = "restore"
+    """A restore (or failover) of the relay's database was detected."""
+    LEASE_LOST = "lease_lost"
+    """Workers lost the relay's partitions' leases more often than the service's threshold."""
+    QUOTA = "quota"
+    """A request of the tenant was refused by one of its quotas."""
+
+
+AlertKindName = Literal["stall", "dead_letter", "restore", "lease_lost", "quota"]
+ALERT_STALL_AFTER_MAX_S = 7 * 24 * 3600
+ALERT_PERIOD_MAX_S = 7 * 24 * 3600
+ALERT_MAX_RELAYS = 100
+
+
+class Alert(Resource, kw_only=True, forbid_unknown_fields=True):
+    """An alert channel: a webhook the service POSTs an alert to when a relay stalls, a dead letter
+    appears, a restore is detected, leases keep being lost or a quota refuses a request; at most one
+    alert per relay and event kind per ``period_s``. With a ``password`` (a signing secret,
+    ``whsec_...``) each request is signed the Standard Webhooks way, like a webhook target's."""
+
+    url: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=2048,
+            description="http:// or https:// URL the alerts are POSTed to; no user or password in it. "
+            "Checked by the same network policy as targets. Redirects are not followed.",
+            examples=["https://hooks.example.com/outbox-alerts"],
+        ),
+    ]
+    password: Secret = UNSET
+    """The signing secret, ``whsec_<base64>``; none: plain unsigned POSTs."""
+    password_set: ReadOnlyFlag = UNSET
+    events: Annotated[
+        list[AlertKindName],
+        Meta(
+            min_length=1,
+            max_length=5,
+            description="The events to alert on: stall, dead_letter, restore, lease_lost, quota.",
+        ),
+    ] = msgspec.field(default_factory=lambda: ["stall", "dead_letter", "restore", "lease_lost", "quota"])
+    relays: (
+        Annotated[
+            list[Name],
+            Meta(min_length=1, max_length=ALERT_MAX_RELAYS, description="Only these relays. Null: every relay."),
+        ]
+        | None
+    ) = None
+    stall_after_s: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=ALERT_STALL_AFTER_MAX_S,
+            description="A relay's stall (a status cause) must last this long before it is alerted on.",
+        ),
+    ] = 300
+    period_s: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=ALERT_PERIOD_MAX_S,
+            description="At most one alert per relay and event kind in this many seconds (a flapping relay sends one).",
+        ),
+    ] = 900
+    timeout_ms: Annotated[int, Meta(ge=100, le=60_000)] = 10_000

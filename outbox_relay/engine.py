@@ -52,6 +52,7 @@ from outbox_relay.errors import LeaseLost as LeaseLost
 from outbox_relay.filters import Predicate, shared_filter
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.specs import usable_database, usable_target
+from outbox_relay.store.alerts import record_lease_losses
 from outbox_relay.store.control import (
     ControlStore,
     Lease,
@@ -851,10 +852,12 @@ class RelayRunner:
                 return work.result()
             await cancel_and_wait(work)
             instruments().lease_lost.add(1, metric_labels)
+            await self._record_lost(relay_id, partition)
             return SliceResult(SliceOutcome.LOST)
         except LeaseLost:
             log.warning("lease lost: relay %s partition %s (a cursor write was fenced)", relay_id, partition)
             instruments().lease_lost.add(1, metric_labels)
+            await self._record_lost(relay_id, partition)
             return SliceResult(SliceOutcome.LOST)
         finally:
             instruments().leases_held.add(-1, metric_labels)
@@ -863,6 +866,13 @@ class RelayRunner:
             if not lost.is_set():
                 with contextlib.suppress(Exception):
                     await self.store.release_lease(lease)
+
+    async def _record_lost(self, relay_id: uuid.UUID, partition: int) -> None:
+        """Count the lost lease (the ``lease_lost`` alert's); a control DB that fails here loses the count only."""
+        try:
+            await record_lease_losses(self.store.pool, [(relay_id, partition)])
+        except Exception as exc:
+            log.debug("lease loss not recorded: %s", exc)
 
     def _partition(self, plan: RelayPlan, lease: Lease) -> _Partition:
         return _Partition(

@@ -62,6 +62,7 @@ from outbox_relay.fairness import FairScheduler, TargetLimits
 from outbox_relay.outages import CONTROL_DB, Outages
 from outbox_relay.rotation import Rotator
 from outbox_relay.store import fleet as fleet_store
+from outbox_relay.store.alerts import record_lease_losses
 from outbox_relay.store.control import Lease, RelayPlan, control_unavailable
 from outbox_relay.store.fleet import CursorWrite, FleetStore, LagSample
 from outbox_relay.tasks import cancel_and_wait
@@ -455,6 +456,9 @@ class FleetEngine:
                         self._valid_until = started + self.settings.lease_ttl_s
                     elif not await self.fleet.heartbeat(self.key, self.settings.lease_ttl_s):
                         log.warning("lease lost: this worker was declared dead (heartbeat lapsed); dropping all")
+                        await self._record_lost(
+                            [lane.part.lease for r in self.readers.values() for lane in r.lanes.values()]
+                        )
                         await self._drop_all()
                         self.key = f"{self.settings.worker_id}#{uuid.uuid4().hex[:8]}"
                         registered = False
@@ -506,6 +510,15 @@ class FleetEngine:
                     view.live_workers,
                 )
                 await self._adopt(leases)  # the claim returned them: no second read of what we own
+
+    async def _record_lost(self, leases: list[Lease]) -> None:
+        """Count the leases lost (the ``lease_lost`` alert's); a control DB that fails here loses the count only."""
+        if not leases:
+            return
+        try:
+            await record_lease_losses(self.store.pool, [(lease.relay_id, lease.partition) for lease in leases])
+        except Exception as exc:
+            log.debug("lease losses not recorded: %s", exc)
 
     async def _drop_disabled(self) -> None:
         for reader in list(self.readers.values()):
@@ -955,6 +968,8 @@ class FleetEngine:
             log.warning("partition %s of relay %s was taken over", part.lease.partition, plan.relay_name)
             part.stop.set()
             self.tick.set()
+        if lost:
+            await self._record_lost([part.lease for part in lost])
         for lane in lanes:
             part = lane.part
             while lane.buffer and (lane.buffer[0].txid, lane.buffer[0].id) <= part.cursor:

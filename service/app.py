@@ -38,6 +38,7 @@ from outbox_relay.config import Settings
 from outbox_relay.crypto import SecretBox
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
+from service.alerts.controller import AlertController
 from service.apidocs import DOCS_HEADERS, LocalSwaggerPlugin
 from service.databases.controller import DatabaseController
 from service.dead_letters.controller import DeadLetterController
@@ -219,6 +220,7 @@ ROUTE_HANDLERS: list[ControllerRouterHandler] = [
     DatabaseController,
     TargetController,
     RelayController,
+    AlertController,
     StatusController,
     DeadLetterController,
     UIController,

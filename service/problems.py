@@ -9,6 +9,7 @@ from http import HTTPStatus
 from typing import Any
 
 from litestar import Request, Response
+from litestar.background_tasks import BackgroundTask
 from litestar.exceptions import HTTPException, ValidationException
 
 from outbox_relay.errors import (
@@ -160,11 +161,34 @@ def problem_type(exc: BaseException) -> ProblemType | None:
 
 
 def problem_handler(request: Request[Any, Any, Any], exc: OutboxRelayError) -> Response[Any]:
-    """The exception handler of every class in :data:`PROBLEMS`."""
+    """The exception handler of every class in :data:`PROBLEMS`. A quota's refusal of a tenant's request
+    is recorded too, after the answer (the tenant's and the operator's ``quota`` alerts)."""
     entry = problem_type(exc)
     if entry is None:  # pragma: no cover - registered for the table's classes only
         return internal_error_handler(request, exc)
-    return entry.response(exc)
+    response = entry.response(exc)
+    refused = _refused_quota(exc)
+    tenant = getattr(request.state, "tenant", None)
+    services = getattr(request.app.state, "services", None)
+    if refused is not None and tenant is not None and services is not None:
+        response.background = BackgroundTask(_record_refusal, services.store, tenant.id, refused, str(exc))
+    return response
+
+
+def _refused_quota(exc: Exception) -> str | None:
+    """The quota that refused the request, if one did."""
+    if isinstance(exc, QuotaExceeded):
+        return exc.quota
+    if isinstance(exc, ReplaysInFlight):
+        return "replays_in_flight"
+    return None
+
+
+async def _record_refusal(store: Any, tenant_id: Any, quota: str, detail: str) -> None:
+    try:
+        await store.record_quota_refusal(tenant_id, quota, detail)
+    except Exception as exc:  # the answer is gone already; the alert is what is lost
+        log.warning("quota refusal not recorded: %s", exc)
 
 
 def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

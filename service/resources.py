@@ -1,5 +1,5 @@
 """What every tenant resource endpoint shares: naming, read-back, paging, write-only secrets, and
-:class:`Resources`, the one list/get/put/delete path of databases, targets and relays (read-back, the
+:class:`Resources`, the one list/get/put/delete path of databases, targets, relays and alerts (read-back, the
 in-use check, the audit entry with the caller's key as its actor)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from litestar.params import Parameter
 from msgspec import UNSET
 
 from outbox_relay.crypto import SecretBox
-from outbox_relay.domain import NAME_PATTERN, NAME_RE, Database, Relay, Resource, Rotation, Target
+from outbox_relay.domain import NAME_PATTERN, NAME_RE, Alert, Database, Relay, Resource, Rotation, Target
 from outbox_relay.errors import InUse, NotFound
 from outbox_relay.store.control import KEEP, ResourceRow, ResourceTable, TenantRow, Unchanged
 from outbox_relay.store.rotations import SecretTable
@@ -115,6 +115,7 @@ class Kind(Generic[R]):
 DATABASES: Kind[Database] = Kind("databases", "database", Database)
 TARGETS: Kind[Target] = Kind("targets", "target", Target)
 RELAYS: Kind[Relay] = Kind("relays", "relay", Relay)
+ALERTS: Kind[Alert] = Kind("alerts", "alert", Alert)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +151,7 @@ class Resources(Generic[R]):
     async def shown(self, row: ResourceRow) -> R:
         """The resource read back, with its rotation in progress (if any) as the workers report it."""
         obj = self.read_back(row)
-        if row.rotation_started_at is None or self.kind.table == "relays":
+        if row.rotation_started_at is None or self.kind.table not in ("databases", "targets"):
             return obj
         table: SecretTable = "databases" if self.kind.table == "databases" else "targets"
         status = await self.services.store.rotation_status(table, row.id, self.services.settings.lease_ttl_s)
@@ -195,7 +196,7 @@ class Resources(Generic[R]):
         ``outbox_relay/rotation.py``). The current credential again cancels a pending rotation; the
         pending one again changes nothing. None: not a rotation (an ordinary replace)."""
         password = getattr(body, "password", UNSET)
-        if not isinstance(password, str) or self.kind.table == "relays":
+        if not isinstance(password, str) or self.kind.table not in ("databases", "targets"):
             return None
         table: SecretTable = "databases" if self.kind.table == "databases" else "targets"
         store, box = self.services.store, self.services.secrets
@@ -237,7 +238,7 @@ class Resources(Generic[R]):
     async def delete(self, name: str) -> None:
         """Idempotent; 409 ``in-use`` (:class:`InUse`) while relays use a database or target."""
         store = self.services.store
-        if self.kind.table != "relays":
+        if self.kind.table in ("databases", "targets"):
             users = await store.relays_using(self.kind.table, self.tenant.id, name)
             if users:
                 raise InUse(f"{self.kind.noun} {name!r} is used by relays {users}; delete them first")

@@ -8,6 +8,7 @@ from typing import Any
 from arq import cron, func
 from arq.connections import RedisSettings
 
+from outbox_relay.alerts import AlertEvaluator
 from outbox_relay.brokers.base import Publisher
 from outbox_relay.brokers.factory import open_publisher
 from outbox_relay.config import Settings
@@ -59,6 +60,9 @@ def worker_settings(settings: Settings | None = None, *, data_plane: bool = True
         fleet = FleetEngine(settings=settings, runner=runner, fleet=FleetStore(store.pool), outages=outages)
         if data_plane:
             fleet.start()
+        # every worker takes part; the advisory lock and the mark make it one evaluation per interval
+        alerts = AlertEvaluator(settings=settings, store=store, secrets=SecretBox(settings.secret_keys), policy=policy)
+        alerts.start()
         ctx.update(
             store=store,
             events=events,
@@ -69,11 +73,12 @@ def worker_settings(settings: Settings | None = None, *, data_plane: bool = True
             secrets=SecretBox(settings.secret_keys),
             runner=runner,
             fleet=fleet,
+            alerts=alerts,
             settings=settings,
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        for name in ("fleet", "publishers", "tenants", "events", "store"):
+        for name in ("alerts", "fleet", "publishers", "tenants", "events", "store"):
             if name in ctx:
                 await ctx[name].close()
 

@@ -6,7 +6,9 @@ Each request: ``POST <target url>``, the body the payload verbatim, and these he
 ``webhook-id``            the message id (``OutgoingMessage.dedupe_id``, a UUID): dedupe on it
 ``webhook-timestamp``     the time of signing, in whole seconds since the epoch
 ``webhook-signature``     ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``; two, space-separated,
-                          while the target holds two secrets (a rotation): the receiver accepts either
+                          while the target holds two secrets (a rotation): the receiver accepts either;
+                          absent for a publisher without a secret (an alert channel without one,
+                          ``outbox_relay/alerts.py``; a target always has one)
 ``content-type``          the target's ``content_type``, unless the message has a content-type header
 ``outbox-key``            the outbox key; absent when the message has none
 ``outbox-destination``    the destination the relay's topic mapping chose for the message
@@ -323,11 +325,12 @@ class WebhookPublisher:
         max_concurrent_requests: int = 16,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """``secrets`` are the signing keys (decoded, one or two); ``ssl_context`` the trust for
-        https (the system's by default; a tenant cannot choose it, tests bring their CA). Nothing
-        connects before :meth:`connect` or the first batch."""
-        if not 1 <= len(secrets) <= 2:
-            raise ValueError("a webhook publisher signs with one or two secrets")
+        """``secrets`` are the signing keys (decoded, one or two; none for an alert channel without a
+        secret, whose requests go unsigned); ``ssl_context`` the trust for https (the system's by
+        default; a tenant cannot choose it, tests bring their CA). Nothing connects before
+        :meth:`connect` or the first batch."""
+        if not 0 <= len(secrets) <= 2:
+            raise ValueError("a webhook publisher signs with one or two secrets, or none")
         if timeout_ms <= 0 or connect_timeout_ms <= 0 or max_concurrent_requests < 1:
             raise ValueError("timeouts and max_concurrent_requests must be positive")
         parts = urlsplit(url)
@@ -500,9 +503,10 @@ class WebhookPublisher:
         headers = [
             (b"webhook-id", header_value(message_id).encode()),
             (b"webhook-timestamp", b"%d" % timestamp),
-            (b"webhook-signature", sign(self._keys, message_id, timestamp, message.payload).encode()),
             (b"outbox-destination", header_value(message.destination).encode()),
         ]
+        if self._keys:  # an unsigned alert channel has none
+            headers.insert(2, (b"webhook-signature", sign(self._keys, message_id, timestamp, message.payload).encode()))
         if message.key is not None:
             headers.append((b"outbox-key", header_value(message.key).encode()))
         content_type = self._content_type

@@ -6,6 +6,7 @@ reads a tenant resource by name alone. Cursor writes are fenced by the lease epo
 
 from __future__ import annotations
 
+from outbox_relay.store.alerts import AlertsStore
 from outbox_relay.store.partitions import PartitionsStore
 from outbox_relay.store.resources import ResourcesStore
 from outbox_relay.store.rotations import RotationsStore
@@ -90,8 +91,8 @@ from outbox_relay.store.rows import (
 from outbox_relay.store.tenants import TenantsStore
 
 
-class ControlStore(TenantsStore, ResourcesStore, PartitionsStore, RotationsStore):
+class ControlStore(TenantsStore, ResourcesStore, PartitionsStore, RotationsStore, AlertsStore):
     """Every store of the control DB over one pool: tenants and keys (:class:`TenantsStore`), resources
     (:class:`ResourcesStore`), the data plane's partitions and leases (:class:`PartitionsStore`), credential
-    rotations (:class:`RotationsStore`); the dead
+    rotations (:class:`RotationsStore`), alert channels and quota refusals (:class:`AlertsStore`); the dead
     letters are :class:`~outbox_relay.store.dead_letters.DeadLetterStore`."""

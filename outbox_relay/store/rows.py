@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 import asyncpg
 import msgspec
 
-ResourceTable = Literal["databases", "targets", "relays"]
+ResourceTable = Literal["databases", "targets", "relays", "alerts"]
 RESOURCE_TABLES: frozenset[str] = frozenset(get_args(ResourceTable))
 
 
@@ -215,11 +215,15 @@ KEEP = Unchanged()
 
 
 def _select(table: ResourceTable) -> str:
+    if table == "relays":
+        return "SELECT id, name, spec::text AS spec, false AS has_secret, created_at, updated_at FROM relays"
+    if table == "alerts":  # a signing secret, never rotated
+        return (
+            "SELECT id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, created_at, updated_at FROM alerts"
+        )
     return (
         "SELECT id, name, spec::text AS spec, secret IS NOT NULL AS has_secret, created_at, updated_at, "
         f"rotation_started_at FROM {_table(table)}"
-        if table != "relays"
-        else "SELECT id, name, spec::text AS spec, false AS has_secret, created_at, updated_at FROM relays"
     )
 
 

@@ -27,6 +27,7 @@ if str(PROVIDER_SRC) not in sys.path:
 from terraform_provider_outboxrelay.fields import UNSET_KIND, fields_of, from_api, to_api
 from terraform_provider_outboxrelay.provider import OutboxRelayProvider
 from terraform_provider_outboxrelay.resources import (
+    AlertResource,
     DatabaseResource,
     RelayResource,
     TargetResource,
@@ -408,6 +409,44 @@ def test_a_webhook_target_lifecycle_with_a_secret_rotation(provider: OutboxRelay
     diags = Diagnostics()
     target.delete(DeleteContext(diags, "outboxrelay_target"), state)
     assert target.read(ReadContext(diags, "outboxrelay_target"), state) is None
+    assert not diags.has_errors(), [(d.summary, d.detail) for d in diags.diagnostics]
+
+
+def test_an_alert_lifecycle(provider: OutboxRelayProvider) -> None:
+    """Create, read, update, import and delete an alert channel: its signing secret write-only (kept from
+    the configuration, never read back), its lists and bounds attributes, a refused URL a diagnostic."""
+    alert = AlertResource(provider)
+    schema = attrs(AlertResource)
+    assert schema["password"].sensitive and {"url", "events", "relays", "stall_after_s", "period_s"} <= set(schema)
+    secret = "whsec_" + "C" * 43 + "="
+    diags = Diagnostics()
+    planned = planned_state(
+        AlertResource, name="ops", url="http://127.0.0.1:9/alerts", password=secret, events=["stall", "quota"],
+        stall_after_s=60,
+    )  # fmt: skip
+    state = alert.create(CreateContext(diags, "outboxrelay_alert"), planned)
+    assert not diags.has_errors(), diags
+    assert state is not None and state["password"] == secret and state["password_set"] is True
+    assert state["events"] == ["stall", "quota"] and state["stall_after_s"] == 60 and state["period_s"] is None
+    assert alert.read(ReadContext(diags, "outboxrelay_alert"), state) == state
+    stored = provider.client.get("/v1/alerts/ops")  # type: ignore[union-attr]
+    assert secret not in str(stored) and stored["period_s"] == 900
+
+    changed = {**state, "relays": ["orders"], "period_s": 60, "password": None}
+    updated = alert.update(UpdateContext(diags, "outboxrelay_alert"), state, changed)
+    assert not diags.has_errors(), diags
+    assert updated is not None and updated["relays"] == ["orders"] and updated["period_s"] == 60
+    assert updated["password"] is None and updated["password_set"] is False  # cleared: plain POSTs
+    assert alert.read(ReadContext(diags, "outboxrelay_alert"), updated) == updated
+
+    bad = alert.update(UpdateContext(diags, "outboxrelay_alert"), updated, {**updated, "url": "ftp://x/"})
+    assert bad == updated and "(422)" in diags.diagnostics[-1].summary
+
+    imported = alert.import_(ImportContext(Diagnostics(), "outboxrelay_alert"), "ops")
+    assert imported is not None and imported["url"] == "http://127.0.0.1:9/alerts" and imported["relays"] == ["orders"]
+    diags = Diagnostics()
+    alert.delete(DeleteContext(diags, "outboxrelay_alert"), updated)
+    assert alert.read(ReadContext(diags, "outboxrelay_alert"), updated) is None
     assert not diags.has_errors(), [(d.summary, d.detail) for d in diags.diagnostics]
 
 

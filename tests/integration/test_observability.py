@@ -12,7 +12,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import outbox_relay.engine as engine
-import service.relays.status as status_module
+import outbox_relay.status as status_module
 from outbox_relay.client import add
 from outbox_relay.engine import RelayRunner
 from outbox_relay.store.control import ControlStore

@@ -8,7 +8,7 @@ from outbox_relay.store.control import RESOURCE_TABLES, _table
 
 
 def test_resource_tables_pass_the_guard() -> None:
-    assert RESOURCE_TABLES == {"databases", "targets", "relays"}
+    assert RESOURCE_TABLES == {"databases", "targets", "relays", "alerts"}
     for table in RESOURCE_TABLES:
         assert _table(table) == table
 

@@ -1,6 +1,7 @@
 """A Terraform provider for Outbox Relay, written with ``tf`` (plugin protocol 6).
 
-Resources: ``outboxrelay_database``, ``outboxrelay_target``, ``outboxrelay_relay``, and for operators
+Resources: ``outboxrelay_database``, ``outboxrelay_target``, ``outboxrelay_relay``, ``outboxrelay_alert``, and
+for operators
 ``outboxrelay_tenant`` and ``outboxrelay_tenant_api_key``.
 """
 

@@ -325,6 +325,20 @@ class RelayResource(ApiResource):
     )
 
 
+class AlertResource(ApiResource):
+    type_name = "alert"
+    collection = "alerts"
+    description = (
+        "An alert channel: a webhook the service POSTs an alert to when a relay stalls longer than "
+        "`stall_after_s`, a dead letter appears, a restore is detected, leases keep being lost or a quota "
+        "refuses a request; at most one per relay and event per `period_s`. With a `password` (a signing "
+        "secret, `whsec_...`) the requests are signed the Standard Webhooks way; without, plain POSTs."
+    )
+    structs: ClassVar[dict[str, type[msgspec.Struct]]] = {UNSET_KIND: domain.Alert}
+    fields = fields_of(structs)
+    has_password = True
+
+
 TENANT_FIELDS = [
     Field(
         name="display_name",
@@ -454,6 +468,7 @@ RESOURCES: list[type[Resource]] = [
     DatabaseResource,
     TargetResource,
     RelayResource,
+    AlertResource,
     TenantResource,
     TenantApiKeyResource,
 ]
