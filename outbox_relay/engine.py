@@ -397,6 +397,7 @@ class TenantConnections:
                     if now != newest:
                         newest = now
                         wake()
+                attempt += 1  # the server closed it: the next connection waits its turn as well
             except Exception as exc:
                 # a connection that opens and then fails at once (the outbox table is missing, the
                 # role lost its grants) backs off like one that does not open: it reconnected in a
