@@ -28,9 +28,10 @@ What a replay is, and is not:
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -182,25 +183,11 @@ async def preview(
 ) -> Preview:
     """A dry run: how many rows of the range the replay would publish, and the first few of them. Reads
     payloads only for a filter with a payload leaf, and of the others only their first bytes."""
-    by, low, high = spec.bounds()
     result = Preview()
-    after = (0, 0)
-    while True:
-        page = await tenant_db.history_page(
-            conn,
-            schema,
-            by,
-            low,
-            high,
-            seen=spec.snapshot,
-            after=after,
-            limit=DRY_RUN_PAGE,
-            payloads=selection.reads_payload,
-            head_bytes=PREVIEW_BYTES,
-            layout=layout,
-        )
-        if not page:
-            return result
+    pages = _pages(
+        conn, schema, layout, spec, limit=DRY_RUN_PAGE, payloads=selection.reads_payload, head_bytes=PREVIEW_BYTES
+    )
+    async for page in pages:
         for item, message in zip(page, selection.messages([h.row for h in page], None), strict=True):
             if message is None:
                 continue
@@ -219,6 +206,40 @@ async def preview(
                         payload_head=item.head,
                     )
                 )
+    return result
+
+
+async def _pages(
+    conn: tenant_db.Connection,
+    schema: str,
+    layout: tenant_db.OutboxLayout,
+    spec: HistorySpec,
+    *,
+    limit: int,
+    payloads: bool,
+    head_bytes: int,
+) -> AsyncGenerator[list[tenant_db.HistoryRow], None]:
+    """The range's rows in ``(txid, id)`` order, ``limit`` a page; the next page is read when the
+    caller asks for it (after it dealt with the last)."""
+    by, low, high = spec.bounds()
+    after = (0, 0)
+    while True:
+        page = await tenant_db.history_page(
+            conn,
+            schema,
+            by,
+            low,
+            high,
+            seen=spec.snapshot,
+            after=after,
+            limit=limit,
+            payloads=payloads,
+            head_bytes=head_bytes,
+            layout=layout,
+        )
+        if not page:
+            return
+        yield page
         after = (page[-1].row.txid, page[-1].row.id)
 
 
@@ -239,46 +260,31 @@ async def replay(
 ) -> JobCounts:
     """Publish the range's selected rows in ``(txid, id)`` order, a page (the relay's ``batch_size``) at
     a time, each after the broker acknowledged the last; write the counts as it goes."""
-    by, low, high = spec.bounds()
     policy = selection.relay.policy
     counts = JobCounts()
-    after, read = (0, 0), 0
+    read = 0
     reported = time.monotonic()
-    while True:
-        page = await tenant_db.history_page(
-            conn,
-            schema,
-            by,
-            low,
-            high,
-            seen=spec.snapshot,
-            after=after,
-            limit=policy.batch_size,
-            payloads=True,
-            head_bytes=0,
-            layout=layout,
-        )
-        if not page:
-            break
-        rows = [h.row for h in page]
-        read += len(rows)
-        sendable: list[OutgoingMessage] = []
-        for message in selection.messages(rows, str(job_id)):
-            if message is None:
-                counts.skipped += 1
-            elif len(message.payload) > policy.max_payload_bytes:
-                _fail(counts, ErrorClass.TOO_LARGE)
-            else:
-                sendable.append(message)
-        try:
-            await _publish(publisher, sendable, counts)
-        except TargetUnavailable as exc:
-            counts.stopped = f"target {target_name!r} unavailable: {exc}"
-            break
-        after = (rows[-1].txid, rows[-1].id)
-        if time.monotonic() - reported >= PROGRESS_EVERY_S:
-            await progress(counts)
-            reported = time.monotonic()
+    pages = _pages(conn, schema, layout, spec, limit=policy.batch_size, payloads=True, head_bytes=0)
+    async with contextlib.aclosing(pages):  # closed at once when the job stops before the last page
+        async for page in pages:
+            rows = [h.row for h in page]
+            read += len(rows)
+            sendable: list[OutgoingMessage] = []
+            for message in selection.messages(rows, str(job_id)):
+                if message is None:
+                    counts.skipped += 1
+                elif len(message.payload) > policy.max_payload_bytes:
+                    _fail(counts, ErrorClass.TOO_LARGE)
+                else:
+                    sendable.append(message)
+            try:
+                await _publish(publisher, sendable, counts)
+            except TargetUnavailable as exc:
+                counts.stopped = f"target {target_name!r} unavailable: {exc}"
+                break
+            if time.monotonic() - reported >= PROGRESS_EVERY_S:
+                await progress(counts)
+                reported = time.monotonic()
     if counts.stopped is None:
         counts.skipped += max(0, spec.in_range - read)  # dropped by maintenance since the replay was asked for
     await progress(counts)

@@ -63,19 +63,7 @@ async def replay_dead_letters(ctx: dict[str, Any], job_id: str) -> str:
         await letters.finish_job(job.id, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         await store.audit(job.tenant_id, job.actor, "replay-failed", f"dead-letter-jobs/{job.id}", "{}")
         return JobStatus.FAILED
-    status = JobStatus.FAILED if counts.stopped else JobStatus.DONE
-    await letters.finish_job(job.id, status=status, error=counts.stopped)
-    detail = {
-        "total": job.total,
-        "replayed": counts.replayed,
-        "failed": counts.failed,
-        "skipped": counts.skipped,
-        "errors": counts.errors,
-        "stopped": counts.stopped,
-    }
-    await store.audit(job.tenant_id, job.actor, "replay-finished", f"dead-letter-jobs/{job.id}", json.dumps(detail))
-    log.info("replay job %s %s: %s", job_id, status, detail)
-    return status
+    return await _finished(store, letters, job, counts, f"dead-letter-jobs/{job.id}")
 
 
 async def replay_history(ctx: dict[str, Any], job_id: str) -> str:
@@ -102,6 +90,14 @@ async def replay_history(ctx: dict[str, Any], job_id: str) -> str:
         await letters.finish_job(job.id, status=JobStatus.FAILED, error=error)
         await store.audit(job.tenant_id, job.actor, "replay-failed", resource, json.dumps({"error": error}))
         return JobStatus.FAILED
+    return await _finished(store, letters, job, counts, resource)
+
+
+async def _finished(
+    store: ControlStore, letters: DeadLetterStore, job: JobRow, counts: JobCounts, resource: str
+) -> str:
+    """End a replay job that ran to its end (``failed`` when it stopped early) and audit its counts
+    on ``resource``; its status."""
     status = JobStatus.FAILED if counts.stopped else JobStatus.DONE
     await letters.finish_job(job.id, status=status, error=counts.stopped)
     detail = {
@@ -113,7 +109,7 @@ async def replay_history(ctx: dict[str, Any], job_id: str) -> str:
         "stopped": counts.stopped,
     }
     await store.audit(job.tenant_id, job.actor, "replay-finished", resource, json.dumps(detail))
-    log.info("replay from history %s %s: %s", job_id, status, detail)
+    log.info("replay job %s (%s) %s: %s", job.id, resource, status, detail)
     return status
 
 
