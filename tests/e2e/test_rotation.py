@@ -111,6 +111,17 @@ async def write_steadily(dsn: str, seconds: float) -> int:
     return written
 
 
+async def partition_errors(control: asyncpg.Connection, tenant: str) -> list[asyncpg.Record]:
+    """The tenant's partitions that recorded an error (a rotation with no gap records none)."""
+    return list(
+        await control.fetch(
+            "SELECT p.partition, p.last_error FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
+            "JOIN tenants t ON t.id = r.tenant_id WHERE t.name = $1 AND p.last_error IS NOT NULL",
+            tenant,
+        )
+    )
+
+
 async def rotation_of(t: TenantClient, path: str) -> Any:
     r = await t.get(path)
     assert r.status_code == 200, r.text
@@ -224,11 +235,7 @@ async def test_rotating_passwords_mid_stream_loses_nothing_and_leaves_no_gap(
 
     control = await asyncpg.connect(settings.database_url)
     try:
-        errors = await control.fetch(
-            "SELECT p.partition, p.last_error FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
-            "JOIN tenants t ON t.id = r.tenant_id WHERE t.name = $1 AND p.last_error IS NOT NULL",
-            t.name,
-        )
+        errors = await partition_errors(control, t.name)
         print(
             f"\n{written} messages at {RATE}/s, 2 workers: database rotated in {database_s:.2f} s, "
             f"target in {target_s:.2f} s, longest delivery gap {gap_s * 1000:.0f} ms, "
@@ -315,11 +322,7 @@ async def test_a_new_password_the_broker_refuses_keeps_the_old_one_in_use(
 
     control = await asyncpg.connect(settings.database_url)
     try:
-        errors = await control.fetch(
-            "SELECT p.partition, p.last_error FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
-            "JOIN tenants t ON t.id = r.tenant_id WHERE t.name = $1 AND p.last_error IS NOT NULL",
-            t.name,
-        )
+        errors = await partition_errors(control, t.name)
     finally:
         await control.close()
     print(
