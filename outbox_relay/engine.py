@@ -160,6 +160,21 @@ class Watch:
             entry.changed.set()
 
 
+def _waker(entry: _TenantDb) -> Callable[..., None]:
+    """The LISTEN callback of a tenant database: wake the readers whose partitions a notification
+    names (all of them for a notification without buckets, or when called with none)."""
+
+    def wake(_conn: Any = None, _pid: int = 0, _channel: str = "", payload: str = "") -> None:
+        buckets = parse_buckets(payload)
+        for event, (partitions, partition) in list(entry.waiters.items()):
+            if buckets is None or any(b % partitions == partition for b in buckets):
+                event.set()
+        for callback in list(entry.watchers.values()):
+            callback(buckets)
+
+    return wake
+
+
 class TenantConnections:
     """Per-worker pools to tenant databases, plus one LISTEN connection per database that wakes
     the waiting partitions (or relay readers) of that database that read a bucket an insert wrote,
@@ -344,15 +359,7 @@ class TenantConnections:
         """Keep one LISTEN connection open; polling covers the gaps while it reconnects."""
         attempt = 0
         channel = notify_channel(db.schema)
-
-        def wake(_conn: Any = None, _pid: int = 0, _channel: str = "", payload: str = "") -> None:
-            buckets = parse_buckets(payload)
-            for event, (partitions, partition) in list(entry.waiters.items()):
-                if buckets is None or any(b % partitions == partition for b in buckets):
-                    event.set()
-            for callback in list(entry.watchers.values()):
-                callback(buckets)
-
+        wake = _waker(entry)
         while True:
             try:
                 conn = await tenant_db.connect(
@@ -368,35 +375,10 @@ class TenantConnections:
                 entry.listening = True
                 if entry.listener is asyncio.current_task():
                     entry.up.set()
-                muted = False
                 wake()  # catch what was inserted while we were not listening
                 newest = await conn.fetchrow(newest_sql(db.schema), timeout=self.timeout_s)
                 attempt = 0  # listening and probing: a failure from here on is a new outage
-                probe_at = time.monotonic() + LISTEN_PROBE_S
-                while not conn.is_closed():  # a closed socket shows at once; a silent one at the probe
-                    await wait_event(entry.changed, max(0.0, probe_at - time.monotonic()))
-                    entry.changed.clear()
-                    if entry.mute() != muted:
-                        # every reader of the database reads on its own while its reads find rows (a
-                        # notification per commit would only wake it sooner than its pace); once one
-                        # wants them again, LISTEN, then wake them all: what was committed in between
-                        # is read after the LISTEN took effect
-                        muted = not muted
-                        if muted:
-                            await conn.remove_listener(channel, wake)
-                        else:
-                            await conn.add_listener(channel, wake)
-                            wake()
-                    if time.monotonic() < probe_at:
-                        continue
-                    probe_at = time.monotonic() + LISTEN_PROBE_S
-                    # the probe is also the safety net of the wake-ups: a row committed since the last
-                    # probe wakes every reader of the database (one index probe per database, instead
-                    # of each relay polling its outbox)
-                    now = await conn.fetchrow(newest_sql(db.schema), timeout=self.timeout_s)
-                    if now != newest:
-                        newest = now
-                        wake()
+                await self._listening(entry, conn, db, wake, newest)
                 attempt += 1  # the server closed it: the next connection waits its turn as well
             except Exception as exc:
                 # a connection that opens and then fails at once (the outbox table is missing, the
@@ -413,6 +395,39 @@ class TenantConnections:
                         await conn.close()
             if attempt:
                 await asyncio.sleep(backoff_s(attempt, base_s=0.5, cap_s=30))
+
+    async def _listening(
+        self, entry: _TenantDb, conn: Any, db: Database, wake: Callable[..., None], newest: Any
+    ) -> None:
+        """Serve an open LISTEN connection until its socket closes (at once) or a probe fails (a
+        silent one): mute and unmute it as the readers ask, and probe the newest row now and then."""
+        channel = notify_channel(db.schema)
+        muted = False
+        probe_at = time.monotonic() + LISTEN_PROBE_S
+        while not conn.is_closed():
+            await wait_event(entry.changed, max(0.0, probe_at - time.monotonic()))
+            entry.changed.clear()
+            if entry.mute() != muted:
+                # every reader of the database reads on its own while its reads find rows (a
+                # notification per commit would only wake it sooner than its pace); once one
+                # wants them again, LISTEN, then wake them all: what was committed in between
+                # is read after the LISTEN took effect
+                muted = not muted
+                if muted:
+                    await conn.remove_listener(channel, wake)
+                else:
+                    await conn.add_listener(channel, wake)
+                    wake()
+            if time.monotonic() < probe_at:
+                continue
+            probe_at = time.monotonic() + LISTEN_PROBE_S
+            # the probe is also the safety net of the wake-ups: a row committed since the last
+            # probe wakes every reader of the database (one index probe per database, instead
+            # of each relay polling its outbox)
+            now = await conn.fetchrow(newest_sql(db.schema), timeout=self.timeout_s)
+            if now != newest:
+                newest = now
+                wake()
 
     async def _drop(self, database_id: uuid.UUID) -> None:
         entry = self._dbs.pop(database_id, None)
@@ -602,6 +617,8 @@ class _Partition:
     """Rows the relay's filter left out that the cursor passed (``skipped`` counts the unrouted ones)."""
     dead: int = 0
     last_poll_empty: bool = False
+    identity_checked: bool = False
+    """The slice checked the tenant database's identity (its first turn)."""
     pending_checked: float = 0.0
     lease_until: float = 0.0
     """Monotonic time the lease is known to hold until (its last acquire or renewal + TTL)."""
@@ -958,7 +975,6 @@ class RelayRunner:
         policy = relay.policy
         deadline = time.monotonic() + self.settings.slice_s
         failures = 0
-        identity_checked = False
 
         def remaining() -> float:
             return max(0.0, deadline - time.monotonic())
@@ -975,32 +991,8 @@ class RelayRunner:
 
         while remaining() > 0 and not part.stop.is_set():
             try:
-                pool = await self.tenants.pool(
-                    plan.database_id,
-                    plan.database_version,
-                    database,
-                    database_password,
-                    secret_version=plan.database_secret_version,
-                )
-                if not identity_checked:
-                    await self._check_identity(pool, part)
-                    identity_checked = True
-                if part.retry is not None and part.retry.next_at is not None:
-                    wait = (part.retry.next_at - datetime.now(UTC)).total_seconds()
-                    if wait > 0:  # a refused message waits out its backoff, holding only this partition
-                        await self._sleep(part, min(wait, remaining()))
-                        continue
-                async with self.tenants.waiter(plan.database_id, plan.partitions, lease.partition) as woken:
-                    poll_started = time.time_ns()
-                    rows = await self._poll(pool, database, part, policy.batch_size)
-                    part.last_poll_empty = not rows
-                    if time.monotonic() - part.pending_checked > PENDING_CHECK_S:
-                        await self._sample_pending(pool, database, part)
-                    if not rows:
-                        await self._sleep(part, min(policy.poll_interval_ms / 1000, remaining()), woken)
-                        continue
-                await self._publish_traced(part, rows, poll_started, target, target_password)
-                failures = 0
+                if await self._turn(part, database, database_password, target, target_password, remaining):
+                    failures = 0
             except TargetUnavailable as exc:
                 # the publisher stays cached: it is shared with this worker's other partitions of
                 # the target, and every adapter reconnects by itself on its next batch (the contract
@@ -1011,6 +1003,45 @@ class RelayRunner:
         return SliceResult(
             SliceOutcome.RAN, published=part.published, skipped=part.skipped, filtered=part.filtered, dead=part.dead
         )
+
+    async def _turn(
+        self,
+        part: _Partition,
+        database: Database,
+        database_password: str | None,
+        target: Target,
+        target_password: str | None,
+        remaining: Callable[[], float],
+    ) -> bool:
+        """One poll of a slice and the publish of what it read; True when a batch went out (False:
+        the partition waited, for its retry's backoff or for rows)."""
+        plan, lease, policy = part.plan, part.lease, part.relay.policy
+        pool = await self.tenants.pool(
+            plan.database_id,
+            plan.database_version,
+            database,
+            database_password,
+            secret_version=plan.database_secret_version,
+        )
+        if not part.identity_checked:
+            await self._check_identity(pool, part)
+            part.identity_checked = True
+        if part.retry is not None and part.retry.next_at is not None:
+            wait = (part.retry.next_at - datetime.now(UTC)).total_seconds()
+            if wait > 0:  # a refused message waits out its backoff, holding only this partition
+                await self._sleep(part, min(wait, remaining()))
+                return False
+        async with self.tenants.waiter(plan.database_id, plan.partitions, lease.partition) as woken:
+            poll_started = time.time_ns()
+            rows = await self._poll(pool, database, part, policy.batch_size)
+            part.last_poll_empty = not rows
+            if time.monotonic() - part.pending_checked > PENDING_CHECK_S:
+                await self._sample_pending(pool, database, part)
+            if not rows:
+                await self._sleep(part, min(policy.poll_interval_ms / 1000, remaining()), woken)
+                return False
+        await self._publish_traced(part, rows, poll_started, target, target_password)
+        return True
 
     async def _publish_traced(
         self, part: _Partition, rows: list[tenant_db.OutboxRow], poll_started: int, target: Target, password: str | None

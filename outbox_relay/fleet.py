@@ -1075,58 +1075,39 @@ class FleetEngine:
         for reader in list(self.readers.values()):
             if reader.quiet:
                 continue
-            empty = [lane for lane in reader.lanes.values() if not lane.buffer]
-            waiting_at: datetime | None = None
-            stall: dict[str, Any] | None = None
-            if empty and (reader.last_scan_full or reader.notified_at is not None):
-                try:
-                    pool = await self.tenants.pool(
-                        reader.plan.database_id,
-                        reader.plan.database_version,
-                        reader.database,
-                        reader.database_password,
-                        secret_version=reader.plan.database_secret_version,
-                    )
-                    after = min(lane.read_pos for lane in empty)
-                    waiting_at = await tenant_db.next_row_at(pool, reader.database.schema, after)
-                    if waiting_at is None:
-                        reader.notified_at = None  # nothing waits: the wake-up was answered by an earlier read
-                    if (
-                        waiting_at is not None
-                        and not reader.last_scan_full
-                        and (now - waiting_at).total_seconds() >= STALL_AFTER_S
-                    ):
-                        stall = await horizon_stall(pool)
-                except Exception as exc:
-                    log.debug("lag probe of relay %s failed: %s", reader.plan.relay_name, exc)
+            waiting_at, stall = await self._probe_waiting(reader, now)
             reader.quiet = not reader.last_scan_full and reader.notified_at is None and waiting_at is None
-            for lane in list(reader.lanes.values()):
-                oldest = lane.buffer[0].created_at if lane.buffer else waiting_at
-                pending = len(lane.buffer)
-                lag = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
-                metric_key = (reader.plan.tenant_name, reader.plan.relay_name, reader.plan.target_name, lane.partition)
-                instruments().pending[metric_key] = PendingSample(
-                    labels=lane.part.labels, pending=pending, oldest_age_s=lag
-                )
-                key = (round(lag, 0), pending)
-                if pending or lag:
-                    reader.quiet = False
-                if key != lane.last_lag:
-                    lane.last_lag = key
-                    samples.append(
-                        LagSample(
-                            lease=lane.part.lease,
-                            lag_s=lag,
-                            pending=pending,
-                            oldest_at=oldest,
-                            stall=stall if not lane.buffer else None,
-                        )
-                    )
+            samples.extend(_lane_samples(reader, now, waiting_at, stall))
         quiet = [reader for reader in self.readers.values() if reader.quiet]
         await self.fleet.record_lag(samples)
         await self._advance_idle_cursors(
             [reader for reader in self.readers.values() if reader not in quiet or reader.moved]
         )
+
+    async def _probe_waiting(self, reader: RelayReader, now: datetime) -> tuple[datetime | None, dict[str, Any] | None]:
+        """When the next unread row of the relay's empty lanes was written (None: nothing waits, or
+        no probe was needed), and the transaction holding the horizon back once it waited a while."""
+        empty = [lane for lane in reader.lanes.values() if not lane.buffer]
+        if not empty or not (reader.last_scan_full or reader.notified_at is not None):
+            return None, None
+        waiting_at: datetime | None = None
+        stall: dict[str, Any] | None = None
+        try:
+            pool = await self.tenants.pool(
+                reader.plan.database_id,
+                reader.plan.database_version,
+                reader.database,
+                reader.database_password,
+                secret_version=reader.plan.database_secret_version,
+            )
+            waiting_at = await tenant_db.next_row_at(pool, reader.database.schema, min(lane.read_pos for lane in empty))
+            if waiting_at is None:
+                reader.notified_at = None  # nothing waits: the wake-up was answered by an earlier read
+            elif not reader.last_scan_full and (now - waiting_at).total_seconds() >= STALL_AFTER_S:
+                stall = await horizon_stall(pool)
+        except Exception as exc:
+            log.debug("lag probe of relay %s failed: %s", reader.plan.relay_name, exc)
+        return waiting_at, stall
 
     async def _advance_idle_cursors(self, readers: list[RelayReader]) -> None:
         """Move the stored cursor of a lane with nothing buffered, in flight or retrying up to where
@@ -1152,6 +1133,35 @@ class FleetEngine:
             moved = owner.lanes.get(write.lease.partition) if owner else None
             if moved is not None and moved.part.lease.epoch == write.lease.epoch:
                 moved.part.cursor = max(moved.part.cursor, (write.txid, write.row_id))
+
+
+def _lane_samples(
+    reader: RelayReader, now: datetime, waiting_at: datetime | None, stall: dict[str, Any] | None
+) -> list[LagSample]:
+    """Each lane's lag (its oldest buffered row, else the relay's next waiting row) into the pending
+    gauge, and as a sample to store where it changed; a lane with rows or lag keeps the reader awake."""
+    samples: list[LagSample] = []
+    for lane in list(reader.lanes.values()):
+        oldest = lane.buffer[0].created_at if lane.buffer else waiting_at
+        pending = len(lane.buffer)
+        lag = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+        metric_key = (reader.plan.tenant_name, reader.plan.relay_name, reader.plan.target_name, lane.partition)
+        instruments().pending[metric_key] = PendingSample(labels=lane.part.labels, pending=pending, oldest_age_s=lag)
+        key = (round(lag, 0), pending)
+        if pending or lag:
+            reader.quiet = False
+        if key != lane.last_lag:
+            lane.last_lag = key
+            samples.append(
+                LagSample(
+                    lease=lane.part.lease,
+                    lag_s=lag,
+                    pending=pending,
+                    oldest_at=oldest,
+                    stall=stall if not lane.buffer else None,
+                )
+            )
+    return samples
 
 
 def _hand_out(
