@@ -43,7 +43,7 @@ from outbox_relay.store.migrate import migrate
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from infra import REDIS_URL, Scratch, log, pg_dsn  # (puts the repository root on the path, too)
 
-from tests.servers import LiveServer
+from tests.harness.servers import LiveServer
 
 ADMIN_KEY = "bench-admin-key"
 RESULTS = Path(__file__).resolve().parent / "results" / "dead_letters.json"

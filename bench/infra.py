@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 
 # the test suite's broker helpers (free ports, Tansu's location and command line) serve here too
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.brokers import free_port, listening, tansu_command
+from tests.harness.brokers import free_port, listening, tansu_command
 
 PG_HOST = os.environ.get("BENCH_PG_HOST", "127.0.0.1")
 

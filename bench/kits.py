@@ -403,7 +403,7 @@ class NatsKit:
 
 
 class WebhookKit:
-    """A webhook receiver in the bench's process (``tests.webhooks.WebhookReceiver``: it verifies every
+    """A webhook receiver in the bench's process (``tests.harness.webhooks.WebhookReceiver``: it verifies every
     request's signature with the ``standardwebhooks`` package, as a real receiver would), the target
     signing with one secret and ``concurrency`` requests in flight. Destinations are what the receiver
     records per ``outbox-destination`` header."""
@@ -411,7 +411,7 @@ class WebhookKit:
     name = "webhook"
 
     def __init__(self, *, concurrency: int = 16) -> None:
-        from tests.webhooks import WebhookReceiver, new_secret
+        from tests.harness.webhooks import WebhookReceiver, new_secret
 
         self.concurrency = concurrency
         self.secret = new_secret(42)

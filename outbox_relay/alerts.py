@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -171,6 +171,119 @@ def stall_summary(tenant: str, status: RelayStatus, cause: Cause, first_seen: da
 # --- the evaluation -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Relays:
+    """The relays one evaluation reports on (their control-DB rows and status, by id), and the events
+    about each."""
+
+    names: dict[uuid.UUID, Any]
+    statuses: dict[uuid.UUID, RelayStatus]
+
+    def causes(self, troubled: Iterable[uuid.UUID]) -> dict[uuid.UUID, tuple[str, bytes]]:
+        """The status cause (its kind, and the cause encoded) of each troubled relay that has one."""
+        troubled = set(troubled)
+        return {
+            rid: (s.cause.kind, msgspec.json.encode(s.cause))
+            for rid, s in self.statuses.items()
+            if s.cause is not None and rid in troubled
+        }
+
+    def event(
+        self, rid: uuid.UUID, kind: AlertKind, first: datetime, last: datetime, summary: str, **details: Any
+    ) -> Event:
+        r, status = self.names[rid], self.statuses[rid]
+        return Event(
+            kind=kind,
+            subject=f"relay:{rid}",
+            tenant_id=r["tenant_id"],
+            tenant=r["tenant"],
+            relay=r["name"],
+            cause=status.cause,
+            state=status.state,
+            first_seen=first,
+            last_seen=last,
+            summary=summary,
+            details=details,
+        )
+
+    def stall_event(self, rid: uuid.UUID, first: datetime, now: datetime) -> Event:
+        status = self.statuses[rid]
+        assert status.cause is not None
+        summary = stall_summary(self.names[rid]["tenant"], status, status.cause, first, now)
+        return self.event(rid, AlertKind.STALL, first, now, summary)
+
+    def dead_letter_event(self, row: Any) -> Event:
+        n, relay = row["count"], self.names[row["relay_id"]]["name"]
+        newest = {
+            "id": str(row["id"]),
+            "outbox_id": row["outbox_id"],
+            "message_id": row["message_id"],
+            "error_class": row["error_class"],
+            "error": row["last_error"],
+        }
+        summary = (
+            f"{n} new dead letter{'s' if n != 1 else ''} on relay {relay!r}; the newest ({row['id']}, outbox "
+            f"row {row['outbox_id']}): {row['error_class']}: {row['last_error']}"
+        )
+        first, last = row["first_at"], row["created_at"]
+        return self.event(row["relay_id"], AlertKind.DEAD_LETTER, first, last, summary, count=n, newest=newest)
+
+    def restore_event(self, row: Any) -> Event:
+        relay = self.names[row["relay_id"]]["name"]
+        summary = (
+            f"a restore (or failover) of relay {relay!r}'s database was detected on {row['partitions']} "
+            f"partition(s); {row['rows'] or 0} restored row(s) to {row['policy'] or 'resend'}"
+        )
+        return self.event(
+            row["relay_id"],
+            AlertKind.RESTORE,
+            row["first_at"],
+            row["last_at"],
+            summary,
+            partitions=row["partitions"],
+            rows=int(row["rows"] or 0),
+            policy=row["policy"],
+        )
+
+    def lease_lost_event(self, row: Any, window_s: float) -> Event:
+        relay = self.names[row["relay_id"]]["name"]
+        summary = (
+            f"relay {relay!r} lost {row['count']} partition leases ({row['partitions']} partition(s)) "
+            f"in the last {window_s:.0f} s: workers are dying or cannot keep their heartbeat"
+        )
+        return self.event(
+            row["relay_id"],
+            AlertKind.LEASE_LOST,
+            row["first_at"],
+            row["last_at"],
+            summary,
+            count=row["count"],
+            partitions=row["partitions"],
+            window_s=window_s,
+        )
+
+
+def quota_event(row: Any) -> Event:
+    """A quota's refusal of a tenant's request (one event per tenant and quota)."""
+    summary = (
+        f"a request of tenant {row['tenant']!r} was refused by its {row['quota']} quota "
+        f"({row['count']} time(s) so far): {row['detail']}"
+    )
+    return Event(
+        kind=AlertKind.QUOTA,
+        subject=f"quota:{row['tenant_id']}:{row['quota']}",
+        tenant_id=row["tenant_id"],
+        tenant=row["tenant"],
+        relay=None,
+        cause=None,
+        state=None,
+        first_seen=row["first_at"],
+        last_seen=row["last_at"],
+        summary=summary,
+        details={"quota": row["quota"], "count": row["count"], "detail": row["detail"]},
+    )
+
+
 class AlertEvaluator:
     """One worker's part in the fleet's alert evaluation: :meth:`evaluate` (and :meth:`send`) every
     ``alert_interval_s`` (:meth:`start`), until :meth:`close`."""
@@ -289,123 +402,23 @@ class AlertEvaluator:
         window_s = self.settings.alert_lease_lost_window_s
         losses = await db.lease_loss_counts(conn, window_s, self.settings.alert_lease_lost_threshold)
         involved = {*troubled, *(r["relay_id"] for r in [*dead, *restores, *losses])}
+        relays = await self._relays(conn, involved, now)
+        first_seen = await db.track_stalls(conn, relays.causes(troubled), now)
+        events = [relays.stall_event(rid, first, now) for rid, first in first_seen.items()]
+        events += [relays.dead_letter_event(row) for row in dead if row["relay_id"] in relays.names]
+        events += [relays.restore_event(row) for row in restores if row["relay_id"] in relays.names]
+        events += [relays.lease_lost_event(row, window_s) for row in losses if row["relay_id"] in relays.names]
+        events += [quota_event(row) for row in await db.new_quota_refusals(conn, since_settled, now_settled)]
+        return events
+
+    async def _relays(self, conn: Any, involved: set[uuid.UUID], now: datetime) -> _Relays:
+        """The relays an evaluation reports on: their names and tenants, and their status computed
+        exactly as the status API does it."""
         names = await db.relay_names(conn, list(involved))
+        ttl_s = self.settings.lease_ttl_s
         states = await self.store.partition_states_of(list(involved), ttl_s) if involved else {}
         statuses = {rid: relay_status(r["name"], r["enabled"], states.get(rid, []), now) for rid, r in names.items()}
-        causes = {
-            rid: (s.cause.kind, msgspec.json.encode(s.cause))
-            for rid, s in statuses.items()
-            if s.cause is not None and rid in troubled
-        }
-        first_seen = await db.track_stalls(conn, causes, now)
-        events: list[Event] = []
-
-        def relay_event(
-            rid: uuid.UUID, kind: AlertKind, first: datetime, last: datetime, summary: str, **details: Any
-        ) -> None:
-            r, status = names[rid], statuses[rid]
-            events.append(
-                Event(
-                    kind=kind,
-                    subject=f"relay:{rid}",
-                    tenant_id=r["tenant_id"],
-                    tenant=r["tenant"],
-                    relay=r["name"],
-                    cause=status.cause,
-                    state=status.state,
-                    first_seen=first,
-                    last_seen=last,
-                    summary=summary,
-                    details=details,
-                )
-            )
-
-        for rid, first in first_seen.items():
-            status = statuses[rid]
-            assert status.cause is not None
-            summary = stall_summary(names[rid]["tenant"], status, status.cause, first, now)
-            relay_event(rid, AlertKind.STALL, first, now, summary)
-        for row in dead:
-            if row["relay_id"] not in names:
-                continue
-            n, relay = row["count"], names[row["relay_id"]]["name"]
-            newest = {
-                "id": str(row["id"]),
-                "outbox_id": row["outbox_id"],
-                "message_id": row["message_id"],
-                "error_class": row["error_class"],
-                "error": row["last_error"],
-            }
-            summary = (
-                f"{n} new dead letter{'s' if n != 1 else ''} on relay {relay!r}; the newest ({row['id']}, outbox "
-                f"row {row['outbox_id']}): {row['error_class']}: {row['last_error']}"
-            )
-            relay_event(
-                row["relay_id"],
-                AlertKind.DEAD_LETTER,
-                row["first_at"],
-                row["created_at"],
-                summary,
-                count=n,
-                newest=newest,
-            )
-        for row in restores:
-            if row["relay_id"] not in names:
-                continue
-            relay = names[row["relay_id"]]["name"]
-            summary = (
-                f"a restore (or failover) of relay {relay!r}'s database was detected on {row['partitions']} "
-                f"partition(s); {row['rows'] or 0} restored row(s) to {row['policy'] or 'resend'}"
-            )
-            relay_event(
-                row["relay_id"],
-                AlertKind.RESTORE,
-                row["first_at"],
-                row["last_at"],
-                summary,
-                partitions=row["partitions"],
-                rows=int(row["rows"] or 0),
-                policy=row["policy"],
-            )
-        for row in losses:
-            if row["relay_id"] not in names:
-                continue
-            relay = names[row["relay_id"]]["name"]
-            summary = (
-                f"relay {relay!r} lost {row['count']} partition leases ({row['partitions']} partition(s)) "
-                f"in the last {window_s:.0f} s: workers are dying or cannot keep their heartbeat"
-            )
-            relay_event(
-                row["relay_id"],
-                AlertKind.LEASE_LOST,
-                row["first_at"],
-                row["last_at"],
-                summary,
-                count=row["count"],
-                partitions=row["partitions"],
-                window_s=window_s,
-            )
-        for row in await db.new_quota_refusals(conn, since_settled, now_settled):
-            summary = (
-                f"a request of tenant {row['tenant']!r} was refused by its {row['quota']} quota "
-                f"({row['count']} time(s) so far): {row['detail']}"
-            )
-            events.append(
-                Event(
-                    kind=AlertKind.QUOTA,
-                    subject=f"quota:{row['tenant_id']}:{row['quota']}",
-                    tenant_id=row["tenant_id"],
-                    tenant=row["tenant"],
-                    relay=None,
-                    cause=None,
-                    state=None,
-                    first_seen=row["first_at"],
-                    last_seen=row["last_at"],
-                    summary=summary,
-                    details={"quota": row["quota"], "count": row["count"], "detail": row["detail"]},
-                )
-            )
-        return events
+        return _Relays(names, statuses)
 
     async def send(self) -> int:
         """POST the alerts owed (claimed, so no other worker sends them at the same time); each one

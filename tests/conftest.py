@@ -18,7 +18,7 @@ from outbox_relay.store.migrate import migrate
 from service.app import create_app
 from tests.helpers import ADMIN_KEY, LiveServer
 
-pytest_plugins = ["tests.brokers", "tests.workers"]
+pytest_plugins = ["tests.harness.brokers", "tests.workers"]
 
 PG_HOST = os.environ.get("OUTBOX_RELAY_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("OUTBOX_RELAY_TEST_PG_PORT", "5432"))

@@ -16,8 +16,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.brokers import free_port
 from tests.conftest import RUN_ID
+from tests.harness.brokers import free_port
 
 
 def _wait_port(port: int, *, up: bool, timeout_s: float) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from litestar.testing import AsyncTestClient
 
 from outbox_relay.netguard import AddressPolicy
-from tests.servers import LiveServer as LiveServer
+from tests.harness.servers import LiveServer as LiveServer
 
 if TYPE_CHECKING:
     pass

@@ -15,7 +15,7 @@ import pytest
 from arq.worker import Worker
 
 from outbox_relay.config import PREFIX, Settings
-from tests.brokers import end_process
+from tests.harness.brokers import end_process
 
 OUTPUT_DIR = Path(os.environ.get("OUTBOX_RELAY_TEST_OUTPUT", "test-output"))
 

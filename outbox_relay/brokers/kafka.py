@@ -109,6 +109,55 @@ MAX_BATCH_BYTES = 256 * 1024
 publisher's ``max_request_size``."""
 
 
+def _producer_options(
+    *,
+    bootstrap_servers: Sequence[str],
+    security_protocol: SecurityProtocol,
+    sasl_mechanism: SaslMechanism | None,
+    username: str | None,
+    password: str | None,
+    acks: Literal["all", 1],
+    enable_idempotence: bool,
+    compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None,
+    max_request_size: int,
+    timeout_ms: int,
+    client_id: str,
+) -> dict[str, Any]:
+    """The aiokafka producer's keyword arguments from :class:`KafkaPublisher`'s; ValueError for a
+    combination it cannot take."""
+    if not bootstrap_servers:
+        raise ValueError("bootstrap_servers must name at least one broker")
+    if timeout_ms <= 0:
+        raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
+    if max_request_size <= 0:
+        raise ValueError(f"max_request_size must be positive, got {max_request_size}")
+    if enable_idempotence and acks != "all":
+        raise ValueError(f"acks={acks!r} needs enable_idempotence=False (idempotence needs acks='all')")
+    if security_protocol.startswith("SASL") and (sasl_mechanism is None or username is None):
+        raise ValueError(f"security_protocol {security_protocol} needs sasl_mechanism and username")
+    options: dict[str, Any] = {
+        "bootstrap_servers": list(bootstrap_servers),
+        "client_id": client_id,
+        "acks": acks,
+        "enable_idempotence": enable_idempotence,
+        "compression_type": compression_type,
+        "max_request_size": max_request_size,
+        # per partition: aiokafka's 16 KiB default sends 1 KiB messages 15 to a produce request
+        # (one request in flight per broker): the relay reached 0.55x a hand-written poller with
+        # it, 1.07-1.14x with 256 KiB, in the same runs (bench/README.md)
+        "max_batch_size": min(MAX_BATCH_BYTES, max_request_size),
+        "request_timeout_ms": timeout_ms,
+        "security_protocol": security_protocol,
+        "partitioner": KeyPartitioner(),
+    }
+    if security_protocol in ("SSL", "SASL_SSL"):
+        # aiokafka wants one; GuardedKafkaClient dials with a context bound to each broker's name
+        options["ssl_context"] = _tls_context()
+    if security_protocol.startswith("SASL"):
+        options.update(sasl_mechanism=sasl_mechanism, sasl_plain_username=username, sasl_plain_password=password)
+    return options
+
+
 class KafkaPublisher:
     """Publishes batches through one aiokafka producer; see the module docstring."""
 
@@ -130,37 +179,19 @@ class KafkaPublisher:
     ) -> None:
         """``policy`` checks every broker address before it is dialled (see the module docstring).
         Nothing connects before :meth:`connect` or the first batch."""
-        if not bootstrap_servers:
-            raise ValueError("bootstrap_servers must name at least one broker")
-        if timeout_ms <= 0:
-            raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
-        if max_request_size <= 0:
-            raise ValueError(f"max_request_size must be positive, got {max_request_size}")
-        if enable_idempotence and acks != "all":
-            raise ValueError(f"acks={acks!r} needs enable_idempotence=False (idempotence needs acks='all')")
-        if security_protocol.startswith("SASL") and (sasl_mechanism is None or username is None):
-            raise ValueError(f"security_protocol {security_protocol} needs sasl_mechanism and username")
-        options: dict[str, Any] = {
-            "bootstrap_servers": list(bootstrap_servers),
-            "client_id": client_id,
-            "acks": acks,
-            "enable_idempotence": enable_idempotence,
-            "compression_type": compression_type,
-            "max_request_size": max_request_size,
-            # per partition: aiokafka's 16 KiB default sends 1 KiB messages 15 to a produce request
-            # (one request in flight per broker): the relay reached 0.55x a hand-written poller with
-            # it, 1.07-1.14x with 256 KiB, in the same runs (bench/README.md)
-            "max_batch_size": min(MAX_BATCH_BYTES, max_request_size),
-            "request_timeout_ms": timeout_ms,
-            "security_protocol": security_protocol,
-            "partitioner": KeyPartitioner(),
-        }
-        if security_protocol in ("SSL", "SASL_SSL"):
-            # aiokafka wants one; GuardedKafkaClient dials with a context bound to each broker's name
-            options["ssl_context"] = _tls_context()
-        if security_protocol.startswith("SASL"):
-            options.update(sasl_mechanism=sasl_mechanism, sasl_plain_username=username, sasl_plain_password=password)
-        self._options = options
+        self._options = _producer_options(
+            bootstrap_servers=bootstrap_servers,
+            security_protocol=security_protocol,
+            sasl_mechanism=sasl_mechanism,
+            username=username,
+            password=password,
+            acks=acks,
+            enable_idempotence=enable_idempotence,
+            compression_type=compression_type,
+            max_request_size=max_request_size,
+            timeout_ms=timeout_ms,
+            client_id=client_id,
+        )
         self._policy = policy
         self._timeout_s = timeout_ms / 1000
         self._where = ",".join(bootstrap_servers)

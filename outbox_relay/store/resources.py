@@ -142,17 +142,7 @@ class ResourcesStore(StoreBase):
         async with self.transaction() as conn:
             limits = await self._limits(conn, tenant_id, quotas, "relays", "partitions")
             db_id, target_id = await _relay_references(conn, tenant_id, database, target)
-            existing = await conn.fetchrow(
-                "SELECT id, database_id, partitions, updated_at FROM relays "
-                "WHERE tenant_id = $1 AND name = $2 FOR UPDATE",
-                tenant_id,
-                name,
-            )
-            if expect_updated_at is not None and (existing is None or existing["updated_at"] != expect_updated_at):
-                raise RelayChanged(
-                    f"relay {name!r} was {'deleted' if existing is None else 'changed'} meanwhile; "
-                    "nothing was written, try again"
-                )
+            existing = await _relay_for_update(conn, tenant_id, name, expect_updated_at)
             if existing is not None:
                 return await _update_relay(conn, existing, db_id, target_id, partitions, enabled, spec), False
             if partitions > max_partitions:
@@ -162,24 +152,7 @@ class ResourcesStore(StoreBase):
                     limit=max_partitions,
                 )
             await _check_relay_quotas(conn, tenant_id, limits, partitions)
-            row = await conn.fetchrow(
-                "INSERT INTO relays (tenant_id, name, database_id, target_id, partitions, enabled, spec) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) "
-                "RETURNING id, name, spec::text AS spec, false AS has_secret, created_at, updated_at",
-                tenant_id,
-                name,
-                db_id,
-                target_id,
-                partitions,
-                enabled,
-                spec.decode(),
-            )
-            await conn.execute(
-                "INSERT INTO relay_partitions (relay_id, partition) SELECT $1, generate_series(0, $2 - 1)",
-                row["id"],
-                partitions,
-            )
-            return _resource(row), True
+            return await _insert_relay(conn, tenant_id, name, db_id, target_id, partitions, enabled, spec), True
 
     async def delete_resource(self, table: ResourceTable, tenant_id: uuid.UUID, name: str) -> bool:
         """Delete; raises :class:`InUse` while a relay still uses it."""
@@ -237,6 +210,55 @@ async def _check_relay_quotas(
         raise QuotaExceeded(
             quota="partitions", limit=limits["partitions"], used=used["partitions"], requested=partitions
         )
+
+
+async def _relay_for_update(
+    conn: asyncpg.Connection, tenant_id: uuid.UUID, name: str, expect_updated_at: datetime | None
+) -> asyncpg.Record | None:
+    """The relay ``name`` (or None), locked for the transaction; RelayChanged when ``expect_updated_at``
+    is given and it is not the relay's version (deleted, or written since)."""
+    existing = await conn.fetchrow(
+        "SELECT id, database_id, partitions, updated_at FROM relays WHERE tenant_id = $1 AND name = $2 FOR UPDATE",
+        tenant_id,
+        name,
+    )
+    if expect_updated_at is not None and (existing is None or existing["updated_at"] != expect_updated_at):
+        raise RelayChanged(
+            f"relay {name!r} was {'deleted' if existing is None else 'changed'} meanwhile; "
+            "nothing was written, try again"
+        )
+    return existing
+
+
+async def _insert_relay(
+    conn: asyncpg.Connection,
+    tenant_id: uuid.UUID,
+    name: str,
+    db_id: uuid.UUID,
+    target_id: uuid.UUID,
+    partitions: int,
+    enabled: bool,
+    spec: bytes,
+) -> ResourceRow:
+    """A new relay and its partitions."""
+    row = await conn.fetchrow(
+        "INSERT INTO relays (tenant_id, name, database_id, target_id, partitions, enabled, spec) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) "
+        "RETURNING id, name, spec::text AS spec, false AS has_secret, created_at, updated_at",
+        tenant_id,
+        name,
+        db_id,
+        target_id,
+        partitions,
+        enabled,
+        spec.decode(),
+    )
+    await conn.execute(
+        "INSERT INTO relay_partitions (relay_id, partition) SELECT $1, generate_series(0, $2 - 1)",
+        row["id"],
+        partitions,
+    )
+    return _resource(row)
 
 
 async def _update_relay(

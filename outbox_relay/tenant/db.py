@@ -405,6 +405,19 @@ async def check_role(conn: asyncpg.Connection, schema: str) -> RoleCheck:
     sql.quote_ident(schema)  # refuses a name outside IDENT_PATTERN
     head = await conn.fetchrow(_ROLE_SQL, schema)
     assert head is not None
+    role, database = head["role"], head["database"]
+    missing = _missing_grants(head)
+    if head["schema_exists"]:
+        missing += await _missing_on_relay_objects(conn, schema, role)
+    for function in await conn.fetch(_FUNCTIONS_SQL, list(RELAY_FUNCTIONS)):
+        name = function["f"]
+        missing.append(MissingGrant("EXECUTE", f"function {name}", f"GRANT EXECUTE ON FUNCTION {name} TO {role}"))
+    warnings = await _role_warnings(conn, schema, head)
+    return RoleCheck(role=role, database=database, missing=missing, warnings=warnings)
+
+
+def _missing_grants(head: asyncpg.Record) -> list[MissingGrant]:
+    """What the role lacks on the database, the language plpgsql and the schema."""
     role, database, quoted = head["role"], head["database"], head["schema"]
     missing: list[MissingGrant] = []
     if not head["database_create"]:
@@ -416,44 +429,52 @@ async def check_role(conn: asyncpg.Connection, schema: str) -> RoleCheck:
             missing.append(
                 MissingGrant(privilege, f"schema {quoted}", f"GRANT {privilege} ON SCHEMA {quoted} TO {role}")
             )
-    if head["schema_exists"]:
-        for obj in await conn.fetch(_RELAY_OBJECTS_SQL, schema):
-            kind, name = obj["kind"], obj["name"]
-            if not obj["owned"]:  # the new owner gets the old owner's privileges with it
-                missing.append(MissingGrant("OWNER", f"{kind.lower()} {name}", f"ALTER {kind} {name} OWNER TO {role}"))
-                continue
-            wanted = {"outbox": ("SELECT",), "outbox_meta": ("SELECT", "INSERT", "UPDATE")}.get(obj["bare"], ())
-            if kind == "TABLE":  # an owner may have revoked its own privileges
-                for privilege in wanted:
-                    if not obj[f"can_{privilege.lower()}"]:
-                        missing.append(
-                            MissingGrant(privilege, f"table {name}", f"GRANT {privilege} ON TABLE {name} TO {role}")
-                        )
-    for function in await conn.fetch(_FUNCTIONS_SQL, list(RELAY_FUNCTIONS)):
-        name = function["f"]
-        missing.append(MissingGrant("EXECUTE", f"function {name}", f"GRANT EXECUTE ON FUNCTION {name} TO {role}"))
-    warnings: list[RoleWarning] = []
+    return missing
+
+
+async def _missing_on_relay_objects(conn: asyncpg.Connection, schema: str, role: str) -> list[MissingGrant]:
+    """The relay's tables, partitions and functions in ``schema`` the role does not own, and the
+    privileges it lacks on the tables it owns."""
+    missing: list[MissingGrant] = []
+    for obj in await conn.fetch(_RELAY_OBJECTS_SQL, schema):
+        kind, name = obj["kind"], obj["name"]
+        if not obj["owned"]:  # the new owner gets the old owner's privileges with it
+            missing.append(MissingGrant("OWNER", f"{kind.lower()} {name}", f"ALTER {kind} {name} OWNER TO {role}"))
+            continue
+        wanted = {"outbox": ("SELECT",), "outbox_meta": ("SELECT", "INSERT", "UPDATE")}.get(obj["bare"], ())
+        if kind == "TABLE":  # an owner may have revoked its own privileges
+            for privilege in wanted:
+                if not obj[f"can_{privilege.lower()}"]:
+                    missing.append(
+                        MissingGrant(privilege, f"table {name}", f"GRANT {privilege} ON TABLE {name} TO {role}")
+                    )
+    return missing
+
+
+async def _role_warnings(conn: asyncpg.Connection, schema: str, head: asyncpg.Record) -> list[RoleWarning]:
+    """The role reaches more than the relay needs: it is a superuser, or owns tables or views outside
+    ``schema``."""
+    role, quoted = head["role"], head["schema"]
     if head["superuser"]:
-        warnings.append(
+        return [
             RoleWarning(
                 "superuser",
                 f"role {role} is a superuser: a leaked relay credential reaches every database of the server; "
                 "give the relay a role of its own with only the privileges it needs",
             )
+        ]
+    unrelated = await conn.fetch(_UNRELATED_SQL, schema)
+    if not unrelated:
+        return []
+    total = int(unrelated[0]["total"])
+    names = ", ".join(r["name"] for r in unrelated) + (", ..." if total > len(unrelated) else "")
+    return [
+        RoleWarning(
+            "owns-unrelated-objects",
+            f"role {role} owns {total} table(s) or view(s) outside schema {quoted} ({names}): a leaked "
+            "relay credential reaches them; give the relay a role of its own that owns only the outbox",
         )
-    else:
-        unrelated = await conn.fetch(_UNRELATED_SQL, schema)
-        if unrelated:
-            total = int(unrelated[0]["total"])
-            names = ", ".join(r["name"] for r in unrelated) + (", ..." if total > len(unrelated) else "")
-            warnings.append(
-                RoleWarning(
-                    "owns-unrelated-objects",
-                    f"role {role} owns {total} table(s) or view(s) outside schema {quoted} ({names}): a leaked "
-                    "relay credential reaches them; give the relay a role of its own that owns only the outbox",
-                )
-            )
-    return RoleCheck(role=role, database=database, missing=missing, warnings=warnings)
+    ]
 
 
 PROVISION_LOCK_TIMEOUT_MS = 2000

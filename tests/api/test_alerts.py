@@ -14,8 +14,8 @@ from litestar.testing import AsyncTestClient
 
 from outbox_relay.config import Settings
 from service.app import create_app
+from tests.harness.webhooks import new_secret
 from tests.helpers import TenantClient, make_tenant
-from tests.webhooks import new_secret
 
 SECRET = new_secret(1)
 ALERT = {"url": "http://127.0.0.1:9/alerts", "password": SECRET, "events": ["stall", "dead_letter"]}

@@ -24,8 +24,8 @@ from litestar.testing import AsyncTestClient
 
 from outbox_relay.config import Settings
 from service.app import create_app
-from tests.brokers import RabbitMQAccount
 from tests.conftest import pg_dsn
+from tests.harness.brokers import RabbitMQAccount
 from tests.helpers import TenantClient, admin, make_tenant
 from tests.workers import run_replay_jobs
 

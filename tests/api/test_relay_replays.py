@@ -25,8 +25,8 @@ from outbox_relay.crypto import SecretBox
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
 from service.app import create_app
-from tests.brokers import RedisAccount
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.harness.brokers import RedisAccount
 from tests.helpers import TenantClient, make_tenant
 from workers.replay import replay_history
 

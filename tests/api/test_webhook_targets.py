@@ -3,8 +3,8 @@ a refusal), the URL and every bound checked with a 4xx naming the field."""
 
 from __future__ import annotations
 
+from tests.harness.webhooks import new_secret
 from tests.helpers import TenantClient
-from tests.webhooks import new_secret
 
 SECRET, NEXT = new_secret(1), new_secret(2)
 HOOK = {"kind": "webhook", "url": "http://127.0.0.1:9/hooks", "password": SECRET}

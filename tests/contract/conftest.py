@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.brokers import RabbitMQAccount
 from tests.contract.harness import (
     Harness,
     KafkaHarness,
@@ -19,6 +18,7 @@ from tests.contract.harness import (
     rabbitmq_env,
     webhook_harness,
 )
+from tests.harness.brokers import RabbitMQAccount
 
 _rabbitmq_envs: dict[str, RabbitMQEnv] = {}
 

@@ -33,7 +33,8 @@ from yarl import URL
 
 from outbox_relay.brokers.base import OutgoingMessage
 from outbox_relay.domain import KafkaTarget, NatsTarget, RabbitMQTarget, RedisStreamsTarget, Target, WebhookTarget
-from tests.brokers import (
+from tests.contract.proxy import TcpProxy
+from tests.harness.brokers import (
     NATS_ADDRESS,
     NatsServer,
     RabbitMQAccount,
@@ -44,8 +45,7 @@ from tests.brokers import (
     rabbitmqctl,
     tansu_command,
 )
-from tests.contract.proxy import TcpProxy
-from tests.webhooks import Answer, WebhookReceiver, new_secret
+from tests.harness.webhooks import Answer, WebhookReceiver, new_secret
 
 # Short enough to keep the outage tests quick, long enough for a loaded CI machine.
 TIMEOUT_MS = 2000
@@ -613,7 +613,7 @@ def _nats_header_block(encoded: bytes | None) -> dict[str, str]:
 
 
 class WebhookHarness(_ProxiedHarness):
-    """One signed POST per message to a local receiver (:class:`tests.webhooks.WebhookReceiver`), which
+    """One signed POST per message to a local receiver (:class:`tests.harness.webhooks.WebhookReceiver`), which
     verifies every signature with the ``standardwebhooks`` package; the target holds two secrets (a
     rotation under way), so every request carries, and must verify under, both. Destination, key and
     headers travel percent-encoded in HTTP headers; different keys are delivered in parallel.

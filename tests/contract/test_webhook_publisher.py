@@ -13,8 +13,8 @@ from outbox_relay.brokers.base import OutgoingMessage, PublishResult
 from outbox_relay.brokers.factory import open_publisher
 from outbox_relay.domain import WebhookTarget
 from outbox_relay.errors import TargetUnavailable
+from tests.harness.webhooks import Answer, WebhookReceiver, new_secret
 from tests.helpers import LOCAL
-from tests.webhooks import Answer, WebhookReceiver, new_secret
 
 SECRETS = [new_secret(21), new_secret(22)]
 BOTH = " ".join(SECRETS)  # a rotation under way: the receiver checks both signatures

@@ -19,8 +19,8 @@ import pytest
 import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
-from tests.brokers import RedisAccount
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.harness.brokers import RedisAccount
 from tests.helpers import TenantClient, make_tenant
 from tests.integration.test_adopt_table import INSERT, debezium_database
 from tests.workers import WorkerPool

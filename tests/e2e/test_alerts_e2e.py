@@ -22,8 +22,8 @@ from litestar.testing import AsyncTestClient
 from outbox_relay.alerts import SETTLE_S
 from outbox_relay.client import add
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.harness.webhooks import Answer, WebhookReceiver, new_secret
 from tests.helpers import TenantClient, make_tenant
-from tests.webhooks import Answer, WebhookReceiver, new_secret
 from tests.workers import WorkerPool
 
 pytestmark = pytest.mark.e2e

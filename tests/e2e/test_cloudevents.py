@@ -30,11 +30,11 @@ from cloudevents.core.formats.json import JSONFormat
 from litestar.testing import AsyncTestClient
 
 from outbox_relay.client import add
-from tests.brokers import NatsServer, RabbitMQAccount, RedisAccount, TansuBroker
 from tests.conftest import DatabaseFactory, pg_dsn
 from tests.e2e.test_nats_relay import stored_headers
+from tests.harness.brokers import NatsServer, RabbitMQAccount, RedisAccount, TansuBroker
+from tests.harness.webhooks import WebhookReceiver, new_secret, receiver_thread
 from tests.helpers import TenantClient, make_tenant
-from tests.webhooks import WebhookReceiver, new_secret, receiver_thread
 from tests.workers import WorkerPool
 
 pytestmark = pytest.mark.e2e

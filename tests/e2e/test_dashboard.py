@@ -35,8 +35,8 @@ from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
 from service.app import create_app
 from service.ui.session import FLASH_COOKIE, SESSION_COOKIE
-from tests.brokers import RabbitMQAccount
 from tests.conftest import DatabaseFactory, LiveServer, pg_dsn
+from tests.harness.brokers import RabbitMQAccount
 from tests.helpers import ADMIN_KEY, admin, make_tenant
 from tests.integration.conftest import FAST_RETRY, write
 from tests.workers import OUTPUT_DIR, run_replay_jobs

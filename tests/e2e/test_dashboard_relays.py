@@ -33,10 +33,10 @@ from service.relays.status import relay_status
 from service.ui.forms import duration
 from service.ui.relays import CAUSE_LABELS
 from service.ui.responses import ui_template_config
-from tests.brokers import RabbitMQAccount, free_port
 from tests.conftest import RUN_ID, DatabaseFactory, LiveServer, pg_dsn
 from tests.e2e.test_dashboard import CHROMIUM_ARGS, SHOTS, sign_in, ui_login
 from tests.faults import PgCluster
+from tests.harness.brokers import RabbitMQAccount, free_port
 from tests.helpers import ADMIN_KEY, TenantClient, make_tenant
 from tests.integration.conftest import write
 from tests.workers import WorkerPool

@@ -25,9 +25,9 @@ from litestar.testing import AsyncTestClient
 from outbox_relay.config import Settings
 from outbox_relay.store.migrate import migrate
 from service.app import create_app
-from tests.brokers import RedisAccount
 from tests.conftest import RUN_ID, DatabaseFactory, pg_dsn
 from tests.faults import PgCluster, RedisServer
+from tests.harness.brokers import RedisAccount
 from tests.helpers import TenantClient, make_tenant
 from tests.workers import WorkerPool
 

@@ -25,8 +25,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from outbox_relay.client import add, schema_sql
-from tests.brokers import RedisAccount
 from tests.conftest import RUN_ID, DatabaseFactory, LiveServer, pg_dsn
+from tests.harness.brokers import RedisAccount
 from tests.helpers import ADMIN_KEY
 from tests.workers import WorkerPool
 

@@ -19,8 +19,8 @@ import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
 from outbox_relay.client import add
-from tests.brokers import RedisAccount
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.harness.brokers import RedisAccount
 from tests.helpers import TenantClient, make_tenant
 from tests.workers import WorkerPool
 

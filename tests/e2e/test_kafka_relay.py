@@ -12,8 +12,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from litestar.testing import AsyncTestClient
 
-from tests.brokers import TansuBroker
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.harness.brokers import TansuBroker
 from tests.helpers import make_tenant
 from tests.traffic import check_delivery, write_messages
 from tests.workers import WorkerPool

@@ -18,9 +18,9 @@ from litestar.testing import AsyncTestClient
 
 from outbox_relay.config import Settings
 from outbox_relay.store.control import ControlStore
-from tests.brokers import NatsServer
 from tests.conftest import DatabaseFactory, pg_dsn
 from tests.e2e.test_dashboard import dead_letter_for_real, ui_login
+from tests.harness.brokers import NatsServer
 from tests.helpers import make_tenant
 from tests.integration.conftest import FAST_RETRY, write
 from tests.traffic import check_delivery, write_messages

@@ -24,8 +24,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
-from tests.brokers import RabbitMQAccount, TansuBroker
 from tests.conftest import REDIS_URL, RUN_ID, pg_dsn
+from tests.harness.brokers import RabbitMQAccount, TansuBroker
 from tests.helpers import ADMIN_KEY, LiveServer, admin, example, run_example
 from tests.workers import WorkerPool
 

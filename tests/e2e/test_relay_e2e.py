@@ -18,8 +18,8 @@ import pytest
 import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
-from tests.brokers import RabbitMQAccount, RedisAccount
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.harness.brokers import RabbitMQAccount, RedisAccount
 from tests.helpers import TenantClient, make_tenant
 from tests.traffic import check_delivery, write_messages
 from tests.workers import WorkerPool

@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
 from outbox_relay.config import Settings
-from tests.brokers import RedisAccount, free_port
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.harness.brokers import RedisAccount, free_port
 from tests.helpers import TenantClient, make_tenant
 from tests.traffic import check_delivery, write_messages
 from tests.workers import WorkerPool

@@ -1,5 +1,5 @@
 """Webhooks end to end: a webhook target configured through the API, relayed by a real worker process
-to a local receiver (``tests.webhooks``) that verifies every request's signatures with the
+to a local receiver (``tests.harness.webhooks``) that verifies every request's signatures with the
 ``standardwebhooks`` package.
 
 * 1,000 messages over 100 keys, about a fifth rolled back: exactly the committed ones arrive, each
@@ -27,9 +27,9 @@ from litestar.testing import AsyncTestClient
 from outbox_relay.client import add
 from tests.conftest import DatabaseFactory, pg_dsn
 from tests.e2e.test_dashboard import ui_login
+from tests.harness.webhooks import Answer, WebhookReceiver, new_secret, receiver_thread
 from tests.helpers import TenantClient, make_tenant
 from tests.traffic import check_delivery, write_messages
-from tests.webhooks import Answer, WebhookReceiver, new_secret, receiver_thread
 from tests.workers import WorkerPool
 
 pytestmark = pytest.mark.e2e

@@ -22,8 +22,8 @@ from outbox_relay.crypto import SecretBox
 from outbox_relay.engine import PublisherCache, RelayRunner, TenantConnections
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
-from tests.brokers import RabbitMQAccount
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.harness.brokers import RabbitMQAccount
 from tests.helpers import TenantClient, make_tenant
 
 FAST_RETRY = {"max_attempts": 3, "backoff_base_ms": 20, "backoff_max_ms": 100, "poll_interval_ms": 50}

@@ -23,8 +23,8 @@ from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store import alerts as alerts_db
 from outbox_relay.store.control import ControlStore
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.harness.webhooks import Answer, WebhookReceiver, new_secret
 from tests.helpers import admin, make_tenant
-from tests.webhooks import Answer, WebhookReceiver, new_secret
 
 TENANT_SECRET, OPERATOR_SECRET = new_secret(41), new_secret(42)
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from outbox_relay.config import Settings
-from tests.brokers import end_process, free_port
 from tests.conftest import RUN_ID, DatabaseFactory, pg_dsn
+from tests.harness.brokers import end_process, free_port
 from tests.workers import OUTPUT_DIR, worker_env
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,8 +20,8 @@ from outbox_relay.domain import Database
 from outbox_relay.engine import RelayRunner, TenantConnections
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.store.control import ControlStore
-from tests.brokers import RabbitMQAccount, free_port
 from tests.conftest import pg_dsn
+from tests.harness.brokers import RabbitMQAccount, free_port
 from tests.integration.conftest import FAST_RETRY, Setup, partition_row, run_until, until, write, write_ids
 
 

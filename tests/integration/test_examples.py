@@ -25,8 +25,8 @@ from redis.asyncio import Redis
 
 from outbox_relay.client import add, schema_sql
 from outbox_relay.config import Settings
-from tests.brokers import NatsServer, RabbitMQAccount, RedisAccount, TansuBroker
 from tests.conftest import RUN_ID, DatabaseFactory, pg_dsn
+from tests.harness.brokers import NatsServer, RabbitMQAccount, RedisAccount, TansuBroker
 from tests.helpers import TenantClient, admin, example, make_tenant, run_example
 from tests.workers import WorkerPool
 

@@ -27,8 +27,8 @@ from outbox_relay.client import ClientError, Inbox, MessageRef, amqp_ref, kafka_
 from outbox_relay.domain import Relay
 from outbox_relay.engine import build_messages
 from outbox_relay.tenant.db import OutboxRow
-from tests.brokers import RabbitMQAccount, RedisAccount, TansuBroker
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.harness.brokers import RabbitMQAccount, RedisAccount, TansuBroker
 from tests.helpers import LOCAL
 
 

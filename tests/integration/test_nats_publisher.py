@@ -25,7 +25,7 @@ from outbox_relay.brokers.factory import open_publisher
 from outbox_relay.domain import NatsTarget
 from outbox_relay.errors import TargetUnavailable
 from outbox_relay.netguard import AddressPolicy
-from tests.brokers import TEST_PASSWORD, end_process, free_port, listening
+from tests.harness.brokers import TEST_PASSWORD, end_process, free_port, listening
 from tests.helpers import LOCAL
 from tests.tls import TestCA
 

@@ -45,12 +45,12 @@ from outbox_relay.errors import AddressNotAllowed, TargetUnavailable, TenantData
 from outbox_relay.netguard import AddressPolicy
 from outbox_relay.specs import webhook_secrets
 from outbox_relay.tenant import db as tenant_db
-from tests.brokers import NATS_ADDRESS, RabbitMQAccount, RedisAccount, TansuBroker, free_port, listening
 from tests.conftest import PG_PORT, PG_USER, DatabaseFactory, pg_dsn
 from tests.contract.proxy import TcpProxy
+from tests.harness.brokers import NATS_ADDRESS, RabbitMQAccount, RedisAccount, TansuBroker, free_port, listening
+from tests.harness.webhooks import WebhookReceiver, new_secret
 from tests.helpers import make_tenant
 from tests.tls import TestCA
-from tests.webhooks import WebhookReceiver, new_secret
 from workers.settings import worker_settings
 
 REBIND = "rebind.outbox-relay.test"

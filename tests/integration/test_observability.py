@@ -17,8 +17,8 @@ from outbox_relay.client import add
 from outbox_relay.engine import RelayRunner
 from outbox_relay.store.control import ControlStore
 from outbox_relay.telemetry import LATENCY_BUCKETS_S
-from tests.brokers import RabbitMQAccount, free_port
 from tests.conftest import pg_dsn
+from tests.harness.brokers import RabbitMQAccount, free_port
 from tests.helpers import ADMIN_KEY
 from tests.integration.conftest import FAST_RETRY, Setup, run_until, write
 from tests.telemetry import SPANS, counter_value, metric_points

@@ -27,8 +27,8 @@ from outbox_relay.engine import RelayRunner
 from outbox_relay.store.control import ControlStore
 from outbox_relay.tenant import db as tenant_db
 from outbox_relay.tenant.sql import notify_channel, quote_ident, quote_literal
-from tests.brokers import RabbitMQAccount
 from tests.conftest import DatabaseFactory, pg_dsn
+from tests.harness.brokers import RabbitMQAccount
 from tests.helpers import make_tenant
 from tests.integration.conftest import Setup, run_until
 

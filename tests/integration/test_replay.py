@@ -24,7 +24,7 @@ from outbox_relay.netguard import AddressPolicy
 from outbox_relay.replay import ReplayConflict, Replayer
 from outbox_relay.store.control import ControlStore
 from outbox_relay.store.dead_letters import DeadLetterStore, Letter
-from tests.brokers import RabbitMQAccount, free_port
+from tests.harness.brokers import RabbitMQAccount, free_port
 from tests.helpers import LOCAL
 from tests.integration.conftest import FAST_RETRY, Setup, run_until, write
 from workers.replay import replay_dead_letters

@@ -33,9 +33,9 @@ from outbox_relay.client import add
 from outbox_relay.config import Settings
 from outbox_relay.engine import RelayRunner
 from outbox_relay.store.control import ControlStore
-from tests.brokers import free_port
 from tests.conftest import PG_USER, RUN_ID
 from tests.fleet import Fleet
+from tests.harness.brokers import free_port
 from tests.integration.conftest import Setup
 
 pytestmark = pytest.mark.slow

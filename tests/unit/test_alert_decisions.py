@@ -13,7 +13,7 @@ from outbox_relay.alerts import Channel, Event, delivery_due, matches, stall_due
 from outbox_relay.config import Settings
 from outbox_relay.domain import Alert, AlertKind
 from outbox_relay.errors import ConfigError
-from tests.webhooks import new_secret
+from tests.harness.webhooks import new_secret
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 TENANT, OTHER = uuid.uuid4(), uuid.uuid4()

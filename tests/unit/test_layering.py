@@ -53,6 +53,51 @@ def test_the_check_sees_an_import_inside_a_function(tmp_path: Path) -> None:
     assert imported_packages(source) >= {"service", "workers"}
 
 
+HARNESS = "tests.harness"
+"""What ``bench/`` may import from ``tests``: the shared harness (brokers, the live server, the webhook
+receiver), never a test module or the tests' own helpers."""
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module == "tests" and node.level == 0:
+            out.update(f"tests.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return out
+
+
+def outside_the_harness(path: Path) -> set[str]:
+    return {
+        name
+        for name in imported_modules(path)
+        if name.split(".")[0] == "tests" and name != HARNESS and not name.startswith(HARNESS + ".")
+    }
+
+
+def test_the_benches_import_from_tests_only_the_harness() -> None:
+    found = []
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        bad = outside_the_harness(path)
+        if bad:
+            found.append(f"{path.relative_to(ROOT)} imports {', '.join(sorted(bad))}")
+    assert found == []
+
+
+def test_the_bench_check_sees_a_test_module(tmp_path: Path) -> None:
+    source = tmp_path / "bench.py"
+    source.write_text(
+        "from tests.harness.brokers import free_port\n"
+        "def run():\n    from tests.helpers import wait_for\n    import tests.servers\n"
+        "from tests import harness, webhooks\n"
+    )
+    assert outside_the_harness(source) == {"tests.helpers", "tests.servers", "tests.webhooks"}
+
+
 def test_the_console_script_is_the_entry_point_outside_the_core() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     assert 'outbox-relay = "service.cli:main"' in text

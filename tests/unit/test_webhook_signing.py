@@ -21,7 +21,7 @@ from outbox_relay.domain import WebhookTarget
 from outbox_relay.errors import InvalidSpec, TargetUnavailable
 from outbox_relay.netguard import target_endpoints
 from outbox_relay.specs import check_target, webhook_secrets
-from tests.webhooks import new_secret
+from tests.harness.webhooks import new_secret
 
 OLD, NEW = new_secret(1), new_secret(2)
 

@@ -1,5 +1,5 @@
 """The API as a live server: shared by the tests and the benches (``bench/`` imports this module and
-``tests.brokers``, the harness, never the tests' own helpers)."""
+the rest of ``tests.harness``, never the tests' own helpers)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class LiveServer:
         import uvicorn
 
         from service.app import create_app
-        from tests.brokers import free_port
+        from tests.harness.brokers import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
