@@ -110,6 +110,9 @@ CAUSES_SQL = (
     "SELECT DISTINCT c.relay_id FROM ("
     "SELECT p.relay_id FROM relay_partitions p WHERE p.retry_outbox_id IS NOT NULL OR p.stall IS NOT NULL "
     "UNION ALL SELECT p.relay_id FROM relay_partitions p WHERE p.last_error_at > now() - interval '60 seconds' "
+    # from the stopped workers' keys (usually none) through the owner index: as a join, the planner
+    # hashed an estimate of 357 stopped workers and scanned every partition for them (all 16,000 of
+    # them every 5 s at 1,000 idle relays in the fleet bench)
     "UNION ALL SELECT p.relay_id FROM relay_partitions p WHERE p.lease_holder = ANY(ARRAY(SELECT w.key FROM workers w "
     "WHERE w.heartbeat_at + make_interval(secs => $1) < now() - interval '30 seconds')) "
     f"AND p.lease_expires_at IS NULL AND {_WAITS} "
@@ -120,18 +123,6 @@ CAUSES_SQL = (
 """``relays_with_causes``: $1 the ownership TTL in seconds."""
 
 
-async def fetch_by_index(conn: asyncpg.Connection, sql: str, *args: Any) -> list[asyncpg.Record]:
-    """Run ``sql`` (in the caller's transaction) with sequential scans off for that statement: for
-    queries whose every part has an index finding its few rows. The planner still scanned every
-    partition for ``CAUSES_SQL``: for its arm of stopped workers' partitions (a hash join built on an
-    estimate of 357 stopped workers where there were none) and, on a table no ANALYZE had seen yet,
-    for the others; 16,000 rows read per evaluation at 1,000 idle relays in the fleet bench."""
-    seqscan = await conn.fetchval("SELECT current_setting('enable_seqscan'), set_config('enable_seqscan', 'off', true)")
-    rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
-    await conn.execute("SELECT set_config('enable_seqscan', $1, true)", seqscan)
-    return rows
-
-
 async def relays_with_causes(conn: asyncpg.Connection, ttl_s: float) -> list[uuid.UUID]:
     """The enabled relays with a partition that may have a status cause (the status's own rules then
     decide, from every partition of these relays): a message retrying or a transaction holding the
@@ -139,7 +130,7 @@ async def relays_with_causes(conn: asyncpg.Connection, ttl_s: float) -> list[uui
     or a lapsed lease over
     waiting rows: a fleet worker whose heartbeat stopped (from the few such workers through
     ``relay_partitions_owner``) or a per-slice lease past its expiry (``relay_partitions_expiring``)."""
-    rows = await fetch_by_index(conn, CAUSES_SQL, ttl_s)
+    rows = await conn.fetch(CAUSES_SQL, ttl_s)
     return [r["relay_id"] for r in rows]
 
 
