@@ -31,16 +31,6 @@ from outbox_relay.store.rows import (
 class PartitionsStore(StoreBase):
     # --- data plane: scheduling, leases, cursors -------------------------------------------------
 
-    async def idle_partitions(self) -> list[tuple[uuid.UUID, int, int]]:
-        """(relay, partition, lease epoch) of every enabled relay's partition that nobody holds now
-        (lease free or expired): the ones a relay job should be queued for."""
-        rows = await self.pool.fetch(
-            "SELECT p.relay_id, p.partition, p.lease_epoch FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
-            "WHERE r.enabled AND (p.lease_holder IS NULL OR p.lease_expires_at IS NULL OR p.lease_expires_at < now()) "
-            "ORDER BY p.relay_id, p.partition"
-        )
-        return [(r["relay_id"], r["partition"], r["lease_epoch"]) for r in rows]
-
     async def relay_plan(self, relay_id: uuid.UUID) -> RelayPlan | None:
         return (await self.relay_plans([relay_id])).get(relay_id)
 
