@@ -107,7 +107,9 @@ async def evaluations(pool: asyncpg.Pool) -> int:
 
 _WAITS = "(coalesce(p.pending_estimate, 0) > 0 OR coalesce(p.lag_s, 0) > 0)"
 CAUSES_SQL = (
-    "SELECT DISTINCT c.relay_id FROM ("
+    # the relays from the partitions found (usually none), not the other way round: joined, the plan
+    # read every relay to match it against nothing
+    "SELECT r.id AS relay_id FROM relays r WHERE r.enabled AND r.id = ANY(ARRAY("
     "SELECT p.relay_id FROM relay_partitions p WHERE p.retry_outbox_id IS NOT NULL OR p.stall IS NOT NULL "
     "UNION ALL SELECT p.relay_id FROM relay_partitions p WHERE p.last_error_at > now() - interval '60 seconds' "
     # from the stopped workers' keys (usually none) through the owner index: as a join, the planner
@@ -118,7 +120,7 @@ CAUSES_SQL = (
     f"AND p.lease_expires_at IS NULL AND {_WAITS} "
     "UNION ALL SELECT p.relay_id FROM relay_partitions p WHERE p.lease_expires_at IS NOT NULL "
     f"AND p.lease_holder IS NOT NULL AND p.lease_expires_at < now() - interval '30 seconds' AND {_WAITS}"
-    ") c JOIN relays r ON r.id = c.relay_id WHERE r.enabled"
+    "))"
 )
 """``relays_with_causes``: $1 the ownership TTL in seconds."""
 
