@@ -409,6 +409,8 @@ class FleetEngine:
         self.tick = asyncio.Event()
         self._recount = True
         self._recount_at = 0.0
+        self._total: int | None = None
+        """Partitions of enabled relays, as last counted (``_balance``)."""
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._lag_task: asyncio.Task[None] | None = None
@@ -483,10 +485,19 @@ class FleetEngine:
                     any_relay.clear()
 
     async def _balance(self) -> None:
+        """One tick: reap, then claim or release toward this worker's share. What only a change of a
+        relay or of the fleet can move (the partitions to share, this worker's count, disabled relays'
+        partitions to free) is read after such a change (a notification, a claim or release of ours, a
+        failed tick) and once every ``OWNED_RECOUNT_S``: at 1,000 idle relays the reads of every relay
+        on each tick were most of the control DB's."""
         await self.fleet.reap(self.settings.lease_ttl_s)
-        await self._drop_disabled()
-        recount = self._recount or time.monotonic() >= self._recount_at
-        view = await self.fleet.balance(self.key, self.settings.lease_ttl_s, count_owned=recount)
+        # without the control DB's notifications (no events), every tick is after a change
+        recount = self._recount or self.events is None or time.monotonic() >= self._recount_at
+        await self._drop_disabled(release=recount)
+        view = await self.fleet.balance(
+            self.key, self.settings.lease_ttl_s, count_owned=recount, total=None if recount else self._total
+        )
+        self._total = view.total_partitions
         if recount:
             self._recount, self._recount_at = False, time.monotonic() + OWNED_RECOUNT_S
         self.live_workers = max(1, view.live_workers)
@@ -520,13 +531,16 @@ class FleetEngine:
         except Exception as exc:
             log.debug("lease losses not recorded: %s", exc)
 
-    async def _drop_disabled(self) -> None:
+    async def _drop_disabled(self, *, release: bool) -> None:
+        """Close the readers that stopped; with ``release``, free this worker's partitions of disabled
+        relays (those no reader holds: claimed as the relay was disabled)."""
         for reader in list(self.readers.values()):
             if reader.stop.is_set():
                 await self._close_reader(reader, release=not reader.restart)
                 if reader.restart:  # edited: its partitions stay ours, read again under the new plan
                     await self._reconcile()
-        await self.fleet.release_disabled(self.key)
+        if release:
+            await self.fleet.release_disabled(self.key)
 
     async def _release(self, count: int) -> None:
         """Give back ``count`` partitions after their lanes flushed. First what this worker holds of

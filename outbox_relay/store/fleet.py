@@ -145,7 +145,7 @@ RELEASE_DISABLED_SQL = (
     "UPDATE relay_partitions p SET lease_holder = NULL, lease_expires_at = NULL "
     "WHERE p.relay_id = ANY(ARRAY(SELECT id FROM relays WHERE NOT enabled)) AND coalesce(p.lease_holder, '') = $1"
 )
-"""``FleetStore.release_disabled``, $1 the worker's key: every tick, driven from the disabled relays
+"""``FleetStore.release_disabled``, $1 the worker's key: after a relay changed, driven from the disabled relays
 (usually none) through the primary key, not from this worker's partitions. The holder is compared
 through ``coalesce`` so that no plan can start from the owner index: with statistics from before
 the claim (an estimate of 78 owned rows) the planner read all of them (24,098 index entries at
@@ -188,25 +188,29 @@ class FleetStore:
         )
         return int(freed or 0)
 
-    async def balance(self, key: str, ttl_s: float, *, count_owned: bool = True) -> BalanceView:
+    async def balance(
+        self, key: str, ttl_s: float, *, count_owned: bool = True, total: int | None = None
+    ) -> BalanceView:
         """Membership and the partitions to share. Counting this worker's own partitions reads one
-        index entry per partition it owns, so the engine asks for it only when something changed
-        (and now and then), not on every tick."""
+        index entry per partition it owns, and the partitions to share (``total`` not given) one row
+        per relay, so the engine asks for them only when something changed (and now and then), not
+        on every tick."""
         row = await self.pool.fetchrow(
             "SELECT (SELECT coalesce(array_agg(key ORDER BY key), '{}') FROM workers "
             "WHERE heartbeat_at >= now() - make_interval(secs => $2)) AS live, "
-            "(SELECT coalesce(sum(partitions), 0) FROM relays WHERE enabled) AS total, "
+            "(SELECT coalesce(sum(partitions), 0) FROM relays WHERE enabled AND $4) AS total, "
             "(SELECT count(*) FROM relay_partitions WHERE lease_holder = $1 AND $3) AS owned, "
             "(SELECT count(*) FROM relay_partitions p JOIN relays r ON r.id = p.relay_id "
             " WHERE p.lease_holder IS NULL AND r.enabled) AS free",
             key,
             ttl_s,
             count_owned,
+            total is None,
         )
         assert row is not None
         return BalanceView(
             live=tuple(row["live"]),
-            total_partitions=int(row["total"]),
+            total_partitions=int(row["total"]) if total is None else total,
             owned=int(row["owned"]) if count_owned else None,
             free=int(row["free"]),
         )
