@@ -509,7 +509,9 @@ class FleetEngine:
         if owned > share:
             self._recount = True  # the next tick checks what the release left
             await self._release(owned - share)
-        elif owned < share and view.free > 0:
+        elif (
+            owned < share
+        ):  # what is free is found by the claim itself (usually nothing: a tick at its share claims not)
             leases = await self.fleet.claim(self.key, share - owned)
             if leases:
                 self._recount = True

@@ -6,6 +6,7 @@ of the control DB's reads."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from types import SimpleNamespace
 from typing import Any
@@ -14,14 +15,20 @@ from outbox_relay.fleet import FleetEngine
 from outbox_relay.store.fleet import BalanceView
 
 TOTAL = 32
+OWNED = 32  # this worker's share, all of it (one live worker)
 
 
 class FakeFleet:
     def __init__(self) -> None:
         self.calls: list[Any] = []
+        self.owned = OWNED
 
     async def reap(self, ttl_s: float) -> int:
         return 0
+
+    async def claim(self, key: str, limit: int) -> list[Any]:
+        self.calls.append(("claim", limit))
+        return []
 
     async def release_disabled(self, key: str) -> int:
         self.calls.append("release_disabled")
@@ -34,8 +41,7 @@ class FakeFleet:
         return BalanceView(
             live=(key,),
             total_partitions=TOTAL if total is None else total,
-            owned=0 if count_owned else None,
-            free=0,
+            owned=self.owned if count_owned else None,
         )
 
 
@@ -45,7 +51,7 @@ def engine(*, events: object | None) -> Any:
         settings=SimpleNamespace(lease_ttl_s=10.0),
         key="worker#1",
         events=events,
-        readers={},
+        readers={"relay": SimpleNamespace(lanes=dict.fromkeys(range(OWNED)), stop=asyncio.Event())},
         live_workers=1,
         _recount=True,
         _recount_at=0.0,
@@ -70,6 +76,16 @@ async def test_a_quiet_tick_reads_neither_the_relays_nor_the_disabled_ones() -> 
     assert await tick(stub) == ["release_disabled", ("balance", True, None)]
     stub._recount_at = 0.0  # and once every OWNED_RECOUNT_S anyway
     assert await tick(stub) == ["release_disabled", ("balance", True, None)]
+
+
+async def test_a_worker_under_its_share_claims_and_one_at_it_does_not() -> None:
+    """The free partitions are found by the claim itself: a count of them each tick read the
+    claim's dead entries in their partial index until autovacuum removed them."""
+    stub = engine(events=object())
+    stub.readers["relay"].lanes = dict.fromkeys(range(OWNED - 2))
+    stub.fleet.owned = OWNED - 2
+    calls = await tick(stub)
+    assert ("claim", 2) in calls
 
 
 async def test_without_notifications_every_tick_counts() -> None:
