@@ -427,6 +427,11 @@ class TargetLimits:
         self._bucket = TokenBucket(rate_per_s=rate_per_s, clock=clock, sleep=sleep)
         self._gate = _Gate(max_in_flight)
 
+    @property
+    def limited(self) -> bool:
+        """Whether either limit is set (a batch can wait here at all)."""
+        return self._bucket.rate_per_s is not None or self._gate.limit is not None
+
     def batch(self, messages: int) -> contextlib.AbstractAsyncContextManager[None]:
         if messages < 0:
             raise ValueError(f"messages must not be negative, got {messages}")

@@ -83,6 +83,9 @@ A relay of few partitions keeps the 1,000-row reads (larger ones slowed its drai
 NOTIFIED_RETRY_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 """Re-polls after a wake-up that found nothing: the notified row is committed but a concurrent
 transaction still holds the horizon below it."""
+THROTTLED_MIN_S = 0.001
+"""A round that waited on its target's limits at least this long counts as held back by them (the
+relay status's ``throttled``); entering the limits of a target that has room takes microseconds."""
 LAG_INTERVAL_S = 5.0
 OWNED_RECOUNT_S = 60.0
 """The balance counts this worker's partitions in the control DB (one index entry read per
@@ -128,6 +131,8 @@ class Lane:
     last_lag: tuple[float | None, int | None] | None = None
     starved: bool = False
     """A read left rows of this partition unread because its buffer was full."""
+    throttled: bool = False
+    """Its last stored lag sample said its batches waited on the target's limits."""
 
     @property
     def partition(self) -> int:
@@ -289,6 +294,8 @@ class RelayReader:
         the sampler skips the relay (an idle fleet costs no Python per partition)."""
         self._inserts: Watch | None = None
         """This relay's watch of its database's inserts (opened with the first read)."""
+        self.throttled_s = 0.0
+        """Seconds this relay's rounds waited on their target's limits since the last lag sample."""
         self.hot = False
         """Reading on its own at ``READ_PACE_S`` while its reads find rows (``HOT_READS`` in a row came
         as early as the pace allows and found rows); no notification needed until one finds none."""
@@ -967,9 +974,14 @@ class FleetEngine:
             ]
             size = sum(len(batch.rows) for batch in batches)
             # the target first: a throttled target must not hold worker slots other tenants could use
-            async with self._limits(reader).batch(size), self.scheduler.slot(plan.tenant_name):
-                publisher = await self._publisher(reader)
-                lost = await self.runner.publish_batches(publisher, batches)
+            limits, asked = self._limits(reader), time.monotonic()
+            async with limits.batch(size):
+                waited = time.monotonic() - asked
+                if limits.limited and waited >= THROTTLED_MIN_S:  # the target's limits held the round
+                    reader.throttled_s += waited
+                async with self.scheduler.slot(plan.tenant_name):
+                    publisher = await self._publisher(reader)
+                    lost = await self.runner.publish_batches(publisher, batches)
             reader.failures = 0
             self.outages.up(reader.target_outage)
         except Exception as exc:
@@ -1093,7 +1105,8 @@ class FleetEngine:
                 continue
             waiting_at, stall = await self._probe_waiting(reader, now)
             reader.quiet = not reader.last_scan_full and reader.notified_at is None and waiting_at is None
-            samples.extend(_lane_samples(reader, now, waiting_at, stall))
+            throttled, reader.throttled_s = reader.throttled_s, 0.0
+            samples.extend(_lane_samples(reader, now, waiting_at, stall, throttled))
         quiet = [reader for reader in self.readers.values() if reader.quiet]
         await self.fleet.record_lag(samples)
         await self._advance_idle_cursors(
@@ -1152,10 +1165,15 @@ class FleetEngine:
 
 
 def _lane_samples(
-    reader: RelayReader, now: datetime, waiting_at: datetime | None, stall: dict[str, Any] | None
+    reader: RelayReader,
+    now: datetime,
+    waiting_at: datetime | None,
+    stall: dict[str, Any] | None,
+    throttled_s: float = 0.0,
 ) -> list[LagSample]:
     """Each lane's lag (its oldest buffered row, else the relay's next waiting row) into the pending
-    gauge, and as a sample to store where it changed; a lane with rows or lag keeps the reader awake."""
+    gauge, and as a sample to store where it changed (every sample while the relay's rounds waited
+    ``throttled_s`` on the target's limits); a lane with rows or lag keeps the reader awake."""
     samples: list[LagSample] = []
     for lane in list(reader.lanes.values()):
         oldest = lane.buffer[0].created_at if lane.buffer else waiting_at
@@ -1166,7 +1184,8 @@ def _lane_samples(
         key = (round(lag, 0), pending)
         if pending or lag:
             reader.quiet = False
-        if key != lane.last_lag:
+        if key != lane.last_lag or throttled_s > 0 or lane.throttled:
+            lane.throttled = throttled_s > 0
             lane.last_lag = key
             samples.append(
                 LagSample(
@@ -1175,6 +1194,7 @@ def _lane_samples(
                     pending=pending,
                     oldest_at=oldest,
                     stall=stall if not lane.buffer else None,
+                    throttled_s=throttled_s,
                 )
             )
     return samples

@@ -104,6 +104,16 @@ class PartitionStatus(msgspec.Struct, kw_only=True):
     cause: Cause | None
 
 
+class Throttled(msgspec.Struct, kw_only=True):
+    """The relay's batches waited on its target's limits (``rate_limit_per_s``, ``max_in_flight``)
+    within the last minute: the target's policy holds it back, not a fault."""
+
+    waited_s: float
+    """Seconds its batches waited, over the workers' last lag samples (summed over the workers)."""
+    last_at: datetime
+    """When a worker last saw them wait."""
+
+
 class RelayStatus(msgspec.Struct, kw_only=True):
     relay: str
     enabled: bool
@@ -121,6 +131,8 @@ class RelayStatus(msgspec.Struct, kw_only=True):
     restore: RestoreStatus | None = None
     """The last restore over all partitions: ``resending`` while any partition still is, rows and
     done summed, detected at the first partition's detection, finished with the last one."""
+    throttled: Throttled | None = None
+    """Set while the target's limits hold the relay back (within the last minute)."""
     partitions: list[PartitionStatus]
 
 
@@ -279,8 +291,22 @@ def relay_status(name: str, enabled: bool, parts: list[PartitionState], now: dat
         dead_lettered=sum(s.dead_lettered for s in statuses),
         last_published_at=last_published,
         restore=relay_restore([s.restore for s in statuses if s.restore is not None]),
+        throttled=relay_throttled(parts, now),
         partitions=statuses,
     )
+
+
+def relay_throttled(parts: list[PartitionState], now: datetime) -> Throttled | None:
+    """From the partitions' samples within the last minute: every partition a worker owns carries
+    that worker's wait, so the wait is summed over the workers (one partition each), not the partitions."""
+    recent = [p for p in parts if p.throttled_s and p.throttled_at is not None and now - p.throttled_at < RECENT]
+    if not recent:
+        return None
+    by_worker: dict[str | None, float] = {}
+    for p in recent:
+        by_worker[p.lease_holder] = max(by_worker.get(p.lease_holder, 0.0), p.throttled_s or 0.0)
+    last = max(p.throttled_at for p in recent if p.throttled_at is not None)
+    return Throttled(waited_s=round(sum(by_worker.values()), 3), last_at=last)
 
 
 class RelayOverview(msgspec.Struct, kw_only=True):

@@ -112,6 +112,8 @@ class LagSample:
     pending: int | None
     oldest_at: datetime | None
     stall: dict[str, Any] | None
+    throttled_s: float = 0.0
+    """Seconds the partition's batches waited on the target's limits since the last sample."""
 
 
 _OWNED_COLUMNS = (
@@ -330,15 +332,19 @@ class FleetStore:
             async with self._writes:
                 await self.pool.execute(
                     "UPDATE relay_partitions p SET lag_s = x.lag_s, pending_estimate = x.pending, "
-                    "oldest_pending_at = x.oldest_at, pending_checked_at = now(), stall = x.stall::jsonb "
+                    "oldest_pending_at = x.oldest_at, pending_checked_at = now(), stall = x.stall::jsonb, "
+                    "throttled_s = x.throttled_s, "
+                    "throttled_at = CASE WHEN x.throttled_s > 0 THEN now() ELSE p.throttled_at END "
                     "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::float8[], $5::bigint[], "
-                    "$6::timestamptz[], $7::text[]) AS x(relay_id, partition, epoch, lag_s, pending, oldest_at, stall) "
+                    "$6::timestamptz[], $7::text[], $8::float8[]) "
+                    "AS x(relay_id, partition, epoch, lag_s, pending, oldest_at, stall, throttled_s) "
                     "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch",
                     *_keys(s.lease for s in chunk),
                     [s.lag_s for s in chunk],
                     [s.pending for s in chunk],
                     [s.oldest_at for s in chunk],
                     [json.dumps(s.stall) if s.stall is not None else None for s in chunk],
+                    [s.throttled_s for s in chunk],
                 )
 
     @_serialized

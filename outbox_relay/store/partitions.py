@@ -413,7 +413,7 @@ class PartitionsStore(StoreBase):
             "p.last_published_at, p.last_error, p.last_error_at, p.published_count, p.filtered_count, p.dead_count, "
             "p.retried_count, p.retry_outbox_id, p.retry_attempts, p.retry_next_at, p.resets, p.last_reset_at, "
             "p.last_reset_reason, p.last_error_class, p.pending_estimate, p.oldest_pending_at, "
-            "p.pending_checked_at, p.stall::text AS stall, p.lag_s, "
+            "p.pending_checked_at, p.stall::text AS stall, p.lag_s, p.throttled_s, p.throttled_at, "
             "p.restore_policy, p.restore_state, p.restore_rows, p.restore_done, p.restore_detected_at, "
             "p.restore_finished_at, "
             "coalesce(p.lease_expires_at, w.heartbeat_at + make_interval(secs => $2)) < now() AS lease_expired "

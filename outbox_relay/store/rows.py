@@ -282,6 +282,10 @@ class PartitionState(msgspec.Struct, kw_only=True):
     stall: str | None = None
     """The stall the worker's lag probe found, as JSON text (a long-running transaction's pid, age...)."""
     lag_s: float | None = None
+    throttled_s: float | None = None
+    """Seconds its batches waited on the target's limits over the owner's last lag sample."""
+    throttled_at: datetime | None = None
+    """When the owner last saw them wait."""
     restore_policy: RestorePolicy | None = None
     restore_state: RestorePhase | None = None
     restore_rows: int = 0

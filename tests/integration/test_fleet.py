@@ -20,6 +20,7 @@ from outbox_relay.engine import RelayRunner
 from outbox_relay.fleet import SHARED_MAX_ROWS, FleetEngine
 from outbox_relay.store.control import ControlStore
 from tests.fleet import Fleet
+from tests.harness.brokers import RabbitMQAccount
 from tests.integration.conftest import Setup, until, write_ids
 
 
@@ -222,3 +223,37 @@ async def test_a_relay_that_read_on_its_own_hears_the_next_commit_after_a_pause(
     # not at the next safety poll (minutes) or LISTEN probe (15 s)
     assert waited < 2.0, f"the message after the pause took {waited:.2f} s"
     assert (await setup.tenant.delete("/v1/relays/hot")).status_code == 204
+
+
+async def test_a_relay_held_back_by_its_targets_rate_limit_says_so_in_its_status(
+    setup: Setup, store: ControlStore, fleet: Fleet, rabbitmq: RabbitMQAccount
+) -> None:
+    """A target's ``rate_limit_per_s`` and ``max_in_flight`` hold its relays' rounds; the relay's
+    status says so (``throttled``: how long its batches waited, and when), and a relay whose target
+    has room says nothing of it."""
+    target = {"kind": "rabbitmq", "url": rabbitmq.url, "password": rabbitmq.password, "timeout_ms": 2000}
+    assert (await setup.tenant.put("/v1/targets/slow", {**target, "rate_limit_per_s": 20})).status_code == 201
+    for name, target_name in (("thr", "slow"), ("free", "rabbit")):
+        body = {"database": "app", "target": target_name, "partitions": 2, "topic_mapping": {"*": f"{name}-q"}}
+        assert (await setup.tenant.put(f"/v1/relays/{name}", body)).status_code == 201
+    queue = await setup.channel.declare_queue("thr-q", durable=True)
+    await queue.purge()
+    await fleet.start()
+    ids = [m for _, m in await write_ids(setup.dsn, *[("orders", f"k{i % 3}", b"x") for i in range(60)])]
+    received = await receive_ids(queue, len(ids), timeout_s=30)  # 20 msg/s after a burst of 20: ~2 s
+    assert sorted(received) == sorted(str(i) for i in ids)
+
+    async def throttled(name: str) -> Any:
+        return (await setup.tenant.get(f"/v1/relays/{name}/status")).json().get("throttled")
+
+    shown = None
+    for _ in range(75):  # the workers' lag samples (every 5 s) carry it: up to 15 s
+        if (shown := await throttled("thr")) is not None:
+            break
+        await asyncio.sleep(0.2)
+    assert shown is not None, "the status never said the target's limit held the relay back"
+    assert shown["waited_s"] > 0.5, shown  # 40 messages over the burst at 20 msg/s wait about 2 s
+    assert await throttled("free") is None
+    for name in ("thr", "free"):
+        assert (await setup.tenant.delete(f"/v1/relays/{name}")).status_code == 204
+    assert (await setup.tenant.delete("/v1/targets/slow")).status_code == 204
