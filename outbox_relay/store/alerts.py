@@ -126,21 +126,24 @@ CAUSES_SQL = (
 
 
 async def fetch_by_index(conn: asyncpg.Connection, sql: str, *args: Any) -> list[asyncpg.Record]:
-    """Run ``sql`` (in the caller's transaction) with sequential scans and JIT off for that statement
+    """Run ``sql`` with sequential scans and JIT off for that statement
     alone: for a query whose every part has an index that finds its few rows, on tables whose
     statistics may not know it yet. On ``relay_partitions`` before its first ANALYZE (new relays'
     rows) the planner took ``IS NOT NULL`` for almost every row and scanned all partitions for the
     troubled ones (16,000 every 5 s at 1,000 idle relays in the fleet bench); with scans off alone,
     the plan's cost passed ``jit_above_cost`` and every evaluation compiled it (180-214 ms)."""
-    before = await conn.fetchrow(
-        "SELECT current_setting('enable_seqscan') AS seqscan, current_setting('jit') AS jit, "
-        "set_config('enable_seqscan', 'off', true), set_config('jit', 'off', true)"
-    )
-    assert before is not None
-    rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
-    await conn.execute(
-        "SELECT set_config('enable_seqscan', $1, true), set_config('jit', $2, true)", before["seqscan"], before["jit"]
-    )
+    async with conn.transaction():  # a savepoint in the caller's, or a transaction of its own
+        before = await conn.fetchrow(
+            "SELECT current_setting('enable_seqscan') AS seqscan, current_setting('jit') AS jit, "
+            "set_config('enable_seqscan', 'off', true), set_config('jit', 'off', true)"
+        )
+        assert before is not None
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+        await conn.execute(
+            "SELECT set_config('enable_seqscan', $1, true), set_config('jit', $2, true)",
+            before["seqscan"],
+            before["jit"],
+        )
     return rows
 
 
