@@ -516,9 +516,7 @@ class FleetEngine:
         if owned > share:
             self._recount = True  # the next tick checks what the release left
             await self._release(owned - share)
-        elif (
-            owned < share
-        ):  # what is free is found by the claim itself (usually nothing: a tick at its share claims not)
+        elif owned < share:  # the claim finds what is free; a worker at its share reads none of it
             leases = await self.fleet.claim(self.key, share - owned)
             if leases:
                 self._recount = True
