@@ -128,3 +128,33 @@ def test_only_the_store_and_tenant_modules_import_asyncpg() -> None:
             if "asyncpg" in imported_packages(path):
                 found.append(str(relative))
     assert found == []
+
+
+MAX_FUNCTION_LINES = 60
+"""A function a newcomer can read at once: none in the packages is longer (docstring included)."""
+
+
+def long_functions(root: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_in_the_packages_is_over_60_lines() -> None:
+    long = [
+        f"{package}/{where}"
+        for package in ("outbox_relay", "service", "workers")
+        for where in long_functions(ROOT / package)
+    ]
+    assert not long, long
+
+
+def test_the_length_check_sees_a_long_function(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def long() -> None:\n{body}\n")
+    assert long_functions(tmp_path) == ["long.py:1 long (61 lines)"]
