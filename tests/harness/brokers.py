@@ -126,11 +126,13 @@ class TansuBroker:
         self.start()
 
 
-@pytest.fixture(scope="session")
-def tansu() -> Iterator[TansuBroker]:
+@contextlib.contextmanager
+def running_tansu(**options: Any) -> Iterator[TansuBroker]:
+    """A Tansu broker on a free port (``options``: :class:`TansuBroker`'s, e.g. ``advertised_host``),
+    stopped on exit."""
     last_error: Exception | None = None
     for _ in range(3):  # another process may take the free port before Tansu binds it
-        broker = TansuBroker(port=free_port())
+        broker = TansuBroker(port=free_port(), **options)
         try:
             broker.start()
         except RuntimeError as exc:
@@ -142,6 +144,12 @@ def tansu() -> Iterator[TansuBroker]:
             broker.stop()
         return
     raise RuntimeError(f"could not start tansu: {last_error}")
+
+
+@pytest.fixture(scope="session")
+def tansu() -> Iterator[TansuBroker]:
+    with running_tansu() as broker:
+        yield broker
 
 
 # --- RabbitMQ ----------------------------------------------------------------------------------------

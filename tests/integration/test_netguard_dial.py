@@ -47,7 +47,15 @@ from outbox_relay.specs import webhook_secrets
 from outbox_relay.tenant import db as tenant_db
 from tests.conftest import PG_PORT, PG_USER, DatabaseFactory, pg_dsn
 from tests.contract.proxy import TcpProxy
-from tests.harness.brokers import NATS_ADDRESS, RabbitMQAccount, RedisAccount, TansuBroker, free_port, listening
+from tests.harness.brokers import (
+    NATS_ADDRESS,
+    RabbitMQAccount,
+    RedisAccount,
+    TansuBroker,
+    free_port,
+    listening,
+    running_tansu,
+)
 from tests.harness.webhooks import WebhookReceiver, new_secret
 from tests.helpers import make_tenant
 from tests.tls import TestCA
@@ -317,18 +325,8 @@ async def test_kafka_bootstrap_dials_the_checked_address(
 @pytest.fixture
 def tansu_advertising_decoy() -> Iterator[TansuBroker]:
     """A Tansu broker on 127.0.0.1 that tells its clients to dial it at 127.0.0.2 (same port)."""
-    for _ in range(3):
-        broker = TansuBroker(port=free_port(), advertised_host=DECOY_HOST)
-        try:
-            broker.start()
-        except RuntimeError:
-            continue
-        try:
-            yield broker
-        finally:
-            broker.stop()
-        return
-    raise RuntimeError("could not start tansu")
+    with running_tansu(advertised_host=DECOY_HOST) as broker:
+        yield broker
 
 
 @pytest.mark.parametrize("idempotent", [True, False], ids=["idempotent", "plain"])
