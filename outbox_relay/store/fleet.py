@@ -164,6 +164,16 @@ class FleetStore:
         self.pool = pool
         self._writes = asyncio.Lock()
 
+    async def _in_chunks(self, sql: str, items: Sequence[S], arrays: Callable[[Sequence[S]], list[Any]]) -> int:
+        """Run ``sql`` over ``items`` in chunks of ``BULK_CHUNK_ROWS`` (``arrays``: a chunk's
+        parameters), each its own statement under the write lock; returns the rows changed."""
+        changed = 0
+        for chunk in _chunks(items):
+            async with self._writes:
+                result = await self.pool.execute(sql, *arrays(chunk))
+            changed += int(result.split()[-1])
+        return changed
+
     async def register(self, key: str) -> None:
         """Join the fleet; the others hear it (``fleet:membership``) and make room at once."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -237,19 +247,13 @@ class FleetStore:
     async def release(self, key: str, partitions: Iterable[tuple[uuid.UUID, int]]) -> int:
         """Give partitions back (after their lanes flushed); only those still ours. In chunks of
         ``BULK_CHUNK_ROWS``, each its own statement under the write lock."""
-        released = 0
-        for chunk in _chunks(list(partitions)):
-            async with self._writes:
-                result = await self.pool.execute(
-                    "UPDATE relay_partitions p SET lease_holder = NULL, lease_expires_at = NULL "
-                    "FROM unnest($2::uuid[], $3::int[]) AS x(relay_id, partition) "
-                    "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_holder = $1",
-                    key,
-                    [relay_id for relay_id, _ in chunk],
-                    [partition for _, partition in chunk],
-                )
-            released += int(result.split()[-1])
-        return released
+        return await self._in_chunks(
+            "UPDATE relay_partitions p SET lease_holder = NULL, lease_expires_at = NULL "
+            "FROM unnest($2::uuid[], $3::int[]) AS x(relay_id, partition) "
+            "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_holder = $1",
+            list(partitions),
+            lambda chunk: [key, [relay_id for relay_id, _ in chunk], [partition for _, partition in chunk]],
+        )
 
     @_serialized
     async def release_disabled(self, key: str) -> int:
@@ -313,39 +317,37 @@ class FleetStore:
     async def advance_idle_cursors(self, writes: Sequence[CursorWrite]) -> None:
         """Move idle partitions' cursors forward only (fenced): a lane's own write of a later
         position may have landed meanwhile, and a cursor never goes back. In chunks, as ``release``."""
-        for chunk in _chunks(writes):
-            async with self._writes:
-                await self.pool.execute(
-                    "UPDATE relay_partitions p SET cursor_txid = x.txid, cursor_id = x.row_id "
-                    "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) "
-                    "AS x(relay_id, partition, epoch, txid, row_id) "
-                    "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch "
-                    "AND p.lease_holder IS NOT NULL AND (p.cursor_txid, p.cursor_id) < (x.txid, x.row_id)",
-                    *_keys(w.lease for w in chunk),
-                    [w.txid for w in chunk],
-                    [w.row_id for w in chunk],
-                )
+        await self._in_chunks(
+            "UPDATE relay_partitions p SET cursor_txid = x.txid, cursor_id = x.row_id "
+            "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) "
+            "AS x(relay_id, partition, epoch, txid, row_id) "
+            "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch "
+            "AND p.lease_holder IS NOT NULL AND (p.cursor_txid, p.cursor_id) < (x.txid, x.row_id)",
+            writes,
+            lambda chunk: [*_keys(w.lease for w in chunk), [w.txid for w in chunk], [w.row_id for w in chunk]],
+        )
 
     async def record_lag(self, samples: Sequence[LagSample]) -> None:
         """What the owners last saw of their partitions' backlog (only changed ones), in chunks, as ``release``."""
-        for chunk in _chunks(samples):
-            async with self._writes:
-                await self.pool.execute(
-                    "UPDATE relay_partitions p SET lag_s = x.lag_s, pending_estimate = x.pending, "
-                    "oldest_pending_at = x.oldest_at, pending_checked_at = now(), stall = x.stall::jsonb, "
-                    "throttled_s = x.throttled_s, "
-                    "throttled_at = CASE WHEN x.throttled_s > 0 THEN now() ELSE p.throttled_at END "
-                    "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::float8[], $5::bigint[], "
-                    "$6::timestamptz[], $7::text[], $8::float8[]) "
-                    "AS x(relay_id, partition, epoch, lag_s, pending, oldest_at, stall, throttled_s) "
-                    "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch",
-                    *_keys(s.lease for s in chunk),
-                    [s.lag_s for s in chunk],
-                    [s.pending for s in chunk],
-                    [s.oldest_at for s in chunk],
-                    [json.dumps(s.stall) if s.stall is not None else None for s in chunk],
-                    [s.throttled_s for s in chunk],
-                )
+        await self._in_chunks(
+            "UPDATE relay_partitions p SET lag_s = x.lag_s, pending_estimate = x.pending, "
+            "oldest_pending_at = x.oldest_at, pending_checked_at = now(), stall = x.stall::jsonb, "
+            "throttled_s = x.throttled_s, "
+            "throttled_at = CASE WHEN x.throttled_s > 0 THEN now() ELSE p.throttled_at END "
+            "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::float8[], $5::bigint[], "
+            "$6::timestamptz[], $7::text[], $8::float8[]) "
+            "AS x(relay_id, partition, epoch, lag_s, pending, oldest_at, stall, throttled_s) "
+            "WHERE p.relay_id = x.relay_id AND p.partition = x.partition AND p.lease_epoch = x.epoch",
+            samples,
+            lambda chunk: [
+                *_keys(s.lease for s in chunk),
+                [s.lag_s for s in chunk],
+                [s.pending for s in chunk],
+                [s.oldest_at for s in chunk],
+                [json.dumps(s.stall) if s.stall is not None else None for s in chunk],
+                [s.throttled_s for s in chunk],
+            ],
+        )
 
     @_serialized
     async def set_identities(self, writes: Sequence[tuple[Lease, str]]) -> set[tuple[uuid.UUID, int]]:
